@@ -1,0 +1,142 @@
+//! Boundary traits between the controller and the outside world, and the
+//! `local` provider that `gru dev` runs on.
+//!
+//! Start reading at [`CapacityGroup`] (what an EC2 Auto Scaling group is to
+//! the controller) and [`TargetGroup`] (what an ELBv2 target group is). The
+//! controller talks to nothing else when it changes capacity, so a provider
+//! is exactly one implementation of each. [`local`] implements both on this
+//! machine: instances are child processes, the load balancer is a TCP proxy.
+//!
+//! Invariant shared by every provider: `terminate(id, decrement = true)`
+//! lowers the desired capacity at most once per instance, however often it is
+//! called for that instance.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+pub mod local;
+
+/// A provider's name for one instance (`i-0abc…` on AWS, `i-local-0003` locally).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceId(pub String);
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for InstanceId {
+    fn from(s: &str) -> Self {
+        InstanceId(s.to_owned())
+    }
+}
+
+/// Where an instance is in the group's own lifecycle (not the minion's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstanceLifecycle {
+    /// Launched, not yet in service in the group.
+    Pending,
+    /// Running and counted by the group.
+    InService,
+    /// Termination started; the instance still exists.
+    Terminating,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub id: InstanceId,
+    pub lifecycle: InstanceLifecycle,
+    pub launched_at: SystemTime,
+}
+
+/// A snapshot of a capacity group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupState {
+    pub desired: u32,
+    /// The group's own bounds; a fleet's bounds are clipped by these.
+    pub min: u32,
+    pub max: u32,
+    /// Every instance the group still has, terminating ones included.
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("desired capacity {desired} is outside the group's bounds {min}..={max}")]
+    OutOfBounds { desired: u32, min: u32, max: u32 },
+    #[error("failed to launch instance {instance}")]
+    Launch {
+        instance: InstanceId,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("provider call {call} failed: {message}")]
+    Provider { call: &'static str, message: String },
+}
+
+/// A group of interchangeable instances whose size the controller sets.
+///
+/// The controller is the only writer of the desired capacity. It scales out
+/// with [`CapacityGroup::set_desired`] and scales in only by terminating a
+/// drained instance with `decrement = true`, never by lowering the desired
+/// capacity and letting the group choose.
+#[async_trait]
+pub trait CapacityGroup: Send + Sync + 'static {
+    async fn describe(&self) -> Result<GroupState, CloudError>;
+    async fn set_desired(&self, desired: u32) -> Result<(), CloudError>;
+    /// Terminates one instance. With `decrement` the desired capacity drops
+    /// by one in the same step, so the group does not replace it. Calling it
+    /// again for an instance already terminating or gone changes nothing.
+    async fn terminate(&self, id: &InstanceId, decrement: bool) -> Result<(), CloudError>;
+}
+
+/// One load-balancer target: an instance and the address its engine listens on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub instance: InstanceId,
+    pub address: SocketAddr,
+}
+
+/// A target as the load balancer sees it (the ELBv2 target states that matter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetState {
+    /// Not registered and carrying no connections.
+    Unused,
+    /// Registered, not yet receiving connections.
+    Initial,
+    /// Registered and receiving new connections.
+    Healthy,
+    /// Deregistered: gets no new connections; existing ones may remain until
+    /// they close or the deregistration delay cuts them.
+    Draining,
+}
+
+impl TargetState {
+    /// True when the load balancer will send this target no new connection.
+    pub fn takes_no_new_connections(self) -> bool {
+        matches!(self, TargetState::Unused | TargetState::Draining)
+    }
+}
+
+/// The load balancer's view of a fleet's engines.
+#[async_trait]
+pub trait TargetGroup: Send + Sync + 'static {
+    /// Idempotent: registering a registered target changes nothing.
+    async fn register(&self, target: &Target) -> Result<(), CloudError>;
+    /// Idempotent: deregistering an unknown or draining target changes nothing.
+    async fn deregister(&self, target: &Target) -> Result<(), CloudError>;
+    async fn target_state(&self, target: &Target) -> Result<TargetState, CloudError>;
+    /// How many connections the load balancer has sent this target since it
+    /// was registered, where the provider can tell (the local one can; ELB
+    /// cannot per target). The controller records it at deregistration and
+    /// again when the drain starts, as evidence that nothing new arrived.
+    fn connections_total(&self, _target: &Target) -> Option<u64> {
+        None
+    }
+}

@@ -1,0 +1,376 @@
+//! `gru.v1.AdminService`, the operator's API. Every call needs a client
+//! certificate signed by the controller's CA (checked by
+//! [`require_client_certificate`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use gru_core::MinionState;
+use gru_proto::v1 as pb;
+use pb::admin_service_server::AdminService;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use crate::reconcile::Controller;
+use crate::registry::{Event, MinionRecord, Registry};
+
+pub struct AdminApi {
+    pub controller: Arc<Controller>,
+}
+
+/// Interceptor: refuses admin calls without a verified client certificate.
+/// The TLS layer has already checked the certificate against the CA; here we
+/// only insist that there was one.
+#[allow(clippy::result_large_err)]
+pub fn require_client_certificate(req: Request<()>) -> Result<Request<()>, Status> {
+    match req.peer_certs() {
+        Some(certs) if !certs.is_empty() => Ok(req),
+        _ => Err(Status::unauthenticated(
+            "admin calls need a client certificate signed by the controller's CA",
+        )),
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn minion_to_pb(m: &MinionRecord, now: Instant) -> pb::Minion {
+    let r = m.last_report.unwrap_or_default();
+    pb::Minion {
+        id: m.id.clone(),
+        fleet: m.fleet.clone(),
+        instance_id: m.instance.0.clone(),
+        state: m.state.as_str().to_owned(),
+        engine_address: m.engine_address.map(|a| a.to_string()).unwrap_or_default(),
+        queue_depth: r.queue_depth,
+        in_flight: r.in_flight,
+        processed_total: r.processed_total,
+        failed_total: r.failed_total,
+        open_connections: r.open_connections,
+        last_report_age_ms: m
+            .last_report_at
+            .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+        state_age_ms: now.saturating_duration_since(m.state_since).as_millis() as u64,
+        history: m
+            .history
+            .iter()
+            .map(|h| pb::Transition {
+                from: h.from.as_str().to_owned(),
+                to: h.to.as_str().to_owned(),
+                at_unix_ms: unix_ms(h.at),
+                reason: h.reason.clone(),
+            })
+            .collect(),
+        lb_connections_at_deregistration: m.lb_connections_at_deregistration,
+        lb_connections_at_drain_start: m.lb_connections_at_drain_start,
+        drain_reason: m
+            .drain
+            .as_ref()
+            .map(|d| d.reason.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn fleet_to_pb(reg: &Registry, name: &str, provider: &str) -> Option<pb::Fleet> {
+    let f = reg.fleets.get(name)?;
+    let mut fleet = pb::Fleet {
+        name: name.to_owned(),
+        provider: provider.to_owned(),
+        min: f.config.bounds.min,
+        max: f.config.bounds.max,
+        paused: f.paused,
+        pinned: f.pinned,
+        group_desired: f.group.as_ref().map_or(0, |g| g.desired),
+        ..Default::default()
+    };
+    match &f.last_decision {
+        Some(d) => {
+            fleet.desired = d.desired;
+            fleet.reason = if f.paused {
+                format!("{d} (paused: not applied)")
+            } else {
+                d.to_string()
+            };
+        }
+        None => fleet.reason = "no decision yet".to_owned(),
+    }
+    for m in reg.minions.values().filter(|m| m.fleet == name) {
+        if m.state.counts_as_capacity() {
+            fleet.capacity += 1;
+            let load = m.load();
+            fleet.queue_depth += load.queue_depth;
+            fleet.in_flight += load.in_flight;
+        }
+        match m.state {
+            MinionState::InService => fleet.in_service += 1,
+            MinionState::Draining | MinionState::Drained => fleet.draining += 1,
+            _ => {}
+        }
+    }
+    Some(fleet)
+}
+
+fn event_to_pb(e: &Event) -> pb::Event {
+    let (from, to) = e
+        .transition
+        .map(|(f, t)| (f.as_str().to_owned(), t.as_str().to_owned()))
+        .unwrap_or_default();
+    pb::Event {
+        at_unix_ms: unix_ms(e.at),
+        fleet: e.fleet.clone(),
+        minion_id: e.minion.clone().unwrap_or_default(),
+        kind: e.kind.as_str().to_owned(),
+        message: e.message.clone(),
+        from,
+        to,
+    }
+}
+
+impl AdminApi {
+    #[allow(clippy::result_large_err)]
+    fn fleet(&self, name: &str) -> Result<pb::Fleet, Status> {
+        let provider = self
+            .controller
+            .fleets
+            .get(name)
+            .map(|f| f.config.provider.name())
+            .ok_or_else(|| self.unknown_fleet(name))?;
+        fleet_to_pb(&self.controller.registry(), name, provider)
+            .ok_or_else(|| self.unknown_fleet(name))
+    }
+
+    fn unknown_fleet(&self, name: &str) -> Status {
+        let known: Vec<_> = self
+            .controller
+            .fleets
+            .keys()
+            .map(|k| format!("{k:?}"))
+            .collect();
+        Status::not_found(format!("no fleet {name:?}; fleets: {}", known.join(", ")))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn list_fleets(
+        &self,
+        _: Request<pb::ListFleetsRequest>,
+    ) -> Result<Response<pb::ListFleetsResponse>, Status> {
+        let names: Vec<String> = self.controller.fleets.keys().cloned().collect();
+        let fleets = names
+            .iter()
+            .map(|n| self.fleet(n))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListFleetsResponse { fleets }))
+    }
+
+    async fn list_minions(
+        &self,
+        request: Request<pb::ListMinionsRequest>,
+    ) -> Result<Response<pb::ListMinionsResponse>, Status> {
+        let req = request.into_inner();
+        if !req.fleet.is_empty() && !self.controller.fleets.contains_key(&req.fleet) {
+            return Err(self.unknown_fleet(&req.fleet));
+        }
+        let now = Instant::now();
+        let reg = self.controller.registry();
+        let mut minions: Vec<&MinionRecord> = reg
+            .minions
+            .values()
+            .filter(|m| req.fleet.is_empty() || m.fleet == req.fleet)
+            .filter(|m| req.include_gone || m.state != MinionState::Gone)
+            .collect();
+        minions.sort_by_key(|m| (m.fleet.clone(), m.created));
+        let minions = minions.into_iter().map(|m| minion_to_pb(m, now)).collect();
+        Ok(Response::new(pb::ListMinionsResponse { minions }))
+    }
+
+    async fn get_minion(
+        &self,
+        request: Request<pb::GetMinionRequest>,
+    ) -> Result<Response<pb::Minion>, Status> {
+        let id = request.into_inner().id;
+        let reg = self.controller.registry();
+        let m = reg
+            .find(&id)
+            .ok_or_else(|| Status::not_found(format!("no minion {id:?}")))?;
+        Ok(Response::new(minion_to_pb(m, Instant::now())))
+    }
+
+    async fn scale(
+        &self,
+        request: Request<pb::ScaleRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        let req = request.into_inner();
+        {
+            let mut reg = self.controller.registry();
+            let f = reg
+                .fleets
+                .get_mut(&req.fleet)
+                .ok_or_else(|| self.unknown_fleet(&req.fleet))?;
+            let message = match req.target {
+                Some(pb::scale_request::Target::Desired(n)) => {
+                    let b = f.config.bounds;
+                    if n < b.min || n > b.max {
+                        return Err(Status::invalid_argument(format!(
+                            "fleet {:?} allows {}..={} minions, not {n}",
+                            req.fleet, b.min, b.max
+                        )));
+                    }
+                    f.pinned = Some(n);
+                    format!("pinned at {n} by an operator")
+                }
+                Some(pb::scale_request::Target::Auto(_)) => {
+                    f.pinned = None;
+                    f.window.reset();
+                    "pin released: sized by the policy again".to_owned()
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "ScaleRequest needs desired or auto",
+                    ));
+                }
+            };
+            reg.emit(&req.fleet, None, crate::registry::EventKind::Scale, message);
+        }
+        self.controller.wake(&req.fleet);
+        Ok(Response::new(self.fleet(&req.fleet)?))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::Minion>, Status> {
+        let req = request.into_inner();
+        let fleet = {
+            let mut reg = self.controller.registry();
+            let m = reg
+                .find(&req.id)
+                .ok_or_else(|| Status::not_found(format!("no minion {:?}", req.id)))?;
+            let (id, fleet, state) = (m.id.clone(), m.fleet.clone(), m.state);
+            if !state.counts_as_capacity() && state != MinionState::Draining {
+                return Err(Status::failed_precondition(format!(
+                    "minion {id} is {state}; nothing to drain"
+                )));
+            }
+            let reason = if req.replace {
+                "drained by an operator, to be replaced"
+            } else {
+                "drained by an operator"
+            };
+            reg.choose_for_drain(&id, !req.replace, reason, Instant::now())
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            fleet
+        };
+        self.controller.wake(&fleet);
+        let reg = self.controller.registry();
+        let m = reg
+            .find(&req.id)
+            .ok_or_else(|| Status::not_found(format!("no minion {:?}", req.id)))?;
+        Ok(Response::new(minion_to_pb(m, Instant::now())))
+    }
+
+    async fn pause(
+        &self,
+        request: Request<pb::PauseRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        let name = request.into_inner().fleet;
+        self.set_paused(&name, true)?;
+        Ok(Response::new(self.fleet(&name)?))
+    }
+
+    async fn resume(
+        &self,
+        request: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
+        let name = request.into_inner().fleet;
+        self.set_paused(&name, false)?;
+        Ok(Response::new(self.fleet(&name)?))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let req = request.into_inner();
+        if !req.fleet.is_empty() && !self.controller.fleets.contains_key(&req.fleet) {
+            return Err(self.unknown_fleet(&req.fleet));
+        }
+        // Subscribe before copying the backlog so nothing falls in between.
+        let live = self.controller.events.subscribe();
+        let backlog: Vec<pb::Event> = self
+            .controller
+            .registry()
+            .recent_events()
+            .filter(|e| req.fleet.is_empty() || e.fleet == req.fleet)
+            .map(event_to_pb)
+            .collect();
+        let head = futures::stream::iter(backlog.into_iter().map(Ok));
+        if !req.follow {
+            return Ok(Response::new(Box::pin(head)));
+        }
+        let fleet = req.fleet;
+        let tail = futures::stream::unfold(live, move |mut live| {
+            let fleet = fleet.clone();
+            async move {
+                loop {
+                    match live.recv().await {
+                        Ok(e) if fleet.is_empty() || e.fleet == fleet => {
+                            return Some((Ok(event_to_pb(&e)), live));
+                        }
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(n)) => {
+                            let warn = pb::Event {
+                                at_unix_ms: unix_ms(SystemTime::now()),
+                                kind: "warning".to_owned(),
+                                message: format!("{n} events dropped: this watcher fell behind"),
+                                ..Default::default()
+                            };
+                            return Some((Ok(warn), live));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        let stream: EventStream = Box::pin(futures::StreamExt::chain(head, tail));
+        Ok(Response::new(stream))
+    }
+}
+
+impl AdminApi {
+    #[allow(clippy::result_large_err)]
+    fn set_paused(&self, name: &str, paused: bool) -> Result<(), Status> {
+        let mut reg = self.controller.registry();
+        let f = reg
+            .fleets
+            .get_mut(name)
+            .ok_or_else(|| self.unknown_fleet(name))?;
+        if f.paused != paused {
+            f.paused = paused;
+            let msg = if paused {
+                "paused: decisions are computed and shown, not applied"
+            } else {
+                "resumed: decisions are applied again"
+            };
+            reg.emit(
+                name,
+                None,
+                crate::registry::EventKind::Scale,
+                msg.to_owned(),
+            );
+        }
+        drop(reg);
+        self.controller.wake(name);
+        Ok(())
+    }
+}

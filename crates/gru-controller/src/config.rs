@@ -1,0 +1,440 @@
+//! The controller's TOML config, parsed into typed, validated values.
+//!
+//! Every default is a named constant. A bad config is refused before anything
+//! starts, with an error that names the file, the key and what was expected.
+//! Relative paths are resolved against the config file's directory.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gru_core::Bounds;
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Ten missed reports at the default interval.
+pub const DEFAULT_LOST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_EVAL_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(120);
+pub const DEFAULT_TARGET_WORK_PER_MINION: u32 = 8;
+pub const DEFAULT_SCALE_IN_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// ELB's own default.
+pub const DEFAULT_DEREGISTRATION_DELAY: Duration = Duration::from_secs(300);
+/// Streams one controller accepts per HTTP/2 connection. Each minion holds
+/// one Session stream on its own connection, so this bounds admin fan-out
+/// per connection rather than the number of minions.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {file}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {key}: {expected}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        expected: String,
+    },
+}
+
+/// The validated config.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub report_interval: Duration,
+    pub lost_timeout: Duration,
+    pub join_timeout: Duration,
+    pub eval_interval: Duration,
+    pub drain_deadline: Duration,
+    pub tls: TlsFiles,
+    /// Minions joining with this token are trusted (gru dev, trusted networks).
+    pub join_token_file: PathBuf,
+    pub fleets: Vec<FleetConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Admin clients must present a certificate signed by this CA.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    pub name: String,
+    pub bounds: Bounds,
+    pub target_work_per_minion: u32,
+    pub scale_in_window: Duration,
+    pub provider: ProviderConfig,
+}
+
+#[derive(Clone, Debug)]
+pub enum ProviderConfig {
+    Local(LocalProviderConfig),
+}
+
+impl ProviderConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProviderConfig::Local(_) => "local",
+        }
+    }
+}
+
+/// Minions as child processes of the controller and a TCP load balancer in
+/// its process; what `gru dev` runs.
+#[derive(Clone, Debug)]
+pub struct LocalProviderConfig {
+    /// Where the load balancer listens.
+    pub listen: SocketAddr,
+    /// Passed to each `gru minion --config`.
+    pub minion_config: PathBuf,
+    pub deregistration_delay: Duration,
+    /// Each minion's output goes to `<log_dir>/<instance>.log`.
+    pub log_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    report_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    lost_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    join_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    eval_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    drain_deadline: Option<Duration>,
+    tls: Option<RawTls>,
+    join_token_file: Option<PathBuf>,
+    #[serde(default)]
+    fleet: Vec<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    name: Option<String>,
+    provider: Option<String>,
+    min: Option<u32>,
+    max: Option<u32>,
+    target_work_per_minion: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    scale_in_window: Option<Duration>,
+    local: Option<RawLocal>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    listen: Option<String>,
+    minion_config: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    deregistration_delay: Option<Duration>,
+    log_dir: Option<PathBuf>,
+}
+
+impl ControllerConfig {
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses `text` as if read from `file` (used for messages and for
+    /// resolving relative paths).
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let v = Validator { file };
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+        let listen = v.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+        let report_interval = v.positive(
+            "report_interval",
+            raw.report_interval.unwrap_or(DEFAULT_REPORT_INTERVAL),
+        )?;
+        let lost_timeout = v.positive(
+            "lost_timeout",
+            raw.lost_timeout.unwrap_or(DEFAULT_LOST_TIMEOUT),
+        )?;
+        if lost_timeout < report_interval * 2 {
+            return Err(v.invalid(
+                "lost_timeout",
+                format!(
+                    "at least twice report_interval ({}), got {}",
+                    humantime::format_duration(report_interval),
+                    humantime::format_duration(lost_timeout)
+                ),
+            ));
+        }
+        let join_timeout = v.positive(
+            "join_timeout",
+            raw.join_timeout.unwrap_or(DEFAULT_JOIN_TIMEOUT),
+        )?;
+        let eval_interval = v.positive(
+            "eval_interval",
+            raw.eval_interval.unwrap_or(DEFAULT_EVAL_INTERVAL),
+        )?;
+        let drain_deadline = v.positive(
+            "drain_deadline",
+            raw.drain_deadline.unwrap_or(DEFAULT_DRAIN_DEADLINE),
+        )?;
+        let tls = raw.tls.ok_or_else(|| {
+            v.invalid(
+                "tls",
+                "a [tls] table with cert, key and client_ca (gRPC is always TLS)",
+            )
+        })?;
+        let tls = TlsFiles {
+            cert: resolve(tls.cert),
+            key: resolve(tls.key),
+            client_ca: resolve(tls.client_ca),
+        };
+        let join_token_file =
+            resolve(raw.join_token_file.ok_or_else(|| {
+                v.invalid("join_token_file", "a path to the minions' join token")
+            })?);
+
+        if raw.fleet.is_empty() {
+            return Err(v.invalid("fleet", "at least one [[fleet]] table"));
+        }
+        let mut names = BTreeSet::new();
+        let mut fleets = Vec::new();
+        for (i, f) in raw.fleet.into_iter().enumerate() {
+            let key = |k: &str| format!("fleet[{i}].{k}");
+            let name = f
+                .name
+                .ok_or_else(|| v.invalid(&key("name"), "a fleet name"))?;
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(v.invalid(
+                    &key("name"),
+                    format!("letters, digits, '-' or '_', got {name:?}"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(v.invalid(
+                    &key("name"),
+                    format!("a unique name, {name:?} is used twice"),
+                ));
+            }
+            let min = f.min.unwrap_or(0);
+            let max = f
+                .max
+                .ok_or_else(|| v.invalid(&key("max"), "the fleet's maximum size"))?;
+            let bounds =
+                Bounds::new(min, max).map_err(|e| v.invalid(&key("max"), e.to_string()))?;
+            let target_work_per_minion = f
+                .target_work_per_minion
+                .unwrap_or(DEFAULT_TARGET_WORK_PER_MINION);
+            if target_work_per_minion == 0 {
+                return Err(v.invalid(&key("target_work_per_minion"), "at least 1"));
+            }
+            let scale_in_window = f.scale_in_window.unwrap_or(DEFAULT_SCALE_IN_WINDOW);
+            let provider = match f.provider.as_deref() {
+                Some("local") => {
+                    let l = f.local.ok_or_else(|| {
+                        v.invalid(
+                            &key("local"),
+                            "a [fleet.local] table for provider \"local\"",
+                        )
+                    })?;
+                    let lb_key = key("local.listen");
+                    let listen = v.addr(
+                        &lb_key,
+                        l.listen.as_deref().ok_or_else(|| {
+                            v.invalid(&lb_key, "the load balancer's listen address")
+                        })?,
+                    )?;
+                    let minion_config = resolve(l.minion_config.ok_or_else(|| {
+                        v.invalid(
+                            &key("local.minion_config"),
+                            "the path of the minions' config",
+                        )
+                    })?);
+                    ProviderConfig::Local(LocalProviderConfig {
+                        listen,
+                        minion_config,
+                        deregistration_delay: l
+                            .deregistration_delay
+                            .unwrap_or(DEFAULT_DEREGISTRATION_DELAY),
+                        log_dir: l.log_dir.map(resolve),
+                    })
+                }
+                Some("aws") => {
+                    return Err(v.invalid(
+                        &key("provider"),
+                        "\"local\" (the AWS provider is not in this build yet)",
+                    ));
+                }
+                Some(other) => {
+                    return Err(v.invalid(&key("provider"), format!("\"local\", got {other:?}")));
+                }
+                None => return Err(v.invalid(&key("provider"), "a provider, e.g. \"local\"")),
+            };
+            fleets.push(FleetConfig {
+                name,
+                bounds,
+                target_work_per_minion,
+                scale_in_window,
+                provider,
+            });
+        }
+
+        Ok(ControllerConfig {
+            listen,
+            report_interval,
+            lost_timeout,
+            join_timeout,
+            eval_interval,
+            drain_deadline,
+            tls,
+            join_token_file,
+            fleets,
+        })
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: &str, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            key: key.to_owned(),
+            expected: expected.into(),
+        }
+    }
+
+    fn addr(&self, key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+        s.parse()
+            .map_err(|_| self.invalid(key, format!("an address like 127.0.0.1:7070, got {s:?}")))
+    }
+
+    fn positive(&self, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+        if d.is_zero() {
+            return Err(self.invalid(key, "a duration above zero, like \"1s\""));
+        }
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        listen = "127.0.0.1:0"
+        join_token_file = "token"
+        [tls]
+        cert = "server.pem"
+        key = "server.key"
+        client_ca = "/abs/ca.pem"
+        [[fleet]]
+        name = "local"
+        provider = "local"
+        min = 1
+        max = 5
+        scale_in_window = "30s"
+        [fleet.local]
+        listen = "127.0.0.1:2575"
+        minion_config = "minion.toml"
+    "#;
+
+    fn parse(text: &str) -> Result<ControllerConfig, ConfigError> {
+        ControllerConfig::parse(Path::new("/etc/gru/controller.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn good_config_gets_defaults_and_resolved_paths() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.report_interval, DEFAULT_REPORT_INTERVAL);
+        assert_eq!(c.tls.cert, PathBuf::from("/etc/gru/server.pem"));
+        assert_eq!(c.tls.client_ca, PathBuf::from("/abs/ca.pem"));
+        let f = &c.fleets[0];
+        assert_eq!((f.bounds.min, f.bounds.max), (1, 5));
+        assert_eq!(f.scale_in_window, Duration::from_secs(30));
+        let ProviderConfig::Local(l) = &f.provider;
+        assert_eq!(l.minion_config, PathBuf::from("/etc/gru/minion.toml"));
+        assert_eq!(l.deregistration_delay, DEFAULT_DEREGISTRATION_DELAY);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_expectation() {
+        assert_eq!(
+            err(&GOOD.replace("max = 5", "max = 0")),
+            "/etc/gru/controller.toml: fleet[0].max: min (1) must not be greater than max (0)"
+        );
+        assert_eq!(
+            err(&GOOD.replace("provider = \"local\"", "provider = \"gcp\"")),
+            "/etc/gru/controller.toml: fleet[0].provider: \"local\", got \"gcp\""
+        );
+        assert_eq!(
+            err(&GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"")),
+            "/etc/gru/controller.toml: listen: an address like 127.0.0.1:7070, got \"nowhere\""
+        );
+        assert!(err(&GOOD.replace("[tls]", "[tlz]")).starts_with("/etc/gru/controller.toml: "));
+        assert_eq!(
+            err(&format!("lost_timeout = \"1s\"\n{GOOD}")),
+            "/etc/gru/controller.toml: lost_timeout: at least twice report_interval (1s), got 1s"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_refused_with_their_key() {
+        let e = err(&GOOD.replace("min = 1", "minimum = 1"));
+        assert!(e.contains("minimum"), "{e}");
+        let e = err(&GOOD.replace("\"30s\"", "\"soon\""));
+        assert!(e.contains("scale_in_window"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_fleet_names_are_refused() {
+        let twice = format!(
+            "{GOOD}\n{}",
+            &GOOD[GOOD.find("[[fleet]]").expect("has fleet")..]
+        );
+        assert_eq!(
+            err(&twice),
+            "/etc/gru/controller.toml: fleet[1].name: a unique name, \"local\" is used twice"
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! The gru controller: the persistent service that tracks minions over gRPC,
+//! sizes each fleet and takes minions out of service without losing work.
+//!
+//! Start reading at [`run`]: it builds the [`Controller`] (shared state),
+//! spawns one reconcile loop per fleet ([`reconcile`]) and serves the gRPC
+//! API ([`server`]). The registry ([`registry`]) holds what the controller
+//! knows; every state change goes through `gru_core::step`.
+//!
+//! Invariants: the controller is the only writer of a group's desired
+//! capacity; it scales in only by terminating a Drained minion with the
+//! desired capacity decremented in the same call; no lock is held across an
+//! `.await`.
+
+pub mod admin_api;
+pub mod config;
+pub mod minion_api;
+pub mod pki;
+pub mod providers;
+pub mod reconcile;
+pub mod registry;
+pub mod server;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::{ConfigError, ControllerConfig};
+pub use reconcile::{Controller, FleetRuntime};
+pub use server::ServeError;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How long a stopping controller lets in-flight calls finish.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs the controller: reconcile loops and the gRPC server on `listener`,
+/// until `shutdown` resolves.
+pub async fn run(
+    controller: Arc<Controller>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut loops = Vec::new();
+    for fleet in controller.fleets.keys().cloned() {
+        let mut stop = stop_rx.clone();
+        let c = controller.clone();
+        loops.push(tokio::spawn(async move {
+            c.run_fleet(fleet, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        }));
+    }
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = server::serve(listener, controller, async {
+        let _ = server_stopped.await;
+    });
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = &mut shutdown => {
+            let _ = stop_server.send(());
+            // Minion Sessions are long-lived streams that never end by
+            // themselves: give in-flight calls a moment, then drop the rest.
+            tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.unwrap_or(Ok(()))
+        }
+    };
+    let _ = stop_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    result
+}

@@ -1,0 +1,245 @@
+//! `gru.v1.MinionService`: Join and the long-lived Session. Converts between
+//! the wire types and the registry's at this edge.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use gru_cloud::InstanceId;
+use gru_proto::v1 as pb;
+use pb::minion_service_server::MinionService;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::reconcile::Controller;
+use crate::registry::{Command, Report, SessionRefusal};
+
+/// How long a new Session may take to say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Commands queued for one minion before sends start failing.
+pub const SESSION_COMMAND_BUFFER: usize = 16;
+
+pub struct MinionApi {
+    pub controller: Arc<Controller>,
+}
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerCommand, Status>> + Send>>;
+
+fn to_pb(c: Command) -> pb::ControllerCommand {
+    use pb::controller_command::Command as C;
+    let command = match c {
+        Command::Drain { deadline, reason } => C::Drain(pb::Drain {
+            deadline_ms: deadline.as_millis() as u64,
+            reason,
+        }),
+        Command::Resume => C::Resume(pb::Resume {}),
+    };
+    pb::ControllerCommand {
+        command: Some(command),
+    }
+}
+
+fn from_pb(r: pb::MinionReport) -> Report {
+    Report {
+        seq: r.seq,
+        queue_depth: r.queue_depth,
+        in_flight: r.in_flight,
+        processed_total: r.processed_total,
+        failed_total: r.failed_total,
+        open_connections: r.open_connections,
+        healthy: r.health == pb::EngineHealth::Healthy as i32,
+        draining: r.draining,
+        drained: r.drained,
+    }
+}
+
+/// Compares without stopping at the first differing byte.
+fn token_matches(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[tonic::async_trait]
+impl MinionService for MinionApi {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let req = request.into_inner();
+        let ctrl = &self.controller;
+        let Some(rt) = ctrl.fleets.get(&req.fleet) else {
+            return Err(Status::not_found(format!(
+                "unknown fleet {:?}; this controller runs {}",
+                req.fleet,
+                ctrl.fleets
+                    .keys()
+                    .map(|k| format!("{k:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        match &req.identity {
+            Some(pb::join_request::Identity::JoinToken(t))
+                if token_matches(t, &ctrl.join_token) => {}
+            Some(pb::join_request::Identity::JoinToken(_)) => {
+                return Err(Status::unauthenticated("join token rejected"));
+            }
+            None => return Err(Status::unauthenticated("no identity proof in JoinRequest")),
+        }
+        if req.instance_id.is_empty() {
+            return Err(Status::invalid_argument("instance_id is empty"));
+        }
+        let engine_address = req.engine_address.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "engine_address {:?} is not an address like 10.0.0.5:2575",
+                req.engine_address
+            ))
+        })?;
+        let instance = InstanceId(req.instance_id.clone());
+        let known = ctrl.registry().minion_by_instance(&instance).is_some();
+        if !known {
+            let group =
+                rt.group.describe().await.map_err(|e| {
+                    Status::unavailable(format!("cannot check the fleet's group: {e}"))
+                })?;
+            if !group.instances.iter().any(|i| i.id == instance) {
+                return Err(Status::failed_precondition(format!(
+                    "instance {instance} is not in fleet {:?}'s group",
+                    req.fleet
+                )));
+            }
+        }
+        let (minion_id, session_token) = ctrl
+            .registry()
+            .join(&req.fleet, &instance, engine_address, Instant::now())
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        ctrl.wake(&req.fleet);
+        Ok(Response::new(pb::JoinResponse {
+            minion_id,
+            session_token,
+            settings: Some(pb::Settings {
+                report_interval_ms: ctrl.config.report_interval.as_millis() as u32,
+            }),
+        }))
+    }
+
+    type SessionStream = CommandStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::SessionMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no SessionHello within 10s"))??;
+        let hello = match first.and_then(|m| m.body) {
+            Some(pb::session_message::Body::Hello(h)) => h,
+            Some(pb::session_message::Body::Report(_)) => {
+                return Err(Status::failed_precondition(
+                    "out of order: the first Session message must be a SessionHello, got a MinionReport",
+                ));
+            }
+            None => return Err(Status::invalid_argument("empty Session message")),
+        };
+        let ctrl = self.controller.clone();
+        let (tx, rx) = mpsc::channel(SESSION_COMMAND_BUFFER);
+        let attached = ctrl.registry().attach_session(
+            &hello.minion_id,
+            &hello.session_token,
+            tx.clone(),
+            ctrl.config.drain_deadline,
+            Instant::now(),
+        );
+        let (generation, resend) = match attached {
+            Ok(a) => a,
+            Err(SessionRefusal::UnknownMinion) => {
+                return Err(Status::not_found(format!(
+                    "no minion {:?}; join first",
+                    hello.minion_id
+                )));
+            }
+            Err(SessionRefusal::BadToken) => {
+                return Err(Status::unauthenticated(
+                    "session token does not match the last Join",
+                ));
+            }
+            Err(SessionRefusal::Retired(state)) => {
+                return Err(Status::failed_precondition(format!(
+                    "minion {} is {state}; it takes no new session",
+                    hello.minion_id
+                )));
+            }
+        };
+        if let Some(cmd) = resend {
+            let _ = tx.try_send(Ok(cmd));
+        }
+        let id = hello.minion_id;
+        let fleet = ctrl
+            .registry()
+            .find(&id)
+            .map(|m| m.fleet.clone())
+            .unwrap_or_default();
+        tokio::spawn(async move {
+            let span = tracing::info_span!("session", minion = %id);
+            let _g = span.enter();
+            drop(_g);
+            loop {
+                match inbound.message().await {
+                    Ok(Some(pb::SessionMessage {
+                        body: Some(pb::session_message::Body::Report(r)),
+                    })) => {
+                        let changed =
+                            ctrl.registry()
+                                .report(&id, generation, from_pb(r), Instant::now());
+                        if changed {
+                            ctrl.wake(&fleet);
+                        }
+                    }
+                    Ok(Some(pb::SessionMessage {
+                        body: Some(pb::session_message::Body::Hello(_)),
+                    })) => {
+                        let _ = tx
+                            .send(Err(Status::failed_precondition(
+                                "out of order: SessionHello sent twice in one Session",
+                            )))
+                            .await;
+                        break;
+                    }
+                    Ok(Some(pb::SessionMessage { body: None })) => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument("empty Session message")))
+                            .await;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(minion = %id, error = %status, "session ended");
+                        break;
+                    }
+                }
+            }
+            ctrl.registry().detach_session(&id, generation);
+        });
+        let stream = ReceiverStream::new(rx).map(|r| r.map(to_pb));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abd", "abc"));
+        assert!(!token_matches("ab", "abc"));
+    }
+}

@@ -1,0 +1,82 @@
+//! Builds each fleet's providers from its config. The AWS provider arrives
+//! with gru-aws; `local` is what `gru dev` runs.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gru_cloud::local::{LaunchSpec, LocalGroup, LocalLoadBalancer};
+use tokio::net::TcpListener;
+
+use crate::config::{FleetConfig, ProviderConfig};
+use crate::reconcile::FleetRuntime;
+
+/// Time a local minion gets between SIGTERM and SIGKILL: enough to finish
+/// the message in hand and flush its queue.
+pub const LOCAL_STOP_GRACE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("fleet {fleet}: cannot listen for the load balancer on {addr}")]
+    Listen {
+        fleet: String,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A fleet's providers, with the local parts kept so `gru dev` can show the
+/// load balancer's address and stop the minions on the way out.
+pub struct BuiltFleet {
+    pub runtime: FleetRuntime,
+    pub local: Option<LocalParts>,
+}
+
+pub struct LocalParts {
+    pub group: Arc<LocalGroup>,
+    pub load_balancer: Arc<LocalLoadBalancer>,
+}
+
+/// Builds the providers of `fleet`. `program` is the `gru` binary the local
+/// provider starts minions with (`gru minion --config … --instance-id …`).
+pub async fn build(fleet: &FleetConfig, program: &Path) -> Result<BuiltFleet, ProviderError> {
+    match &fleet.provider {
+        ProviderConfig::Local(local) => {
+            let listener =
+                TcpListener::bind(local.listen)
+                    .await
+                    .map_err(|source| ProviderError::Listen {
+                        fleet: fleet.name.clone(),
+                        addr: local.listen,
+                        source,
+                    })?;
+            let load_balancer = LocalLoadBalancer::start(listener, local.deregistration_delay);
+            let mut spec = LaunchSpec::new(program);
+            spec.args = vec![
+                OsString::from("minion"),
+                OsString::from("--config"),
+                local.minion_config.clone().into_os_string(),
+            ];
+            spec.log_dir = local.log_dir.clone();
+            spec.stop_grace = LOCAL_STOP_GRACE;
+            let b = fleet.bounds;
+            // Like an Auto Scaling group's max, the local group needs room
+            // above the fleet's max for minions still draining.
+            let group =
+                LocalGroup::start(&fleet.name, spec, 0, b.max.saturating_mul(2).max(1), b.min);
+            Ok(BuiltFleet {
+                runtime: FleetRuntime {
+                    config: fleet.clone(),
+                    group: group.clone(),
+                    targets: load_balancer.clone(),
+                },
+                local: Some(LocalParts {
+                    group,
+                    load_balancer,
+                }),
+            })
+        }
+    }
+}

@@ -1,0 +1,1088 @@
+//! What the controller knows: fleets, minions, and the events between them.
+//!
+//! All of it sits behind one mutex that is never held across an `.await`:
+//! the reconcile loop takes a plan out ([`Registry::plan`]), does the slow
+//! cloud calls without the lock, and comes back to record what happened.
+//! Every state change goes through [`gru_core::step`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use gru_cloud::{GroupState, InstanceId, InstanceLifecycle, Target};
+use gru_core::lifecycle::InvalidTransition;
+use gru_core::scaling::{Candidate, DecisionInput};
+use gru_core::{Decision, LifecycleEvent, Load, MinionState, ScaleInWindow, step};
+use rand::Rng;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::config::FleetConfig;
+
+/// How many recent events the controller keeps for `gru events`.
+pub const RECENT_EVENTS: usize = 500;
+/// Gone minions are listed for this long, then forgotten.
+pub const GONE_RETENTION: Duration = Duration::from_secs(3600);
+
+/// A command for a minion's agent, sent down its Session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Drain { deadline: Duration, reason: String },
+    Resume,
+}
+
+pub type CommandSender = mpsc::Sender<Result<Command, tonic::Status>>;
+
+/// The last report of a minion's agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub seq: u64,
+    pub queue_depth: u64,
+    pub in_flight: u64,
+    pub processed_total: u64,
+    pub failed_total: u64,
+    pub open_connections: u64,
+    pub healthy: bool,
+    pub draining: bool,
+    pub drained: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Transition,
+    Scale,
+    Step,
+    Warning,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Transition => "transition",
+            EventKind::Scale => "scale",
+            EventKind::Step => "step",
+            EventKind::Warning => "warning",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub at: SystemTime,
+    pub fleet: String,
+    pub minion: Option<String>,
+    pub kind: EventKind,
+    pub message: String,
+    pub transition: Option<(MinionState, MinionState)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HistoryEntry {
+    pub from: MinionState,
+    pub to: MinionState,
+    pub at: SystemTime,
+    pub reason: String,
+}
+
+/// Where a drain is, between Draining and Drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainPhase {
+    /// Deregistering; waiting until the load balancer sends no new connections.
+    Deregistering,
+    /// The Drain command was sent; waiting for the agent to report drained.
+    Flushing { since: Instant },
+}
+
+#[derive(Clone, Debug)]
+pub struct DrainPlan {
+    /// Lower the group's desired capacity when terminating (scale-in), or not
+    /// (replacement).
+    pub decrement: bool,
+    pub reason: String,
+    pub phase: DrainPhase,
+    pub overdue_reported: bool,
+}
+
+#[derive(Debug)]
+pub struct SessionLink {
+    pub generation: u64,
+    pub tx: CommandSender,
+    /// Reports within one Session carry increasing sequence numbers.
+    pub last_seq: u64,
+}
+
+#[derive(Debug)]
+pub struct MinionRecord {
+    pub id: String,
+    pub fleet: String,
+    pub instance: InstanceId,
+    pub state: MinionState,
+    pub state_since: Instant,
+    pub created: Instant,
+    pub engine_address: Option<SocketAddr>,
+    pub session_token: Option<String>,
+    pub session: Option<SessionLink>,
+    pub last_report: Option<Report>,
+    /// Last sign of life: join, session start or report.
+    pub last_seen: Option<Instant>,
+    pub last_report_at: Option<Instant>,
+    pub drain: Option<DrainPlan>,
+    pub registered: bool,
+    pub history: Vec<HistoryEntry>,
+    pub lb_connections_at_deregistration: Option<u64>,
+    pub lb_connections_at_drain_start: Option<u64>,
+}
+
+impl MinionRecord {
+    pub fn target(&self) -> Option<Target> {
+        self.engine_address.map(|address| Target {
+            instance: self.instance.clone(),
+            address,
+        })
+    }
+
+    pub fn load(&self) -> Load {
+        self.last_report
+            .map(|r| Load {
+                queue_depth: r.queue_depth,
+                in_flight: r.in_flight,
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A fleet's mutable state; its config and providers live in `FleetRuntime`.
+#[derive(Debug)]
+pub struct FleetState {
+    pub config: FleetConfig,
+    pub paused: bool,
+    pub pinned: Option<u32>,
+    pub window: ScaleInWindow,
+    pub last_decision: Option<Decision>,
+    pub group: Option<GroupState>,
+}
+
+/// A cloud call the reconcile loop makes outside the lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Register {
+        minion: String,
+        target: Target,
+    },
+    /// Deregister (idempotent), then start the drain once the target takes no
+    /// new connections. `target` is None for minions never registered.
+    Deregister {
+        minion: String,
+        target: Option<Target>,
+    },
+    /// Terminate a Drained minion once its target is out of the load balancer.
+    Terminate {
+        minion: String,
+        instance: InstanceId,
+        target: Option<Target>,
+        decrement: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("unknown fleet {0:?}")]
+    UnknownFleet(String),
+    #[error("no minion {0:?}")]
+    UnknownMinion(String),
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
+}
+
+pub struct Registry {
+    pub fleets: BTreeMap<String, FleetState>,
+    pub minions: BTreeMap<String, MinionRecord>,
+    by_instance: HashMap<InstanceId, String>,
+    recent: VecDeque<Event>,
+    events: broadcast::Sender<Event>,
+    next_generation: u64,
+}
+
+impl Registry {
+    pub fn new(fleets: &[FleetConfig], events: broadcast::Sender<Event>) -> Self {
+        let fleets = fleets
+            .iter()
+            .map(|c| {
+                let state = FleetState {
+                    config: c.clone(),
+                    paused: false,
+                    pinned: None,
+                    window: ScaleInWindow::new(c.scale_in_window),
+                    last_decision: None,
+                    group: None,
+                };
+                (c.name.clone(), state)
+            })
+            .collect();
+        Registry {
+            fleets,
+            minions: BTreeMap::new(),
+            by_instance: HashMap::new(),
+            recent: VecDeque::new(),
+            events,
+            next_generation: 1,
+        }
+    }
+
+    pub fn recent_events(&self) -> impl Iterator<Item = &Event> {
+        self.recent.iter()
+    }
+
+    pub fn emit(&mut self, fleet: &str, minion: Option<&str>, kind: EventKind, message: String) {
+        self.push_event(Event {
+            at: SystemTime::now(),
+            fleet: fleet.to_owned(),
+            minion: minion.map(str::to_owned),
+            kind,
+            message,
+            transition: None,
+        });
+    }
+
+    fn push_event(&mut self, event: Event) {
+        match event.kind {
+            EventKind::Warning => {
+                tracing::warn!(fleet = %event.fleet, minion = event.minion.as_deref().unwrap_or("-"), "{}", event.message)
+            }
+            _ => tracing::info!(
+                fleet = %event.fleet,
+                minion = event.minion.as_deref().unwrap_or("-"),
+                kind = event.kind.as_str(),
+                "{}",
+                event.message
+            ),
+        }
+        if self.recent.len() == RECENT_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(event.clone());
+        // No subscriber is fine.
+        let _ = self.events.send(event);
+    }
+
+    pub fn minion_by_instance(&self, instance: &InstanceId) -> Option<&MinionRecord> {
+        self.by_instance
+            .get(instance)
+            .and_then(|id| self.minions.get(id))
+    }
+
+    /// Finds a minion by its id or its instance id.
+    pub fn find(&self, id_or_instance: &str) -> Option<&MinionRecord> {
+        self.minions
+            .get(id_or_instance)
+            .or_else(|| self.minion_by_instance(&InstanceId(id_or_instance.to_owned())))
+    }
+
+    fn ensure_minion(&mut self, fleet: &str, instance: &InstanceId, now: Instant) -> String {
+        if let Some(id) = self.by_instance.get(instance) {
+            return id.clone();
+        }
+        let id = loop {
+            let candidate = format!("m-{:06x}", rand::rng().random_range(0..0x100_0000u32));
+            if !self.minions.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        self.minions.insert(
+            id.clone(),
+            MinionRecord {
+                id: id.clone(),
+                fleet: fleet.to_owned(),
+                instance: instance.clone(),
+                state: MinionState::Pending,
+                state_since: now,
+                created: now,
+                engine_address: None,
+                session_token: None,
+                session: None,
+                last_report: None,
+                last_seen: None,
+                last_report_at: None,
+                drain: None,
+                registered: false,
+                history: Vec::new(),
+                lb_connections_at_deregistration: None,
+                lb_connections_at_drain_start: None,
+            },
+        );
+        self.by_instance.insert(instance.clone(), id.clone());
+        self.emit(
+            fleet,
+            Some(&id),
+            EventKind::Step,
+            format!("instance {instance} discovered"),
+        );
+        id
+    }
+
+    /// Applies a lifecycle event; records and announces a change of state.
+    pub fn transition(
+        &mut self,
+        id: &str,
+        event: LifecycleEvent,
+        reason: &str,
+        now: Instant,
+    ) -> Result<MinionState, RegistryError> {
+        let m = self
+            .minions
+            .get_mut(id)
+            .ok_or_else(|| RegistryError::UnknownMinion(id.to_owned()))?;
+        let from = m.state;
+        let to = step(from, event)?;
+        if to == from {
+            return Ok(to);
+        }
+        m.state = to;
+        m.state_since = now;
+        let at = SystemTime::now();
+        m.history.push(HistoryEntry {
+            from,
+            to,
+            at,
+            reason: reason.to_owned(),
+        });
+        if to == MinionState::Gone {
+            m.session = None;
+        }
+        let fleet = m.fleet.clone();
+        self.push_event(Event {
+            at,
+            fleet,
+            minion: Some(id.to_owned()),
+            kind: EventKind::Transition,
+            message: format!("{from} → {to}: {reason}"),
+            transition: Some((from, to)),
+        });
+        Ok(to)
+    }
+
+    /// A minion's agent joined (or joined again). Returns its id and a fresh
+    /// session token.
+    pub fn join(
+        &mut self,
+        fleet: &str,
+        instance: &InstanceId,
+        engine_address: SocketAddr,
+        now: Instant,
+    ) -> Result<(String, String), RegistryError> {
+        if !self.fleets.contains_key(fleet) {
+            return Err(RegistryError::UnknownFleet(fleet.to_owned()));
+        }
+        let id = self.ensure_minion(fleet, instance, now);
+        self.transition(&id, LifecycleEvent::Joined, "agent joined", now)?;
+        let token: String = {
+            let mut rng = rand::rng();
+            (0..32)
+                .map(|_| format!("{:02x}", rng.random::<u8>()))
+                .collect()
+        };
+        let m = self
+            .minions
+            .get_mut(&id)
+            .ok_or_else(|| RegistryError::UnknownMinion(id.clone()))?;
+        if m.engine_address != Some(engine_address) && m.registered {
+            tracing::warn!(minion = %id, "engine address changed while registered");
+        }
+        m.engine_address = Some(engine_address);
+        m.session_token = Some(token.clone());
+        m.last_seen = Some(now);
+        Ok((id, token))
+    }
+
+    /// Binds a new Session to a minion. Returns its generation and the
+    /// command to resend if a drain was already under way.
+    pub fn attach_session(
+        &mut self,
+        id: &str,
+        token: &str,
+        tx: CommandSender,
+        drain_deadline: Duration,
+        now: Instant,
+    ) -> Result<(u64, Option<Command>), SessionRefusal> {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let m = self
+            .minions
+            .get_mut(id)
+            .ok_or(SessionRefusal::UnknownMinion)?;
+        if m.session_token.as_deref() != Some(token) {
+            return Err(SessionRefusal::BadToken);
+        }
+        if matches!(
+            m.state,
+            MinionState::Gone | MinionState::Terminating | MinionState::Lost
+        ) {
+            return Err(SessionRefusal::Retired(m.state));
+        }
+        m.session = Some(SessionLink {
+            generation,
+            tx,
+            last_seq: 0,
+        });
+        m.last_seen = Some(now);
+        let resend = match &m.drain {
+            Some(DrainPlan {
+                phase: DrainPhase::Flushing { .. },
+                reason,
+                ..
+            }) => Some(Command::Drain {
+                deadline: drain_deadline,
+                reason: reason.clone(),
+            }),
+            _ => None,
+        };
+        Ok((generation, resend))
+    }
+
+    pub fn detach_session(&mut self, id: &str, generation: u64) {
+        if let Some(m) = self.minions.get_mut(id)
+            && m.session
+                .as_ref()
+                .is_some_and(|s| s.generation == generation)
+        {
+            m.session = None;
+        }
+    }
+
+    /// Takes a report from a Session. Returns true when it changed a state
+    /// (the fleet's reconcile loop should run soon).
+    pub fn report(&mut self, id: &str, generation: u64, r: Report, now: Instant) -> bool {
+        let Some(m) = self.minions.get_mut(id) else {
+            return false;
+        };
+        let Some(link) = m.session.as_mut().filter(|s| s.generation == generation) else {
+            return false;
+        };
+        if r.seq <= link.last_seq {
+            tracing::warn!(minion = %id, seq = r.seq, last = link.last_seq, "out-of-order report ignored");
+            return false;
+        }
+        link.last_seq = r.seq;
+        m.last_report = Some(r);
+        m.last_report_at = Some(now);
+        m.last_seen = Some(now);
+        let state = m.state;
+        let flushing = matches!(
+            m.drain,
+            Some(DrainPlan {
+                phase: DrainPhase::Flushing { .. },
+                ..
+            })
+        );
+        if state == MinionState::Joining && r.healthy {
+            return self
+                .transition(id, LifecycleEvent::EngineHealthy, "engine healthy", now)
+                .is_ok();
+        }
+        if state == MinionState::Draining && flushing && r.drained {
+            return self
+                .transition(
+                    id,
+                    LifecycleEvent::Drained,
+                    "queue empty, nothing in flight, no connections",
+                    now,
+                )
+                .is_ok();
+        }
+        false
+    }
+
+    /// Marks a minion for removal.
+    pub fn choose_for_drain(
+        &mut self,
+        id: &str,
+        decrement: bool,
+        reason: &str,
+        now: Instant,
+    ) -> Result<(), RegistryError> {
+        self.transition(id, LifecycleEvent::DrainChosen, reason, now)?;
+        if let Some(m) = self.minions.get_mut(id)
+            && m.drain.is_none()
+        {
+            m.drain = Some(DrainPlan {
+                decrement,
+                reason: reason.to_owned(),
+                phase: DrainPhase::Deregistering,
+                overdue_reported: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Brings the minions of `fleet` in line with what the group reports:
+    /// new instances become Pending minions, vanished ones Gone, silent ones
+    /// Lost.
+    pub fn sync(
+        &mut self,
+        fleet: &str,
+        group: &GroupState,
+        lost_timeout: Duration,
+        join_timeout: Duration,
+        now: Instant,
+    ) {
+        if let Some(f) = self.fleets.get_mut(fleet) {
+            f.group = Some(group.clone());
+        }
+        for i in &group.instances {
+            if i.lifecycle != InstanceLifecycle::Terminating || self.by_instance.contains_key(&i.id)
+            {
+                self.ensure_minion(fleet, &i.id, now);
+            }
+        }
+        let listed: std::collections::HashSet<&InstanceId> =
+            group.instances.iter().map(|i| &i.id).collect();
+        let ids: Vec<String> = self
+            .minions
+            .values()
+            .filter(|m| m.fleet == fleet && m.state != MinionState::Gone)
+            .map(|m| m.id.clone())
+            .collect();
+        for id in ids {
+            let Some(m) = self.minions.get(&id) else {
+                continue;
+            };
+            let (state, instance) = (m.state, m.instance.clone());
+            if !listed.contains(&instance) {
+                let _ = self.transition(
+                    &id,
+                    LifecycleEvent::InstanceGone,
+                    "instance no longer in the group",
+                    now,
+                );
+                continue;
+            }
+            let silent_for = now.saturating_duration_since(m.last_seen.unwrap_or(m.created));
+            if state.expects_reports() && silent_for > lost_timeout {
+                let reason = format!(
+                    "no report for {}",
+                    humantime::format_duration(round(silent_for))
+                );
+                let _ = self.transition(&id, LifecycleEvent::ReportsMissed, &reason, now);
+                self.emit(
+                    fleet,
+                    Some(&id),
+                    EventKind::Warning,
+                    format!("minion lost: {reason}"),
+                );
+            } else if state == MinionState::Pending && silent_for > join_timeout {
+                let reason = format!(
+                    "never joined within {}; replacing it",
+                    humantime::format_duration(join_timeout)
+                );
+                let _ = self.choose_for_drain(&id, false, &reason, now);
+            }
+        }
+        // Forget long-gone minions.
+        let stale: Vec<String> = self
+            .minions
+            .values()
+            .filter(|m| {
+                m.state == MinionState::Gone
+                    && now.saturating_duration_since(m.state_since) > GONE_RETENTION
+            })
+            .map(|m| m.id.clone())
+            .collect();
+        for id in stale {
+            if let Some(m) = self.minions.remove(&id) {
+                self.by_instance.remove(&m.instance);
+            }
+        }
+    }
+
+    /// The cloud calls the lifecycle of `fleet`'s minions needs next.
+    pub fn plan(&mut self, fleet: &str, drain_deadline: Duration, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut overdue = Vec::new();
+        for m in self.minions.values_mut().filter(|m| m.fleet == fleet) {
+            match m.state {
+                MinionState::Ready => {
+                    if let Some(target) = m.target() {
+                        actions.push(Action::Register {
+                            minion: m.id.clone(),
+                            target,
+                        });
+                    }
+                }
+                MinionState::Draining => match m.drain.as_mut() {
+                    Some(DrainPlan {
+                        phase: DrainPhase::Deregistering,
+                        ..
+                    }) => {
+                        let target = if m.registered { m.target() } else { None };
+                        actions.push(Action::Deregister {
+                            minion: m.id.clone(),
+                            target,
+                        });
+                    }
+                    Some(
+                        plan @ DrainPlan {
+                            phase: DrainPhase::Flushing { .. },
+                            ..
+                        },
+                    ) => {
+                        let DrainPhase::Flushing { since } = plan.phase else {
+                            continue;
+                        };
+                        if !plan.overdue_reported
+                            && now.saturating_duration_since(since) > drain_deadline
+                        {
+                            plan.overdue_reported = true;
+                            overdue.push(m.id.clone());
+                        }
+                    }
+                    None => {}
+                },
+                MinionState::Drained | MinionState::Lost => {
+                    let decrement = m.drain.as_ref().is_some_and(|d| d.decrement);
+                    let target = if m.registered { m.target() } else { None };
+                    actions.push(Action::Terminate {
+                        minion: m.id.clone(),
+                        instance: m.instance.clone(),
+                        target,
+                        decrement,
+                    });
+                }
+                _ => {}
+            }
+        }
+        for id in overdue {
+            self.emit(
+                fleet,
+                Some(&id),
+                EventKind::Warning,
+                format!(
+                    "drain overdue: still working after {}; it will not be terminated while it holds work",
+                    humantime::format_duration(drain_deadline)
+                ),
+            );
+        }
+        actions
+    }
+
+    /// True while some minion of the fleet is between Draining and Gone, so
+    /// the loop should come back sooner than the evaluation interval.
+    pub fn busy(&self, fleet: &str) -> bool {
+        self.minions.values().any(|m| {
+            m.fleet == fleet
+                && matches!(
+                    m.state,
+                    MinionState::Ready
+                        | MinionState::Draining
+                        | MinionState::Drained
+                        | MinionState::Terminating
+                        | MinionState::Lost
+                )
+        })
+    }
+
+    /// Runs the policy for `fleet`: records the decision, chooses victims for
+    /// scale-in, and returns the group's desired capacity to set, if it must
+    /// grow.
+    pub fn decide(&mut self, fleet: &str, now: Instant) -> Option<u32> {
+        let minions: Vec<&MinionRecord> =
+            self.minions.values().filter(|m| m.fleet == fleet).collect();
+        let capacity = minions
+            .iter()
+            .filter(|m| m.state.counts_as_capacity())
+            .count() as u32;
+        let loads: Vec<Load> = minions
+            .iter()
+            .filter(|m| matches!(m.state, MinionState::Ready | MinionState::InService))
+            .map(|m| m.load())
+            .collect();
+        // Minions that will lower the group's desired capacity when they are
+        // terminated; the group's desired count includes them until then.
+        let pending_decrements = minions
+            .iter()
+            .filter(|m| {
+                matches!(
+                    m.state,
+                    MinionState::Draining | MinionState::Drained | MinionState::Lost
+                )
+            })
+            .filter(|m| m.drain.as_ref().is_some_and(|d| d.decrement))
+            .count() as u32;
+        let candidates: Vec<Candidate<String>> = minions
+            .iter()
+            .map(|m| Candidate {
+                id: m.id.clone(),
+                state: m.state,
+                load: m.load(),
+            })
+            .collect();
+
+        let f = self.fleets.get_mut(fleet)?;
+        let input = DecisionInput {
+            bounds: f.config.bounds,
+            target_work_per_minion: f.config.target_work_per_minion,
+            loads: &loads,
+            capacity,
+            pinned: f.pinned,
+        };
+        if f.last_decision.is_none() {
+            // A controller that just started has no history: count the
+            // capacity it found as recommended now, so it does not scale in
+            // before a whole window has passed.
+            f.window.apply(now, capacity);
+        }
+        let decision = gru_core::decide(&input, &mut f.window, now);
+        let changed = f
+            .last_decision
+            .as_ref()
+            .is_none_or(|d| d.desired != decision.desired);
+        let desired = decision.desired;
+        let paused = f.paused;
+        let group = f.group.clone();
+        f.last_decision = Some(decision.clone());
+        if changed {
+            let note = if paused { " (paused: not applied)" } else { "" };
+            self.emit(
+                fleet,
+                None,
+                EventKind::Scale,
+                format!("desired {desired}: {decision}{note}"),
+            );
+        }
+        if paused {
+            return None;
+        }
+        if capacity > desired {
+            let victims = gru_core::pick_victims(&candidates, (capacity - desired) as usize);
+            for id in victims {
+                let reason = format!("scale-in to {desired}");
+                if let Err(e) = self.choose_for_drain(&id, true, &reason, now) {
+                    tracing::warn!(minion = %id, error = %e, "could not choose for drain");
+                }
+            }
+        }
+        let group = group?;
+        let want = desired.saturating_add(pending_decrements);
+        if want > group.desired {
+            let clipped = want.min(group.max);
+            if clipped < want {
+                self.emit(
+                    fleet,
+                    None,
+                    EventKind::Warning,
+                    format!("the group's own max {} clips desired {want}", group.max),
+                );
+            }
+            return (clipped > group.desired).then_some(clipped);
+        }
+        None
+    }
+}
+
+/// Why a Session was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionRefusal {
+    UnknownMinion,
+    BadToken,
+    Retired(MinionState),
+}
+
+fn round(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LocalProviderConfig, ProviderConfig};
+    use gru_cloud::Instance;
+    use gru_core::Bounds;
+
+    const LOST: Duration = Duration::from_secs(10);
+    const JOIN: Duration = Duration::from_secs(60);
+
+    fn registry(min: u32, max: u32) -> Registry {
+        let fleet = FleetConfig {
+            name: "f".to_owned(),
+            bounds: Bounds::new(min, max).expect("bounds"),
+            target_work_per_minion: 4,
+            scale_in_window: Duration::from_secs(30),
+            provider: ProviderConfig::Local(LocalProviderConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                minion_config: "m.toml".into(),
+                deregistration_delay: Duration::from_secs(300),
+                log_dir: None,
+            }),
+        };
+        Registry::new(&[fleet], broadcast::channel(64).0)
+    }
+
+    fn group(ids: &[&str], desired: u32) -> GroupState {
+        GroupState {
+            desired,
+            min: 0,
+            max: 20,
+            instances: ids
+                .iter()
+                .map(|id| Instance {
+                    id: InstanceId::from(*id),
+                    lifecycle: InstanceLifecycle::InService,
+                    launched_at: SystemTime::now(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Brings instance `i` to InService with an open session; returns its id.
+    fn serve(reg: &mut Registry, i: &str, port: u16, now: Instant) -> String {
+        let (id, token) = reg
+            .join(
+                "f",
+                &InstanceId::from(i),
+                ([127, 0, 0, 1], port).into(),
+                now,
+            )
+            .expect("join");
+        let (tx, _rx) = mpsc::channel(4);
+        std::mem::forget(_rx);
+        reg.attach_session(&id, &token, tx, Duration::from_secs(60), now)
+            .expect("session");
+        reg.report(
+            &id,
+            generation(reg, &id),
+            Report {
+                seq: 1,
+                healthy: true,
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(reg.minions[&id].state, MinionState::Ready);
+        reg.minions.get_mut(&id).expect("minion").registered = true;
+        reg.transition(&id, LifecycleEvent::Registered, "test", now)
+            .expect("registered");
+        id
+    }
+
+    fn generation(reg: &Registry, id: &str) -> u64 {
+        reg.minions[id]
+            .session
+            .as_ref()
+            .expect("session")
+            .generation
+    }
+
+    fn load(reg: &mut Registry, id: &str, seq: u64, queue: u64, now: Instant) {
+        let g = generation(reg, id);
+        reg.report(
+            id,
+            g,
+            Report {
+                seq,
+                queue_depth: queue,
+                healthy: true,
+                ..Default::default()
+            },
+            now,
+        );
+    }
+
+    #[test]
+    fn scale_in_drains_the_least_loaded_and_never_lowers_desired_directly() {
+        let t0 = Instant::now();
+        let mut reg = registry(1, 5);
+        let g = group(&["a", "b", "c"], 3);
+        reg.sync("f", &g, LOST, JOIN, t0);
+        let ids: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .zip(1..)
+            .map(|(i, p)| serve(&mut reg, i, p, t0))
+            .collect();
+        for (id, q) in ids.iter().zip([10, 1, 5]) {
+            load(&mut reg, id, 2, q, t0);
+        }
+        reg.fleets.get_mut("f").expect("fleet").pinned = Some(1);
+        // The group already holds 3 = 1 wanted + 2 to be decremented on termination.
+        assert_eq!(reg.decide("f", t0), None);
+        let states: Vec<MinionState> = ids.iter().map(|id| reg.minions[id].state).collect();
+        assert_eq!(
+            states,
+            [
+                MinionState::InService,
+                MinionState::Draining,
+                MinionState::Draining
+            ]
+        );
+        assert!(
+            ids[1..]
+                .iter()
+                .all(|id| reg.minions[id].drain.as_ref().is_some_and(|d| d.decrement))
+        );
+        // A second pass chooses nobody else.
+        assert_eq!(reg.decide("f", t0), None);
+        assert_eq!(
+            reg.minions
+                .values()
+                .filter(|m| m.state == MinionState::Draining)
+                .count(),
+            2
+        );
+
+        // Wanting 3 again while two still drain: the group must hold 3 + 2.
+        reg.fleets.get_mut("f").expect("fleet").pinned = Some(3);
+        assert_eq!(reg.decide("f", t0), Some(5));
+    }
+
+    #[test]
+    fn a_drained_minion_is_terminated_once_with_its_decrement() {
+        let t0 = Instant::now();
+        let mut reg = registry(0, 5);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        reg.choose_for_drain(&id, true, "test", t0).expect("drain");
+        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        assert!(
+            matches!(
+                &plan[..],
+                [Action::Deregister {
+                    target: Some(_),
+                    ..
+                }]
+            ),
+            "{plan:?}"
+        );
+        // Drained reports count only once the Drain command went out.
+        load(&mut reg, &id, 2, 0, t0);
+        let g = generation(&reg, &id);
+        let drained = Report {
+            seq: 3,
+            healthy: true,
+            draining: true,
+            drained: true,
+            ..Default::default()
+        };
+        assert!(!reg.report(&id, g, drained, t0));
+        assert_eq!(reg.minions[&id].state, MinionState::Draining);
+        reg.minions
+            .get_mut(&id)
+            .expect("minion")
+            .drain
+            .as_mut()
+            .expect("plan")
+            .phase = DrainPhase::Flushing { since: t0 };
+        assert!(reg.report(&id, g, Report { seq: 4, ..drained }, t0));
+        assert_eq!(reg.minions[&id].state, MinionState::Drained);
+        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        assert!(
+            matches!(
+                &plan[..],
+                [Action::Terminate {
+                    decrement: true,
+                    ..
+                }]
+            ),
+            "{plan:?}"
+        );
+        reg.transition(&id, LifecycleEvent::TerminateIssued, "test", t0)
+            .expect("terminating");
+        assert!(
+            reg.plan("f", Duration::from_secs(60), t0).is_empty(),
+            "no second terminate"
+        );
+    }
+
+    #[test]
+    fn a_silent_minion_is_lost_and_replaced_without_decrement() {
+        let t0 = Instant::now();
+        let mut reg = registry(0, 5);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0 + LOST);
+        assert_eq!(reg.minions[&id].state, MinionState::InService, "not yet");
+        reg.sync(
+            "f",
+            &group(&["a"], 1),
+            LOST,
+            JOIN,
+            t0 + LOST + Duration::from_secs(1),
+        );
+        assert_eq!(reg.minions[&id].state, MinionState::Lost);
+        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        assert!(
+            matches!(
+                &plan[..],
+                [Action::Terminate {
+                    decrement: false,
+                    ..
+                }]
+            ),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn an_instance_that_never_joins_is_replaced() {
+        let t0 = Instant::now();
+        let mut reg = registry(0, 5);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        let id = reg.find("a").expect("discovered").id.clone();
+        reg.sync(
+            "f",
+            &group(&["a"], 1),
+            LOST,
+            JOIN,
+            t0 + JOIN + Duration::from_secs(1),
+        );
+        let m = &reg.minions[&id];
+        assert_eq!(m.state, MinionState::Draining);
+        assert!(
+            m.drain.as_ref().is_some_and(|d| !d.decrement),
+            "replaced, not scaled in"
+        );
+        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        assert!(
+            matches!(&plan[..], [Action::Deregister { target: None, .. }]),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn a_fresh_controller_waits_a_window_before_scaling_in() {
+        let t0 = Instant::now();
+        let mut reg = registry(0, 5);
+        reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, t0);
+        serve(&mut reg, "a", 1, t0);
+        serve(&mut reg, "b", 2, t0);
+        reg.decide("f", t0);
+        assert_eq!(
+            reg.minions
+                .values()
+                .filter(|m| m.state == MinionState::Draining)
+                .count(),
+            0
+        );
+        reg.decide("f", t0 + Duration::from_secs(31));
+        assert_eq!(
+            reg.minions
+                .values()
+                .filter(|m| m.state == MinionState::Draining)
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn vanished_instances_are_gone_and_stale_reports_ignored() {
+        let t0 = Instant::now();
+        let mut reg = registry(0, 5);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        load(&mut reg, &id, 5, 7, t0);
+        load(&mut reg, &id, 4, 99, t0);
+        assert_eq!(
+            reg.minions[&id].load().queue_depth,
+            7,
+            "an older report does not overwrite a newer one"
+        );
+        reg.sync("f", &group(&[], 0), LOST, JOIN, t0);
+        assert_eq!(reg.minions[&id].state, MinionState::Gone);
+    }
+}

@@ -1,0 +1,269 @@
+//! Join, keep one Session open, report, obey commands; reconnect with
+//! jittered backoff when anything breaks.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gru_proto::v1 as pb;
+use pb::minion_service_client::MinionServiceClient;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::config::MinionConfig;
+use crate::engine::{Engine, EngineStatus, Health};
+
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Used until the controller's settings arrive.
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot read {what} {path}")]
+    Read {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid controller address {0:?}")]
+    Address(String, #[source] tonic::codegen::http::uri::InvalidUri),
+    #[error("invalid TLS settings for the controller")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("cannot connect to the controller")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("the controller refused: {}", .0.message())]
+    Refused(tonic::Status),
+    #[error("failed to start the engine")]
+    Engine(#[source] gru_engine::engine::EngineError),
+}
+
+/// Exponential backoff with jitter, so minions that lost the controller
+/// together do not all come back in the same millisecond.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: BACKOFF_INITIAL,
+        }
+    }
+}
+
+impl Backoff {
+    /// A delay in [next/2, next], then doubles `next` up to the maximum.
+    pub fn delay(&mut self) -> Duration {
+        let cap = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let half = cap / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_INITIAL;
+    }
+}
+
+pub struct Agent {
+    config: MinionConfig,
+    instance_id: String,
+    engine: Arc<dyn Engine>,
+    tls: ClientTlsConfig,
+    join_token: String,
+}
+
+impl Agent {
+    pub fn new(
+        config: MinionConfig,
+        instance_id: String,
+        engine: Arc<dyn Engine>,
+    ) -> Result<Self, AgentError> {
+        let read = |what, path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| AgentError::Read {
+                what,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let ca = read("CA certificate", &config.ca_file)?;
+        let token = read("join token", &config.join_token_file)?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name(config.server_name.clone());
+        Ok(Agent {
+            join_token: String::from_utf8_lossy(&token).trim().to_owned(),
+            config,
+            instance_id,
+            engine,
+            tls,
+        })
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, AgentError> {
+        Channel::from_shared(self.config.controller.clone())
+            .map_err(|e| AgentError::Address(self.config.controller.clone(), e))
+            .and_then(|e| e.tls_config(self.tls.clone()).map_err(AgentError::Tls))
+            .map(|e| {
+                e.connect_timeout(CONNECT_TIMEOUT)
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
+                    .tcp_nodelay(true)
+            })
+    }
+
+    /// Keeps a Session with the controller until `shutdown` resolves.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = Backoff::default();
+        loop {
+            let session = self.session(&mut backoff);
+            let result = tokio::select! {
+                r = session => r,
+                _ = &mut shutdown => return,
+            };
+            let delay = backoff.delay();
+            match result {
+                Ok(()) => tracing::info!(retry_in = ?delay, "session closed by the controller"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "session failed")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+    }
+
+    async fn session(&self, backoff: &mut Backoff) -> Result<(), AgentError> {
+        let channel = self
+            .endpoint()?
+            .connect()
+            .await
+            .map_err(AgentError::Connect)?;
+        let mut client = MinionServiceClient::new(channel);
+        let joined = client
+            .join(pb::JoinRequest {
+                fleet: self.config.fleet.clone(),
+                instance_id: self.instance_id.clone(),
+                engine_address: self.engine.address().to_string(),
+                identity: Some(pb::join_request::Identity::JoinToken(
+                    self.join_token.clone(),
+                )),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .await
+            .map_err(AgentError::Refused)?
+            .into_inner();
+        let mut interval = joined
+            .settings
+            .map(|s| Duration::from_millis(u64::from(s.report_interval_ms)))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_REPORT_INTERVAL);
+        tracing::info!(minion = %joined.minion_id, "joined fleet {}", self.config.fleet);
+
+        let (tx, rx) = mpsc::channel(8);
+        let hello = pb::SessionMessage {
+            body: Some(pb::session_message::Body::Hello(pb::SessionHello {
+                minion_id: joined.minion_id.clone(),
+                session_token: joined.session_token,
+            })),
+        };
+        // The channel was just made with room: this cannot fail.
+        let _ = tx.try_send(hello);
+        let mut commands = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(AgentError::Refused)?
+            .into_inner();
+        backoff.reset();
+
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq += 1;
+                    if tx.send(report(seq, self.engine.status())).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                cmd = commands.message() => {
+                    let Some(cmd) = cmd.map_err(AgentError::Refused)? else { return Ok(()) };
+                    match cmd.command {
+                        Some(pb::controller_command::Command::Drain(d)) => {
+                            tracing::info!(reason = %d.reason, deadline_ms = d.deadline_ms, "draining");
+                            self.engine.drain();
+                        }
+                        Some(pb::controller_command::Command::Resume(_)) => {
+                            tracing::info!("resuming intake");
+                            self.engine.resume();
+                        }
+                        Some(pb::controller_command::Command::Settings(s)) => {
+                            let d = Duration::from_millis(u64::from(s.report_interval_ms));
+                            if !d.is_zero() && d != interval {
+                                interval = d;
+                                tick = tokio::time::interval(interval);
+                            }
+                        }
+                        None => tracing::warn!("empty command ignored"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn report(seq: u64, s: EngineStatus) -> pb::SessionMessage {
+    let health = match s.health {
+        Health::Starting => pb::EngineHealth::Starting,
+        Health::Healthy => pb::EngineHealth::Healthy,
+        Health::Unhealthy => pb::EngineHealth::Unhealthy,
+    };
+    pb::SessionMessage {
+        body: Some(pb::session_message::Body::Report(pb::MinionReport {
+            seq,
+            queue_depth: s.queue_depth,
+            in_flight: s.in_flight,
+            processed_total: s.processed_total,
+            failed_total: s.failed_total,
+            health: health as i32,
+            open_connections: s.open_connections,
+            draining: s.draining,
+            drained: s.drained,
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_jittered_and_capped() {
+        let mut b = Backoff::default();
+        let mut cap = BACKOFF_INITIAL;
+        for _ in 0..20 {
+            let d = b.delay();
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{d:?} outside [{:?}, {cap:?}]",
+                cap / 2
+            );
+            cap = (cap * 2).min(BACKOFF_MAX);
+        }
+        b.reset();
+        assert!(b.delay() <= BACKOFF_INITIAL);
+    }
+}

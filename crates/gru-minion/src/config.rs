@@ -1,0 +1,231 @@
+//! The agent's TOML config, validated before anything starts. Relative paths
+//! are resolved against the config file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_SERVER_NAME: &str = "localhost";
+pub const DEFAULT_ENGINE_LISTEN: &str = "0.0.0.0:2575";
+/// Time the engine gets to finish and flush when the agent is stopped.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {file}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {key}: {expected}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        expected: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct MinionConfig {
+    /// The controller's gRPC address, `https://host:port`.
+    pub controller: String,
+    /// The CA that signed the controller's certificate (public, not secret).
+    pub ca_file: PathBuf,
+    /// The name the controller's certificate was issued for.
+    pub server_name: String,
+    pub fleet: String,
+    pub join_token_file: PathBuf,
+    pub stop_grace: Duration,
+    pub engine: EngineSection,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineSection {
+    pub listen: SocketAddr,
+    /// The address the load balancer should use, when not the bound one
+    /// (e.g. listening on 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    pub downstream: SocketAddr,
+    pub max_connection_age: Duration,
+    pub forwarders: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    controller: Option<String>,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    fleet: Option<String>,
+    join_token_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    stop_grace: Option<Duration>,
+    engine: Option<RawEngine>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    kind: Option<String>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    downstream: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    max_connection_age: Option<Duration>,
+    forwarders: Option<usize>,
+}
+
+impl MinionConfig {
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &str, expected: &str| ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            expected: expected.to_owned(),
+        };
+        let base = file.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let addr = |key: &str, s: &str| -> Result<SocketAddr, ConfigError> {
+            s.parse().map_err(|_| ConfigError::Invalid {
+                file: file.to_owned(),
+                key: key.to_owned(),
+                expected: format!("an address like 127.0.0.1:2575, got {s:?}"),
+            })
+        };
+
+        let controller = raw.controller.ok_or_else(|| {
+            invalid(
+                "controller",
+                "the controller's address, like \"https://10.0.0.2:7070\"",
+            )
+        })?;
+        if !controller.starts_with("https://") {
+            return Err(invalid(
+                "controller",
+                "an https:// address (gRPC is always TLS)",
+            ));
+        }
+        let ca_file = resolve(raw.ca_file.ok_or_else(|| {
+            invalid("ca_file", "the CA certificate that signed the controller's")
+        })?);
+        let fleet = raw
+            .fleet
+            .ok_or_else(|| invalid("fleet", "the fleet this minion joins"))?;
+        let join_token_file = resolve(
+            raw.join_token_file
+                .ok_or_else(|| invalid("join_token_file", "the path of the join token"))?,
+        );
+        let e = raw
+            .engine
+            .ok_or_else(|| invalid("engine", "an [engine] table"))?;
+        match e.kind.as_deref() {
+            None | Some("reference") => {}
+            Some(other) => {
+                return Err(invalid(
+                    "engine.kind",
+                    &format!("\"reference\", got {other:?}"),
+                ));
+            }
+        }
+        let listen = addr(
+            "engine.listen",
+            e.listen.as_deref().unwrap_or(DEFAULT_ENGINE_LISTEN),
+        )?;
+        let advertise = e
+            .advertise
+            .as_deref()
+            .map(|a| addr("engine.advertise", a))
+            .transpose()?;
+        let downstream = addr(
+            "engine.downstream",
+            e.downstream
+                .as_deref()
+                .ok_or_else(|| invalid("engine.downstream", "where messages go on to"))?,
+        )?;
+        let forwarders = e
+            .forwarders
+            .unwrap_or(gru_engine::engine::DEFAULT_FORWARDERS);
+        if forwarders == 0 {
+            return Err(invalid("engine.forwarders", "at least 1"));
+        }
+        Ok(MinionConfig {
+            controller,
+            ca_file,
+            server_name: raw
+                .server_name
+                .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_owned()),
+            fleet,
+            join_token_file,
+            stop_grace: raw.stop_grace.unwrap_or(DEFAULT_STOP_GRACE),
+            engine: EngineSection {
+                listen,
+                advertise,
+                downstream,
+                max_connection_age: e
+                    .max_connection_age
+                    .unwrap_or(gru_engine::engine::DEFAULT_MAX_CONNECTION_AGE),
+                forwarders,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        controller = "https://127.0.0.1:7070"
+        ca_file = "ca.pem"
+        fleet = "local"
+        join_token_file = "/run/gru/token"
+        [engine]
+        listen = "127.0.0.1:0"
+        downstream = "127.0.0.1:2576"
+        max_connection_age = "2s"
+    "#;
+
+    #[test]
+    fn good_config() {
+        let c = MinionConfig::parse(Path::new("/etc/gru/minion.toml"), GOOD).expect("valid");
+        assert_eq!(c.ca_file, PathBuf::from("/etc/gru/ca.pem"));
+        assert_eq!(c.join_token_file, PathBuf::from("/run/gru/token"));
+        assert_eq!(c.engine.max_connection_age, Duration::from_secs(2));
+        assert_eq!(c.server_name, DEFAULT_SERVER_NAME);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = MinionConfig::parse(Path::new("m.toml"), &GOOD.replace("https://", "http://"))
+            .expect_err("plaintext refused");
+        assert_eq!(
+            e.to_string(),
+            "m.toml: controller: an https:// address (gRPC is always TLS)"
+        );
+        let e = MinionConfig::parse(
+            Path::new("m.toml"),
+            &GOOD.replace("\"127.0.0.1:2576\"", "\"x\""),
+        )
+        .expect_err("bad address");
+        assert_eq!(
+            e.to_string(),
+            "m.toml: engine.downstream: an address like 127.0.0.1:2575, got \"x\""
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! The service commands: `gru controller`, `gru minion` (the agent) and
+//! `gru dev`, which writes a controller config, a minion config, a throwaway
+//! CA and a client config into its state directory and runs the controller
+//! with a local fleet, exactly as `gru controller` would.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use gru_controller::pki::{self, DevPki};
+use gru_controller::providers::{self, BuiltFleet};
+use gru_controller::{Controller, ControllerConfig};
+use gru_engine::bench::{self, SinkConfig, SinkHandle};
+use gru_minion::MinionConfig;
+use rand::Rng;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::EXIT_CONFIG;
+use crate::bench::interrupted;
+use crate::client::{self, ClientConfig};
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Where the CA, configs, logs and state live (default: $XDG_STATE_HOME/gru/dev).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The controller's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Where the fleet's load balancer takes MLLP connections.
+    #[arg(long, default_value = "127.0.0.1:2575")]
+    lb_listen: SocketAddr,
+    /// Where minions deliver messages; default: a built-in sink that ACKs and counts.
+    #[arg(long)]
+    downstream: Option<SocketAddr>,
+    /// Fewest minions.
+    #[arg(long, default_value_t = 1)]
+    min: u32,
+    /// Most minions.
+    #[arg(long, default_value_t = 5)]
+    max: u32,
+    /// Queued plus in-flight messages one minion should carry.
+    #[arg(long, default_value_t = 4)]
+    target_work: u32,
+    /// Scale in only to the highest size wanted over this window.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    scale_in_window: Duration,
+    /// Engines close each connection at a message boundary after this age
+    /// (jittered up to twice it), so load spreads to new minions; 0s = never.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    max_connection_age: Duration,
+    /// The load balancer cuts connections this long after deregistration.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    deregistration_delay: Duration,
+    /// The built-in sink waits this long before each ACK (a slow downstream
+    /// makes queues, and so scaling, visible).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    sink_ack_delay: Duration,
+    /// Also drive this many messages per second through the load balancer.
+    #[arg(long)]
+    load: Option<f64>,
+    /// Connections for --load.
+    #[arg(long, default_value_t = 8)]
+    load_connections: usize,
+}
+
+/// What `gru dev` is running, written to `<state>/dev.json` for scripts.
+#[derive(Serialize)]
+struct DevInfo {
+    controller: String,
+    load_balancer: SocketAddr,
+    downstream: SocketAddr,
+    client_config: PathBuf,
+    state_dir: PathBuf,
+    pid: u32,
+}
+
+pub async fn run_controller(config: &Path, check_only: bool) -> ExitCode {
+    let config = match ControllerConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "invalid configuration: {}",
+                gru_controller::reconcile::error_chain(&e)
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if check_only {
+        println!(
+            "config ok: {} fleet(s), listening on {}",
+            config.fleets.len(),
+            config.listen
+        );
+        return ExitCode::SUCCESS;
+    }
+    match serve(config, None).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn run_minion(
+    config: Option<PathBuf>,
+    instance_id: Option<String>,
+    check_only: bool,
+) -> ExitCode {
+    let Some(path) = config else {
+        eprintln!(
+            "invalid configuration: `gru minion` needs --config FILE (or a subcommand: ls, get)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let config = match MinionConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid configuration: {}", gru_minion::error_chain(&e));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if check_only {
+        println!(
+            "config ok: fleet {}, controller {}",
+            config.fleet, config.controller
+        );
+        return ExitCode::SUCCESS;
+    }
+    let Some(instance_id) = instance_id else {
+        eprintln!("invalid configuration: --instance-id (or GRU_INSTANCE_ID) is required");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let span = tracing::info_span!("minion", instance = %instance_id);
+    let _g = span.enter();
+    match gru_minion::run(config, instance_id, interrupted()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %gru_minion::error_chain(&e), "minion failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Called once the controller's listeners are bound, with the fleets and
+/// the controller's address.
+type OnReady = Box<dyn FnOnce(&[BuiltFleet], SocketAddr) -> anyhow::Result<()> + Send>;
+
+/// Builds the providers and runs the controller until Ctrl-C or SIGTERM.
+/// With `ready`, calls it once everything listens.
+async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Result<()> {
+    let program =
+        std::env::current_exe().context("cannot find the gru binary to start minions with")?;
+    let token = std::fs::read_to_string(&config.join_token_file)
+        .with_context(|| {
+            format!(
+                "cannot read the join token {}",
+                config.join_token_file.display()
+            )
+        })?
+        .trim()
+        .to_owned();
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let mut built = Vec::new();
+    for f in &config.fleets {
+        built.push(providers::build(f, &program).await?);
+    }
+    if let Some(ready) = ready {
+        ready(&built, addr)?;
+    }
+    tracing::info!(listen = %addr, "controller serving");
+    let controller = Controller::new(
+        config,
+        built.iter().map(|b| b.runtime.clone()).collect(),
+        token,
+    );
+    let result = gru_controller::run(controller, listener, interrupted()).await;
+    for b in &built {
+        if let Some(local) = &b.local {
+            local.load_balancer.shutdown();
+            local.group.shutdown().await;
+        }
+    }
+    result.map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))
+}
+
+fn random_token() -> String {
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
+}
+
+pub async fn run(a: DevArgs) -> ExitCode {
+    match dev(a).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dev(a: DevArgs) -> anyhow::Result<()> {
+    let state = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(client::default_state_dir);
+    std::fs::create_dir_all(state.join("minions"))
+        .with_context(|| format!("cannot create the state directory {}", state.display()))?;
+    let state = state.canonicalize()?;
+    let pki = DevPki::in_dir(&state);
+    if pki.ensure()? {
+        eprintln!(
+            "made a throwaway CA and certificates in {}",
+            state.display()
+        );
+    }
+    let token_file = state.join("join-token");
+    if !token_file.exists() {
+        pki::write_file(&token_file, &random_token(), true)?;
+    }
+
+    // The downstream: the operator's, or a built-in sink.
+    let sink_stats = SinkHandle::new();
+    let downstream = match a.downstream {
+        Some(d) => d,
+        None => {
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("cannot start the built-in sink")?;
+            let addr = listener.local_addr()?;
+            let config = SinkConfig {
+                ack_delay: a.sink_ack_delay,
+                ..Default::default()
+            };
+            let stats = sink_stats.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    bench::run_sink(listener, config, stats, std::future::pending()).await
+                {
+                    tracing::error!(error = %e, "built-in sink failed");
+                }
+            });
+            addr
+        }
+    };
+
+    // The controller listens before the minion config is written, so a port
+    // 0 can be resolved and minions are told the real one.
+    let probe = TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let controller_addr = probe.local_addr()?;
+    drop(probe);
+    let controller_url = format!("https://{controller_addr}");
+
+    let minion_toml = format!(
+        "# Written by `gru dev`; each local minion runs with it.\n\
+         controller = \"{controller_url}\"\n\
+         ca_file = \"ca.pem\"\n\
+         fleet = \"local\"\n\
+         join_token_file = \"join-token\"\n\
+         \n\
+         [engine]\n\
+         listen = \"127.0.0.1:0\"\n\
+         downstream = \"{downstream}\"\n\
+         max_connection_age = \"{}\"\n",
+        humantime::format_duration(a.max_connection_age)
+    );
+    write(&state.join("minion.toml"), &minion_toml)?;
+    MinionConfig::load(&state.join("minion.toml"))
+        .context("the generated minion config is invalid")?;
+
+    let controller_toml = format!(
+        "# Written by `gru dev`; `gru controller --config` takes the same file.\n\
+         listen = \"{controller_addr}\"\n\
+         join_token_file = \"join-token\"\n\
+         \n\
+         [tls]\n\
+         cert = \"controller.pem\"\n\
+         key = \"controller.key\"\n\
+         client_ca = \"ca.pem\"\n\
+         \n\
+         [[fleet]]\n\
+         name = \"local\"\n\
+         provider = \"local\"\n\
+         min = {}\n\
+         max = {}\n\
+         target_work_per_minion = {}\n\
+         scale_in_window = \"{}\"\n\
+         \n\
+         [fleet.local]\n\
+         listen = \"{}\"\n\
+         minion_config = \"minion.toml\"\n\
+         deregistration_delay = \"{}\"\n\
+         log_dir = \"minions\"\n",
+        a.min,
+        a.max,
+        a.target_work,
+        humantime::format_duration(a.scale_in_window),
+        a.lb_listen,
+        humantime::format_duration(a.deregistration_delay),
+    );
+    let controller_path = state.join("controller.toml");
+    write(&controller_path, &controller_toml)?;
+    let config = ControllerConfig::load(&controller_path).map_err(|e| {
+        anyhow!(
+            "invalid configuration: {}",
+            gru_controller::reconcile::error_chain(&e)
+        )
+    })?;
+
+    let client = ClientConfig {
+        controller: controller_url.clone(),
+        ca_file: "ca.pem".into(),
+        cert_file: "admin.pem".into(),
+        key_file: "admin.key".into(),
+        server_name: pki::SERVER_NAME.to_owned(),
+    };
+    let client_path = state.join("client.toml");
+    write(&client_path, &toml::to_string(&client)?)?;
+
+    let load = a.load.map(|rate| (rate, a.load_connections));
+    let state_for_ready = state.clone();
+    let ready = Box::new(
+        move |built: &[BuiltFleet], addr: SocketAddr| -> anyhow::Result<()> {
+            let lb = built
+                .iter()
+                .find_map(|b| b.local.as_ref())
+                .map(|l| l.load_balancer.local_addr())
+                .context("the local fleet has no load balancer")?;
+            let info = DevInfo {
+                controller: format!("https://{addr}"),
+                load_balancer: lb,
+                downstream,
+                client_config: state_for_ready.join("client.toml"),
+                state_dir: state_for_ready.clone(),
+                pid: std::process::id(),
+            };
+            write(
+                &state_for_ready.join("dev.json"),
+                &serde_json::to_string_pretty(&info)?,
+            )?;
+            banner(&info);
+            if let Some((rate, connections)) = load {
+                start_load(lb, rate, connections);
+            }
+            Ok(())
+        },
+    ) as Box<dyn FnOnce(&[BuiltFleet], SocketAddr) -> anyhow::Result<()> + Send>;
+
+    let result = serve(config, Some(ready)).await;
+    let _ = std::fs::remove_file(state.join("dev.json"));
+    if a.downstream.is_none() {
+        eprintln!("built-in sink received {} messages", sink_stats.received());
+    }
+    result
+}
+
+fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
+    pki::write_file(path, contents, false)
+        .map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))
+}
+
+fn banner(info: &DevInfo) {
+    let default_client = client::default_state_dir().join("client.toml");
+    let env_hint = if info.client_config == default_client {
+        String::new()
+    } else {
+        format!("  export GRU_CONFIG={}\n", info.client_config.display())
+    };
+    eprintln!(
+        "\ngru dev is running (Ctrl-C stops it and every minion)\n\
+         \n  controller     {}\n  load balancer  {}  (send HL7 over MLLP here)\n  downstream     {}\n  state          {}\n\
+         \nIn another terminal:\n{env_hint}  gru fleet ls\n  gru minion ls\n  gru bench drive --target {} --rate 200 --duration 30s\n  gru scale local 3 --wait\n  gru events -f\n",
+        info.controller,
+        info.load_balancer,
+        info.downstream,
+        info.state_dir.display(),
+        info.load_balancer,
+    );
+}
+
+fn start_load(target: SocketAddr, rate: f64, connections: usize) {
+    let config = bench::DriveConfig {
+        target,
+        rate: Some(rate),
+        duration: Duration::from_secs(365 * 24 * 3600),
+        connections,
+        seed: 1,
+        message_bytes: bench::DEFAULT_MESSAGE_BYTES,
+        reconnect_backoff: bench::DEFAULT_RECONNECT_BACKOFF,
+    };
+    let live = bench::DriveHandle::new();
+    tokio::spawn(async move {
+        if let Err(e) = bench::run_drive(config, live, interrupted()).await {
+            tracing::error!(error = %e, "built-in load failed");
+        }
+    });
+}

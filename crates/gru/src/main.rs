@@ -1,0 +1,183 @@
+//! The `gru` binary: parses arguments, installs tracing, and hands over to a
+//! library function (the controller, the minion agent, `gru dev`) or to a
+//! small admin client. Start at [`Command`].
+
+mod admin;
+mod bench;
+mod client;
+mod dev;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit code for a configuration that cannot work (EX_CONFIG is 78; 64 is
+/// EX_USAGE, as linkerd uses for invalid configuration).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "gru",
+    version,
+    about = "Autoscale fleets of engine instances, and drain each one before it is terminated",
+    long_about = "gru sizes fleets of engine instances (\"minions\") on queue depth, and before any \
+minion is terminated takes it out of the load balancer and drains it, so no message is lost.\n\n\
+Try it on one machine:  gru dev   (then, in another terminal: gru fleet ls)"
+)]
+struct Cli {
+    /// Log format for the service commands.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller service.
+    Controller(ControllerArgs),
+    /// Run the minion agent (`gru minion --config F`), or list and inspect minions.
+    #[command(args_conflicts_with_subcommands = true)]
+    Minion {
+        #[command(flatten)]
+        agent: MinionAgentArgs,
+        #[command(subcommand)]
+        command: Option<MinionCommand>,
+    },
+    /// Run everything on this machine: controller, a local fleet of minion
+    /// processes behind a TCP load balancer, and a sink. No cloud account.
+    Dev(dev::DevArgs),
+    /// Fleets.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+    /// Pin a fleet's size (`gru scale local 4`), or hand it back to the policy (`gru scale local auto`).
+    Scale(admin::ScaleArgs),
+    /// Take one minion out of service: out of the load balancer, drained, terminated.
+    Drain(admin::DrainArgs),
+    /// Stop applying a fleet's scaling decisions (they are still computed and shown).
+    Pause(admin::FleetArg),
+    /// Apply a paused fleet's scaling decisions again.
+    Resume(admin::FleetArg),
+    /// Show the controller's recent events, or follow them with -f.
+    Events(admin::EventsArgs),
+    /// HL7/MLLP load: a DRIVER that sends and a SINK that receives.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// The controller's TOML config.
+    #[arg(long, short, env = "GRU_CONTROLLER_CONFIG")]
+    config: PathBuf,
+    /// Check the config, print every problem found, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Args)]
+struct MinionAgentArgs {
+    /// The agent's TOML config.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// This instance's id as the capacity group knows it (the local provider
+    /// passes it; on AWS it comes from the instance metadata).
+    #[arg(long, env = "GRU_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Check the config and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Subcommand)]
+enum MinionCommand {
+    /// List minions.
+    Ls(admin::MinionLsArgs),
+    /// Show one minion and its history.
+    Get(admin::MinionGetArgs),
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// List fleets with their size, load and latest decision.
+    Ls(admin::JsonArg),
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Controller(args) => {
+            init_tracing(cli.log_format);
+            return dev::run_controller(&args.config, args.check_config).await;
+        }
+        Command::Minion {
+            agent,
+            command: None,
+        } => {
+            init_tracing(cli.log_format);
+            return dev::run_minion(agent.config, agent.instance_id, agent.check_config).await;
+        }
+        Command::Dev(args) => {
+            init_tracing(cli.log_format);
+            return dev::run(args).await;
+        }
+        Command::Minion {
+            command: Some(MinionCommand::Ls(a)),
+            ..
+        } => admin::minion_ls(a).await,
+        Command::Minion {
+            command: Some(MinionCommand::Get(a)),
+            ..
+        } => admin::minion_get(a).await,
+        Command::Fleet {
+            command: FleetCommand::Ls(a),
+        } => admin::fleet_ls(a).await,
+        Command::Scale(a) => admin::scale(a).await,
+        Command::Drain(a) => admin::drain(a).await,
+        Command::Pause(a) => admin::pause(a, true).await,
+        Command::Resume(a) => admin::pause(a, false).await,
+        Command::Events(a) => admin::events(a).await,
+        Command::Bench { command } => bench::run(command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

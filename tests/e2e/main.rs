@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `gru` binary, started and driven as a user
+//! would, with real minion processes, a real TCP load balancer and real
+//! HL7/MLLP traffic, all on loopback.
+
+mod harness;
+mod interop;
+mod operator;
+mod scaling;

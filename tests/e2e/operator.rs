@@ -1,0 +1,236 @@
+//! The operator's commands and what they say when something is wrong.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Dev, GRU, wait_until};
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn drain_pause_resume_and_events() {
+    let dev = Dev::start(&["--min", "2", "--max", "3"]);
+    dev.wait_in_service(2, Duration::from_secs(30));
+
+    let out = dev.gru(&["pause", "local"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(dev.fleet()["paused"], true);
+    let table = dev.gru(&["fleet", "ls"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("paused"));
+    let out = dev.gru(&["resume", "local"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(dev.fleet()["paused"], false);
+
+    let victim = dev.minions(false)[0]["id"].as_str().expect("id").to_owned();
+    let out = dev.gru(&["drain", &victim, "--wait", "--timeout", "60s"]);
+    assert!(
+        out.status.success(),
+        "drain: {}\n{}",
+        stderr(&out),
+        dev.log()
+    );
+    let m = dev.json(&["minion", "get", &victim]);
+    assert_eq!(m["state"], "Gone");
+    assert_eq!(m["drain_reason"], "drained by an operator");
+    // The fleet's minimum brings a replacement.
+    dev.wait_in_service(2, Duration::from_secs(30));
+
+    let events = dev.gru(&["events", "--json"]);
+    assert!(events.status.success());
+    let gone_event = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|e| e["minion_id"] == victim.as_str() && e["to"] == "Gone");
+    assert!(gone_event, "gru events shows the drained minion going");
+
+    let out = dev.gru(&["scale", "local", "9"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("allows 2..=3 minions, not 9"),
+        "{}",
+        stderr(&out)
+    );
+    let out = dev.gru(&["drain", "m-nosuch"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no minion \"m-nosuch\""),
+        "{}",
+        stderr(&out)
+    );
+    dev.stop();
+}
+
+#[test]
+fn unreachable_controller_gets_one_clear_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let client = dir.path().join("client.toml");
+    std::fs::write(
+        &client,
+        format!("controller = \"https://127.0.0.1:{port}\"\nca_file = \"ca.pem\"\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n"),
+    )
+    .expect("write");
+    let pki = gru_controller::pki::DevPki::in_dir(dir.path());
+    pki.ensure().expect("pki");
+    std::fs::copy(&pki.admin_cert, dir.path().join("a.pem")).expect("copy");
+    std::fs::copy(&pki.admin_key, dir.path().join("a.key")).expect("copy");
+    let out = Command::new(GRU)
+        .args(["fleet", "ls"])
+        .env("GRU_CONFIG", &client)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot reach the controller at https://127.0.0.1:"),
+        "{err}"
+    );
+    assert!(err.contains("connection refused"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn a_client_certificate_from_another_ca_is_refused_clearly() {
+    let dev = Dev::start(&["--min", "1", "--max", "1"]);
+    let other = tempfile::tempdir().expect("tempdir");
+    let foreign = gru_controller::pki::DevPki::in_dir(other.path());
+    foreign.ensure().expect("pki");
+    let client = other.path().join("client.toml");
+    std::fs::write(
+        &client,
+        format!(
+            "controller = \"{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            dev.controller,
+            dev.state_dir().join("ca.pem").display(),
+            foreign.admin_cert.display(),
+            foreign.admin_key.display()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(GRU)
+        .args(["fleet", "ls"])
+        .env("GRU_CONFIG", &client)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("refused the TLS handshake"), "{err}");
+    assert!(!err.contains("transport error"), "{err}");
+    // The controller is still serving its real clients.
+    assert_eq!(dev.fleet()["name"], "local");
+    dev.stop();
+}
+
+#[test]
+fn bad_configs_name_the_file_and_key_and_exit_non_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("controller.toml");
+    std::fs::write(
+        &file,
+        "join_token_file = \"t\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+         [[fleet]]\nname = \"prod\"\nprovider = \"local\"\nmin = 4\nmax = 2\n\
+         [fleet.local]\nlisten = \"127.0.0.1:0\"\nminion_config = \"m.toml\"\n",
+    )
+    .expect("write");
+    let out = Command::new(GRU)
+        .args(["controller", "--check-config", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{}: fleet[0].max: min (4) must not be greater than max (2)",
+            file.display()
+        )),
+        "{err}"
+    );
+
+    std::fs::write(&file, "listen = 7070\n").expect("write");
+    let out = Command::new(GRU)
+        .args(["controller", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("listen"), "{}", stderr(&out));
+
+    let minion = dir.path().join("minion.toml");
+    std::fs::write(&minion, "controller = \"http://x:1\"\n").expect("write");
+    let out = Command::new(GRU)
+        .args(["minion", "--check-config", "--config"])
+        .arg(&minion)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("controller: an https:// address"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn gru_dev_configs_pass_check_config() {
+    let dev = Dev::start(&["--min", "1", "--max", "2"]);
+    for (cmd, file) in [("controller", "controller.toml"), ("minion", "minion.toml")] {
+        let out = Command::new(GRU)
+            .args([cmd, "--check-config", "--config"])
+            .arg(dev.state_dir().join(file))
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{cmd}: {}", stderr(&out));
+    }
+    wait_until("the fleet to report", Duration::from_secs(30), || {
+        (dev.fleet()["in_service"] == 1).then_some(())
+    });
+    dev.stop();
+}
+
+#[test]
+fn the_shipped_example_configs_are_valid() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    for (cmd, file) in [
+        ("controller", "controller.example.toml"),
+        ("minion", "minion.example.toml"),
+    ] {
+        let out = Command::new(GRU)
+            .args([cmd, "--check-config", "--config"])
+            .arg(deploy.join(file))
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{file}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn killing_gru_dev_leaves_no_minion_behind() {
+    let mut dev = Dev::start(&["--min", "2", "--max", "2"]);
+    dev.wait_in_service(2, Duration::from_secs(30));
+    let marker = dev.state_dir().join("minion.toml");
+    assert_eq!(
+        crate::harness::processes_mentioning(&marker).len(),
+        2,
+        "two minion processes"
+    );
+    // SIGKILL: the controller gets no chance to stop them itself.
+    dev.proc.child.kill().expect("kill");
+    let _ = dev.proc.child.wait();
+    wait_until(
+        "the minions to exit after their controller died",
+        Duration::from_secs(10),
+        || {
+            crate::harness::processes_mentioning(&marker)
+                .is_empty()
+                .then_some(())
+        },
+    );
+}
