@@ -186,10 +186,8 @@ impl MinionService for MinionApi {
             .find(&id)
             .map(|m| m.fleet.clone())
             .unwrap_or_default();
-        tokio::spawn(async move {
-            let span = tracing::info_span!("session", minion = %id);
-            let _g = span.enter();
-            drop(_g);
+        let span = tracing::info_span!("session", minion = %id);
+        let reader = async move {
             loop {
                 match inbound.message().await {
                     Ok(Some(pb::SessionMessage {
@@ -226,7 +224,8 @@ impl MinionService for MinionApi {
                 }
             }
             ctrl.registry().detach_session(&id, generation);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(reader, span));
         let stream = ReceiverStream::new(rx).map(|r| r.map(to_pb));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -101,10 +101,9 @@ impl Controller {
         };
         tokio::pin!(shutdown);
         let span = tracing::info_span!("reconcile", fleet = %fleet);
-        let _enter = span.enter();
-        drop(_enter);
         loop {
-            let next = match self.reconcile(&fleet).await {
+            let pass = tracing::Instrument::instrument(self.reconcile(&fleet), span.clone());
+            let next = match pass.await {
                 Ok(next) => next,
                 Err(e) => {
                     let message = format!("reconcile failed: {}", error_chain(&e));

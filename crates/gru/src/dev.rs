@@ -137,8 +137,8 @@ pub async fn run_minion(
         return ExitCode::from(EXIT_CONFIG);
     };
     let span = tracing::info_span!("minion", instance = %instance_id);
-    let _g = span.enter();
-    match gru_minion::run(config, instance_id, interrupted()).await {
+    let run = gru_minion::run(config, instance_id, interrupted());
+    match tracing::Instrument::instrument(run, span).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %gru_minion::error_chain(&e), "minion failed");
