@@ -8,9 +8,11 @@ use anyhow::{Context, bail};
 use clap::Args;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use gru_proto::v1 as pb;
+use gru_proto::v1::admin_service_client::AdminServiceClient;
 use indicatif::{ProgressBar, ProgressStyle};
+use tonic::transport::Channel;
 
-use crate::client::{self, Admin};
+use crate::client;
 
 /// Poll interval while waiting.
 const WAIT_POLL: Duration = Duration::from_millis(250);
@@ -341,34 +343,30 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
         pb::scale_request::Target::Desired(n) => Some(n),
         pb::scale_request::Target::Auto(_) => None,
     };
-    let started = Instant::now();
-    let bar = spinner(a.timeout);
-    let fleet = loop {
-        let f = get_fleet(&mut admin, &a.fleet).await?;
-        let goal = want.unwrap_or(f.desired);
-        bar.set_message(format!(
-            "fleet {}: {}/{goal} in service, {} starting, {} draining",
-            f.name,
-            f.in_service,
-            f.capacity.saturating_sub(f.in_service),
-            f.draining
-        ));
-        if f.in_service == goal && f.capacity == goal && f.draining == 0 {
-            break f;
-        }
-        if started.elapsed() > a.timeout {
-            bar.abandon();
-            bail!(
-                "gave up after {}: fleet {} has {} in service, {} draining, wanted {goal}",
-                humantime::format_duration(a.timeout),
+    let client = admin.client.clone();
+    let address = admin.address.clone();
+    let name = a.fleet.clone();
+    let (fleet, took) = wait_with_progress(a.timeout, move || {
+        let (client, address, name) = (client.clone(), address.clone(), name.clone());
+        async move {
+            let f = get_fleet(client, &address, &name).await?;
+            let goal = want.unwrap_or(f.desired);
+            let status = format!(
+                "fleet {}: {}/{goal} in service, {} starting, {} draining",
                 f.name,
                 f.in_service,
+                f.capacity.saturating_sub(f.in_service),
                 f.draining
             );
+            let done = f.in_service == goal && f.capacity == goal && f.draining == 0;
+            Ok(Progress {
+                value: f,
+                status,
+                done,
+            })
         }
-        tokio::time::sleep(WAIT_POLL).await;
-    };
-    bar.finish_and_clear();
+    })
+    .await?;
     if a.json {
         return print_json(&fleet);
     }
@@ -376,21 +374,60 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
         "fleet {}: {} in service after {:.1}s",
         fleet.name,
         fleet.in_service,
-        started.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     Ok(())
 }
 
-async fn get_fleet(admin: &mut Admin, name: &str) -> anyhow::Result<pb::Fleet> {
-    let fleets = call(
-        &admin.address,
-        admin.client.list_fleets(pb::ListFleetsRequest {}).await,
-    )?
-    .fleets;
+async fn get_fleet(
+    mut client: AdminServiceClient<Channel>,
+    address: &str,
+    name: &str,
+) -> anyhow::Result<pb::Fleet> {
+    let fleets = call(address, client.list_fleets(pb::ListFleetsRequest {}).await)?.fleets;
     fleets
         .into_iter()
         .find(|f| f.name == name)
         .with_context(|| format!("no fleet {name:?}"))
+}
+
+/// What one poll of a wait saw.
+struct Progress<T> {
+    value: T,
+    /// Shown on the progress line, and in the error when the wait gives up.
+    status: String,
+    done: bool,
+}
+
+/// Polls until `done`, showing each status on a spinner line; gives up after
+/// `timeout`. Returns the last value and how long it took.
+async fn wait_with_progress<T, F, Fut>(
+    timeout: Duration,
+    mut poll: F,
+) -> anyhow::Result<(T, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Progress<T>>>,
+{
+    let started = Instant::now();
+    let bar = spinner(timeout);
+    loop {
+        let p = poll().await?;
+        bar.set_message(p.status.clone());
+        if p.done {
+            bar.finish_and_clear();
+            return Ok((p.value, started.elapsed()));
+        }
+        if started.elapsed() > timeout {
+            bar.abandon();
+            bail!(
+                "gave up after {}: {}",
+                humantime::format_duration(timeout),
+                p.status
+            );
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
 }
 
 pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
@@ -410,42 +447,36 @@ pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let started = Instant::now();
-    let bar = spinner(a.timeout);
-    let m = loop {
-        let m = call(
-            &admin.address,
-            admin
-                .client
-                .get_minion(pb::GetMinionRequest { id: m.id.clone() })
-                .await,
-        )?;
-        bar.set_message(format!(
-            "minion {}: {} (queued {}, in flight {}, connections {})",
-            m.id, m.state, m.queue_depth, m.in_flight, m.open_connections
-        ));
-        if m.state == "Gone" {
-            break m;
-        }
-        if started.elapsed() > a.timeout {
-            bar.abandon();
-            bail!(
-                "gave up after {}: minion {} is {}",
-                humantime::format_duration(a.timeout),
-                m.id,
-                m.state
+    let client = admin.client.clone();
+    let address = admin.address.clone();
+    let id = m.id.clone();
+    let (m, took) = wait_with_progress(a.timeout, move || {
+        let (mut client, address, id) = (client.clone(), address.clone(), id.clone());
+        async move {
+            let m = call(
+                &address,
+                client.get_minion(pb::GetMinionRequest { id }).await,
+            )?;
+            let status = format!(
+                "minion {}: {} (queued {}, in flight {}, connections {})",
+                m.id, m.state, m.queue_depth, m.in_flight, m.open_connections
             );
+            let done = m.state == "Gone";
+            Ok(Progress {
+                value: m,
+                status,
+                done,
+            })
         }
-        tokio::time::sleep(WAIT_POLL).await;
-    };
-    bar.finish_and_clear();
+    })
+    .await?;
     if a.json {
         return print_json(&m);
     }
     println!(
         "minion {} drained and gone after {:.1}s",
         m.id,
-        started.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     Ok(())
 }
