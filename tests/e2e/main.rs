@@ -6,3 +6,4 @@ mod harness;
 mod interop;
 mod operator;
 mod scaling;
+mod sim;

@@ -190,11 +190,11 @@ fn queue_depth_drives_scale_out_and_idle_scales_back_in() {
         "1",
         "--max",
         "3",
-        "--target-work",
+        "--target-queue",
         "2",
         "--sink-ack-delay",
         "20ms",
-        "--scale-in-window",
+        "--scale-in-stabilization",
         "3s",
         "--max-connection-age",
         "1s",
@@ -221,5 +221,43 @@ fn queue_depth_drives_scale_out_and_idle_scales_back_in() {
         .filter(|m| m["state"] == "Gone")
         .count();
     assert!(gone >= 1, "a minion was removed");
+    dev.stop();
+}
+
+#[test]
+fn the_controller_follows_a_schedule_window_in_a_time_zone() {
+    // A window around the current time in Asia/Kolkata (UTC+05:30), which
+    // sets min 2: the fleet (min 1) must grow to 2 and say why.
+    let zone = "Asia/Kolkata";
+    let local = jiff::Timestamp::now().in_tz(zone).expect("zone");
+    let from = local.saturating_sub(jiff::SignedDuration::from_hours(1));
+    let to = local.saturating_add(jiff::SignedDuration::from_hours(1));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let schedules = dir.path().join("schedules.toml");
+    std::fs::write(
+        &schedules,
+        format!(
+            "[[fleet.schedule]]\nname = \"busy-now\"\ntimezone = \"{zone}\"\ndays = \"*\"\nfrom = \"{}\"\nto = \"{}\"\nmin = 2\n",
+            from.strftime("%H:%M"),
+            to.strftime("%H:%M")
+        ),
+    )
+    .expect("write");
+    let schedules = schedules.to_string_lossy().into_owned();
+    let dev = Dev::start(&["--min", "1", "--max", "3", "--schedules", &schedules]);
+    dev.wait_in_service(2, Duration::from_secs(30));
+    let d = dev.json(&["explain", "local"]);
+    assert_eq!(d["active_window"], "busy-now", "{d}");
+    assert_eq!(d["desired"], 2, "{d}");
+    assert!(
+        d["text"].as_str().unwrap_or_default().contains("busy-now"),
+        "{d}"
+    );
+    assert!(
+        dev.fleet()["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("window busy-now")
+    );
     dev.stop();
 }

@@ -14,7 +14,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::reconcile::Controller;
-use crate::registry::{Event, MinionRecord, Registry};
+use crate::registry::{Event, MinionRecord, Registry, summary};
+use gru_core::policy::{PinStatus, Source};
 
 pub struct AdminApi {
     pub controller: Arc<Controller>,
@@ -78,24 +79,31 @@ fn minion_to_pb(m: &MinionRecord, now: Instant) -> pb::Minion {
 
 fn fleet_to_pb(reg: &Registry, name: &str, provider: &str) -> Option<pb::Fleet> {
     let f = reg.fleets.get(name)?;
+    let bounds = f.config.bounds();
     let mut fleet = pb::Fleet {
         name: name.to_owned(),
         provider: provider.to_owned(),
-        min: f.config.bounds.min,
-        max: f.config.bounds.max,
+        min: bounds.min,
+        max: bounds.max,
         paused: f.paused,
-        pinned: f.pinned,
+        pinned: f.pin.map(|p| p.desired),
+        pinned_until_unix_ms: f
+            .pin
+            .and_then(|p| p.until)
+            .map(|t| t.as_millisecond().max(0) as u64),
         group_desired: f.group.as_ref().map_or(0, |g| g.desired),
         ..Default::default()
     };
     match &f.last_decision {
         Some(d) => {
             fleet.desired = d.desired;
-            fleet.reason = if f.paused {
-                format!("{d} (paused: not applied)")
-            } else {
-                d.to_string()
-            };
+            fleet.reason = summary(&d.explanation);
+            fleet.active_window = d
+                .explanation
+                .window
+                .as_ref()
+                .map(|w| w.name.clone())
+                .unwrap_or_default();
         }
         None => fleet.reason = "no decision yet".to_owned(),
     }
@@ -108,11 +116,71 @@ fn fleet_to_pb(reg: &Registry, name: &str, provider: &str) -> Option<pb::Fleet> 
         }
         match m.state {
             MinionState::InService => fleet.in_service += 1,
-            MinionState::Draining | MinionState::Drained => fleet.draining += 1,
+            MinionState::Draining | MinionState::Drained | MinionState::Terminating => {
+                fleet.draining += 1
+            }
             _ => {}
         }
     }
     Some(fleet)
+}
+
+fn decision_to_pb(fleet: &str, e: &gru_core::policy::Explanation) -> pb::Decision {
+    let source = match &e.source {
+        Source::Rule(i) => e
+            .recommendations
+            .get(*i)
+            .map_or_else(|| "rule".to_owned(), |r| r.rule.clone()),
+        Source::NoRecommendation => "none".to_owned(),
+        Source::Schedule(_) => "schedule".to_owned(),
+        Source::Pin => "pin".to_owned(),
+    };
+    let pin = match e.pin {
+        PinStatus::None => "none".to_owned(),
+        PinStatus::Active(p) => format!("active: {}", p.desired),
+        PinStatus::Expired(p) => format!("expired: {}", p.desired),
+    };
+    pb::Decision {
+        fleet: fleet.to_owned(),
+        at_unix_ms: e.at.as_millisecond().max(0) as u64,
+        desired: e.desired,
+        capacity: e.capacity,
+        applied: e.applied,
+        summary: summary(e),
+        text: e.to_string(),
+        minions_reporting: e.load.minions,
+        queued: e.load.queued,
+        in_flight: e.load.in_flight,
+        rate_per_s: e.load.rate_per_s,
+        active_window: e
+            .window
+            .as_ref()
+            .map(|w| w.name.clone())
+            .unwrap_or_default(),
+        paused: e.paused,
+        pin,
+        recommendations: e
+            .recommendations
+            .iter()
+            .map(|r| pb::Recommendation {
+                rule: r.rule.clone(),
+                desired: r.desired,
+                detail: r.detail.clone(),
+            })
+            .collect(),
+        source,
+        target: e.target,
+        clips: e
+            .clips
+            .iter()
+            .map(|c| pb::ClipStep {
+                kind: c.kind.as_str().to_owned(),
+                before: c.before,
+                after: c.after,
+                detail: c.detail.clone(),
+            })
+            .collect(),
+    }
 }
 
 fn event_to_pb(e: &Event) -> pb::Event {
@@ -217,19 +285,31 @@ impl AdminService for AdminApi {
                 .ok_or_else(|| self.unknown_fleet(&req.fleet))?;
             let message = match req.target {
                 Some(pb::scale_request::Target::Desired(n)) => {
-                    let b = f.config.bounds;
+                    let b = f.config.bounds();
                     if n < b.min || n > b.max {
                         return Err(Status::invalid_argument(format!(
                             "fleet {:?} allows {}..={} minions, not {n}",
                             req.fleet, b.min, b.max
                         )));
                     }
-                    f.pinned = Some(n);
-                    format!("pinned at {n} by an operator")
+                    let until = match req.until_unix_ms {
+                        None => None,
+                        Some(ms) => {
+                            Some(jiff::Timestamp::from_millisecond(ms as i64).map_err(|_| {
+                                Status::invalid_argument(format!(
+                                    "until_unix_ms {ms} is not a time"
+                                ))
+                            })?)
+                        }
+                    };
+                    f.pin = Some(gru_core::policy::Pin { desired: n, until });
+                    match until {
+                        Some(t) => format!("pinned at {n} by an operator until {t}"),
+                        None => format!("pinned at {n} by an operator"),
+                    }
                 }
                 Some(pb::scale_request::Target::Auto(_)) => {
-                    f.pinned = None;
-                    f.window.reset();
+                    f.pin = None;
                     "pin released: sized by the policy again".to_owned()
                 }
                 None => {
@@ -293,6 +373,27 @@ impl AdminService for AdminApi {
         let name = request.into_inner().fleet;
         self.set_paused(&name, false)?;
         Ok(Response::new(self.fleet(&name)?))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::Decision>, Status> {
+        let name = request.into_inner().fleet;
+        if !self.controller.fleets.contains_key(&name) {
+            return Err(self.unknown_fleet(&name));
+        }
+        let reg = self.controller.registry();
+        let f = reg
+            .fleets
+            .get(&name)
+            .ok_or_else(|| self.unknown_fleet(&name))?;
+        let d = f.last_decision.as_ref().ok_or_else(|| {
+            Status::unavailable(format!(
+                "fleet {name:?} has no decision yet; try again in a moment"
+            ))
+        })?;
+        Ok(Response::new(decision_to_pb(&name, &d.explanation)))
     }
 
     type WatchEventsStream = EventStream;

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gru_core::Bounds;
+use gru_core::policy::{Behaviour, Policy, PolicyError, Rule};
+use gru_core::schedule::{Schedule, ScheduleSpec, WindowSpec};
 use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -19,8 +21,7 @@ pub const DEFAULT_LOST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_EVAL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(120);
-pub const DEFAULT_TARGET_WORK_PER_MINION: u32 = 8;
-pub const DEFAULT_SCALE_IN_WINDOW: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_TARGET_QUEUE_PER_MINION: u32 = 8;
 /// ELB's own default.
 pub const DEFAULT_DEREGISTRATION_DELAY: Duration = Duration::from_secs(300);
 /// Streams one controller accepts per HTTP/2 connection. Each minion holds
@@ -74,10 +75,15 @@ pub struct TlsFiles {
 #[derive(Clone, Debug)]
 pub struct FleetConfig {
     pub name: String,
-    pub bounds: Bounds,
-    pub target_work_per_minion: u32,
-    pub scale_in_window: Duration,
+    /// Bounds, rules, behaviour and schedules, validated.
+    pub policy: Policy,
     pub provider: ProviderConfig,
+}
+
+impl FleetConfig {
+    pub fn bounds(&self) -> Bounds {
+        self.policy.bounds()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -141,10 +147,40 @@ struct RawFleet {
     provider: Option<String>,
     min: Option<u32>,
     max: Option<u32>,
-    target_work_per_minion: Option<u32>,
+    target_queue_per_minion: Option<u32>,
     #[serde(default, with = "humantime_serde")]
-    scale_in_window: Option<Duration>,
+    target_latency: Option<Duration>,
+    max_step_out: Option<u32>,
+    max_step_in: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    scale_out_cooldown: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    scale_in_cooldown: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    scale_in_stabilization: Option<Duration>,
+    tolerance: Option<f64>,
+    #[serde(default)]
+    schedule: Vec<RawSchedule>,
     local: Option<RawLocal>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    name: Option<String>,
+    timezone: Option<String>,
+    /// Weekly windows: days (`mon-fri`, `sat,sun`, `*`) and local hh:mm times.
+    days: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    /// Cron windows: 5-field expressions for when it opens and closes.
+    start: Option<String>,
+    end: Option<String>,
+    min: Option<u32>,
+    max: Option<u32>,
+    desired: Option<u32>,
+    #[serde(default)]
+    priority: i32,
 }
 
 #[derive(Deserialize)]
@@ -256,13 +292,60 @@ impl ControllerConfig {
                 .ok_or_else(|| v.invalid(&key("max"), "the fleet's maximum size"))?;
             let bounds =
                 Bounds::new(min, max).map_err(|e| v.invalid(&key("max"), e.to_string()))?;
-            let target_work_per_minion = f
-                .target_work_per_minion
-                .unwrap_or(DEFAULT_TARGET_WORK_PER_MINION);
-            if target_work_per_minion == 0 {
-                return Err(v.invalid(&key("target_work_per_minion"), "at least 1"));
+            let mut rules = vec![Rule::QueueDepth {
+                target_per_minion: f
+                    .target_queue_per_minion
+                    .unwrap_or(DEFAULT_TARGET_QUEUE_PER_MINION),
+            }];
+            if let Some(target) = f.target_latency {
+                rules.push(Rule::Latency { target });
             }
-            let scale_in_window = f.scale_in_window.unwrap_or(DEFAULT_SCALE_IN_WINDOW);
+            let defaults = Behaviour::default();
+            let behaviour = Behaviour {
+                max_step_out: f.max_step_out.unwrap_or(defaults.max_step_out),
+                max_step_in: f.max_step_in.unwrap_or(defaults.max_step_in),
+                scale_out_cooldown: f.scale_out_cooldown.unwrap_or(defaults.scale_out_cooldown),
+                scale_in_cooldown: f.scale_in_cooldown.unwrap_or(defaults.scale_in_cooldown),
+                scale_in_stabilization: f
+                    .scale_in_stabilization
+                    .unwrap_or(defaults.scale_in_stabilization),
+                tolerance: f.tolerance.unwrap_or(defaults.tolerance),
+            };
+            let mut schedules = Vec::new();
+            for (j, raw) in f.schedule.iter().enumerate() {
+                let skey = |k: &str| key(&format!("schedule[{j}].{k}"));
+                let window = match (&raw.days, &raw.from, &raw.to, &raw.start, &raw.end) {
+                    (Some(days), Some(from), Some(to), None, None) => {
+                        WindowSpec::Weekly { days, from, to }
+                    }
+                    (None, None, None, Some(start), Some(end)) => WindowSpec::Cron { start, end },
+                    _ => {
+                        return Err(v.invalid(
+                            &skey("days"),
+                            "either days + from + to (e.g. \"mon-fri\", \"19:00\", \"07:00\") or cron start + end",
+                        ));
+                    }
+                };
+                let spec = ScheduleSpec {
+                    name: raw.name.as_deref().unwrap_or(""),
+                    timezone: raw.timezone.as_deref().ok_or_else(|| {
+                        v.invalid(
+                            &skey("timezone"),
+                            "an IANA time zone, e.g. \"America/Detroit\"",
+                        )
+                    })?,
+                    window,
+                    min: raw.min,
+                    max: raw.max,
+                    desired: raw.desired,
+                    priority: raw.priority,
+                };
+                let schedule = Schedule::new(&spec)
+                    .map_err(|e| v.invalid(&skey(e.field()), gru_core::error_chain(&e)))?;
+                schedules.push(schedule);
+            }
+            let policy = Policy::new(bounds, rules, behaviour, schedules)
+                .map_err(|e| v.invalid(&key(&policy_key(&e)), e.to_string()))?;
             let provider = match f.provider.as_deref() {
                 Some("local") => {
                     let l = f.local.ok_or_else(|| {
@@ -306,9 +389,7 @@ impl ControllerConfig {
             };
             fleets.push(FleetConfig {
                 name,
-                bounds,
-                target_work_per_minion,
-                scale_in_window,
+                policy,
                 provider,
             });
         }
@@ -324,6 +405,22 @@ impl ControllerConfig {
             join_token_file,
             fleets,
         })
+    }
+}
+
+/// The config key of a policy error: `rules[1].target` → `target_latency`.
+fn policy_key(e: &PolicyError) -> String {
+    let path = e.path();
+    if let Some(rest) = path.strip_prefix("behaviour.") {
+        return rest.to_owned();
+    }
+    if let Some(rest) = path.strip_prefix("schedules") {
+        return format!("schedule{rest}");
+    }
+    match path.as_str() {
+        p if p.starts_with("rules[0]") => "target_queue_per_minion".to_owned(),
+        p if p.starts_with("rules[1]") => "target_latency".to_owned(),
+        _ => path,
     }
 }
 
@@ -369,7 +466,15 @@ mod tests {
         provider = "local"
         min = 1
         max = 5
-        scale_in_window = "30s"
+        scale_in_stabilization = "30s"
+        target_latency = "20s"
+        [[fleet.schedule]]
+        name = "nights"
+        timezone = "America/Detroit"
+        days = "mon-fri"
+        from = "19:00"
+        to = "07:00"
+        max = 3
         [fleet.local]
         listen = "127.0.0.1:2575"
         minion_config = "minion.toml"
@@ -390,8 +495,13 @@ mod tests {
         assert_eq!(c.tls.cert, PathBuf::from("/etc/gru/server.pem"));
         assert_eq!(c.tls.client_ca, PathBuf::from("/abs/ca.pem"));
         let f = &c.fleets[0];
-        assert_eq!((f.bounds.min, f.bounds.max), (1, 5));
-        assert_eq!(f.scale_in_window, Duration::from_secs(30));
+        assert_eq!((f.bounds().min, f.bounds().max), (1, 5));
+        assert_eq!(
+            f.policy.behaviour().scale_in_stabilization,
+            Duration::from_secs(30)
+        );
+        assert_eq!(f.policy.rules().len(), 2, "queue depth and latency");
+        assert_eq!(f.policy.schedules()[0].name(), "nights");
         let ProviderConfig::Local(l) = &f.provider;
         assert_eq!(l.minion_config, PathBuf::from("/etc/gru/minion.toml"));
         assert_eq!(l.deregistration_delay, DEFAULT_DEREGISTRATION_DELAY);
@@ -423,7 +533,36 @@ mod tests {
         let e = err(&GOOD.replace("min = 1", "minimum = 1"));
         assert!(e.contains("minimum"), "{e}");
         let e = err(&GOOD.replace("\"30s\"", "\"soon\""));
-        assert!(e.contains("scale_in_window"), "{e}");
+        assert!(e.contains("scale_in_stabilization"), "{e}");
+    }
+
+    #[test]
+    fn schedule_and_policy_errors_name_their_key() {
+        let e = err(&GOOD.replace("America/Detroit", "Mars/Olympus"));
+        assert_eq!(
+            e,
+            "/etc/gru/controller.toml: fleet[0].schedule[0].timezone: unknown time zone `Mars/Olympus`"
+        );
+        let e = err(&GOOD.replace("\"19:00\"", "\"7pm\""));
+        assert!(
+            e.starts_with("/etc/gru/controller.toml: fleet[0].schedule[0].from: "),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("max = 3", "max = 3\n        min = 4"));
+        assert_eq!(
+            e,
+            "/etc/gru/controller.toml: fleet[0].schedule[0].min: min (4) must not be greater than max (3)"
+        );
+        let e = err(&GOOD.replace("target_latency = \"20s\"", "tolerance = 1.5"));
+        assert!(
+            e.starts_with("/etc/gru/controller.toml: fleet[0].tolerance: "),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("days = \"mon-fri\"", "start = \"0 19 * * 1-5\""));
+        assert!(
+            e.starts_with("/etc/gru/controller.toml: fleet[0].schedule[0].days: either"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub async fn build(fleet: &FleetConfig, program: &Path) -> Result<BuiltFleet, Pr
             ];
             spec.log_dir = local.log_dir.clone();
             spec.stop_grace = LOCAL_STOP_GRACE;
-            let b = fleet.bounds;
+            let b = fleet.bounds();
             // Like an Auto Scaling group's max, the local group needs room
             // above the fleet's max for minions still draining.
             let group =

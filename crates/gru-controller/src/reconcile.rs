@@ -156,7 +156,9 @@ impl Controller {
                     .emit(fleet, Some(&minion), EventKind::Warning, error_chain(&e));
             }
         }
-        let grow_to = self.registry().decide(fleet, Instant::now());
+        // The wall clock, read here at the edge, for schedules in time zones.
+        let wall = jiff::Timestamp::now();
+        let grow_to = self.registry().decide(fleet, Instant::now(), wall);
         if let Some(n) = grow_to {
             match rt.group.set_desired(n).await {
                 Ok(()) => self.registry().emit(

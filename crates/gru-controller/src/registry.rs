@@ -11,8 +11,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use gru_cloud::{GroupState, InstanceId, InstanceLifecycle, Target};
 use gru_core::lifecycle::InvalidTransition;
-use gru_core::scaling::{Candidate, DecisionInput};
-use gru_core::{Decision, LifecycleEvent, Load, MinionState, ScaleInWindow, step};
+use gru_core::policy::{
+    self, Decision, Explanation, MinionLoad, Observation, Overrides, Pin, PolicyState, Source,
+};
+use gru_core::scaling::Candidate;
+use gru_core::{LifecycleEvent, Load, MinionState, step};
+use jiff::Timestamp;
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc};
 
@@ -49,6 +53,8 @@ pub struct Report {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     Transition,
+    /// A decision that changed the desired size.
+    Decision,
     Scale,
     Step,
     Warning,
@@ -58,6 +64,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Transition => "transition",
+            EventKind::Decision => "decision",
             EventKind::Scale => "scale",
             EventKind::Step => "step",
             EventKind::Warning => "warning",
@@ -125,6 +132,8 @@ pub struct MinionRecord {
     /// Last sign of life: join, session start or report.
     pub last_seen: Option<Instant>,
     pub last_report_at: Option<Instant>,
+    /// Messages per second processed between the last two reports.
+    pub rate_per_s: Option<f64>,
     pub drain: Option<DrainPlan>,
     pub registered: bool,
     pub history: Vec<HistoryEntry>,
@@ -155,8 +164,8 @@ impl MinionRecord {
 pub struct FleetState {
     pub config: FleetConfig,
     pub paused: bool,
-    pub pinned: Option<u32>,
-    pub window: ScaleInWindow,
+    pub pin: Option<Pin>,
+    pub policy_state: PolicyState,
     pub last_decision: Option<Decision>,
     pub group: Option<GroupState>,
 }
@@ -210,8 +219,8 @@ impl Registry {
                 let state = FleetState {
                     config: c.clone(),
                     paused: false,
-                    pinned: None,
-                    window: ScaleInWindow::new(c.scale_in_window),
+                    pin: None,
+                    policy_state: PolicyState::new(),
                     last_decision: None,
                     group: None,
                 };
@@ -302,6 +311,7 @@ impl Registry {
                 last_report: None,
                 last_seen: None,
                 last_report_at: None,
+                rate_per_s: None,
                 drain: None,
                 registered: false,
                 history: Vec::new(),
@@ -462,6 +472,12 @@ impl Registry {
             return false;
         }
         link.last_seq = r.seq;
+        if let (Some(prev), Some(at)) = (m.last_report, m.last_report_at) {
+            let secs = now.saturating_duration_since(at).as_secs_f64();
+            if secs > 0.0 && r.processed_total >= prev.processed_total {
+                m.rate_per_s = Some((r.processed_total - prev.processed_total) as f64 / secs);
+            }
+        }
         m.last_report = Some(r);
         m.last_report_at = Some(now);
         m.last_seen = Some(now);
@@ -679,20 +695,28 @@ impl Registry {
         })
     }
 
-    /// Runs the policy for `fleet`: records the decision, chooses victims for
-    /// scale-in, and returns the group's desired capacity to set, if it must
-    /// grow.
-    pub fn decide(&mut self, fleet: &str, now: Instant) -> Option<u32> {
+    /// Runs the policy for `fleet` at `now` (`wall` is the same moment on
+    /// the wall clock, for schedules): records the decision, chooses victims
+    /// for scale-in, and returns the group's desired capacity to set, if it
+    /// must grow.
+    pub fn decide(&mut self, fleet: &str, now: Instant, wall: Timestamp) -> Option<u32> {
         let minions: Vec<&MinionRecord> =
             self.minions.values().filter(|m| m.fleet == fleet).collect();
         let capacity = minions
             .iter()
             .filter(|m| m.state.counts_as_capacity())
             .count() as u32;
-        let loads: Vec<Load> = minions
+        let loads: Vec<MinionLoad> = minions
             .iter()
             .filter(|m| matches!(m.state, MinionState::Ready | MinionState::InService))
-            .map(|m| m.load())
+            .map(|m| {
+                let load = m.load();
+                MinionLoad {
+                    queued: load.queue_depth,
+                    in_flight: load.in_flight,
+                    rate_per_s: m.rate_per_s,
+                }
+            })
             .collect();
         // Minions that will lower the group's desired capacity when they are
         // terminated; the group's desired count includes them until then.
@@ -716,38 +740,41 @@ impl Registry {
             .collect();
 
         let f = self.fleets.get_mut(fleet)?;
-        let input = DecisionInput {
-            bounds: f.config.bounds,
-            target_work_per_minion: f.config.target_work_per_minion,
-            loads: &loads,
-            capacity,
-            pinned: f.pinned,
-        };
         if f.last_decision.is_none() {
             // A controller that just started has no history: count the
             // capacity it found as recommended now, so it does not scale in
-            // before a whole window has passed.
-            f.window.apply(now, capacity);
+            // before a whole stabilization window has passed.
+            f.policy_state.record_recommendation(wall, capacity);
         }
-        let decision = gru_core::decide(&input, &mut f.window, now);
+        let obs = Observation {
+            capacity,
+            minions: loads,
+            external: Vec::new(),
+        };
+        let overrides = Overrides {
+            paused: f.paused,
+            pin: f.pin,
+        };
+        let decision = policy::evaluate(
+            &f.config.policy,
+            &mut f.policy_state,
+            &obs,
+            &overrides,
+            wall,
+        );
         let changed = f
             .last_decision
             .as_ref()
             .is_none_or(|d| d.desired != decision.desired);
         let desired = decision.desired;
-        let paused = f.paused;
+        let applied = decision.applied;
         let group = f.group.clone();
-        f.last_decision = Some(decision.clone());
+        let line = summary(&decision.explanation);
+        f.last_decision = Some(decision);
         if changed {
-            let note = if paused { " (paused: not applied)" } else { "" };
-            self.emit(
-                fleet,
-                None,
-                EventKind::Scale,
-                format!("desired {desired}: {decision}{note}"),
-            );
+            self.emit(fleet, None, EventKind::Decision, line);
         }
-        if paused {
+        if !applied {
             return None;
         }
         if capacity > desired {
@@ -777,6 +804,31 @@ impl Registry {
     }
 }
 
+/// One line for a decision: what it wants, what decided it, what clipped it.
+pub fn summary(e: &Explanation) -> String {
+    let why = match &e.source {
+        Source::Rule(i) => e
+            .recommendations
+            .get(*i)
+            .map_or_else(String::new, |r| r.detail.clone()),
+        Source::NoRecommendation => "no rule recommended a size; holding".to_owned(),
+        Source::Schedule(name) => format!("window {name} sets the size"),
+        Source::Pin => "pinned by an operator".to_owned(),
+    };
+    let mut line = format!("desired {} (from {}): {why}", e.desired, e.capacity);
+    let clips: Vec<&str> = e.clips.iter().map(|c| c.kind.as_str()).collect();
+    if !clips.is_empty() {
+        line.push_str(&format!("; clipped by {}", clips.join(", ")));
+    }
+    if let Some(w) = &e.window {
+        line.push_str(&format!("; window {}", w.name));
+    }
+    if !e.applied {
+        line.push_str(" (paused: not applied)");
+    }
+    line
+}
+
 /// Why a Session was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SessionRefusal {
@@ -795,16 +847,38 @@ mod tests {
     use crate::config::{LocalProviderConfig, ProviderConfig};
     use gru_cloud::Instance;
     use gru_core::Bounds;
+    use gru_core::policy::{Behaviour, Policy, Rule};
+
+    /// The wall clock for `t`: the same offset from a fixed instant.
+    fn wall(t0: Instant, t: Instant) -> Timestamp {
+        let base: Timestamp = "2026-11-25T12:00:00Z".parse().expect("timestamp");
+        base.saturating_add(t.saturating_duration_since(t0))
+            .expect("in range")
+    }
 
     const LOST: Duration = Duration::from_secs(10);
     const JOIN: Duration = Duration::from_secs(60);
 
     fn registry(min: u32, max: u32) -> Registry {
+        let behaviour = Behaviour {
+            scale_in_stabilization: Duration::from_secs(30),
+            scale_in_cooldown: Duration::ZERO,
+            max_step_in: 10,
+            tolerance: 0.0,
+            ..Behaviour::default()
+        };
+        let policy = Policy::new(
+            Bounds::new(min, max).expect("bounds"),
+            vec![Rule::QueueDepth {
+                target_per_minion: 4,
+            }],
+            behaviour,
+            Vec::new(),
+        )
+        .expect("policy");
         let fleet = FleetConfig {
             name: "f".to_owned(),
-            bounds: Bounds::new(min, max).expect("bounds"),
-            target_work_per_minion: 4,
-            scale_in_window: Duration::from_secs(30),
+            policy,
             provider: ProviderConfig::Local(LocalProviderConfig {
                 listen: "127.0.0.1:0".parse().expect("addr"),
                 minion_config: "m.toml".into(),
@@ -899,9 +973,12 @@ mod tests {
         for (id, q) in ids.iter().zip([10, 1, 5]) {
             load(&mut reg, id, 2, q, t0);
         }
-        reg.fleets.get_mut("f").expect("fleet").pinned = Some(1);
+        reg.fleets.get_mut("f").expect("fleet").pin = Some(Pin {
+            desired: 1,
+            until: None,
+        });
         // The group already holds 3 = 1 wanted + 2 to be decremented on termination.
-        assert_eq!(reg.decide("f", t0), None);
+        assert_eq!(reg.decide("f", t0, wall(t0, t0)), None);
         let states: Vec<MinionState> = ids.iter().map(|id| reg.minions[id].state).collect();
         assert_eq!(
             states,
@@ -917,7 +994,7 @@ mod tests {
                 .all(|id| reg.minions[id].drain.as_ref().is_some_and(|d| d.decrement))
         );
         // A second pass chooses nobody else.
-        assert_eq!(reg.decide("f", t0), None);
+        assert_eq!(reg.decide("f", t0, wall(t0, t0)), None);
         assert_eq!(
             reg.minions
                 .values()
@@ -927,8 +1004,11 @@ mod tests {
         );
 
         // Wanting 3 again while two still drain: the group must hold 3 + 2.
-        reg.fleets.get_mut("f").expect("fleet").pinned = Some(3);
-        assert_eq!(reg.decide("f", t0), Some(5));
+        reg.fleets.get_mut("f").expect("fleet").pin = Some(Pin {
+            desired: 3,
+            until: None,
+        });
+        assert_eq!(reg.decide("f", t0, wall(t0, t0)), Some(5));
     }
 
     #[test]
@@ -1051,7 +1131,7 @@ mod tests {
         reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, t0);
         serve(&mut reg, "a", 1, t0);
         serve(&mut reg, "b", 2, t0);
-        reg.decide("f", t0);
+        reg.decide("f", t0, wall(t0, t0));
         assert_eq!(
             reg.minions
                 .values()
@@ -1059,7 +1139,8 @@ mod tests {
                 .count(),
             0
         );
-        reg.decide("f", t0 + Duration::from_secs(31));
+        let t1 = t0 + Duration::from_secs(31);
+        reg.decide("f", t1, wall(t0, t1));
         assert_eq!(
             reg.minions
                 .values()

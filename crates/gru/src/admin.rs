@@ -76,6 +76,12 @@ pub struct ScaleArgs {
     pub fleet: String,
     /// The number of minions to pin the fleet at, or `auto` to release the pin.
     pub size: String,
+    /// Let the pin end by itself after this long (e.g. 30m, 2h).
+    #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "until")]
+    pub for_: Option<Duration>,
+    /// Let the pin end by itself at this time (RFC 3339, e.g. 2026-11-25T18:00:00Z).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    pub until: Option<std::time::SystemTime>,
     /// Wait until the fleet has exactly that many minions in service and none draining.
     #[arg(long)]
     pub wait: bool,
@@ -321,10 +327,21 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
         })?;
         pb::scale_request::Target::Desired(n)
     };
+    let until = a
+        .until
+        .or_else(|| a.for_.map(|d| std::time::SystemTime::now() + d));
+    if until.is_some() && matches!(target, pb::scale_request::Target::Auto(_)) {
+        bail!("--for and --until go with a size, not with `auto`");
+    }
+    let until_unix_ms = until.map(|t| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    });
     let mut admin = client::connect(a.common.config.as_deref()).await?;
     let req = pb::ScaleRequest {
         fleet: a.fleet.clone(),
         target: Some(target),
+        until_unix_ms,
     };
     let fleet = call(&admin.address, admin.client.scale(req).await)?;
     if !a.wait {
@@ -332,7 +349,17 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
             return print_json(&fleet);
         }
         match target {
-            pb::scale_request::Target::Desired(n) => println!("fleet {} pinned at {n}", fleet.name),
+            pb::scale_request::Target::Desired(n) => match until {
+                Some(t) => println!(
+                    "fleet {} pinned at {n} until {}",
+                    fleet.name,
+                    humantime::format_rfc3339_seconds(t)
+                ),
+                None => println!(
+                    "fleet {} pinned at {n} (release with `gru scale {} auto`)",
+                    fleet.name, fleet.name
+                ),
+            },
             pb::scale_request::Target::Auto(_) => {
                 println!("fleet {} sized by its policy again", fleet.name)
             }
@@ -511,6 +538,23 @@ pub async fn pause(a: FleetArg, paused: bool) -> anyhow::Result<()> {
     } else {
         println!("fleet {} resumed", fleet.name);
     }
+    Ok(())
+}
+
+pub async fn explain(a: FleetArg) -> anyhow::Result<()> {
+    let mut admin = client::connect(a.common.config.as_deref()).await?;
+    let d = call(
+        &admin.address,
+        admin
+            .client
+            .explain(pb::ExplainRequest { fleet: a.fleet })
+            .await,
+    )?;
+    if a.json {
+        return print_json(&d);
+    }
+    println!("fleet {}, decided at {}", d.fleet, clock(d.at_unix_ms));
+    print!("{}", d.text);
     Ok(())
 }
 

@@ -144,11 +144,17 @@ pub fn explain(address: &str, status: tonic::Status) -> anyhow::Error {
     use tonic::Code;
     let m = status.message();
     match status.code() {
+        // A server that refuses the client certificate drops the connection
+        // after the handshake; the first call then fails with one of these,
+        // depending on timing.
         Code::Unknown | Code::Unavailable if m.contains("transport error") || m.contains("tls") => {
             anyhow!(
                 "the controller at {address} refused the TLS handshake: this client's certificate is not signed by the controller's CA"
             )
         }
+        Code::Cancelled => anyhow!(
+            "the controller at {address} dropped the connection on the first call: most likely it refused the TLS handshake because this client's certificate is not signed by the controller's CA"
+        ),
         Code::Unavailable => anyhow!("the controller at {address} is unavailable: {m}"),
         Code::Unauthenticated => anyhow!("the controller at {address} refused: {m}"),
         _ => anyhow!("{m}"),

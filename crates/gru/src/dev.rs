@@ -45,10 +45,17 @@ pub struct DevArgs {
     max: u32,
     /// Queued plus in-flight messages one minion should carry.
     #[arg(long, default_value_t = 4)]
-    target_work: u32,
-    /// Scale in only to the highest size wanted over this window.
+    target_queue: u32,
+    /// Scale in only to the highest size wanted over this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    scale_in_window: Duration,
+    scale_in_stabilization: Duration,
+    /// Wait this long after a scale-in before the next one.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    scale_in_cooldown: Duration,
+    /// A TOML file of `[[fleet.schedule]]` tables for the local fleet
+    /// (windows in IANA time zones that override min/max/desired).
+    #[arg(long)]
+    schedules: Option<PathBuf>,
     /// Engines close each connection at a message boundary after this age
     /// (jittered up to twice it), so load spreads to new minions; 0s = never.
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
@@ -295,8 +302,9 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
          provider = \"local\"\n\
          min = {}\n\
          max = {}\n\
-         target_work_per_minion = {}\n\
-         scale_in_window = \"{}\"\n\
+         target_queue_per_minion = {}\n\
+         scale_in_stabilization = \"{}\"\n\
+         scale_in_cooldown = \"{}\"\n\
          \n\
          [fleet.local]\n\
          listen = \"{}\"\n\
@@ -305,11 +313,18 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
          log_dir = \"minions\"\n",
         a.min,
         a.max,
-        a.target_work,
-        humantime::format_duration(a.scale_in_window),
+        a.target_queue,
+        humantime::format_duration(a.scale_in_stabilization),
+        humantime::format_duration(a.scale_in_cooldown),
         a.lb_listen,
         humantime::format_duration(a.deregistration_delay),
     );
+    let mut controller_toml = controller_toml;
+    if let Some(path) = &a.schedules {
+        let extra = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the schedules file {}", path.display()))?;
+        controller_toml.push_str(&format!("\n# From {}\n{extra}", path.display()));
+    }
     let controller_path = state.join("controller.toml");
     write(&controller_path, &controller_toml)?;
     let config = ControllerConfig::load(&controller_path).map_err(|e| {

@@ -4,8 +4,10 @@
 
 mod admin;
 mod bench;
+mod chart;
 mod client;
 mod dev;
+mod sim;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +71,13 @@ enum Command {
     Resume(admin::FleetArg),
     /// Show the controller's recent events, or follow them with -f.
     Events(admin::EventsArgs),
+    /// Why a fleet has the size it has: the latest decision, explained.
+    Explain(admin::FleetArg),
+    /// Replay a traffic trace against a fleet's policy on a virtual clock, offline.
+    Sim {
+        #[command(subcommand)]
+        command: sim::SimCommand,
+    },
     /// HL7/MLLP load: a DRIVER that sends and a SINK that receives.
     Bench {
         #[command(subcommand)]
@@ -171,6 +180,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Pause(a) => admin::pause(a, true).await,
         Command::Resume(a) => admin::pause(a, false).await,
         Command::Events(a) => admin::events(a).await,
+        Command::Explain(a) => admin::explain(a).await,
+        Command::Sim { command } => sim::run(command),
         Command::Bench { command } => bench::run(command).await,
     };
     match result {

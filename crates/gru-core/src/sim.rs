@@ -1,0 +1,812 @@
+//! `gru sim`: replays a traffic trace against a scaler on a virtual clock.
+//!
+//! The fleet model is deliberately simple and the same for every scaler, so
+//! their results compare: messages arrive at the trace's rate, in-service
+//! minions serve `service_rate` messages per second each, the rest queues
+//! (fleet-wide, as the load balancer spreads it). A launched minion serves
+//! after `boot_time`; a drained one stops taking work at once and is billed
+//! for `drain_time` more. The scaler sees what minions would report at each
+//! evaluation: capacity, queued and in-flight work, processing rate.
+//!
+//! Baselines beside gru's policy: [`StaticPeak`], [`TargetTracking`] (a model
+//! of EC2 target tracking) and [`Oracle`] (knows the future).
+
+use std::fmt;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::policy::{MinionLoad, Observation, Overrides, Policy, PolicyState, evaluate};
+
+/// One row of a trace: from `at` on, messages arrive at this rate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TracePoint {
+    pub at: Timestamp,
+    pub arrivals_per_s: f64,
+}
+
+/// A validated trace: at least two points, strictly increasing in time, no
+/// negative or non-finite rates. The rate is piecewise constant; the last
+/// point marks the end.
+#[derive(Clone, Debug)]
+pub struct Trace {
+    points: Vec<TracePoint>,
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum TraceError {
+    #[error("a trace needs at least two rows, got {0}")]
+    TooShort(usize),
+    #[error("row {row}: timestamp {at} is not after the previous row's")]
+    NotIncreasing { row: usize, at: Timestamp },
+    #[error("row {row}: arrivals_per_s must be a number ≥ 0, got {value}")]
+    BadRate { row: usize, value: f64 },
+}
+
+impl Trace {
+    pub fn new(points: Vec<TracePoint>) -> Result<Self, TraceError> {
+        if points.len() < 2 {
+            return Err(TraceError::TooShort(points.len()));
+        }
+        for (i, p) in points.iter().enumerate() {
+            if !p.arrivals_per_s.is_finite() || p.arrivals_per_s < 0.0 {
+                return Err(TraceError::BadRate {
+                    row: i + 1,
+                    value: p.arrivals_per_s,
+                });
+            }
+            if i > 0 && p.at <= points[i - 1].at {
+                return Err(TraceError::NotIncreasing {
+                    row: i + 1,
+                    at: p.at,
+                });
+            }
+        }
+        Ok(Trace { points })
+    }
+
+    pub fn start(&self) -> Timestamp {
+        self.points[0].at
+    }
+
+    pub fn end(&self) -> Timestamp {
+        self.points[self.points.len() - 1].at
+    }
+
+    pub fn points(&self) -> &[TracePoint] {
+        &self.points
+    }
+
+    pub fn peak(&self) -> f64 {
+        self.points
+            .iter()
+            .map(|p| p.arrivals_per_s)
+            .fold(0.0, f64::max)
+    }
+
+    /// The rate in force at `t` (0 outside the trace).
+    pub fn rate_at(&self, t: Timestamp) -> f64 {
+        if t < self.start() || t >= self.end() {
+            return 0.0;
+        }
+        let i = self.points.partition_point(|p| p.at <= t);
+        self.points[i - 1].arrivals_per_s
+    }
+
+    /// The highest rate in force anywhere in `[from, to]`.
+    pub fn max_rate_between(&self, from: Timestamp, to: Timestamp) -> f64 {
+        let mut best = self.rate_at(from);
+        for p in &self.points {
+            if p.at > from && p.at <= to && p.at < self.end() {
+                best = best.max(p.arrivals_per_s);
+            }
+        }
+        best
+    }
+}
+
+/// The fleet model's parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct Model {
+    /// Messages per second one minion serves.
+    pub service_rate: f64,
+    /// Messages one minion works on at once (its downstream connections);
+    /// in-flight work is its utilization times this.
+    pub slots_per_minion: u32,
+    /// Launch to in service.
+    pub boot_time: Duration,
+    /// Chosen for removal to terminated (billed, serves nothing new).
+    pub drain_time: Duration,
+    /// How old the load a scaler sees may be.
+    pub report_interval: Duration,
+    /// How often the scaler decides.
+    pub eval_interval: Duration,
+    /// A second in which queued work would wait longer than this counts
+    /// toward SLO-breach minutes.
+    pub slo_wait: Duration,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model {
+            service_rate: 100.0,
+            slots_per_minion: 4,
+            boot_time: Duration::from_secs(120),
+            drain_time: Duration::from_secs(30),
+            report_interval: Duration::from_secs(1),
+            eval_interval: Duration::from_secs(10),
+            slo_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a scaler sees at an evaluation, as minions would have reported it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct View {
+    pub now: Timestamp,
+    /// Booting plus in service: what counts as capacity.
+    pub capacity: u32,
+    pub in_service: u32,
+    /// Messages waiting, fleet-wide.
+    pub queued: f64,
+    /// Messages being worked on, fleet-wide.
+    pub in_flight: f64,
+    /// Messages served per second over the last report interval.
+    pub served_per_s: f64,
+    /// Messages arrived per second over the last report interval.
+    pub arrivals_per_s: f64,
+}
+
+/// Anything that sizes the simulated fleet.
+pub trait Scaler {
+    fn name(&self) -> String;
+    /// The desired capacity at this evaluation. `trace` is there for the
+    /// oracle only; a real scaler must not look at it.
+    fn desired(&mut self, view: &View, trace: &Trace, model: &Model) -> u32;
+}
+
+/// One sample of the timeline, every [`TIMELINE_STEP`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TimelineRow {
+    pub at: Timestamp,
+    pub arrivals_per_s: f64,
+    pub desired: u32,
+    pub capacity: u32,
+    pub in_service: u32,
+    pub queued: f64,
+}
+
+pub const TIMELINE_STEP: Duration = Duration::from_secs(60);
+const STEP: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct SimResult {
+    pub scaler: String,
+    pub instance_hours: f64,
+    pub slo_breach_minutes: f64,
+    /// Evaluations that launched or drained minions.
+    pub scale_actions: u32,
+    pub max_queue: f64,
+    /// Messages still queued when the trace ended.
+    pub final_queue: f64,
+    pub timeline: Vec<TimelineRow>,
+}
+
+impl fmt::Display for SimResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<18} {:>10.1} instance-h {:>8.1} SLO-breach min {:>6} actions  max queue {:.0}",
+            self.scaler,
+            self.instance_hours,
+            self.slo_breach_minutes,
+            self.scale_actions,
+            self.max_queue
+        )
+    }
+}
+
+fn after(t: Timestamp, d: Duration) -> Timestamp {
+    // Adding a std Duration cannot fail for a unit reason; saturate at the end of time.
+    t.saturating_add(d).unwrap_or(Timestamp::MAX)
+}
+
+/// Runs `scaler` over `trace` with `model`, starting with `initial` minions
+/// in service.
+pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) -> SimResult {
+    let dt = STEP.as_secs_f64();
+    let mu = model.service_rate.max(f64::MIN_POSITIVE);
+    let mut booting: Vec<Timestamp> = Vec::new();
+    let mut in_service = initial;
+    let mut draining: Vec<Timestamp> = Vec::new();
+    let mut queue = 0.0f64;
+    let (mut instance_seconds, mut breach_seconds, mut max_queue) = (0.0, 0.0, 0.0f64);
+    let mut actions = 0u32;
+    let mut desired = initial;
+    let mut timeline = Vec::new();
+    // The last report: what the scaler sees.
+    let mut report = (0.0f64, 0.0f64, 0.0f64, 0.0f64); // queued, in_flight, served/s, arrivals/s
+    let (mut served_acc, mut arrived_acc, mut acc_secs) = (0.0, 0.0, 0.0);
+    let mut next_report = trace.start();
+    let mut next_eval = trace.start();
+    let mut next_sample = trace.start();
+    let mut t = trace.start();
+    while t < trace.end() {
+        booting.retain(|&ready| {
+            if ready <= t {
+                in_service += 1;
+                false
+            } else {
+                true
+            }
+        });
+        draining.retain(|&done| done > t);
+
+        let arrivals = trace.rate_at(t) * dt;
+        let capacity_now = f64::from(in_service) * mu * dt;
+        let available = queue + arrivals;
+        let served = available.min(capacity_now);
+        queue = available - served;
+        max_queue = max_queue.max(queue);
+        let wait = if queue <= 0.0 {
+            0.0
+        } else if in_service == 0 {
+            f64::INFINITY
+        } else {
+            queue / (f64::from(in_service) * mu)
+        };
+        if wait > model.slo_wait.as_secs_f64() {
+            breach_seconds += dt;
+        }
+        let billed = booting.len() + in_service as usize + draining.len();
+        instance_seconds += billed as f64 * dt;
+        served_acc += served;
+        arrived_acc += arrivals;
+        acc_secs += dt;
+
+        if t >= next_report {
+            let busy = if in_service == 0 {
+                0.0
+            } else {
+                served_acc / acc_secs / mu
+            };
+            report = (
+                queue,
+                busy * f64::from(model.slots_per_minion),
+                served_acc / acc_secs,
+                arrived_acc / acc_secs,
+            );
+            (served_acc, arrived_acc, acc_secs) = (0.0, 0.0, 0.0);
+            next_report = after(next_report, model.report_interval);
+        }
+
+        if t >= next_eval {
+            let capacity = booting.len() as u32 + in_service;
+            let view = View {
+                now: t,
+                capacity,
+                in_service,
+                queued: report.0,
+                in_flight: report.1,
+                served_per_s: report.2,
+                arrivals_per_s: report.3,
+            };
+            desired = scaler.desired(&view, trace, model);
+            if desired > capacity {
+                let ready = after(t, model.boot_time);
+                booting.extend((capacity..desired).map(|_| ready));
+                actions += 1;
+            } else if desired < capacity {
+                let mut remove = capacity - desired;
+                // Cancel launches first: they hold no work.
+                while remove > 0 && booting.pop().is_some() {
+                    remove -= 1;
+                }
+                let done = after(t, model.drain_time);
+                let drained = remove.min(in_service);
+                in_service -= drained;
+                draining.extend((0..drained).map(|_| done));
+                actions += 1;
+            }
+            next_eval = after(next_eval, model.eval_interval);
+        }
+
+        if t >= next_sample {
+            timeline.push(TimelineRow {
+                at: t,
+                arrivals_per_s: trace.rate_at(t),
+                desired,
+                capacity: booting.len() as u32 + in_service,
+                in_service,
+                queued: queue,
+            });
+            next_sample = after(next_sample, TIMELINE_STEP);
+        }
+        t = after(t, STEP);
+    }
+    SimResult {
+        scaler: scaler.name(),
+        instance_hours: instance_seconds / 3600.0,
+        slo_breach_minutes: breach_seconds / 60.0,
+        scale_actions: actions,
+        max_queue,
+        final_queue: queue,
+        timeline,
+    }
+}
+
+/// gru's own policy, evaluated exactly as the controller evaluates it; the
+/// fleet's load is spread evenly over the in-service minions, as the load
+/// balancer would.
+pub struct GruPolicy {
+    policy: Policy,
+    state: PolicyState,
+}
+
+impl GruPolicy {
+    pub fn new(policy: Policy) -> Self {
+        GruPolicy {
+            policy,
+            state: PolicyState::new(),
+        }
+    }
+}
+
+impl Scaler for GruPolicy {
+    fn name(&self) -> String {
+        "gru".to_owned()
+    }
+
+    fn desired(&mut self, view: &View, _: &Trace, _: &Model) -> u32 {
+        let n = view.in_service;
+        let queued = spread(view.queued, n);
+        let in_flight = spread(view.in_flight, n);
+        let rate = (n > 0).then(|| view.served_per_s / f64::from(n));
+        let minions = (0..n as usize)
+            .map(|i| MinionLoad {
+                queued: queued[i],
+                in_flight: in_flight[i],
+                rate_per_s: rate,
+            })
+            .collect();
+        let obs = Observation {
+            capacity: view.capacity,
+            minions,
+            external: Vec::new(),
+        };
+        evaluate(
+            &self.policy,
+            &mut self.state,
+            &obs,
+            &Overrides::default(),
+            view.now,
+        )
+        .desired
+    }
+}
+
+/// Splits a fleet-wide amount over `n` minions as whole messages that add up
+/// to the rounded total (as the load balancer would spread it), so no
+/// rounding inflates the load the policy sees.
+fn spread(total: f64, n: u32) -> Vec<u64> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let total = total.max(0.0).round() as u64;
+    let (each, rest) = (total / u64::from(n), total % u64::from(n));
+    (0..u64::from(n))
+        .map(|i| each + u64::from(i < rest))
+        .collect()
+}
+
+fn minions_for(rate: f64, model: &Model) -> u32 {
+    (rate / model.service_rate.max(f64::MIN_POSITIVE))
+        .ceil()
+        .max(0.0) as u32
+}
+
+/// Static provisioning for the trace's peak, all the time.
+pub struct StaticPeak {
+    pub minions: u32,
+}
+
+impl StaticPeak {
+    pub fn for_trace(trace: &Trace, model: &Model) -> Self {
+        StaticPeak {
+            minions: minions_for(trace.peak(), model).max(1),
+        }
+    }
+}
+
+impl Scaler for StaticPeak {
+    fn name(&self) -> String {
+        format!("static peak ({})", self.minions)
+    }
+
+    fn desired(&mut self, _: &View, _: &Trace, _: &Model) -> u32 {
+        self.minions
+    }
+}
+
+/// Knows the future: keeps exactly the minions the next boot time and
+/// evaluation interval will need, launching them boot-time ahead.
+pub struct Oracle;
+
+impl Scaler for Oracle {
+    fn name(&self) -> String {
+        "oracle".to_owned()
+    }
+
+    fn desired(&mut self, view: &View, trace: &Trace, model: &Model) -> u32 {
+        let horizon = after(view.now, model.boot_time + model.eval_interval);
+        let need = minions_for(trace.max_rate_between(view.now, horizon), model);
+        // Work already queued is cleared within the SLO too.
+        let backlog = (view.queued / (model.service_rate * model.slo_wait.as_secs_f64().max(1.0)))
+            .ceil() as u32;
+        need.saturating_add(backlog).max(1)
+    }
+}
+
+/// A model of EC2 target tracking on utilization: one-minute datapoints;
+/// scale out after 3 datapoints above target, scale in after 15 below
+/// (at 90 % of target), to `ceil(capacity × metric / target)`; 300 s
+/// cooldown after a scale-out before another scale-in or scale-out.
+pub struct TargetTracking {
+    pub target_utilization: f64,
+    minute_start: Option<Timestamp>,
+    minute_sum: f64,
+    minute_n: f64,
+    datapoints: Vec<f64>,
+    last_scale: Option<Timestamp>,
+    desired: Option<u32>,
+}
+
+impl TargetTracking {
+    pub const DATAPOINT: Duration = Duration::from_secs(60);
+    pub const OUT_DATAPOINTS: usize = 3;
+    pub const IN_DATAPOINTS: usize = 15;
+    pub const COOLDOWN: Duration = Duration::from_secs(300);
+
+    pub fn new(target_utilization: f64) -> Self {
+        TargetTracking {
+            target_utilization,
+            minute_start: None,
+            minute_sum: 0.0,
+            minute_n: 0.0,
+            datapoints: Vec::new(),
+            last_scale: None,
+            desired: None,
+        }
+    }
+}
+
+impl Scaler for TargetTracking {
+    fn name(&self) -> String {
+        format!("target tracking {:.0}%", self.target_utilization * 100.0)
+    }
+
+    fn desired(&mut self, view: &View, _: &Trace, model: &Model) -> u32 {
+        let current = *self.desired.get_or_insert(view.capacity.max(1));
+        // Utilization as CloudWatch would see it: demand over in-service capacity.
+        let serving = f64::from(view.in_service.max(1)) * model.service_rate;
+        let demand = view.arrivals_per_s + view.queued / Self::DATAPOINT.as_secs_f64();
+        self.minute_sum += demand / serving;
+        self.minute_n += 1.0;
+        let start = *self.minute_start.get_or_insert(view.now);
+        if view.now < after(start, Self::DATAPOINT) {
+            return current;
+        }
+        self.datapoints.push(self.minute_sum / self.minute_n);
+        (self.minute_sum, self.minute_n, self.minute_start) = (0.0, 0.0, Some(view.now));
+        let cooling = self
+            .last_scale
+            .is_some_and(|at| view.now < after(at, Self::COOLDOWN));
+        let recent = |n: usize| {
+            self.datapoints
+                .iter()
+                .rev()
+                .take(n)
+                .copied()
+                .collect::<Vec<f64>>()
+        };
+        let target = self.target_utilization;
+        let out = recent(Self::OUT_DATAPOINTS);
+        let inn = recent(Self::IN_DATAPOINTS);
+        let metric = *self.datapoints.last().unwrap_or(&0.0);
+        let proposed = ((f64::from(current) * metric / target).ceil() as u32).max(1);
+        if out.len() == Self::OUT_DATAPOINTS
+            && out.iter().all(|&m| m > target)
+            && !cooling
+            && proposed > current
+        {
+            self.desired = Some(proposed);
+            self.last_scale = Some(view.now);
+        } else if inn.len() == Self::IN_DATAPOINTS
+            && inn.iter().all(|&m| m < target * 0.9)
+            && !cooling
+            && proposed < current
+        {
+            self.desired = Some(proposed);
+            self.last_scale = Some(view.now);
+            self.datapoints.clear();
+        }
+        self.desired.unwrap_or(current)
+    }
+}
+
+/// A small seeded generator (SplitMix64): the same seed gives the same trace
+/// on every machine, with no dependency.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Which synthetic trace to make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceKind {
+    /// A week from Monday 00:00 UTC, one row a minute: a diurnal weekday
+    /// curve (night floor, morning ramp, midday peak, evening decline), a
+    /// weekend at about a third of weekdays, a few short bursts, ±5 % noise.
+    Week,
+    /// Six hours, one row a minute: steady load with a sharp spike to six
+    /// times it for 20 minutes in the middle.
+    Spike,
+}
+
+/// Generates a trace. `peak` is the weekday midday rate in messages/s.
+pub fn generate(kind: TraceKind, seed: u64, peak: f64, start: Timestamp) -> Trace {
+    let mut rng = SplitMix(seed);
+    let minutes = match kind {
+        TraceKind::Week => 7 * 24 * 60,
+        TraceKind::Spike => 6 * 60,
+    };
+    // Burst starts (minute of the week) and lengths, chosen by the seed.
+    let bursts: Vec<(u32, u32)> = (0..4)
+        .map(|_| {
+            (
+                (rng.next_f64() * f64::from(minutes)) as u32,
+                5 + (rng.next_f64() * 25.0) as u32,
+            )
+        })
+        .collect();
+    let mut points = Vec::with_capacity(minutes as usize + 1);
+    for m in 0..=minutes {
+        let at = after(start, Duration::from_secs(u64::from(m) * 60));
+        let base = match kind {
+            TraceKind::Week => {
+                let day = m / (24 * 60);
+                let hour = f64::from(m % (24 * 60)) / 60.0;
+                // 0 at 03:00, 1 at 13:00: a smooth daily curve.
+                let daily =
+                    (0.5 - 0.5 * ((hour - 3.0) / 24.0 * std::f64::consts::TAU).cos()).powf(1.5);
+                let weekday = day < 5;
+                let level = if weekday {
+                    0.08 + 0.92 * daily
+                } else {
+                    0.05 + 0.28 * daily
+                };
+                let burst = bursts.iter().any(|&(s, len)| m >= s && m < s + len);
+                peak * level * if burst { 1.8 } else { 1.0 }
+            }
+            TraceKind::Spike => {
+                let steady = peak / 6.0;
+                if (170..190).contains(&m) {
+                    peak
+                } else {
+                    steady
+                }
+            }
+        };
+        let noise = 1.0 + (rng.next_f64() - 0.5) * 0.1;
+        points.push(TracePoint {
+            at,
+            arrivals_per_s: (base * noise).max(0.0),
+        });
+    }
+    // Strictly increasing, non-negative by construction.
+    Trace { points }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::SignedDuration;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().expect("timestamp")
+    }
+
+    fn flat(rate: f64, minutes: i64) -> Trace {
+        let start = ts("2026-11-23T00:00:00Z");
+        Trace::new(vec![
+            TracePoint {
+                at: start,
+                arrivals_per_s: rate,
+            },
+            TracePoint {
+                at: start + SignedDuration::from_mins(minutes),
+                arrivals_per_s: 0.0,
+            },
+        ])
+        .expect("trace")
+    }
+
+    #[test]
+    fn traces_are_validated_with_the_row() {
+        let t = ts("2026-11-23T00:00:00Z");
+        assert_eq!(Trace::new(vec![]).unwrap_err(), TraceError::TooShort(0));
+        let e = Trace::new(vec![
+            TracePoint {
+                at: t,
+                arrivals_per_s: 1.0,
+            },
+            TracePoint {
+                at: t,
+                arrivals_per_s: 1.0,
+            },
+        ])
+        .unwrap_err();
+        assert_eq!(e, TraceError::NotIncreasing { row: 2, at: t });
+        let e = Trace::new(vec![
+            TracePoint {
+                at: t,
+                arrivals_per_s: -1.0,
+            },
+            TracePoint {
+                at: t + SignedDuration::from_secs(1),
+                arrivals_per_s: 1.0,
+            },
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e,
+            TraceError::BadRate {
+                row: 1,
+                value: -1.0
+            }
+        );
+    }
+
+    #[test]
+    fn static_capacity_bills_every_hour_and_never_breaches_when_enough() {
+        let trace = flat(250.0, 60);
+        let model = Model::default();
+        let mut s = StaticPeak::for_trace(&trace, &model);
+        assert_eq!(s.minions, 3);
+        let r = run(&trace, &model, &mut s, 3);
+        assert!(
+            (r.instance_hours - 3.0).abs() < 0.01,
+            "{}",
+            r.instance_hours
+        );
+        assert_eq!(r.slo_breach_minutes, 0.0);
+        assert_eq!(r.max_queue, 0.0);
+        assert_eq!(r.timeline.len(), 60);
+    }
+
+    #[test]
+    fn too_little_capacity_queues_and_breaches() {
+        let trace = flat(250.0, 60);
+        let model = Model::default();
+        let r = run(&trace, &model, &mut StaticPeak { minions: 2 }, 2);
+        // 50 msg/s excess for an hour.
+        assert!(
+            (r.max_queue - 50.0 * 3600.0).abs() < 100.0,
+            "{}",
+            r.max_queue
+        );
+        assert!(r.slo_breach_minutes > 50.0, "{}", r.slo_breach_minutes);
+    }
+
+    #[test]
+    fn the_oracle_launches_ahead_and_scales_in_after() {
+        let start = ts("2026-11-23T00:00:00Z");
+        let at = |m: i64| start + SignedDuration::from_mins(m);
+        let trace = Trace::new(vec![
+            TracePoint {
+                at: at(0),
+                arrivals_per_s: 50.0,
+            },
+            TracePoint {
+                at: at(30),
+                arrivals_per_s: 450.0,
+            },
+            TracePoint {
+                at: at(60),
+                arrivals_per_s: 50.0,
+            },
+            TracePoint {
+                at: at(90),
+                arrivals_per_s: 0.0,
+            },
+        ])
+        .expect("trace");
+        let model = Model::default();
+        let r = run(&trace, &model, &mut Oracle, 1);
+        assert_eq!(r.slo_breach_minutes, 0.0, "the oracle never breaches");
+        let peak_in_service = r
+            .timeline
+            .iter()
+            .map(|row| row.in_service)
+            .max()
+            .unwrap_or(0);
+        assert_eq!(peak_in_service, 5);
+        assert_eq!(
+            r.timeline.last().map(|row| row.in_service),
+            Some(1),
+            "scaled back in"
+        );
+        let static_peak = run(
+            &trace,
+            &model,
+            &mut StaticPeak::for_trace(&trace, &model),
+            5,
+        );
+        assert!(r.instance_hours < static_peak.instance_hours * 0.7);
+    }
+
+    #[test]
+    fn target_tracking_waits_three_datapoints_and_cools_down() {
+        let start = ts("2026-11-23T00:00:00Z");
+        let at = |m: i64| start + SignedDuration::from_mins(m);
+        let trace = Trace::new(vec![
+            TracePoint {
+                at: at(0),
+                arrivals_per_s: 80.0,
+            },
+            TracePoint {
+                at: at(10),
+                arrivals_per_s: 400.0,
+            },
+            TracePoint {
+                at: at(120),
+                arrivals_per_s: 0.0,
+            },
+        ])
+        .expect("trace");
+        let model = Model::default();
+        let r = run(&trace, &model, &mut TargetTracking::new(0.7), 2);
+        let first_out = r
+            .timeline
+            .iter()
+            .find(|row| row.desired > 2)
+            .map(|row| row.at);
+        let first_out = first_out.expect("scales out");
+        // Not before 3 one-minute datapoints after the step at minute 10.
+        assert!(first_out >= at(12), "scaled out at {first_out}");
+        assert!(r.slo_breach_minutes > 0.0, "reacting late costs SLO");
+    }
+
+    #[test]
+    fn load_is_spread_without_inflation() {
+        assert_eq!(spread(33.1, 11), vec![3; 11]);
+        assert_eq!(spread(7.0, 3), vec![3, 2, 2]);
+        assert!(spread(5.0, 0).is_empty());
+    }
+
+    #[test]
+    fn generated_traces_are_deterministic_and_shaped() {
+        let start = ts("2026-11-23T00:00:00Z");
+        let a = generate(TraceKind::Week, 7, 1000.0, start);
+        let b = generate(TraceKind::Week, 7, 1000.0, start);
+        assert_eq!(a.points(), b.points());
+        assert_eq!(a.points().len(), 7 * 24 * 60 + 1);
+        let at =
+            |day: i64, hour: i64| a.rate_at(start + SignedDuration::from_hours(day * 24 + hour));
+        assert!(
+            at(1, 13) > 4.0 * at(1, 3),
+            "weekday midday well above night"
+        );
+        assert!(at(5, 13) < 0.5 * at(1, 13), "weekend dip");
+        let spike = generate(TraceKind::Spike, 7, 600.0, start);
+        assert!(spike.peak() > 5.0 * spike.rate_at(start));
+    }
+}

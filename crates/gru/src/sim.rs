@@ -1,0 +1,283 @@
+//! `gru sim run` replays a traffic trace against a fleet's policy and three
+//! baselines on a virtual clock (gru_core::sim), and writes a timeline CSV
+//! and an SVG chart; `gru sim generate` makes the seeded sample traces.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use gru_controller::ControllerConfig;
+use gru_core::sim::{
+    self, GruPolicy, Model, Oracle, Scaler, SimResult, StaticPeak, TargetTracking, Trace,
+    TraceKind, TracePoint,
+};
+use jiff::Timestamp;
+use serde::Serialize;
+
+#[derive(Subcommand)]
+pub enum SimCommand {
+    /// Replay a trace against a fleet's policy and the baselines.
+    Run(RunArgs),
+    /// Write a seeded synthetic trace (CSV: timestamp,arrivals_per_s).
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// CSV with a header and rows `timestamp,arrivals_per_s` (RFC 3339 times).
+    #[arg(long)]
+    trace: PathBuf,
+    /// The controller config whose fleet policy to replay.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The fleet (default: the config's first).
+    #[arg(long)]
+    fleet: Option<String>,
+    /// Messages per second one minion serves.
+    #[arg(long, default_value_t = 100.0)]
+    service_rate: f64,
+    /// Messages one minion works on at once (its downstream connections).
+    #[arg(long, default_value_t = 4)]
+    slots: u32,
+    /// Launch to in service.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    boot_time: Duration,
+    /// Chosen for removal to terminated.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_time: Duration,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    report_interval: Duration,
+    /// How often each scaler decides.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    eval_interval: Duration,
+    /// Queued work waiting longer than this counts toward SLO-breach minutes.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    slo_wait: Duration,
+    /// The target-tracking baseline's utilization target.
+    #[arg(long, default_value_t = 0.7)]
+    target_utilization: f64,
+    /// Where the timeline CSV and the chart go.
+    #[arg(long, default_value = "sim-out")]
+    out: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    /// A week: weekday diurnal curve, weekend dip, a few bursts.
+    Week,
+    /// Six hours of steady load with a sharp 6× spike.
+    Spike,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[arg(long, value_enum, default_value_t = Kind::Week)]
+    kind: Kind,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The weekday midday (or spike) rate, messages per second.
+    #[arg(long, default_value_t = 1000.0)]
+    peak: f64,
+    /// The first row's time (a Monday 00:00 UTC by default).
+    #[arg(long, default_value = "2026-11-23T00:00:00Z")]
+    start: Timestamp,
+    /// Write here instead of standard output.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+pub fn run(command: SimCommand) -> anyhow::Result<()> {
+    match command {
+        SimCommand::Run(a) => replay(a),
+        SimCommand::Generate(a) => generate(a),
+    }
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let kind = match a.kind {
+        Kind::Week => TraceKind::Week,
+        Kind::Spike => TraceKind::Spike,
+    };
+    let trace = sim::generate(kind, a.seed, a.peak, a.start);
+    let mut csv = String::from("timestamp,arrivals_per_s\n");
+    for p in trace.points() {
+        csv.push_str(&format!("{},{:.2}\n", p.at, p.arrivals_per_s));
+    }
+    match a.output {
+        Some(path) => {
+            std::fs::write(&path, csv).with_context(|| format!("cannot write {}", path.display()))
+        }
+        None => {
+            print!("{csv}");
+            Ok(())
+        }
+    }
+}
+
+pub fn read_trace(path: &Path) -> anyhow::Result<Trace> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read trace {}", path.display()))?;
+    let mut points = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("timestamp")) {
+            continue;
+        }
+        let bad =
+            |what: &str| anyhow::anyhow!("{}:{}: {what}, got {line:?}", path.display(), i + 1);
+        let (at, rate) = line
+            .split_once(',')
+            .ok_or_else(|| bad("expected `timestamp,arrivals_per_s`"))?;
+        let at: Timestamp = at
+            .trim()
+            .parse()
+            .map_err(|_| bad("timestamp must be RFC 3339, like 2026-11-23T00:00:00Z"))?;
+        let arrivals_per_s: f64 = rate
+            .trim()
+            .parse()
+            .map_err(|_| bad("arrivals_per_s must be a number"))?;
+        points.push(TracePoint { at, arrivals_per_s });
+    }
+    Trace::new(points).with_context(|| format!("invalid trace {}", path.display()))
+}
+
+#[derive(Serialize)]
+struct Row {
+    scaler: String,
+    instance_hours: f64,
+    slo_breach_minutes: f64,
+    scale_actions: u32,
+    max_queue: f64,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    results: Vec<Row>,
+    gru_over_oracle_instance_hours: f64,
+    gru_over_static_instance_hours: f64,
+    timeline_csv: PathBuf,
+    chart_svg: PathBuf,
+}
+
+fn replay(a: RunArgs) -> anyhow::Result<()> {
+    let trace = read_trace(&a.trace)?;
+    let config = ControllerConfig::load(&a.config)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {}", gru_core::error_chain(&e)))?;
+    let fleet = match &a.fleet {
+        Some(name) => config
+            .fleets
+            .iter()
+            .find(|f| &f.name == name)
+            .with_context(|| format!("no fleet {name:?} in {}", a.config.display()))?,
+        None => config.fleets.first().context("the config has no fleet")?,
+    };
+    if a.service_rate <= 0.0 || !a.service_rate.is_finite() {
+        bail!("--service-rate must be above 0");
+    }
+    let model = Model {
+        service_rate: a.service_rate,
+        slots_per_minion: a.slots.max(1),
+        boot_time: a.boot_time,
+        drain_time: a.drain_time,
+        report_interval: a.report_interval,
+        eval_interval: a.eval_interval,
+        slo_wait: a.slo_wait,
+    };
+    let peak = StaticPeak::for_trace(&trace, &model);
+    let start = peak.minions;
+    let mut scalers: Vec<Box<dyn Scaler>> = vec![
+        Box::new(GruPolicy::new(fleet.policy.clone())),
+        Box::new(peak),
+        Box::new(TargetTracking::new(a.target_utilization)),
+        Box::new(Oracle),
+    ];
+    // Every scaler starts from the capacity the trace's first rate needs.
+    let initial = ((trace.rate_at(trace.start()) / model.service_rate).ceil() as u32).max(1);
+    let results: Vec<SimResult> = scalers
+        .iter_mut()
+        .map(|s| {
+            let first = if s.name().starts_with("static") {
+                start
+            } else {
+                initial
+            };
+            sim::run(&trace, &model, s.as_mut(), first)
+        })
+        .collect();
+    let (gru, stat, oracle) = (&results[0], &results[1], &results[3]);
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let csv = a.out.join("timeline.csv");
+    write_timeline(&csv, &results)?;
+    let svg = a.out.join("chart.svg");
+    crate::chart::draw(&svg, &results).with_context(|| format!("cannot draw {}", svg.display()))?;
+    let summary = Summary {
+        results: results
+            .iter()
+            .map(|r| Row {
+                scaler: r.scaler.clone(),
+                instance_hours: r.instance_hours,
+                slo_breach_minutes: r.slo_breach_minutes,
+                scale_actions: r.scale_actions,
+                max_queue: r.max_queue,
+            })
+            .collect(),
+        gru_over_oracle_instance_hours: gru.instance_hours / oracle.instance_hours,
+        gru_over_static_instance_hours: gru.instance_hours / stat.instance_hours,
+        timeline_csv: csv,
+        chart_svg: svg,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    println!(
+        "trace {} → {} ({} rows, peak {:.0} msg/s); fleet {} on {} msg/s per minion, boot {}, drain {}\n",
+        trace.start(),
+        trace.end(),
+        trace.points().len(),
+        trace.peak(),
+        fleet.name,
+        model.service_rate,
+        humantime::format_duration(model.boot_time),
+        humantime::format_duration(model.drain_time)
+    );
+    for r in &results {
+        println!("{r}");
+    }
+    println!(
+        "\ngru / oracle instance-hours {:.3}   gru / static {:.3}\ntimeline {}   chart {}",
+        summary.gru_over_oracle_instance_hours,
+        summary.gru_over_static_instance_hours,
+        summary.timeline_csv.display(),
+        summary.chart_svg.display()
+    );
+    Ok(())
+}
+
+fn write_timeline(path: &Path, results: &[SimResult]) -> anyhow::Result<()> {
+    let mut csv = String::from("timestamp,arrivals_per_s");
+    for r in results {
+        let slug: String = r.scaler.split(' ').next().unwrap_or("scaler").to_owned();
+        csv.push_str(&format!(",{slug}_desired,{slug}_in_service,{slug}_queued"));
+    }
+    csv.push('\n');
+    let rows = results.iter().map(|r| r.timeline.len()).min().unwrap_or(0);
+    for i in 0..rows {
+        let first = &results[0].timeline[i];
+        csv.push_str(&format!("{},{:.2}", first.at, first.arrivals_per_s));
+        for r in results {
+            let row = &r.timeline[i];
+            csv.push_str(&format!(
+                ",{},{},{:.0}",
+                row.desired, row.in_service, row.queued
+            ));
+        }
+        csv.push('\n');
+    }
+    std::fs::write(path, csv).with_context(|| format!("cannot write {}", path.display()))
+}

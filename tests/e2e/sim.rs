@@ -1,0 +1,94 @@
+//! `gru sim`: generate a trace, replay it, read the figures and the files.
+
+use std::process::Command;
+
+use crate::harness::GRU;
+
+#[test]
+fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = dir.path().join("spike.csv");
+    let out = Command::new(GRU)
+        .args([
+            "sim", "generate", "--kind", "spike", "--seed", "3", "--peak", "900", "-o",
+        ])
+        .arg(&trace)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/sim-fleet.toml");
+    let out_dir = dir.path().join("out");
+    let out = Command::new(GRU)
+        .args(["sim", "run", "--json", "--trace"])
+        .arg(&trace)
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let names: Vec<&str> = v["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter_map(|r| r["scaler"].as_str())
+        .collect();
+    assert_eq!(names[0], "gru");
+    assert!(names.iter().any(|n| n.starts_with("static peak")));
+    assert!(names.iter().any(|n| n.starts_with("target tracking")));
+    assert!(names.contains(&"oracle"));
+    let oracle_ratio = v["gru_over_oracle_instance_hours"].as_f64().expect("ratio");
+    let static_ratio = v["gru_over_static_instance_hours"].as_f64().expect("ratio");
+    assert!(
+        oracle_ratio >= 1.0,
+        "nothing beats the oracle: {oracle_ratio}"
+    );
+    assert!(
+        static_ratio < 1.0,
+        "gru uses less than static peak: {static_ratio}"
+    );
+    let csv = std::fs::read_to_string(out_dir.join("timeline.csv")).expect("timeline");
+    assert!(
+        csv.starts_with("timestamp,arrivals_per_s,gru_desired"),
+        "{}",
+        &csv[..80]
+    );
+    assert_eq!(
+        csv.lines().count(),
+        1 + 6 * 60,
+        "a row a minute for six hours"
+    );
+    let svg = std::fs::read_to_string(out_dir.join("chart.svg")).expect("chart");
+    assert!(svg.starts_with("<svg") && svg.contains("gru in service"));
+
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "timestamp,arrivals_per_s\n2026-11-23T00:00:00Z,10\nyesterday,5\n",
+    )
+    .expect("write");
+    let out = Command::new(GRU)
+        .args(["sim", "run", "--trace"])
+        .arg(&bad)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.csv:3: timestamp must be RFC 3339"),
+        "{err}"
+    );
+}
