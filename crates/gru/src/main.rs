@@ -6,6 +6,7 @@ mod admin;
 mod bench;
 mod chart;
 mod client;
+mod cloud_init;
 mod dev;
 mod sim;
 
@@ -82,6 +83,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
+    },
+    /// Minion user-data for cloud-init (`gru cloud-init render --help`).
+    CloudInit {
+        #[command(subcommand)]
+        command: cloud_init::CloudInitCommand,
     },
 }
 
@@ -183,6 +189,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Explain(a) => admin::explain(a).await,
         Command::Sim { command } => sim::run(command),
         Command::Bench { command } => bench::run(command).await,
+        Command::CloudInit { command } => cloud_init::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

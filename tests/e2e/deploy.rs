@@ -1,0 +1,768 @@
+//! Deployment artefacts, checked by the tools that will consume them:
+//! `gru cloud-init render` against golden outputs and cloud-init's own
+//! schema checker and user-data parser; the systemd units with
+//! `systemd-analyze verify` and `security`; the CloudFormation template with
+//! cfn-lint. A missing tool fails the test with how to install it.
+//!
+//! Golden files live in tests/e2e/golden/cloud-init/. After an intended
+//! change, rewrite them (and the user-data block in
+//! deploy/cloudformation/gru.yaml) with
+//! `GRU_UPDATE_GOLDEN=1 cargo test -p gru --test e2e deploy` and review the diff.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::harness::GRU;
+
+const SHA: &str = "5f2b0a9d1c3e4f60718293a4b5c6d7e8f9012345678901234567890abcdef012";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn golden_dir() -> PathBuf {
+    root().join("tests/e2e/golden/cloud-init")
+}
+
+fn updating() -> bool {
+    std::env::var_os("GRU_UPDATE_GOLDEN").is_some_and(|v| v == "1")
+}
+
+/// `name` on PATH, or a failure saying how to install it.
+fn tool(name: &str, install: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} is needed by this test and is not installed: {install} (./scripts/test installs it)")
+        })
+}
+
+fn cloud_init() -> PathBuf {
+    tool(
+        "cloud-init",
+        "apt-get install -y --no-install-recommends cloud-init",
+    )
+}
+
+/// The Python cloud-init runs on (its script's `#!` line), to use
+/// cloud-init's own user-data parser.
+fn cloud_init_python() -> PathBuf {
+    let ci = cloud_init();
+    let text = std::fs::read_to_string(&ci).expect("read the cloud-init script");
+    let shebang = text.lines().next().unwrap_or_default();
+    let python = shebang
+        .strip_prefix("#!")
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{} does not start with #!python", ci.display()));
+    PathBuf::from(python)
+}
+
+fn cfn_lint() -> PathBuf {
+    let bin = std::env::var_os("GRU_TEST_PYTHON")
+        .map(PathBuf::from)
+        .and_then(|p| p.parent().map(Path::to_owned))
+        .unwrap_or_else(|| root().join(".venv/bin"));
+    let lint = bin.join("cfn-lint");
+    assert!(
+        lint.is_file(),
+        "cfn-lint is needed by this test and is not at {}: run ./scripts/test, which installs the pinned cfn-lint into .venv (or: .venv/bin/pip install cfn-lint==1.58.0)",
+        lint.display()
+    );
+    lint
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn render(args: &[&str]) -> String {
+    let out = run(Command::new(GRU)
+        .args(["cloud-init", "render"])
+        .args(args)
+        .current_dir(golden_dir()));
+    assert!(
+        out.status.success(),
+        "gru cloud-init render {} failed: {}",
+        args.join(" "),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Compares with (or, with GRU_UPDATE_GOLDEN=1, rewrites) a golden file.
+fn golden(name: &str, actual: &str) {
+    let path = golden_dir().join(name);
+    if updating() {
+        std::fs::write(&path, actual).expect("write golden");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    if expected != actual {
+        panic!(
+            "{name} differs from its golden file:\n{}\nIf the change is intended: GRU_UPDATE_GOLDEN=1 cargo test -p gru --test e2e deploy",
+            diff(&format!("golden/{name}"), &expected, "rendered", actual)
+        );
+    }
+}
+
+/// `diff -u` of two texts (diffutils), or both in full where it is missing.
+fn diff(a_name: &str, a: &str, b_name: &str, b: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&pa, a).expect("write");
+    std::fs::write(&pb, b).expect("write");
+    Command::new("diff")
+        .args(["-u", "--label", a_name, "--label", b_name])
+        .arg(&pa)
+        .arg(&pb)
+        .output()
+        .map(|o| text(&o.stdout))
+        .unwrap_or_else(|_| format!("--- {a_name}\n{a}\n+++ {b_name}\n{b}"))
+}
+
+/// Runs user-data through cloud-init's own parser (as on a booting
+/// instance): lists the parts it sees, merges the cloud-config parts, and
+/// writes the merged config and every write_files entry under `out`.
+const INSPECT: &str = r##"
+import base64, json, os, sys, tempfile
+from cloudinit import handlers, helpers, safeyaml, user_data
+from cloudinit.handlers.cloud_config import CloudConfigPartHandler
+src, out = sys.argv[1], sys.argv[2]
+d = tempfile.mkdtemp()
+paths = helpers.Paths({"cloud_dir": d, "run_dir": d})
+msg = user_data.UserDataProcessor(paths).process(open(src, "rb").read())
+h = CloudConfigPartHandler(paths)
+h.handle_part(None, handlers.CONTENT_START, None, None, None, None)
+parts = []
+for p in msg.walk():
+    if p.get_content_maintype() == "multipart":
+        continue
+    parts.append([p.get_content_type(), p.get_filename()])
+    if p.get_content_type() == "text/cloud-config":
+        h.handle_part(None, p.get_content_type(), p.get_filename(),
+                      p.get_payload(decode=True).decode(), None, dict(p.items()))
+merged = h.cloud_buf
+with open(os.path.join(out, "merged.yaml"), "w") as f:
+    f.write("#cloud-config\n" + safeyaml.dumps(merged))
+for w in merged.get("write_files", []):
+    body = w.get("content", "")
+    data = base64.b64decode(body) if w.get("encoding") == "b64" else body.encode()
+    dest = os.path.join(out, "root", w["path"].lstrip("/"))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    open(dest, "wb").write(data)
+json.dump({"parts": parts, "runcmd": merged.get("runcmd", []),
+           "users": merged.get("users", [])}, sys.stdout)
+"##;
+
+struct Inspected {
+    dir: tempfile::TempDir,
+    summary: Value,
+}
+
+impl Inspected {
+    fn file(&self, path: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("root")
+            .join(path.trim_start_matches('/'))
+    }
+    fn read(&self, path: &str) -> String {
+        std::fs::read_to_string(self.file(path))
+            .unwrap_or_else(|e| panic!("user-data writes no {path}: {e}"))
+    }
+}
+
+fn inspect(user_data: &str) -> Inspected {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("user-data");
+    std::fs::write(&src, user_data).expect("write");
+    let out = run(Command::new(cloud_init_python())
+        .arg("-c")
+        .arg(INSPECT)
+        .arg(&src)
+        .arg(dir.path()));
+    assert!(
+        out.status.success(),
+        "cloud-init's parser refused the user-data: {}",
+        text(&out.stderr)
+    );
+    let summary = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+    Inspected { dir, summary }
+}
+
+fn schema_check(path: &Path) -> Output {
+    run(Command::new(cloud_init())
+        .args(["schema", "--config-file"])
+        .arg(path))
+}
+
+fn assert_schema_valid(what: &str, path: &Path) {
+    let out = schema_check(path);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("Valid cloud-config"),
+        "cloud-init schema rejects {what}:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// What every rendered variant must do, checked on what cloud-init made of it.
+fn check_minion_user_data(name: &str, user_data: &str, ca: bool) {
+    assert!(
+        !user_data.contains("PRIVATE KEY"),
+        "{name}: no secret in user-data"
+    );
+    assert!(
+        user_data.len() <= 16 * 1024,
+        "{name}: EC2 takes at most 16 KiB of user-data"
+    );
+    let i = inspect(user_data);
+    assert_schema_valid(name, &i.dir.path().join("merged.yaml"));
+
+    let runcmd = i.summary["runcmd"].as_array().expect("runcmd");
+    assert_eq!(
+        runcmd.last().expect("a runcmd"),
+        &serde_json::json!(["/usr/local/lib/gru/bootstrap"]),
+        "{name}: gru's bootstrap runs last"
+    );
+    let users = i.summary["users"].to_string();
+    assert!(
+        users.contains("\"name\":\"gru\""),
+        "{name}: creates the gru user: {users}"
+    );
+
+    // The files cloud-init writes work with the tools that use them.
+    let minion_toml = i.file("/etc/gru/minion.toml");
+    let out = run(Command::new(GRU)
+        .args(["minion", "--check-config", "--config"])
+        .arg(&minion_toml));
+    assert!(
+        out.status.success(),
+        "{name}: minion.toml: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        i.read("/etc/gru/minion.toml")
+            .contains("# identity: instance identity document (AWS)")
+    );
+    let bootstrap = i.file("/usr/local/lib/gru/bootstrap");
+    let out = run(Command::new("sh").arg("-n").arg(&bootstrap));
+    assert!(
+        out.status.success(),
+        "{name}: the bootstrap is not valid sh: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        i.read("/etc/systemd/system/gru-minion.service").trim_end(),
+        std::fs::read_to_string(root().join("deploy/systemd/gru-minion.service"))
+            .expect("unit")
+            .trim_end(),
+        "{name}: installs deploy/systemd/gru-minion.service as it is"
+    );
+    if ca {
+        assert_eq!(
+            i.read("/etc/gru/ca.pem"),
+            std::fs::read_to_string(golden_dir().join("ca.pem")).expect("ca")
+        );
+    } else {
+        assert!(!i.file("/etc/gru/ca.pem").exists());
+    }
+}
+
+#[test]
+fn cloud_init_user_data_variants() {
+    let https = render(&[
+        "--fleet",
+        "hl7",
+        "--controller",
+        "10.0.0.10:7070",
+        "--server-name",
+        "gru-controller",
+        "--binary-url",
+        "https://releases.example.org/gru/0.1.0/gru-x86_64-linux",
+        "--binary-sha256",
+        SHA,
+        "--ca-file",
+        "ca.pem",
+        "--downstream",
+        "10.0.2.5:2576",
+    ]);
+    golden("https.yaml", &https);
+    check_minion_user_data("https.yaml", &https, true);
+    assert!(https.contains(&format!("BINARY_SHA256='{SHA}'")));
+
+    let s3 = render(&[
+        "--fleet",
+        "adt",
+        "--controller",
+        "https://gru-controller.internal",
+        "--binary-url",
+        "s3://example-gru-artifacts/gru/0.1.0/gru",
+        "--binary-sha256",
+        &SHA.to_uppercase(),
+        "--ca-file",
+        "ca.pem",
+        "--engine-port",
+        "6661",
+        "--downstream",
+        "10.0.2.5:6662",
+        "--max-connection-age",
+        "10m",
+        "--join-token-ssm-parameter",
+        "/gru/join-token",
+    ]);
+    golden("s3.yaml", &s3);
+    check_minion_user_data("s3.yaml", &s3, true);
+
+    let baked = render(&[
+        "--fleet",
+        "cert",
+        "--controller",
+        "10.0.0.10",
+        "--package",
+        "/opt/gru/bin/gru",
+        "--downstream",
+        "10.0.2.5:2576",
+    ]);
+    golden("baked.yaml", &baked);
+    check_minion_user_data("baked.yaml", &baked, false);
+
+    let multipart = render(&[
+        "--fleet",
+        "hl7",
+        "--controller",
+        "10.0.0.10",
+        "--package",
+        "/usr/local/bin/gru",
+        "--ca-file",
+        "ca.pem",
+        "--downstream",
+        "10.0.2.5:2576",
+        "--part",
+        "parts/install-engine.sh",
+        "--part",
+        "parts/operator.yaml",
+    ]);
+    golden("multipart.txt", &multipart);
+    check_minion_user_data("multipart.txt", &multipart, true);
+    let i = inspect(&multipart);
+    assert_eq!(
+        i.summary["parts"],
+        serde_json::json!([
+            ["text/x-shellscript", "part-001-install-engine.sh"],
+            ["text/cloud-config", "part-002-operator.yaml"],
+            ["text/cloud-config", "gru-minion.yaml"],
+        ]),
+        "the operator's parts first, gru's last"
+    );
+    // gru's part adds to the operator's config and replaces none of it.
+    assert_eq!(
+        i.summary["runcmd"],
+        serde_json::json!([
+            ["mkdir", "-p", "/var/lib/engine"],
+            ["/usr/local/lib/gru/bootstrap"]
+        ])
+    );
+    assert_eq!(
+        i.read("/etc/engine/engine.conf"),
+        "queue_dir = /var/lib/engine\n"
+    );
+    // Shell parts run (from cloud-init's scripts directory, sorted) before
+    // the runcmd script that starts the agent.
+    assert!("part-001-install-engine.sh" < "runcmd");
+
+    // The checker is not a rubber stamp.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "#cloud-config\nruncmd: 5\nusers: nobody\n").expect("write");
+    assert!(
+        !schema_check(&bad).status.success(),
+        "cloud-init schema accepted a broken config"
+    );
+}
+
+#[test]
+fn cloud_init_render_refuses_what_would_not_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("key.pem");
+    std::fs::write(
+        &key,
+        "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let unknown = dir.path().join("notes.txt");
+    std::fs::write(&unknown, "hello\n").expect("write");
+    let base = [
+        "--fleet",
+        "hl7",
+        "--controller",
+        "10.0.0.10",
+        "--package",
+        "/usr/local/bin/gru",
+        "--downstream",
+        "10.0.2.5:2576",
+    ];
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--controller".into(), "http://10.0.0.10:7070".into()],
+            "--controller: gRPC is always TLS",
+        ),
+        (
+            vec!["--downstream".into(), "sink.internal:2576".into()],
+            "--downstream: an address like",
+        ),
+        (
+            vec!["--fleet".into(), "hl7\"; rm -rf /".into()],
+            "--fleet: letters, digits",
+        ),
+        (
+            vec!["--ca-file".into(), key.display().to_string()],
+            "holds a private key; user-data must hold no secret",
+        ),
+        (
+            vec!["--part".into(), unknown.display().to_string()],
+            "cannot tell what kind of user-data",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut args: Vec<String> = base.iter().map(|s| (*s).to_owned()).collect();
+        for pair in extra.chunks(2) {
+            match args.iter().position(|a| *a == pair[0]) {
+                Some(i) => args[i + 1] = pair[1].clone(),
+                None => args.extend(pair.iter().cloned()),
+            }
+        }
+        let out = run(Command::new(GRU).args(["cloud-init", "render"]).args(&args));
+        assert!(!out.status.success(), "accepted {args:?}");
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{args:?}: expected {expected:?} in: {}",
+            text(&out.stderr)
+        );
+    }
+    // A download needs its checksum; credentials in the URL are refused.
+    let out = run(Command::new(GRU).args([
+        "cloud-init",
+        "render",
+        "--fleet",
+        "hl7",
+        "--controller",
+        "10.0.0.10",
+        "--downstream",
+        "10.0.2.5:2576",
+        "--binary-url",
+        "https://example.org/gru",
+    ]));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--binary-sha256"));
+    let out = run(Command::new(GRU).args([
+        "cloud-init",
+        "render",
+        "--fleet",
+        "hl7",
+        "--controller",
+        "10.0.0.10",
+        "--downstream",
+        "10.0.2.5:2576",
+        "--binary-sha256",
+        SHA,
+        "--binary-url",
+        "https://b.s3.amazonaws.com/gru?X-Amz-Signature=abc",
+    ]));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("carries credentials"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Copies of the units whose commands point at the gru built for this test
+/// (`systemd-analyze verify` insists that ExecStart exists).
+fn units_for_this_build(dir: &Path) -> Vec<PathBuf> {
+    ["gru-controller.service", "gru-minion.service"]
+        .iter()
+        .map(|name| {
+            let unit = std::fs::read_to_string(root().join("deploy/systemd").join(name))
+                .expect("read unit");
+            assert!(unit.contains("/usr/local/bin/gru "));
+            let path = dir.join(name);
+            std::fs::write(
+                &path,
+                unit.replace("/usr/local/bin/gru ", &format!("{GRU} ")),
+            )
+            .expect("write unit");
+            path
+        })
+        .collect()
+}
+
+fn unit_value<'a>(unit: &'a str, key: &str) -> &'a str {
+    unit.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("the unit sets no {key}"))
+}
+
+#[test]
+fn systemd_units_verify() {
+    let analyze = tool(
+        "systemd-analyze",
+        "apt-get install -y systemd (systemd-analyze is part of it)",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let units = units_for_this_build(dir.path());
+    let out = run(Command::new(&analyze)
+        .args(["verify", "--man=no"])
+        .args(&units));
+    // verify exits 0 on unknown keys and bad values and only warns: any
+    // word about our units is a failure.
+    let stderr = text(&out.stderr);
+    let about_ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("gru-controller") || l.contains("gru-minion"))
+        .collect();
+    assert!(
+        out.status.success() && about_ours.is_empty(),
+        "systemd-analyze verify:\n{stderr}"
+    );
+    for unit in &units {
+        let out = run(Command::new(&analyze)
+            // The threshold is in tenths: 20 = "2.0 OK" on systemd's scale.
+            .args(["security", "--offline=yes", "--threshold=20"])
+            .arg(unit));
+        assert!(
+            out.status.success(),
+            "{} is exposed more than 2.0:\n{}",
+            unit.display(),
+            text(&out.stdout)
+        );
+    }
+
+    let controller =
+        std::fs::read_to_string(root().join("deploy/systemd/gru-controller.service")).unwrap();
+    let minion = std::fs::read_to_string(root().join("deploy/systemd/gru-minion.service")).unwrap();
+    for unit in [&controller, &minion] {
+        for key in [
+            "User",
+            "NoNewPrivileges",
+            "ProtectSystem",
+            "PrivateTmp",
+            "StateDirectory",
+        ] {
+            unit_value(unit, key);
+        }
+        assert_eq!(unit_value(unit, "ProtectSystem"), "strict");
+        assert_eq!(unit_value(unit, "RestartPreventExitStatus"), "64");
+    }
+    let nofile: u64 = unit_value(&controller, "LimitNOFILE").parse().unwrap();
+    assert!(
+        nofile >= 100_000,
+        "the controller holds a connection per minion"
+    );
+    // The minion's stop timeout leaves the engine its stop_grace (as
+    // rendered into minion.toml) plus a margin.
+    let stop = humantime::parse_duration(unit_value(&minion, "TimeoutStopSec")).unwrap();
+    let grace = render(&[
+        "--fleet",
+        "f",
+        "--controller",
+        "10.0.0.1",
+        "--package",
+        "/usr/local/bin/gru",
+        "--downstream",
+        "10.0.0.2:1",
+    ])
+    .lines()
+    .find_map(|l| {
+        l.trim()
+            .strip_prefix("stop_grace = \"")?
+            .strip_suffix('"')
+            .map(str::to_owned)
+    })
+    .expect("stop_grace in the rendered config");
+    let grace = humantime::parse_duration(&grace).unwrap();
+    assert!(
+        stop >= grace + std::time::Duration::from_secs(15),
+        "TimeoutStopSec {stop:?} vs stop_grace {grace:?}"
+    );
+}
+
+/// The block scalar after `marker` (a line ending in `|`), dedented.
+fn block_after(yaml: &str, marker: &str) -> String {
+    let mut lines = yaml.lines().skip_while(|l| !l.trim_end().ends_with(marker));
+    lines.next().unwrap_or_else(|| panic!("no {marker:?}"));
+    let body: Vec<&str> = lines.collect();
+    let indent = body
+        .iter()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .expect("block body");
+    let mut out = String::new();
+    for l in body {
+        if l.trim().is_empty() {
+            out.push('\n');
+        } else if l.len() - l.trim_start().len() >= indent {
+            out.push_str(&l[indent..]);
+            out.push('\n');
+        } else {
+            break;
+        }
+    }
+    out.trim_end_matches('\n').to_owned() + "\n"
+}
+
+#[test]
+fn cloudformation_passes_cfn_lint_and_matches_its_sources() {
+    let lint = cfn_lint();
+    let template = root().join("deploy/cloudformation/gru.yaml");
+    let out = run(Command::new(&lint).arg(&template));
+    assert!(
+        out.status.success(),
+        "cfn-lint {}:\n{}{}",
+        template.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let yaml = std::fs::read_to_string(&template).expect("template");
+    for needle in [
+        "HttpTokens: required",
+        "Encrypted: true",
+        "deregistration_delay.connection_termination.enabled",
+        "autoscaling:EC2_INSTANCE_LAUNCHING",
+        "autoscaling:EC2_INSTANCE_TERMINATING",
+    ] {
+        assert!(yaml.contains(needle), "gru.yaml has no {needle:?}");
+    }
+    assert!(
+        !yaml
+            .lines()
+            .any(|l| l.trim_start().starts_with("TargetGroupARNs:")),
+        "the target group must not be attached to the group"
+    );
+
+    // cfn-lint is not a rubber stamp.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        yaml.replacen("HttpTokens: required", "HttpTokens: sometimes", 1),
+    )
+    .expect("write");
+    assert!(
+        !run(Command::new(&lint).arg(&broken)).status.success(),
+        "cfn-lint accepted HttpTokens: sometimes"
+    );
+
+    // The launch template's user-data is the rendered template.
+    let rendered = render(&["--cloudformation"]);
+    let embedded = block_after(
+        &yaml[yaml.find("MinionLaunchTemplate:").expect("launch template")..],
+        "Fn::Sub: |",
+    );
+    if embedded != rendered {
+        if updating() {
+            let start = yaml.find("MinionLaunchTemplate:").unwrap();
+            let body_at =
+                start + yaml[start..].find("Fn::Sub: |\n").unwrap() + "Fn::Sub: |\n".len();
+            let indented: String = rendered
+                .lines()
+                .map(|l| {
+                    if l.is_empty() {
+                        "\n".to_owned()
+                    } else {
+                        format!("              {l}\n")
+                    }
+                })
+                .collect();
+            let old_len = yaml[body_at..]
+                .find("\n\n  MinionGroup:")
+                .expect("MinionGroup follows")
+                + 1;
+            let new = format!(
+                "{}{}{}",
+                &yaml[..body_at],
+                indented,
+                &yaml[body_at + old_len..]
+            );
+            std::fs::write(&template, new).expect("rewrite gru.yaml");
+        } else {
+            panic!(
+                "gru.yaml's MinionLaunchTemplate user-data is not `gru cloud-init render --cloudformation`:\n{}\nGRU_UPDATE_GOLDEN=1 cargo test -p gru --test e2e deploy rewrites it",
+                diff("gru.yaml", &embedded, "rendered", &rendered)
+            );
+        }
+    }
+    // The controller's unit is deploy/systemd/gru-controller.service.
+    let unit = block_after(
+        &yaml[yaml
+            .find("path: /etc/systemd/system/gru-controller.service")
+            .expect("controller unit")..],
+        "content: |",
+    );
+    assert_eq!(
+        unit,
+        std::fs::read_to_string(root().join("deploy/systemd/gru-controller.service"))
+            .expect("unit"),
+        "gru.yaml embeds deploy/systemd/gru-controller.service as it is"
+    );
+
+    // deploy/iam/*.json grant what the template grants.
+    let python = bin_python(&lint);
+    let out = run(Command::new(&python)
+        .arg("-c")
+        .arg(
+            r#"
+import json, sys
+from cfnlint.decode import decode
+t, m = decode(sys.argv[1])
+assert not m, m
+out = {}
+for role in ("ControllerRole", "MinionRole"):
+    for p in t["Resources"][role]["Properties"]["Policies"]:
+        if "PolicyDocument" not in p:
+            p = p["Fn::If"][1]
+        for s in p["PolicyDocument"]["Statement"]:
+            a = s["Action"]
+            out[s["Sid"]] = sorted([a] if isinstance(a, str) else a)
+json.dump(out, sys.stdout)
+"#,
+        )
+        .arg(&template));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let from_cfn: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let mut from_files = serde_json::Map::new();
+    for f in [
+        "gru-controller-policy.json",
+        "gru-minion-policy.json",
+        "gru-binary-policy.json",
+    ] {
+        let doc: Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join("deploy/iam").join(f)).unwrap(),
+        )
+        .unwrap_or_else(|e| panic!("deploy/iam/{f}: {e}"));
+        for s in doc["Statement"].as_array().expect("statements") {
+            let mut actions: Vec<String> = match &s["Action"] {
+                Value::String(a) => vec![a.clone()],
+                Value::Array(a) => a.iter().map(|v| v.as_str().unwrap().to_owned()).collect(),
+                _ => panic!("{f}: Action"),
+            };
+            actions.sort();
+            from_files.insert(s["Sid"].as_str().expect("Sid").to_owned(), actions.into());
+        }
+    }
+    assert_eq!(from_cfn, Value::Object(from_files));
+}
+
+fn bin_python(lint: &Path) -> PathBuf {
+    lint.with_file_name("python")
+}
