@@ -37,6 +37,7 @@ pub enum ServeError {
 /// signed by. Client certificates are optional at the TLS layer (minions
 /// prove themselves in Join instead) and required for AdminService.
 pub fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, ServeError> {
+    gru_proto::install_crypto_provider();
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|source| ServeError::TlsFile {
             path: path.to_owned(),

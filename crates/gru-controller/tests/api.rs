@@ -87,6 +87,7 @@ struct Fixture {
 }
 
 async fn start(instances: &[&str]) -> Fixture {
+    gru_proto::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = DevPki::in_dir(dir.path());
     pki.ensure().expect("pki");

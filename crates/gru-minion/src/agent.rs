@@ -87,6 +87,7 @@ impl Agent {
         instance_id: String,
         engine: Arc<dyn Engine>,
     ) -> Result<Self, AgentError> {
+        gru_proto::install_crypto_provider();
         let read = |what, path: &std::path::Path| {
             std::fs::read(path).map_err(|source| AgentError::Read {
                 what,

@@ -14,3 +14,15 @@ pub mod v1 {
 /// The encoded `FileDescriptorSet` of every gru proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gru_descriptor.bin"));
+
+/// Makes ring the process's TLS crypto provider, once; later calls change
+/// nothing. Every gRPC endpoint calls it before its first TLS connection.
+///
+/// Why: rustls picks a provider by itself only when exactly one is compiled
+/// in. The AWS SDK brings aws-lc-rs beside tonic's ring, and cargo unifies
+/// features across the workspace, so without this the first TLS handshake
+/// panics ("no process-level CryptoProvider available").
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

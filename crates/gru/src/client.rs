@@ -73,6 +73,7 @@ pub struct Admin {
 
 /// Connects to the controller named by the client config.
 pub async fn connect(config: Option<&Path>) -> anyhow::Result<Admin> {
+    gru_proto::install_crypto_provider();
     let path = config_path(config);
     let c = ClientConfig::load(&path)?;
     let read = |p: &Path, what: &str| {

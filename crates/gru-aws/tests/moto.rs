@@ -1,0 +1,955 @@
+//! gru-aws against moto's server, a third-party emulation of the AWS APIs.
+//!
+//! One moto server serves the whole test binary, on a free loopback port.
+//! Each test is its own AWS account (a random 12-digit `x-moto-account-id`
+//! header added by an SDK interceptor), so tests run in parallel without
+//! seeing each other. The SDK's retries are off: moto answers 500 to what it
+//! does not implement, and a retry would only hide that.
+//!
+//! The server is moto_server's own entry point (`moto.server.main`, what
+//! `.venv/bin/moto_server` runs) started by a few lines of Python that also
+//! end it when this process's end of its stdin closes: a Rust test binary
+//! runs no destructor for a value shared by all its tests, and this way no
+//! moto outlives the tests, however they end.
+//!
+//! What moto 5.2.5 does not do, and how each test copes, is said where it
+//! matters (DESIGN.md lists the gaps).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use aws_sdk_autoscaling::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_autoscaling::config::retry::RetryConfig;
+use aws_sdk_autoscaling::config::timeout::TimeoutConfig;
+use aws_sdk_autoscaling::config::{
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RuntimeComponents,
+};
+use aws_sdk_autoscaling::error::BoxError;
+use aws_sdk_autoscaling::types::LaunchTemplateSpecification;
+use aws_sdk_ec2::types::{
+    LaunchTemplateInstanceNetworkInterfaceSpecificationRequest, RequestLaunchTemplateData,
+};
+use aws_sdk_elasticloadbalancingv2::types::{
+    ProtocolEnum, TargetDescription, TargetGroupAttribute, TargetTypeEnum,
+};
+use gru_aws::{AwsClients, AwsFleet, AwsFleetConfig, AwsLifecycle, LifecycleHook, LifecycleResult};
+use gru_cloud::{
+    CapacityGroup, CloudError, InstanceId, InstanceLifecycle, Target, TargetGroup, TargetState,
+};
+use rand::Rng;
+
+/// Bound on every test: moto's first EC2 call in an account takes ≈ 2 s.
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// Bound on moto's start.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const REGION: &str = "us-east-1";
+const ZONE: &str = "us-east-1a";
+const ENGINE_PORT: u16 = 2575;
+
+const INSTALL_HINT: &str = "moto's server is needed for these tests: run ./scripts/test, which \
+     installs moto[server]==5.2.5 into ./.venv (or set GRU_TEST_PYTHON to a Python with it)";
+
+/// Starts moto_server's entry point on the port given as argv[1] and exits
+/// when stdin reaches its end (this test process has gone).
+///
+/// Before serving, it adds to moto 5.2.5's Auto Scaling backend the
+/// lifecycle hooks it stores but never runs, as AWS documents them:
+/// - with a launching hook, new instances wait in `Pending:Wait` (and count
+///   as capacity); CONTINUE puts one in service, ABANDON terminates it and
+///   the group launches a replacement;
+/// - with a terminating hook, TerminateInstanceInAutoScalingGroup lowers the
+///   desired capacity at once if asked and leaves the instance in
+///   `Terminating:Wait`; CONTINUE or ABANDON then terminates it;
+/// - CompleteLifecycleAction and RecordLifecycleActionHeartbeat (moto answers
+///   both with 500 NotImplemented) act on an instance waiting for that hook
+///   and answer ValidationError otherwise. Heartbeat timeouts do not run:
+///   nothing here waits for one.
+const LAUNCHER: &str = r#"
+import os, sys, threading
+port = sys.argv[1]
+def watch():
+    sys.stdin.read()
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+
+import moto.autoscaling.models as models
+import moto.autoscaling.responses as responses
+from moto.autoscaling.exceptions import ValidationError
+from moto.core.responses import EmptyResult
+
+LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+WAIT = {LAUNCHING: "Pending:Wait", TERMINATING: "Terminating:Wait"}
+
+def hooked(group, transition):
+    return any(h.auto_scaling_group_name == group.name and h.lifecycle_transition == transition
+               for h in group.autoscaling_backend.lifecycle_hooks.values())
+
+def active_instances(self):
+    return [s for s in self.instance_states if s.lifecycle_state in ("InService", "Pending:Wait")]
+models.FakeAutoScalingGroup.active_instances = active_instances
+
+launch = models.FakeAutoScalingGroup.replace_autoscaling_group_instances
+def replace_autoscaling_group_instances(self, count_needed, propagated_tags):
+    before = {id(s) for s in self.instance_states}
+    launch(self, count_needed, propagated_tags)
+    if hooked(self, LAUNCHING):
+        for s in self.instance_states:
+            if id(s) not in before:
+                s.lifecycle_state = "Pending:Wait"
+models.FakeAutoScalingGroup.replace_autoscaling_group_instances = replace_autoscaling_group_instances
+
+terminate = models.AutoScalingBackend.terminate_instance
+def terminate_instance(self, instance_id, should_decrement):
+    state = next((s for g in self.autoscaling_groups.values() for s in g.instance_states
+                  if s.instance.id == instance_id), None)
+    if state is None or not hooked(state.instance.autoscaling_group, TERMINATING):
+        return terminate(self, instance_id, should_decrement)
+    group = state.instance.autoscaling_group
+    original_size = group.desired_capacity
+    state.lifecycle_state = "Terminating:Wait"
+    if should_decrement:
+        group.desired_capacity = original_size - 1
+    group.set_desired_capacity(group.desired_capacity)
+    return models.TerminateInstanceActivity(state.instance, original_size)
+models.AutoScalingBackend.terminate_instance = terminate_instance
+
+def waiting(backend, group_name, hook_name, instance_id):
+    group = backend.autoscaling_groups.get(group_name)
+    hook = backend.lifecycle_hooks.get(f"{group_name}_{hook_name}")
+    if group is None or hook is None:
+        raise ValidationError(f"No Lifecycle Hook found with name {hook_name} in group {group_name}")
+    wait = WAIT.get(hook.lifecycle_transition)
+    for s in group.instance_states:
+        if s.instance.id == instance_id and s.lifecycle_state == wait:
+            return group, s
+    raise ValidationError(f"No active Lifecycle Action found with instance ID {instance_id}")
+
+def complete_lifecycle_action(self, group_name, hook_name, instance_id, result):
+    group, state = waiting(self, group_name, hook_name, instance_id)
+    if state.lifecycle_state == "Pending:Wait" and result == "CONTINUE":
+        state.lifecycle_state = "InService"
+        return
+    group.instance_states = [s for s in group.instance_states if s is not state]
+    self.ec2_backend.terminate_instances([instance_id])
+    group.set_desired_capacity(group.desired_capacity)
+models.AutoScalingBackend.complete_lifecycle_action = complete_lifecycle_action
+
+def record_lifecycle_action_heartbeat(self, group_name, hook_name, instance_id):
+    waiting(self, group_name, hook_name, instance_id)
+models.AutoScalingBackend.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
+
+def complete_lifecycle_action_response(self):
+    self.autoscaling_backend.complete_lifecycle_action(
+        self._get_param("AutoScalingGroupName"), self._get_param("LifecycleHookName"),
+        self._get_param("InstanceId"), self._get_param("LifecycleActionResult"))
+    return EmptyResult()
+responses.AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action_response
+
+def record_lifecycle_action_heartbeat_response(self):
+    self.autoscaling_backend.record_lifecycle_action_heartbeat(
+        self._get_param("AutoScalingGroupName"), self._get_param("LifecycleHookName"),
+        self._get_param("InstanceId"))
+    return EmptyResult()
+responses.AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat_response
+
+from moto.server import main
+main(["-H", "127.0.0.1", "-p", port])
+"#;
+
+struct Moto {
+    url: String,
+    /// Held so the launcher's stdin stays open while the tests run.
+    _stdin: Mutex<ChildStdin>,
+    _child: Mutex<Child>,
+}
+
+fn python() -> PathBuf {
+    match std::env::var_os("GRU_TEST_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// One GET over loopback; the status code, if the server answered.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        Duration::from_secs(1),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+fn start_moto() -> Moto {
+    let python = python();
+    let port = free_port();
+    let mut child = Command::new(&python)
+        .arg("-c")
+        .arg(LAUNCHER)
+        .arg(port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}. {INSTALL_HINT}", python.display()));
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("moto exited ({status}) before answering: {err}\n{INSTALL_HINT}");
+        }
+        if http_status(port, "/moto-api/") == Some(200) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "moto did not answer on 127.0.0.1:{port} within {START_TIMEOUT:?}. {INSTALL_HINT}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its request log is of no use here; dropping the pipe would make moto
+    // fail on its next write, so drain it in the background.
+    if let Some(mut stderr) = child.stderr.take() {
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    }
+    let stdin = child.stdin.take().expect("piped stdin");
+    Moto {
+        url: format!("http://127.0.0.1:{port}"),
+        _stdin: Mutex::new(stdin),
+        _child: Mutex::new(child),
+    }
+}
+
+fn moto() -> &'static Moto {
+    static MOTO: OnceLock<Moto> = OnceLock::new();
+    MOTO.get_or_init(start_moto)
+}
+
+/// Puts every request in one moto account.
+#[derive(Debug)]
+struct MotoAccount(String);
+
+impl Intercept for MotoAccount {
+    fn name(&self) -> &'static str {
+        "MotoAccount"
+    }
+
+    fn modify_before_transmit(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        context
+            .request_mut()
+            .headers_mut()
+            .insert("x-moto-account-id", self.0.clone());
+        Ok(())
+    }
+}
+
+/// SDK clients for a fresh moto account: static credentials, retries off.
+fn clients(url: &str) -> AwsClients {
+    let account: String = {
+        let mut rng = rand::rng();
+        (0..12)
+            .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
+            .collect()
+    };
+    let credentials = Credentials::new("moto", "moto", None, None, "gru-aws tests");
+    let timeouts = TimeoutConfig::builder()
+        .operation_timeout(Duration::from_secs(30))
+        .build();
+    macro_rules! client {
+        ($sdk:ident) => {
+            $sdk::Client::from_conf(
+                $sdk::Config::builder()
+                    .behavior_version(BehaviorVersion::latest())
+                    .region(Region::new(REGION))
+                    .credentials_provider(credentials.clone())
+                    .endpoint_url(url)
+                    .retry_config(RetryConfig::disabled())
+                    .timeout_config(timeouts.clone())
+                    .interceptor(MotoAccount(account.clone()))
+                    .build(),
+            )
+        };
+    }
+    AwsClients {
+        autoscaling: client!(aws_sdk_autoscaling),
+        elb: client!(aws_sdk_elasticloadbalancingv2),
+        ec2: client!(aws_sdk_ec2),
+    }
+}
+
+/// A fleet in a fresh account: a VPC and subnet, a launch template with a
+/// Linux AMI, a target group and an Auto Scaling group (not attached).
+struct Fixture {
+    fleet: AwsFleet,
+    clients: AwsClients,
+    group: String,
+    target_group_arn: String,
+}
+
+async fn fixture(min: i32, max: i32, desired: i32) -> Fixture {
+    fixture_with(min, max, desired, |_| {}).await
+}
+
+async fn fixture_with(
+    min: i32,
+    max: i32,
+    desired: i32,
+    tweak: impl FnOnce(&mut AwsFleetConfig),
+) -> Fixture {
+    let clients = clients(&moto().url);
+    let ec2 = &clients.ec2;
+    // The first image moto lists is Windows: pick Amazon Linux by name.
+    let images = ec2
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .expect("DescribeImages");
+    let ami = images
+        .images()
+        .iter()
+        .find(|i| i.platform().is_none() && i.name().is_some_and(|n| n.starts_with("amzn-ami-hvm")))
+        .and_then(|i| i.image_id())
+        .expect("moto lists an Amazon Linux HVM image")
+        .to_owned();
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .send()
+        .await
+        .expect("CreateVpc")
+        .vpc()
+        .and_then(|v| v.vpc_id())
+        .expect("a VPC id")
+        .to_owned();
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(&vpc)
+        .cidr_block("10.0.1.0/24")
+        .availability_zone(ZONE)
+        .send()
+        .await
+        .expect("CreateSubnet")
+        .subnet()
+        .and_then(|s| s.subnet_id())
+        .expect("a subnet id")
+        .to_owned();
+    ec2.create_launch_template()
+        .launch_template_name("gru-minion")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(ami)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .network_interfaces(
+                    LaunchTemplateInstanceNetworkInterfaceSpecificationRequest::builder()
+                        .device_index(0)
+                        .subnet_id(&subnet)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .expect("CreateLaunchTemplate");
+    let target_group_arn = clients
+        .elb
+        .create_target_group()
+        .name("gru-hl7")
+        .protocol(ProtocolEnum::Tcp)
+        .port(i32::from(ENGINE_PORT))
+        .vpc_id(&vpc)
+        .target_type(TargetTypeEnum::Instance)
+        .send()
+        .await
+        .expect("CreateTargetGroup")
+        .target_groups()
+        .first()
+        .and_then(|t| t.target_group_arn())
+        .expect("a target group ARN")
+        .to_owned();
+    let group = "gru-fleet".to_owned();
+    clients
+        .autoscaling
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(&group)
+        .launch_template(
+            LaunchTemplateSpecification::builder()
+                .launch_template_name("gru-minion")
+                .version("$Latest")
+                .build(),
+        )
+        .min_size(min)
+        .max_size(max)
+        .desired_capacity(desired)
+        .vpc_zone_identifier(&subnet)
+        .send()
+        .await
+        .expect("CreateAutoScalingGroup");
+    let mut config = AwsFleetConfig::new(&group, &target_group_arn);
+    config.endpoint_url = Some(moto().url.clone());
+    tweak(&mut config);
+    Fixture {
+        fleet: AwsFleet::from_clients(config, clients.clone()),
+        clients,
+        group,
+        target_group_arn,
+    }
+}
+
+impl Fixture {
+    /// The group's desired capacity as moto reports it, asked directly.
+    async fn desired(&self) -> i32 {
+        self.clients
+            .autoscaling
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.group)
+            .send()
+            .await
+            .expect("DescribeAutoScalingGroups")
+            .auto_scaling_groups()[0]
+            .desired_capacity()
+            .expect("a desired capacity")
+    }
+
+    async fn in_service(&self) -> Vec<InstanceId> {
+        let state = self.fleet.describe().await.expect("describe");
+        state
+            .instances
+            .into_iter()
+            .filter(|i| i.lifecycle == InstanceLifecycle::InService)
+            .map(|i| i.id)
+            .collect()
+    }
+}
+
+fn target(id: &InstanceId) -> Target {
+    Target {
+        instance: id.clone(),
+        address: SocketAddr::from(([10, 0, 1, 10], ENGINE_PORT)),
+    }
+}
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("test ran past its time bound")
+}
+
+#[tokio::test]
+async fn describe_reports_bounds_and_instances_with_ec2_details() {
+    bounded(async {
+        let fx = fixture(0, 4, 2).await;
+        let group = fx.fleet.describe_group().await.unwrap();
+        assert_eq!((group.desired, group.min, group.max), (2, 0, 4));
+        assert_eq!(group.instances.len(), 2);
+        for i in &group.instances {
+            assert_eq!(i.lifecycle, AwsLifecycle::InService);
+            assert!(i.healthy);
+            assert!(!i.protected_from_scale_in);
+            assert_eq!(i.availability_zone.as_deref(), Some(ZONE));
+            let ip = i.private_ip.expect("moto gives each instance a private IP");
+            assert!(
+                ip.to_string().starts_with("10.0.1."),
+                "{ip} is in the subnet"
+            );
+            assert!(i.launched_at.is_some());
+        }
+        let state = fx.fleet.describe().await.unwrap();
+        assert_eq!(state.instances.len(), 2);
+        assert!(
+            state
+                .instances
+                .iter()
+                .all(|i| i.lifecycle == InstanceLifecycle::InService)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_desired_scales_out_and_back_and_refuses_to_leave_the_bounds() {
+    bounded(async {
+        let fx = fixture(0, 4, 0).await;
+        fx.fleet.set_desired(3).await.unwrap();
+        assert_eq!(fx.desired().await, 3);
+        assert_eq!(fx.in_service().await.len(), 3);
+        // Same size again: no change, no error.
+        fx.fleet.set_desired(3).await.unwrap();
+
+        // moto would accept 5 (it does not check the bounds; AWS does): the
+        // provider checks first and makes no call.
+        match fx.fleet.set_desired(5).await {
+            Err(CloudError::OutOfBounds {
+                desired: 5,
+                min: 0,
+                max: 4,
+            }) => {}
+            other => panic!("expected OutOfBounds, got {other:?}"),
+        }
+        assert_eq!(fx.desired().await, 3);
+
+        fx.fleet.set_desired(0).await.unwrap();
+        assert_eq!(fx.desired().await, 0);
+        assert!(fx.in_service().await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn terminate_with_decrement_lowers_desired_exactly_once() {
+    bounded(async {
+        let fx = fixture(0, 5, 3).await;
+        let victims = fx.in_service().await;
+        let victim = &victims[0];
+
+        fx.fleet.terminate(victim, true).await.unwrap();
+        assert_eq!(fx.desired().await, 2);
+        // Again: the instance is gone (moto removes it at once; AWS would
+        // show it Terminating first). No call, no second decrement.
+        fx.fleet.terminate(victim, true).await.unwrap();
+        assert_eq!(fx.desired().await, 2);
+        let left = fx.in_service().await;
+        assert_eq!(left.len(), 2);
+        assert!(!left.contains(victim));
+
+        // Without decrement the group replaces the instance.
+        let last = left[1].clone();
+        fx.fleet.terminate(&last, false).await.unwrap();
+        assert_eq!(fx.desired().await, 2);
+        let replaced = fx.in_service().await;
+        assert_eq!(replaced.len(), 2);
+        assert!(!replaced.contains(&last));
+
+        // An instance the group never had: nothing to do.
+        fx.fleet
+            .terminate(&InstanceId::from("i-0123456789abcdef0"), true)
+            .await
+            .unwrap();
+        assert_eq!(fx.desired().await, 2);
+
+        // Two concurrent calls for one instance: both may see it in service;
+        // only the one that takes the mark may decrement, the other goes out
+        // without. Whichever reaches moto second finds the instance gone
+        // (moto answers 500; AWS a ValidationError). If the undecremented one
+        // wins, the group replaces the instance and desired stays: one
+        // instance too many for a while, never a second decrement.
+        let other = &replaced[0];
+        let (a, b) = tokio::join!(
+            fx.fleet.terminate(other, true),
+            fx.fleet.terminate(other, true)
+        );
+        assert!(a.is_ok() || b.is_ok(), "{a:?} {b:?}");
+        let desired = fx.desired().await;
+        assert!(desired == 1 || desired == 2, "desired {desired}");
+        assert!(!fx.in_service().await.contains(other));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn register_and_deregister_move_the_target_state() {
+    bounded(async {
+        let fx = fixture(0, 2, 1).await;
+        let id = fx.in_service().await.remove(0);
+        let t = target(&id);
+        assert_eq!(
+            fx.fleet.target_state(&t).await.unwrap(),
+            TargetState::Unused
+        );
+
+        fx.fleet.register(&t).await.unwrap();
+        fx.fleet.register(&t).await.unwrap();
+        // moto's targets are healthy at once (AWS shows `initial` while the
+        // first health checks run).
+        assert_eq!(
+            fx.fleet.target_state(&t).await.unwrap(),
+            TargetState::Healthy
+        );
+        let registered = fx
+            .clients
+            .elb
+            .describe_target_health()
+            .target_group_arn(&fx.target_group_arn)
+            .send()
+            .await
+            .unwrap();
+        let listed: Vec<(Option<&str>, Option<i32>)> = registered
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|d| d.target())
+            .map(|t: &TargetDescription| (t.id(), t.port()))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(Some(id.0.as_str()), Some(i32::from(ENGINE_PORT)))]
+        );
+
+        fx.fleet.deregister(&t).await.unwrap();
+        // moto has no `draining`: a deregistered target is `unused` at once,
+        // whatever the deregistration delay. On AWS the controller sees
+        // Draining first; both take no new connections.
+        let after = fx.fleet.target_state(&t).await.unwrap();
+        assert_eq!(after, TargetState::Unused);
+        assert!(after.takes_no_new_connections());
+        fx.fleet.deregister(&t).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_deregistration_delay_comes_from_the_target_groups_attributes() {
+    bounded(async {
+        let fx = fixture(0, 1, 0).await;
+        assert_eq!(
+            fx.fleet.deregistration_delay().await.unwrap(),
+            Duration::from_secs(300)
+        );
+        fx.clients
+            .elb
+            .modify_target_group_attributes()
+            .target_group_arn(&fx.target_group_arn)
+            .attributes(
+                TargetGroupAttribute::builder()
+                    .key("deregistration_delay.timeout_seconds")
+                    .value("42")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            fx.fleet.deregistration_delay().await.unwrap(),
+            Duration::from_secs(42)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_attached_target_group_is_detected() {
+    bounded(async {
+        let fx = fixture(0, 1, 0).await;
+        assert!(!fx.fleet.target_group_attached().await.unwrap());
+        fx.clients
+            .autoscaling
+            .attach_load_balancer_target_groups()
+            .auto_scaling_group_name(&fx.group)
+            .target_group_arns(&fx.target_group_arn)
+            .send()
+            .await
+            .unwrap();
+        assert!(fx.fleet.target_group_attached().await.unwrap());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn protection_and_health_are_set_per_instance() {
+    bounded(async {
+        let fx = fixture(0, 3, 2).await;
+        let ids = fx.in_service().await;
+        fx.fleet
+            .set_scale_in_protection(&ids[..1], true)
+            .await
+            .unwrap();
+        let group = fx.fleet.describe_group().await.unwrap();
+        assert!(group.instance(&ids[0]).unwrap().protected_from_scale_in);
+        assert!(!group.instance(&ids[1]).unwrap().protected_from_scale_in);
+        fx.fleet.set_scale_in_protection(&ids, false).await.unwrap();
+        let group = fx.fleet.describe_group().await.unwrap();
+        assert!(group.instances.iter().all(|i| !i.protected_from_scale_in));
+
+        fx.fleet.set_unhealthy(&ids[1]).await.unwrap();
+        let group = fx.fleet.describe_group().await.unwrap();
+        // moto records the verdict but does not replace the instance (AWS
+        // would terminate and replace it).
+        assert!(!group.instance(&ids[1]).unwrap().healthy);
+        assert!(group.instance(&ids[0]).unwrap().healthy);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_group_or_target_group_is_not_found() {
+    bounded(async {
+        let fx = fixture(0, 1, 0).await;
+        let mut config = fx.fleet.config().clone();
+        config.group_name = "no-such-group".into();
+        let fleet = AwsFleet::from_clients(config, fx.clients.clone());
+        assert!(matches!(
+            fleet.describe().await,
+            Err(CloudError::NotFound { .. })
+        ));
+        assert!(matches!(
+            fleet.set_desired(1).await,
+            Err(CloudError::NotFound { .. })
+        ));
+
+        let mut config = fx.fleet.config().clone();
+        config.target_group_arn = fx.target_group_arn.replace("gru-hl7", "nope");
+        let fleet = AwsFleet::from_clients(config, fx.clients.clone());
+        let t = target(&InstanceId::from("i-0123456789abcdef0"));
+        match fleet.register(&t).await {
+            Err(CloudError::NotFound { what }) => assert!(what.contains("nope"), "{what}"),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn lifecycle_actions_need_a_configured_hook() {
+    bounded(async {
+        let fx = fixture(0, 1, 1).await;
+        let id = fx.in_service().await.remove(0);
+        let err = fx
+            .fleet
+            .complete_lifecycle_action(&id, LifecycleHook::Terminating, LifecycleResult::Continue)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CloudError::NotFound { .. }), "{err:?}");
+        let err = fx
+            .fleet
+            .record_lifecycle_heartbeat(&id, LifecycleHook::Launching)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CloudError::NotFound { .. }), "{err:?}");
+    })
+    .await;
+}
+
+impl Fixture {
+    /// Puts the fleet's configured lifecycle hooks on the group.
+    async fn put_hooks(&self) {
+        let config = self.fleet.config();
+        for (name, transition) in [
+            (&config.launching_hook, "autoscaling:EC2_INSTANCE_LAUNCHING"),
+            (
+                &config.terminating_hook,
+                "autoscaling:EC2_INSTANCE_TERMINATING",
+            ),
+        ] {
+            let Some(name) = name else { continue };
+            self.clients
+                .autoscaling
+                .put_lifecycle_hook()
+                .auto_scaling_group_name(&self.group)
+                .lifecycle_hook_name(name)
+                .lifecycle_transition(transition)
+                .heartbeat_timeout(300)
+                .default_result("ABANDON")
+                .send()
+                .await
+                .expect("PutLifecycleHook");
+        }
+    }
+}
+
+fn launching_hook(c: &mut AwsFleetConfig) {
+    c.launching_hook = Some("gru-launching".into());
+}
+
+fn terminating_hook(c: &mut AwsFleetConfig) {
+    c.terminating_hook = Some("gru-terminating".into());
+}
+
+fn ids<'a>(instances: impl Iterator<Item = &'a gru_aws::AwsInstance>) -> Vec<InstanceId> {
+    instances.map(|i| i.id.clone()).collect()
+}
+
+// The lifecycle tests rely on the harness's layer over moto (LAUNCHER):
+// moto itself stores hooks but never holds an instance.
+
+#[tokio::test]
+async fn a_launching_hook_holds_new_instances_until_the_controller_completes_it() {
+    bounded(async {
+        let fx = fixture_with(0, 3, 0, launching_hook).await;
+        fx.put_hooks().await;
+        fx.fleet.set_desired(2).await.unwrap();
+
+        let group = fx.fleet.describe_group().await.unwrap();
+        let held = ids(group.awaiting(LifecycleHook::Launching));
+        assert_eq!(held.len(), 2);
+        let state = group.to_group_state(std::time::SystemTime::now());
+        assert!(
+            state
+                .instances
+                .iter()
+                .all(|i| i.lifecycle == InstanceLifecycle::Pending)
+        );
+
+        fx.fleet
+            .record_lifecycle_heartbeat(&held[0], LifecycleHook::Launching)
+            .await
+            .unwrap();
+        fx.fleet
+            .complete_lifecycle_action(
+                &held[0],
+                LifecycleHook::Launching,
+                LifecycleResult::Continue,
+            )
+            .await
+            .unwrap();
+        // ABANDON: the instance goes and the group launches a replacement,
+        // which waits in its turn.
+        fx.fleet
+            .complete_lifecycle_action(&held[1], LifecycleHook::Launching, LifecycleResult::Abandon)
+            .await
+            .unwrap();
+
+        let group = fx.fleet.describe_group().await.unwrap();
+        assert_eq!(group.desired, 2);
+        assert_eq!(
+            group.instance(&held[0]).unwrap().lifecycle,
+            AwsLifecycle::InService
+        );
+        assert!(group.instance(&held[1]).is_none());
+        let replacement = ids(group.awaiting(LifecycleHook::Launching));
+        assert_eq!(replacement.len(), 1);
+        assert!(!held.contains(&replacement[0]));
+
+        // No action holds an instance in service: AWS says ValidationError,
+        // and the provider passes the code on.
+        match fx
+            .fleet
+            .complete_lifecycle_action(
+                &held[0],
+                LifecycleHook::Launching,
+                LifecycleResult::Continue,
+            )
+            .await
+        {
+            Err(CloudError::Provider {
+                call: "CompleteLifecycleAction",
+                message,
+            }) => {
+                assert!(message.starts_with("ValidationError"), "{message}");
+            }
+            other => panic!("expected a ValidationError, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_termination_the_group_started_waits_for_the_controller() {
+    bounded(async {
+        let fx = fixture_with(0, 3, 0, terminating_hook).await;
+        fx.put_hooks().await;
+        fx.fleet.set_desired(2).await.unwrap();
+        let before = fx.in_service().await;
+
+        // Someone (a health check, a rebalance) terminates an instance
+        // without lowering the desired capacity.
+        fx.clients
+            .autoscaling
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(&before[0].0)
+            .should_decrement_desired_capacity(false)
+            .send()
+            .await
+            .unwrap();
+
+        let group = fx.fleet.describe_group().await.unwrap();
+        assert_eq!(
+            ids(group.awaiting(LifecycleHook::Terminating)),
+            vec![before[0].clone()]
+        );
+        let state = group.to_group_state(std::time::SystemTime::now());
+        let victim = state.instances.iter().find(|i| i.id == before[0]).unwrap();
+        assert_eq!(victim.lifecycle, InstanceLifecycle::Terminating);
+        assert_eq!(
+            fx.in_service().await.len(),
+            2,
+            "the group launched a replacement"
+        );
+
+        // The controller's own terminate must not decrement for it.
+        fx.fleet.terminate(&before[0], true).await.unwrap();
+        assert_eq!(fx.desired().await, 2);
+
+        fx.fleet
+            .record_lifecycle_heartbeat(&before[0], LifecycleHook::Terminating)
+            .await
+            .unwrap();
+        fx.fleet
+            .complete_lifecycle_action(
+                &before[0],
+                LifecycleHook::Terminating,
+                LifecycleResult::Continue,
+            )
+            .await
+            .unwrap();
+        let group = fx.fleet.describe_group().await.unwrap();
+        assert!(group.instance(&before[0]).is_none());
+        assert_eq!(group.desired, 2);
+        assert_eq!(group.instances.len(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn terminate_under_a_terminating_hook_decrements_once_and_waits() {
+    bounded(async {
+        let fx = fixture_with(0, 3, 0, terminating_hook).await;
+        fx.put_hooks().await;
+        fx.fleet.set_desired(3).await.unwrap();
+        let victim = fx.in_service().await.remove(0);
+
+        // Unlike plain moto, the instance stays listed (Terminating:Wait), as
+        // on AWS: the second call sees it leaving and does nothing.
+        fx.fleet.terminate(&victim, true).await.unwrap();
+        fx.fleet.terminate(&victim, true).await.unwrap();
+        assert_eq!(fx.desired().await, 2);
+        let group = fx.fleet.describe_group().await.unwrap();
+        assert_eq!(
+            group.instance(&victim).unwrap().lifecycle,
+            AwsLifecycle::TerminatingWait
+        );
+        assert_eq!(
+            group.instances.len(),
+            3,
+            "no replacement for a decremented termination"
+        );
+
+        fx.fleet
+            .complete_lifecycle_action(
+                &victim,
+                LifecycleHook::Terminating,
+                LifecycleResult::Continue,
+            )
+            .await
+            .unwrap();
+        fx.fleet.terminate(&victim, true).await.unwrap();
+        assert_eq!(fx.desired().await, 2);
+        assert_eq!(fx.in_service().await.len(), 2);
+    })
+    .await;
+}
