@@ -576,4 +576,46 @@ mod tests {
             "/etc/gru/controller.toml: fleet[1].name: a unique name, \"local\" is used twice"
         );
     }
+
+    /// The shipped example does what its comments say, at chosen moments in
+    /// America/Detroit, across a DST change.
+    #[test]
+    fn the_shipped_schedule_example_follows_detroit_office_hours() {
+        use gru_core::policy::{MinionLoad, Observation, Overrides, PolicyState, evaluate};
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/schedules.example.toml");
+        let config = ControllerConfig::load(&file).expect("the example is valid");
+        let fleet = |name: &str| config.fleets.iter().find(|f| f.name == name).expect("fleet").clone();
+        // Desired under heavy load (from 5) and when idle (from 1), at `at` (UTC).
+        let desired = |fleet: &FleetConfig, at: &str| {
+            let now: jiff::Timestamp = at.parse().expect("timestamp");
+            let busy = Observation {
+                capacity: 5,
+                minions: vec![MinionLoad { queued: 500, in_flight: 4, rate_per_s: None }; 5],
+                external: Vec::new(),
+            };
+            // Idle with one minion, so no step limit hides the minimum.
+            let idle = Observation { capacity: 1, minions: vec![MinionLoad::default()], external: Vec::new() };
+            let run = |obs: &Observation| {
+                evaluate(&fleet.policy, &mut PolicyState::new(), obs, &Overrides::default(), now).desired
+            };
+            (run(&busy), run(&idle))
+        };
+        let (prod, cert, dev) = (fleet("prod"), fleet("cert"), fleet("dev"));
+        // Tuesday 2026-11-24 22:00 EST: weeknight, at most 3.
+        assert_eq!(desired(&prod, "2026-11-25T03:00:00Z").0, 3);
+        // Wednesday 14:00 EST: the fleet's own max.
+        assert_eq!(desired(&prod, "2026-11-25T19:00:00Z").0, 12);
+        // Saturday 2026-11-28 03:00 EST: weekend outranks the Friday night window.
+        assert_eq!(desired(&prod, "2026-11-28T08:00:00Z"), (2, 1));
+        assert_eq!(desired(&prod, "2026-11-28T17:00:00Z"), (2, 1));
+        // cert: Monday 06:00 EST off, 10:00 on (min 1), Sunday noon off.
+        assert_eq!(desired(&cert, "2026-11-23T11:00:00Z"), (0, 0));
+        assert_eq!(desired(&cert, "2026-11-23T15:00:00Z"), (2, 1));
+        assert_eq!(desired(&cert, "2026-11-29T17:00:00Z"), (0, 0));
+        // dev across spring-forward (Sunday 2027-03-14): Monday 06:59 EDT is
+        // still off, 07:00 EDT (11:00Z, no longer 12:00Z) is on.
+        assert_eq!(desired(&dev, "2027-03-15T10:59:00Z"), (0, 0));
+        assert_eq!(desired(&dev, "2027-03-15T11:00:00Z"), (2, 1));
+    }
 }
+
