@@ -108,19 +108,8 @@ pub async fn connect(config: Option<&Path>) -> anyhow::Result<Admin> {
     })
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn explain_connect(address: &str, ca: &Path, e: &tonic::transport::Error) -> anyhow::Error {
-    let detail = chain(e);
+    let detail = gru_core::error_chain(e);
     if detail.contains("Connection refused") || detail.contains("connection refused") {
         anyhow!(
             "cannot reach the controller at {address}: connection refused (is `gru dev` or `gru controller` running?)"
