@@ -554,7 +554,7 @@ pub async fn explain(a: FleetArg) -> anyhow::Result<()> {
         return print_json(&d);
     }
     println!("fleet {}, decided at {}", d.fleet, clock(d.at_unix_ms));
-    print!("{}", d.text);
+    println!("{}", d.text.trim_end());
     Ok(())
 }
 
