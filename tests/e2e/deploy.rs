@@ -1,20 +1,24 @@
 //! Deployment artefacts, checked by the tools that will consume them:
 //! `gru cloud-init render` against golden outputs and cloud-init's own
 //! schema checker and user-data parser; the systemd units with
-//! `systemd-analyze verify` and `security`; the CloudFormation template with
-//! cfn-lint. A missing tool fails the test with how to install it.
+//! `systemd-analyze verify` and `security`, and their `Type=notify` with a
+//! real `gru controller` and `gru minion` notifying a socket as systemd's;
+//! the CloudFormation template with cfn-lint. A missing tool fails the test
+//! with how to install it.
 //!
 //! Golden files live in tests/e2e/golden/cloud-init/. After an intended
 //! change, rewrite them (and the user-data block in
 //! deploy/cloudformation/gru.yaml) with
 //! `GRU_UPDATE_GOLDEN=1 cargo test -p gru --test e2e deploy` and review the diff.
 
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::GRU;
+use crate::harness::{Dev, GRU, Proc};
 
 const SHA: &str = "5f2b0a9d1c3e4f60718293a4b5c6d7e8f9012345678901234567890abcdef012";
 
@@ -251,9 +255,15 @@ fn check_minion_user_data(name: &str, user_data: &str, ca: bool) {
         "{name}: minion.toml: {}",
         text(&out.stderr)
     );
+    let toml = i.read("/etc/gru/minion.toml");
+    assert!(toml.contains("# identity: instance identity document (AWS)"));
     assert!(
-        i.read("/etc/gru/minion.toml")
-            .contains("# identity: instance identity document (AWS)")
+        toml.contains("\n[aws]\nimds = true"),
+        "{name}: the instance id and the warm-pool state come from IMDSv2"
+    );
+    assert!(
+        !i.file("/etc/gru/minion.env").exists() && !user_data.contains("minion.env"),
+        "{name}: no instance-id environment file"
     );
     let bootstrap = i.file("/usr/local/lib/gru/bootstrap");
     let out = run(Command::new("sh").arg("-n").arg(&bootstrap));
@@ -595,6 +605,105 @@ fn systemd_units_verify() {
         stop >= grace + std::time::Duration::from_secs(15),
         "TimeoutStopSec {stop:?} vs stop_grace {grace:?}"
     );
+}
+
+/// The next datagram on the notification socket, or a failure showing the
+/// service's log.
+fn notification(sock: &UnixDatagram, what: &str, log: &Path) -> String {
+    let mut buf = [0u8; 512];
+    match sock.recv(&mut buf) {
+        Ok(n) => text(&buf[..n]),
+        Err(e) => panic!(
+            "no notification from {what} ({e}):\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
+    }
+}
+
+/// Starts `gru ARGS` with `$NOTIFY_SOCKET` set as systemd would for a
+/// `Type=notify` unit.
+fn notifying(what: &str, args: &[&str], config: &Path, socket: &Path, log: &Path) -> Proc {
+    Proc::spawn(
+        what,
+        Command::new(GRU)
+            .args(args)
+            .arg(config)
+            .env("NOTIFY_SOCKET", socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file")),
+    )
+}
+
+#[test]
+fn services_tell_systemd_when_they_are_ready_and_when_they_stop() {
+    for unit in ["gru-controller.service", "gru-minion.service"] {
+        let text = std::fs::read_to_string(root().join("deploy/systemd").join(unit)).unwrap();
+        assert_eq!(unit_value(&text, "Type"), "notify", "{unit}");
+    }
+    // gru dev writes a CA, certificates and both configs; with --min 0 it
+    // starts no minion. Keep the files, stop it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = Dev::start(&["--min", "0", "--max", "1"]);
+    for f in [
+        "ca.pem",
+        "controller.pem",
+        "controller.key",
+        "join-token",
+        "controller.toml",
+        "minion.toml",
+    ] {
+        std::fs::copy(dev.state_dir().join(f), dir.path().join(f)).expect("copy");
+    }
+    std::fs::create_dir(dir.path().join("minions")).expect("log dir");
+    let old = dev.controller.trim_start_matches("https://").to_owned();
+    dev.stop();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = free.local_addr().expect("addr");
+    drop(free);
+    for f in ["controller.toml", "minion.toml"] {
+        let path = dir.path().join(f);
+        let config = std::fs::read_to_string(&path).expect("read");
+        assert!(config.contains(&old), "{f} names {old}");
+        std::fs::write(&path, config.replace(&old, &addr.to_string())).expect("write");
+    }
+
+    let socket = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&socket).expect("bind the notification socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+
+    let log = dir.path().join("controller.log");
+    let mut controller = notifying(
+        "gru controller",
+        &["controller", "--config"],
+        &dir.path().join("controller.toml"),
+        &socket,
+        &log,
+    );
+    assert_eq!(notification(&sock, "gru controller", &log), "READY=1\n");
+    std::net::TcpStream::connect(addr).expect("ready means the gRPC port takes connections");
+    let status = controller.stop(Duration::from_secs(20));
+    assert!(status.success(), "gru controller exited with {status}");
+    assert_eq!(notification(&sock, "gru controller", &log), "STOPPING=1\n");
+
+    // The minion needs no controller to be ready: its engine listens and
+    // the agent runs (and retries the controller, which is gone).
+    let log = dir.path().join("minion.log");
+    let mut minion = notifying(
+        "gru minion",
+        &["minion", "--instance-id", "i-notify", "--config"],
+        &dir.path().join("minion.toml"),
+        &socket,
+        &log,
+    );
+    assert_eq!(notification(&sock, "gru minion", &log), "READY=1\n");
+    let status = minion.stop(Duration::from_secs(20));
+    assert!(status.success(), "gru minion exited with {status}");
+    assert_eq!(notification(&sock, "gru minion", &log), "STOPPING=1\n");
+    sock.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 512];
+    assert!(sock.recv(&mut buf).is_err(), "nothing else: {}", text(&buf));
 }
 
 /// The block scalar after `marker` (a line ending in `|`), dedented.

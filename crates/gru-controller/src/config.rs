@@ -582,21 +582,47 @@ mod tests {
     #[test]
     fn the_shipped_schedule_example_follows_detroit_office_hours() {
         use gru_core::policy::{MinionLoad, Observation, Overrides, PolicyState, evaluate};
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/schedules.example.toml");
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/schedules.example.toml");
         let config = ControllerConfig::load(&file).expect("the example is valid");
-        let fleet = |name: &str| config.fleets.iter().find(|f| f.name == name).expect("fleet").clone();
+        let fleet = |name: &str| {
+            config
+                .fleets
+                .iter()
+                .find(|f| f.name == name)
+                .expect("fleet")
+                .clone()
+        };
         // Desired under heavy load (from 5) and when idle (from 1), at `at` (UTC).
         let desired = |fleet: &FleetConfig, at: &str| {
             let now: jiff::Timestamp = at.parse().expect("timestamp");
             let busy = Observation {
                 capacity: 5,
-                minions: vec![MinionLoad { queued: 500, in_flight: 4, rate_per_s: None }; 5],
+                minions: vec![
+                    MinionLoad {
+                        queued: 500,
+                        in_flight: 4,
+                        rate_per_s: None
+                    };
+                    5
+                ],
                 external: Vec::new(),
             };
             // Idle with one minion, so no step limit hides the minimum.
-            let idle = Observation { capacity: 1, minions: vec![MinionLoad::default()], external: Vec::new() };
+            let idle = Observation {
+                capacity: 1,
+                minions: vec![MinionLoad::default()],
+                external: Vec::new(),
+            };
             let run = |obs: &Observation| {
-                evaluate(&fleet.policy, &mut PolicyState::new(), obs, &Overrides::default(), now).desired
+                evaluate(
+                    &fleet.policy,
+                    &mut PolicyState::new(),
+                    obs,
+                    &Overrides::default(),
+                    now,
+                )
+                .desired
             };
             (run(&busy), run(&idle))
         };
@@ -618,4 +644,3 @@ mod tests {
         assert_eq!(desired(&dev, "2027-03-15T11:00:00Z"), (2, 1));
     }
 }
-

@@ -14,6 +14,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::MinionConfig;
 use crate::engine::{Engine, EngineStatus, Health};
+use crate::imds::{self, Imds};
 
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -42,6 +43,10 @@ pub enum AgentError {
     Refused(tonic::Status),
     #[error("failed to start the engine")]
     Engine(#[source] gru_engine::engine::EngineError),
+    #[error("cannot read this instance's identity from the instance metadata service")]
+    Identity(#[source] imds::ImdsError),
+    #[error("no instance id: none was given and [aws] imds is off")]
+    NoInstanceId,
 }
 
 /// Exponential backoff with jitter, so minions that lost the controller
@@ -79,6 +84,23 @@ pub struct Agent {
     engine: Arc<dyn Engine>,
     tls: ClientTlsConfig,
     join_token: String,
+    /// With `[aws] imds = true`: the instance may be in a warm pool, and
+    /// the agent joins only once the Auto Scaling group puts it in service.
+    warm_pool: Option<WarmPoolGate>,
+}
+
+struct WarmPoolGate {
+    imds: Imds,
+    poll: Duration,
+}
+
+/// How [`Agent::run`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// The shutdown future resolved.
+    Shutdown,
+    /// The instance left its warm pool to be terminated; it never joined.
+    NeverInService,
 }
 
 impl Agent {
@@ -100,12 +122,17 @@ impl Agent {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .domain_name(config.server_name.clone());
+        let warm_pool = config.aws.as_ref().map(|aws| WarmPoolGate {
+            imds: Imds::new(aws.imds_endpoint.to_string()),
+            poll: aws.warm_pool_poll,
+        });
         Ok(Agent {
             join_token: String::from_utf8_lossy(&token).trim().to_owned(),
             config,
             instance_id,
             engine,
             tls,
+            warm_pool,
         })
     }
 
@@ -123,14 +150,32 @@ impl Agent {
     }
 
     /// Keeps a Session with the controller until `shutdown` resolves.
-    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+    ///
+    /// With `[aws] imds = true` it first waits, without contacting the
+    /// controller, until the instance's target lifecycle state lets it join
+    /// as capacity: an instance in a warm pool (`Warmed:*`) has its engine
+    /// started but is not capacity, and joining would have the controller
+    /// count it and send it work.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Stopped {
         tokio::pin!(shutdown);
+        if let Some(gate) = &self.warm_pool {
+            tokio::select! {
+                r = imds::wait_until_in_service(&gate.imds, gate.poll) => match r {
+                    Ok(state) => tracing::info!(state = %state, "may join as capacity"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "not joining");
+                        return Stopped::NeverInService;
+                    }
+                },
+                _ = &mut shutdown => return Stopped::Shutdown,
+            }
+        }
         let mut backoff = Backoff::default();
         loop {
             let session = self.session(&mut backoff);
             let result = tokio::select! {
                 r = session => r,
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => return Stopped::Shutdown,
             };
             let delay = backoff.delay();
             match result {
@@ -141,7 +186,7 @@ impl Agent {
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => return Stopped::Shutdown,
             }
         }
     }

@@ -11,6 +11,10 @@ pub const DEFAULT_SERVER_NAME: &str = "localhost";
 pub const DEFAULT_ENGINE_LISTEN: &str = "0.0.0.0:2575";
 /// Time the engine gets to finish and flush when the agent is stopped.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// `[aws] imds_endpoint` when not given.
+pub const DEFAULT_IMDS_ENDPOINT: &str = crate::imds::DEFAULT_ENDPOINT;
+/// `[aws] warm_pool_poll` when not given.
+pub const DEFAULT_WARM_POOL_POLL: Duration = crate::imds::DEFAULT_WARM_POLL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,6 +46,22 @@ pub struct MinionConfig {
     pub join_token_file: PathBuf,
     pub stop_grace: Duration,
     pub engine: EngineSection,
+    /// `[aws] imds = true`: the minion runs on EC2. `None` for `gru dev`
+    /// and the local provider, which pass `--instance-id` and have no warm
+    /// pool.
+    pub aws: Option<AwsSection>,
+}
+
+/// What the agent takes from EC2's instance metadata service (IMDSv2).
+#[derive(Clone, Debug)]
+pub struct AwsSection {
+    /// Where the instance metadata service answers: the instance id comes
+    /// from it when `--instance-id` is not given, and the agent joins only
+    /// once its `autoscaling/target-lifecycle-state` lets it (not while the
+    /// instance waits in a warm pool). Tests point it at a stub.
+    pub imds_endpoint: SocketAddr,
+    /// How often the lifecycle state is read again while in a warm pool.
+    pub warm_pool_poll: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -66,6 +86,16 @@ struct Raw {
     #[serde(default, with = "humantime_serde")]
     stop_grace: Option<Duration>,
     engine: Option<RawEngine>,
+    aws: Option<RawAws>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAws {
+    imds: Option<bool>,
+    imds_endpoint: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    warm_pool_poll: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +194,42 @@ impl MinionConfig {
         if forwarders == 0 {
             return Err(invalid("engine.forwarders", "at least 1"));
         }
+        let aws = match raw.aws {
+            None => None,
+            Some(a) if a.imds != Some(true) => {
+                let stray = [
+                    ("aws.imds_endpoint", a.imds_endpoint.is_some()),
+                    ("aws.warm_pool_poll", a.warm_pool_poll.is_some()),
+                ];
+                if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err(invalid(
+                        key,
+                        "only read with aws.imds = true (it is off or missing)",
+                    ));
+                }
+                None
+            }
+            Some(a) => {
+                let imds_endpoint = a.imds_endpoint.as_deref().unwrap_or(DEFAULT_IMDS_ENDPOINT);
+                let imds_endpoint = imds_endpoint.parse().map_err(|_| {
+                    invalid(
+                        "aws.imds_endpoint",
+                        &format!("an address like {DEFAULT_IMDS_ENDPOINT}, got {imds_endpoint:?}"),
+                    )
+                })?;
+                let warm_pool_poll = a.warm_pool_poll.unwrap_or(DEFAULT_WARM_POOL_POLL);
+                if warm_pool_poll.is_zero() {
+                    return Err(invalid(
+                        "aws.warm_pool_poll",
+                        "a duration above 0s, like \"5s\"",
+                    ));
+                }
+                Some(AwsSection {
+                    imds_endpoint,
+                    warm_pool_poll,
+                })
+            }
+        };
         Ok(MinionConfig {
             controller,
             ca_file,
@@ -182,6 +248,7 @@ impl MinionConfig {
                     .unwrap_or(gru_engine::engine::DEFAULT_MAX_CONNECTION_AGE),
                 forwarders,
             },
+            aws,
         })
     }
 }
@@ -208,6 +275,51 @@ mod tests {
         assert_eq!(c.join_token_file, PathBuf::from("/run/gru/token"));
         assert_eq!(c.engine.max_connection_age, Duration::from_secs(2));
         assert_eq!(c.server_name, DEFAULT_SERVER_NAME);
+        assert!(c.aws.is_none(), "no instance metadata unless asked for");
+    }
+
+    #[test]
+    fn aws_section() {
+        let parse = |extra: &str| {
+            MinionConfig::parse(Path::new("m.toml"), &format!("{GOOD}\n[aws]\n{extra}"))
+        };
+        let c = parse("imds = true").expect("valid");
+        let aws = c.aws.expect("[aws] imds = true");
+        assert_eq!(aws.imds_endpoint.to_string(), DEFAULT_IMDS_ENDPOINT);
+        assert_eq!(aws.warm_pool_poll, DEFAULT_WARM_POOL_POLL);
+        let aws =
+            parse("imds = true\nimds_endpoint = \"127.0.0.1:8111\"\nwarm_pool_poll = \"250ms\"")
+                .expect("valid")
+                .aws
+                .expect("aws");
+        assert_eq!(aws.imds_endpoint.to_string(), "127.0.0.1:8111");
+        assert_eq!(aws.warm_pool_poll, Duration::from_millis(250));
+        assert!(parse("imds = false").expect("valid").aws.is_none());
+    }
+
+    #[test]
+    fn aws_errors_name_the_key() {
+        let err = |extra: &str| {
+            MinionConfig::parse(Path::new("m.toml"), &format!("{GOOD}\n[aws]\n{extra}"))
+                .expect_err(extra)
+                .to_string()
+        };
+        assert_eq!(
+            err("imds = true\nimds_endpoint = \"metadata\""),
+            "m.toml: aws.imds_endpoint: an address like 169.254.169.254:80, got \"metadata\""
+        );
+        assert_eq!(
+            err("imds = true\nwarm_pool_poll = \"0s\""),
+            "m.toml: aws.warm_pool_poll: a duration above 0s, like \"5s\""
+        );
+        assert_eq!(
+            err("imds_endpoint = \"127.0.0.1:80\""),
+            "m.toml: aws.imds_endpoint: only read with aws.imds = true (it is off or missing)"
+        );
+        let e = err("imds = \"yes\"");
+        assert!(e.contains("imds = \"yes\"") && e.contains("boolean"), "{e}");
+        let e = err("imds = true\nimds_ttl = 5");
+        assert!(e.contains("unknown field `imds_ttl`"), "{e}");
     }
 
     #[test]

@@ -9,19 +9,77 @@ pub mod agent;
 pub mod config;
 pub mod engine;
 pub mod imds;
+pub mod sd_notify;
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-pub use agent::{Agent, AgentError};
+pub use agent::{Agent, AgentError, Stopped};
+use config::EngineSection;
 pub use config::{ConfigError, MinionConfig};
 use engine::{Engine, ReferenceEngine};
+use sd_notify::Notifier;
 
 /// Starts the engine and the agent; on `shutdown` drains the engine (up to
 /// the config's stop grace) and returns.
 pub async fn run(
     config: MinionConfig,
     instance_id: String,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    run_service(config, Some(instance_id), &Notifier::disabled(), shutdown).await
+}
+
+/// [`run`] as `gru minion` runs it. With `[aws] imds = true` the instance's
+/// identity comes from the instance metadata service: its id when
+/// `instance_id` is `None`, and the address to advertise when the engine
+/// listens on every interface. `notifier` hears `READY=1` once the engine
+/// listens and the agent starts (before any warm-pool wait, which can last
+/// for days), and `STOPPING=1` when the agent stops.
+pub async fn run_service(
+    mut config: MinionConfig,
+    instance_id: Option<String>,
+    notifier: &Notifier,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let identity = match &config.aws {
+        None => None,
+        Some(aws) => match imds::Imds::new(aws.imds_endpoint.to_string())
+            .identity()
+            .await
+        {
+            Ok(id) => Some(id),
+            // The id is given: the metadata would only have refined the
+            // advertised address.
+            Err(e) if instance_id.is_some() => {
+                tracing::warn!(error = %error_chain(&e), "cannot read the instance identity");
+                None
+            }
+            Err(e) => return Err(AgentError::Identity(e)),
+        },
+    };
+    let instance_id = instance_id
+        .or_else(|| identity.as_ref().map(|id| id.instance_id.clone()))
+        .ok_or(AgentError::NoInstanceId)?;
+    if let Some(id) = &identity {
+        tracing::info!(
+            instance = %id.instance_id,
+            region = %id.region,
+            zone = %id.availability_zone,
+            ip = %id.private_ip,
+            "instance identity from the instance metadata"
+        );
+        config.engine.advertise = advertise(&config.engine, id.private_ip);
+    }
+    let span = tracing::info_span!("minion", instance = %instance_id);
+    tracing::Instrument::instrument(serve(config, instance_id, notifier, shutdown), span).await
+}
+
+async fn serve(
+    config: MinionConfig,
+    instance_id: String,
+    notifier: &Notifier,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let engine = ReferenceEngine::start(&config.engine)
@@ -31,10 +89,23 @@ pub async fn run(
     let engine: Arc<dyn Engine> = Arc::new(engine);
     let grace = config.stop_grace;
     let agent = Agent::new(config, instance_id, engine.clone())?;
+    notifier.ready();
     agent.run(shutdown).await;
+    notifier.stopping();
     tracing::info!(grace = ?grace, "stopping: draining the engine");
     engine.shutdown(grace).await;
     Ok(())
+}
+
+/// The address the load balancer should reach the engine on, given the
+/// instance's private IP: the configured one if any, else the private IP
+/// when the engine listens on every interface (the bound 0.0.0.0 is no
+/// address to send work to) on a known port.
+fn advertise(engine: &EngineSection, private_ip: IpAddr) -> Option<SocketAddr> {
+    engine.advertise.or_else(|| {
+        (engine.listen.ip().is_unspecified() && engine.listen.port() != 0)
+            .then(|| SocketAddr::new(private_ip, engine.listen.port()))
+    })
 }
 
 /// `{:#}`-style: each cause once, separated by ": ".
@@ -47,4 +118,34 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn engine(listen: &str, advertise: Option<&str>) -> EngineSection {
+        EngineSection {
+            listen: listen.parse().unwrap(),
+            advertise: advertise.map(|a| a.parse().unwrap()),
+            downstream: "127.0.0.1:2576".parse().unwrap(),
+            max_connection_age: Duration::ZERO,
+            forwarders: 1,
+        }
+    }
+
+    #[test]
+    fn advertises_the_private_ip_only_for_a_wildcard_listen() {
+        let ip: IpAddr = "10.0.1.23".parse().unwrap();
+        let a = |listen, adv| advertise(&engine(listen, adv), ip).map(|a| a.to_string());
+        assert_eq!(a("0.0.0.0:2575", None).as_deref(), Some("10.0.1.23:2575"));
+        assert_eq!(
+            a("0.0.0.0:2575", Some("10.9.9.9:1")).as_deref(),
+            Some("10.9.9.9:1"),
+            "the configured address wins"
+        );
+        assert_eq!(a("10.0.1.23:2575", None), None, "the bound address is fine");
+        assert_eq!(a("0.0.0.0:0", None), None, "port unknown until bound");
+    }
 }

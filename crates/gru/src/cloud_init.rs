@@ -383,7 +383,13 @@ fn minion_toml(m: &MinionToml<'_>) -> String {
          kind = \"reference\"\n\
          listen = {listen}\n\
          downstream = {downstream}\n\
-         max_connection_age = {age}",
+         max_connection_age = {age}\n\
+         \n\
+         # The instance id comes from the instance metadata (IMDSv2); in a\n\
+         # warm pool the engine starts but the agent joins only once the\n\
+         # instance is put in service.\n\
+         [aws]\n\
+         imds = true",
         controller = q(m.controller),
         server_name = q(m.server_name),
         ca = q(CA_PATH),

@@ -3,9 +3,12 @@
 //! CA and a client config into its state directory and runs the controller
 //! with a local fleet, exactly as `gru controller` would.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::ExitCode;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
@@ -15,6 +18,7 @@ use gru_controller::providers::{self, BuiltFleet};
 use gru_controller::{Controller, ControllerConfig};
 use gru_engine::bench::{self, SinkConfig, SinkHandle};
 use gru_minion::MinionConfig;
+use gru_minion::sd_notify::Notifier;
 use rand::Rng;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -133,19 +137,25 @@ pub async fn run_minion(
         }
     };
     if check_only {
+        let imds = match &config.aws {
+            Some(aws) => format!(", instance metadata at {}", aws.imds_endpoint),
+            None => String::new(),
+        };
         println!(
-            "config ok: fleet {}, controller {}",
+            "config ok: fleet {}, controller {}{imds}",
             config.fleet, config.controller
         );
         return ExitCode::SUCCESS;
     }
-    let Some(instance_id) = instance_id else {
-        eprintln!("invalid configuration: --instance-id (or GRU_INSTANCE_ID) is required");
+    if instance_id.is_none() && config.aws.is_none() {
+        eprintln!(
+            "invalid configuration: --instance-id (or GRU_INSTANCE_ID) is required unless the config sets [aws] imds = true"
+        );
         return ExitCode::from(EXIT_CONFIG);
-    };
-    let span = tracing::info_span!("minion", instance = %instance_id);
-    let run = gru_minion::run(config, instance_id, interrupted());
-    match tracing::Instrument::instrument(run, span).await {
+    }
+    let notifier = Notifier::from_env();
+    let shutdown = armed_interrupt().await;
+    match gru_minion::run_service(config, instance_id, &notifier, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %gru_minion::error_chain(&e), "minion failed");
@@ -189,7 +199,16 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         built.iter().map(|b| b.runtime.clone()).collect(),
         token,
     );
-    let result = gru_controller::run(controller, listener, interrupted()).await;
+    // systemd (Type=notify): the listener is bound and the providers are
+    // up, so connections are accepted from here on.
+    let interrupt = armed_interrupt().await;
+    let notifier = Notifier::from_env();
+    notifier.ready();
+    let shutdown = async {
+        interrupt.await;
+        notifier.stopping();
+    };
+    let result = gru_controller::run(controller, listener, shutdown).await;
     for b in &built {
         if let Some(local) = &b.local {
             local.load_balancer.shutdown();
@@ -197,6 +216,18 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         }
     }
     result.map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))
+}
+
+/// [`interrupted`], polled once so that its SIGTERM and Ctrl-C handlers are
+/// in place before systemd hears READY=1: from then on systemd may stop the
+/// service at any moment, and a SIGTERM that came before the handler would
+/// kill the process without a drain.
+async fn armed_interrupt() -> Pin<Box<dyn Future<Output = ()>>> {
+    let mut interrupt = Box::pin(interrupted());
+    match std::future::poll_fn(|cx| Poll::Ready(interrupt.as_mut().poll(cx))).await {
+        Poll::Ready(()) => Box::pin(std::future::ready(())),
+        Poll::Pending => interrupt,
+    }
 }
 
 fn random_token() -> String {

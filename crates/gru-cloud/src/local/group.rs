@@ -198,6 +198,9 @@ impl Inner {
             .arg("--instance-id")
             .arg(&id.0)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            // Under systemd the controller's readiness socket is its own:
+            // minions must not report to it.
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             // Its own process group, so stopping an instance reaches the
             // processes it started too.
