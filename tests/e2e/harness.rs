@@ -266,10 +266,15 @@ pub struct Sink {
 
 impl Sink {
     pub fn start() -> Sink {
+        Sink::start_on("127.0.0.1:0")
+    }
+
+    /// A sink on a given address (e.g. one a test reserved for later).
+    pub fn start_on(listen: &str) -> Sink {
         let dir = tempfile::tempdir().expect("tempdir");
         let record = dir.path().join("received.txt");
         let mut cmd = Command::new(GRU);
-        cmd.args(["bench", "sink", "--listen", "127.0.0.1:0", "--record"])
+        cmd.args(["bench", "sink", "--listen", listen, "--record"])
             .arg(&record)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

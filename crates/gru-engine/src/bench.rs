@@ -84,12 +84,35 @@ pub struct SinkHandle {
 struct SinkInner {
     received: AtomicU64,
     control_ids: std::sync::Mutex<HashSet<String>>,
+    /// Every payload received, when capturing (tests checking transforms).
+    captured: Option<std::sync::Mutex<Vec<Bytes>>>,
 }
 
 impl SinkHandle {
     /// Fresh counters.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Fresh counters that also keep every payload received, for checking
+    /// what a route delivered. Memory grows with every message: tests only.
+    pub fn capturing() -> Self {
+        Self {
+            inner: Arc::new(SinkInner {
+                captured: Some(std::sync::Mutex::new(Vec::new())),
+                ..SinkInner::default()
+            }),
+        }
+    }
+
+    /// The payloads received, in arrival order, duplicates included; empty
+    /// unless made with [`capturing`](Self::capturing).
+    pub fn captured(&self) -> Vec<Bytes> {
+        self.inner.captured.as_ref().map_or_else(Vec::new, |c| {
+            c.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone()
+        })
     }
 
     /// Messages received, duplicates included.
@@ -120,7 +143,12 @@ impl SinkHandle {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn record(&self, control_id: String) {
+    fn record(&self, control_id: String, payload: &Bytes) {
+        if let Some(c) = &self.inner.captured {
+            c.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(payload.clone());
+        }
         self.ids().insert(control_id);
         self.inner.received.fetch_add(1, Ordering::SeqCst);
     }
@@ -199,7 +227,7 @@ async fn sink_connection(socket: TcpStream, config: Arc<SinkConfig>, stats: Sink
         ack_ids += 1;
         let ack = match Msh::parse(&payload) {
             Ok(msh) => {
-                stats.record(msh.control_id.clone());
+                stats.record(msh.control_id.clone(), &payload);
                 if !config.ack_delay.is_zero() {
                     sleep(config.ack_delay).await;
                 }

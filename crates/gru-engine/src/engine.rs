@@ -1,33 +1,45 @@
-//! The reference pass-through engine: MLLP in, queue, MLLP out.
+//! The reference engine: MLLP in, routes, queues, MLLP out.
 //!
-//! The promise is "no accepted message is lost": a sender gets AA only after
-//! the downstream system ACKed the message (after-delivery acknowledgment), AE
-//! when delivery failed, and nothing at all when the engine stops with the
-//! message still queued — then the sender resends it elsewhere.
+//! The promise is "no accepted message is lost". With the default
+//! [`AckMode::AfterDelivery`] a sender gets AA only after every destination
+//! ACKed the message, AE when delivery failed, and nothing at all when the
+//! engine stops with the message still queued — then the sender resends it
+//! elsewhere. With [`AckMode::AfterEnqueue`] the AA comes once the message is
+//! queued; only with a durable queue (`queue_dir`, see [`crate::wal`]) does
+//! that survive a crash. [`AckMode::None`] answers nothing.
+//!
+//! Each inbound message goes down every route ([`crate::routes`]): routes
+//! with a transform edit their own copy ([`crate::transform`]), the others
+//! forward the bytes as received (the MSH-only fast path). Each destination
+//! has its own queue of `Delivery`s; a `Tracker` per inbound message counts
+//! the destinations still to go and decides the outcome.
 //!
 //! Three kinds of task share one `Shared` state:
 //! - the accept loop (`accept_loop`) spawns one `connection` task per
 //!   sender, or drops the socket at once while draining;
-//! - each connection reads one frame, queues it as a `Job` and waits for its
-//!   outcome before writing the ACK and reading the next frame (MLLP is one
-//!   message at a time);
-//! - `forwarder` tasks each hold one downstream connection and work the
-//!   queue.
+//! - each connection reads one frame, dispatches it and (after-delivery)
+//!   waits for its outcome before writing the ACK and reading the next frame
+//!   (MLLP is one message at a time);
+//! - `forwarder` tasks, `forwarders` per destination, each hold one
+//!   downstream connection and work that destination's queue, retrying with
+//!   backoff up to `max_attempts`.
 //!
 //! Connections close only at message boundaries: on drain, and once they
 //! reach their jittered `max_connection_age` (see DESIGN.md, "Long-lived
 //! connections and scale-out").
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::codec::Framed;
@@ -36,16 +48,23 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::hl7::{self, AckCode, Msh};
 use crate::mllp::{DEFAULT_MAX_FRAME_BYTES, MllpCodec, MllpError};
+pub use crate::routes::{AckMode, Route};
+use crate::transform::{Transform, TransformError};
+use crate::wal::{self, Wal};
 
 /// Connections close at a message boundary after this age (jittered up to
 /// twice as long), so load spreads onto new minions within minutes.
 pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(5 * 60);
-/// Downstream connections working the queue.
+/// Downstream connections working each destination's queue.
 pub const DEFAULT_FORWARDERS: usize = 4;
 /// How long to wait for a downstream connect or ACK.
 pub const DEFAULT_DOWNSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Delivery attempts before a message is reported failed (AE upstream).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Inbound messages held (queued or in flight to any destination) before
+/// connections stop reading: back-pressure for after-enqueue and no-ACK
+/// senders, whose next message does not wait for delivery.
+pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 10_000;
 /// Default listen address: the conventional MLLP port.
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 2575);
@@ -68,19 +87,34 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct EngineConfig {
     /// Where senders (through the load balancer) connect.
     pub listen: SocketAddr,
-    /// The system messages are passed on to.
+    /// The system messages are passed on to when `routes` is empty.
     pub downstream: SocketAddr,
     /// Largest inbound payload; a larger frame closes its connection.
     pub max_frame_bytes: usize,
     /// Close each inbound connection at a message boundary after a random
     /// age in `[max_connection_age, 2 * max_connection_age]`. ZERO = never.
     pub max_connection_age: Duration,
-    /// Downstream connections working the queue.
+    /// Downstream connections working each destination's queue.
     pub forwarders: usize,
     /// Limit on a downstream connect and on waiting for a downstream ACK.
     pub downstream_timeout: Duration,
-    /// Delivery attempts before a message is reported failed (AE upstream).
+    /// Delivery attempts per destination before a message is reported failed.
     pub max_attempts: u32,
+    /// Where each message goes. Empty (the default) = one route, no
+    /// transform, to `downstream`: plain pass-through (T1).
+    pub routes: Vec<Route>,
+    /// When senders get their ACK.
+    pub ack_mode: AckMode,
+    /// Directory of the durable queue; `None` = in memory only. With it,
+    /// every message is logged (fsync batched) before it is queued, and
+    /// replayed on the next start until every destination ACKed it.
+    pub queue_dir: Option<PathBuf>,
+    /// Durable queue segment size before rolling over.
+    pub queue_segment_bytes: u64,
+    /// Inbound messages held before connections stop reading (see
+    /// [`DEFAULT_MAX_QUEUED_MESSAGES`]). Messages replayed from the durable
+    /// queue on start do not count against it.
+    pub max_queued_messages: usize,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +127,23 @@ impl Default for EngineConfig {
             forwarders: DEFAULT_FORWARDERS,
             downstream_timeout: DEFAULT_DOWNSTREAM_TIMEOUT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            routes: Vec::new(),
+            ack_mode: AckMode::default(),
+            queue_dir: None,
+            queue_segment_bytes: wal::DEFAULT_SEGMENT_BYTES,
+            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The routes in effect: `routes`, or the implicit pass-through to
+    /// `downstream`.
+    pub fn effective_routes(&self) -> Vec<Route> {
+        if self.routes.is_empty() {
+            vec![Route::pass_through("default", vec![self.downstream])]
+        } else {
+            self.routes.clone()
         }
     }
 }
@@ -108,6 +159,15 @@ pub enum EngineError {
         /// What was expected.
         reason: &'static str,
     },
+    /// A route's transform cannot work.
+    #[error("invalid transform on route {route}")]
+    InvalidTransform {
+        /// The route's name.
+        route: String,
+        /// Why.
+        #[source]
+        source: TransformError,
+    },
     /// The listen address could not be bound.
     #[error("failed to listen on {addr}")]
     Bind {
@@ -117,18 +177,31 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// The durable queue could not be opened or replayed.
+    #[error("failed to open the durable queue in {dir}")]
+    Queue {
+        /// `queue_dir`.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A snapshot of the engine's counters, as the minion reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStatus {
-    /// Accepted and not yet taken by a forwarder.
+    /// Deliveries (one per message and destination) queued and not yet
+    /// taken by a forwarder.
     pub queue_depth: u64,
-    /// Taken by a forwarder and not yet ACKed downstream (or given up).
+    /// Deliveries taken by a forwarder and not yet ACKed downstream (or
+    /// given up).
     pub in_flight: u64,
-    /// Delivered and ACKed downstream, since start.
+    /// Messages every destination ACKed, since start.
     pub processed: u64,
-    /// Given up after `max_attempts` (answered AE upstream), since start.
+    /// Messages at least one destination gave up on after `max_attempts`,
+    /// since start (answered AE upstream in after-delivery mode; kept in the
+    /// durable queue for the next start when there is one).
     pub failed: u64,
     /// Live inbound connections.
     pub open_connections: u64,
@@ -149,6 +222,14 @@ pub struct EngineHandle {
 /// What connections, forwarders and the handle share.
 struct Shared {
     local_addr: SocketAddr,
+    ack_mode: AckMode,
+    routes: Vec<PlannedRoute>,
+    destinations: Vec<Arc<Destination>>,
+    wal: Option<Wal>,
+    /// Next durable queue id.
+    next_message_id: AtomicU64,
+    /// One permit per inbound message held; see `max_queued_messages`.
+    capacity: Arc<Semaphore>,
     queue_depth: AtomicU64,
     in_flight: AtomicU64,
     processed: AtomicU64,
@@ -165,6 +246,23 @@ struct Shared {
     ack_ids: AtomicU64,
     /// Accept loop and forwarders, awaited by `shutdown`.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A route with its destinations resolved to indexes into
+/// `Shared::destinations` (stable for a given config, so the durable queue
+/// can record which ones are done).
+struct PlannedRoute {
+    name: String,
+    transform: Option<Transform>,
+    destinations: Vec<u32>,
+}
+
+/// One outbound MLLP destination and its queue.
+struct Destination {
+    index: u32,
+    addr: SocketAddr,
+    tx: mpsc::UnboundedSender<Delivery>,
+    rx: Mutex<mpsc::UnboundedReceiver<Delivery>>,
 }
 
 impl Shared {
@@ -198,25 +296,39 @@ impl Shared {
     }
 }
 
-/// A message accepted from a sender, waiting for a forwarder.
-struct Job {
+/// One message for one destination.
+struct Delivery {
     payload: Bytes,
+    /// MSH-10 of `payload` (after the route's transform).
     control_id: String,
-    outcome: oneshot::Sender<Outcome>,
+    tracker: Arc<Tracker>,
 }
 
-/// How delivery of a [`Job`] ended.
+/// One inbound message across all its deliveries.
+struct Tracker {
+    /// Its durable queue id, if logged.
+    wal_id: Option<u64>,
+    /// Inbound MSH-10, for logs.
+    control_id: String,
+    remaining: AtomicUsize,
+    failed: AtomicBool,
+    /// Who waits for the outcome (after-delivery mode).
+    outcome: std::sync::Mutex<Option<oneshot::Sender<Outcome>>>,
+    /// Released when the last delivery drops this tracker.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// How delivery of a message ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    /// Downstream ACKed it: answer AA.
+    /// Every destination ACKed it: answer AA.
     Delivered,
-    /// Gave up after `max_attempts`: answer AE.
+    /// At least one destination gave up after `max_attempts`: answer AE.
     Failed,
 }
 
-type JobQueue = Arc<Mutex<mpsc::UnboundedReceiver<Job>>>;
-
-/// Binds the listener, spawns the accept loop and forwarders, and returns.
+/// Binds the listener, opens and replays the durable queue, spawns the
+/// accept loop and forwarders, and returns.
 pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
     validate(&config)?;
     let listener = TcpListener::bind(config.listen)
@@ -229,8 +341,53 @@ pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         addr: config.listen,
         source,
     })?;
+    let mut destinations = Vec::new();
+    let mut routes = Vec::new();
+    for route in config.effective_routes() {
+        let mut indexes = Vec::new();
+        for addr in &route.destinations {
+            let index = destinations.len() as u32;
+            let (tx, rx) = mpsc::unbounded_channel();
+            destinations.push(Arc::new(Destination {
+                index,
+                addr: *addr,
+                tx,
+                rx: Mutex::new(rx),
+            }));
+            indexes.push(index);
+        }
+        routes.push(PlannedRoute {
+            transform: route.active_transform().cloned(),
+            name: route.name,
+            destinations: indexes,
+        });
+    }
+    let (wal, pending, next_id) = match &config.queue_dir {
+        None => (None, Vec::new(), 1),
+        Some(dir) => {
+            let dir2 = dir.clone();
+            let segment_bytes = config.queue_segment_bytes;
+            let opened = tokio::task::spawn_blocking(move || wal::Wal::open(&dir2, segment_bytes))
+                .await
+                .map_err(|e| EngineError::Queue {
+                    dir: dir.clone(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| EngineError::Queue {
+                    dir: dir.clone(),
+                    source,
+                })?;
+            (Some(opened.wal), opened.pending, opened.next_id)
+        }
+    };
     let shared = Arc::new(Shared {
         local_addr,
+        ack_mode: config.ack_mode,
+        routes,
+        destinations,
+        wal,
+        next_message_id: AtomicU64::new(next_id),
+        capacity: Arc::new(Semaphore::new(config.max_queued_messages)),
         queue_depth: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         processed: AtomicU64::new(0),
@@ -243,22 +400,45 @@ pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         ack_ids: AtomicU64::new(0),
         tasks: std::sync::Mutex::new(Vec::new()),
     });
-    let (queue_tx, queue_rx) = mpsc::unbounded_channel();
-    let queue: JobQueue = Arc::new(Mutex::new(queue_rx));
+    let replayed = pending.len();
+    for p in pending {
+        let control_id = Msh::parse(&p.payload)
+            .map(|m| m.control_id)
+            .unwrap_or_default();
+        dispatch(
+            &shared,
+            &control_id,
+            &p.payload,
+            Some(p.id),
+            &p.done,
+            None,
+            None,
+        );
+    }
     let config = Arc::new(config);
-    let mut tasks = Vec::with_capacity(config.forwarders + 1);
-    for id in 0..config.forwarders {
-        let span = info_span!("forwarder", id, downstream = %config.downstream);
-        tasks.push(tokio::spawn(
-            forwarder(shared.clone(), config.clone(), queue.clone()).instrument(span),
-        ));
+    let mut tasks = Vec::new();
+    for dest in &shared.destinations {
+        for id in 0..config.forwarders {
+            let span = info_span!("forwarder", id, destination = %dest.addr);
+            tasks.push(tokio::spawn(
+                forwarder(shared.clone(), config.clone(), dest.clone()).instrument(span),
+            ));
+        }
     }
     let span = info_span!("engine", listen = %local_addr);
     tasks.push(tokio::spawn(
-        accept_loop(listener, shared.clone(), config.clone(), queue_tx).instrument(span),
+        accept_loop(listener, shared.clone(), config.clone()).instrument(span),
     ));
     *lock(&shared.tasks) = tasks;
-    info!(listen = %local_addr, downstream = %config.downstream, "engine started");
+    info!(
+        listen = %local_addr,
+        routes = shared.routes.len(),
+        destinations = shared.destinations.len(),
+        ack_mode = %config.ack_mode,
+        durable = config.queue_dir.is_some(),
+        replayed,
+        "engine started"
+    );
     Ok(EngineHandle { shared })
 }
 
@@ -276,11 +456,29 @@ fn validate(config: &EngineConfig) -> Result<(), EngineError> {
     if config.downstream_timeout.is_zero() {
         return invalid("downstream_timeout", "must be more than zero");
     }
+    if config.max_queued_messages == 0 {
+        return invalid("max_queued_messages", "must be at least 1");
+    }
+    if config.queue_segment_bytes == 0 {
+        return invalid("queue_segment_bytes", "must be at least 1");
+    }
+    for route in &config.routes {
+        if route.destinations.is_empty() {
+            return invalid("routes", "each route needs at least one destination");
+        }
+        if let Some(t) = &route.transform {
+            t.validate()
+                .map_err(|source| EngineError::InvalidTransform {
+                    route: route.name.clone(),
+                    source,
+                })?;
+        }
+    }
     Ok(())
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the Vec inconsistent.
+    // A panic while holding these locks cannot leave their values inconsistent.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -297,7 +495,7 @@ impl EngineHandle {
 
     /// Starts draining: idle connections close now, busy ones after their
     /// current message's ACK, new connections are closed on arrival, and the
-    /// queue keeps flushing downstream. Idempotent.
+    /// queues keep flushing downstream. Idempotent.
     pub fn drain(&self) {
         let was = self.shared.draining.send_replace(true);
         if !was {
@@ -315,8 +513,8 @@ impl EngineHandle {
         self.shared.bump();
     }
 
-    /// Resolves once the engine is draining with no queue, nothing in flight
-    /// and no open connections.
+    /// Resolves once the engine is draining with no queue (durable or not),
+    /// nothing in flight and no open connections.
     pub async fn drained(&self) {
         let mut changed = self.shared.changed.subscribe();
         while !self.shared.status().drained {
@@ -328,7 +526,9 @@ impl EngineHandle {
     }
 
     /// Drains, waits up to `grace` for [`drained`](Self::drained), then stops
-    /// every task. Messages still queued get no ACK, so their senders resend.
+    /// every task. Messages still queued in memory get no ACK (after-delivery)
+    /// so their senders resend; in the durable queue they wait for the next
+    /// start.
     pub async fn shutdown(&self, grace: Duration) {
         self.drain();
         if timeout(grace, self.drained()).await.is_err() {
@@ -355,16 +555,47 @@ impl EngineHandle {
                 break;
             }
         }
+        self.close_wal(true).await;
         info!(listen = %self.shared.local_addr, "engine stopped");
+    }
+
+    /// Stops everything at once, as if the process died: no drain, tasks
+    /// aborted, the durable queue's unsynced buffer dropped. What survives is
+    /// what a `kill -9` would leave: every message ACKed in after-enqueue
+    /// mode was synced first. Connections see the stop and close without
+    /// answering. For crash tests in one process.
+    pub async fn abort(&self) {
+        self.shared.stop.cancel();
+        self.shared.healthy.store(false, Ordering::SeqCst);
+        let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.close_wal(false).await;
+        warn!(listen = %self.shared.local_addr, "engine aborted");
+    }
+
+    async fn close_wal(&self, clean: bool) {
+        if self.shared.wal.is_none() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            if let Some(wal) = &shared.wal {
+                wal.close(clean);
+            }
+        })
+        .await;
+        if let Err(e) = closed {
+            warn!(error = %e, "closing the durable queue failed");
+        }
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    config: Arc<EngineConfig>,
-    queue: mpsc::UnboundedSender<Job>,
-) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, config: Arc<EngineConfig>) {
     loop {
         let accepted = tokio::select! {
             _ = shared.stop.cancelled() => break,
@@ -387,10 +618,7 @@ async fn accept_loop(
         shared.open_connections.fetch_add(1, Ordering::SeqCst);
         let guard = ConnectionGuard(shared.clone());
         let span = info_span!("connection", peer = %peer);
-        tokio::spawn(
-            connection(socket, shared.clone(), config.clone(), queue.clone(), guard)
-                .instrument(span),
-        );
+        tokio::spawn(connection(socket, shared.clone(), config.clone(), guard).instrument(span));
     }
     shared.healthy.store(false, Ordering::SeqCst);
 }
@@ -420,7 +648,6 @@ async fn connection(
     socket: TcpStream,
     shared: Arc<Shared>,
     config: Arc<EngineConfig>,
-    queue: mpsc::UnboundedSender<Job>,
     _guard: ConnectionGuard,
 ) {
     let mut framed = Framed::new(socket, MllpCodec::new(config.max_frame_bytes));
@@ -475,33 +702,30 @@ async fn connection(
         let ack = match Msh::parse(&payload) {
             Err(e) => {
                 warn!(error = %e, bytes = payload.len(), "rejecting message without a readable msh");
-                hl7::build_ack(
-                    &Msh::unreadable(),
-                    AckCode::AR,
-                    &shared.next_ack_id(),
-                    Some(&e.to_string()),
-                )
-            }
-            Ok(msh) => {
-                let Some(outcome) = deliver(&shared, &queue, &msh, payload).await else {
-                    // The engine is stopping with the message undelivered:
-                    // no ACK, so the sender resends it elsewhere.
-                    break CloseReason::Stopped;
-                };
-                match outcome {
-                    Outcome::Delivered => {
-                        hl7::build_ack(&msh, AckCode::AA, &shared.next_ack_id(), None)
-                    }
-                    Outcome::Failed => hl7::build_ack(
-                        &msh,
-                        AckCode::AE,
+                // A no-ACK sender reads nothing: an AR would only fill its
+                // socket buffer until this connection blocks.
+                (shared.ack_mode != AckMode::None).then(|| {
+                    hl7::build_ack(
+                        &Msh::unreadable(),
+                        AckCode::AR,
                         &shared.next_ack_id(),
-                        Some("downstream delivery failed"),
-                    ),
-                }
+                        Some(&e.to_string()),
+                    )
+                })
             }
+            Ok(msh) => match accept(&shared, &msh, payload).await {
+                // The engine is stopping with the message undelivered:
+                // no ACK, so the sender resends it elsewhere.
+                Accepted::Stopped => break CloseReason::Stopped,
+                Accepted::NoAck => None,
+                Accepted::Ack(code, text) => {
+                    Some(hl7::build_ack(&msh, code, &shared.next_ack_id(), text))
+                }
+            },
         };
-        if let Err(e) = framed.send(Bytes::from(ack)).await {
+        if let Some(ack) = ack
+            && let Err(e) = framed.send(Bytes::from(ack)).await
+        {
             warn!(error = %e, "failed to write ack");
             break CloseReason::Error;
         }
@@ -510,29 +734,198 @@ async fn connection(
     debug!(reason = ?closed, messages, "connection closed");
 }
 
-/// Queues one message and waits for its outcome; `None` if the engine stops
-/// first.
-async fn deliver(
-    shared: &Shared,
-    queue: &mpsc::UnboundedSender<Job>,
-    msh: &Msh,
-    payload: Bytes,
-) -> Option<Outcome> {
-    let (tx, rx) = oneshot::channel();
-    let job = Job {
-        payload,
-        control_id: msh.control_id.clone(),
-        outcome: tx,
+/// What to answer a sender.
+enum Accepted {
+    Ack(AckCode, Option<&'static str>),
+    NoAck,
+    Stopped,
+}
+
+/// Logs (when durable), dispatches and, in after-delivery mode, waits for
+/// one message.
+async fn accept(shared: &Arc<Shared>, msh: &Msh, payload: Bytes) -> Accepted {
+    // Waiting here stops this connection reading: back-pressure to the sender.
+    let permit = tokio::select! {
+        _ = shared.stop.cancelled() => return Accepted::Stopped,
+        p = shared.capacity.clone().acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return Accepted::Stopped,
+        },
     };
-    shared.queue_depth.fetch_add(1, Ordering::SeqCst);
-    if queue.send(job).is_err() {
-        shared.queue_depth.fetch_sub(1, Ordering::SeqCst);
-        shared.bump();
-        return None;
+    let permit = Some(permit);
+    let mut wal_id = None;
+    if let Some(wal) = &shared.wal {
+        let id = shared.next_message_id.fetch_add(1, Ordering::SeqCst);
+        // No sender waits in no-ACK mode, so nothing waits for the disk.
+        let logged = if shared.ack_mode == AckMode::None {
+            wal.append_unconfirmed(id, payload.clone())
+        } else {
+            wal.append(id, payload.clone()).await
+        };
+        if let Err(e) = logged {
+            if shared.stop.is_cancelled() {
+                return Accepted::Stopped;
+            }
+            warn!(error = %e, control_id = %msh.control_id, "durable queue write failed");
+            shared.failed.fetch_add(1, Ordering::SeqCst);
+            return match shared.ack_mode {
+                AckMode::None => Accepted::NoAck,
+                _ => Accepted::Ack(AckCode::AE, Some("durable queue write failed")),
+            };
+        }
+        wal_id = Some(id);
     }
-    tokio::select! {
-        _ = shared.stop.cancelled() => None,
-        r = rx => r.ok(),
+    if shared.stop.is_cancelled() {
+        return Accepted::Stopped;
+    }
+    match shared.ack_mode {
+        AckMode::AfterDelivery => {
+            let (tx, rx) = oneshot::channel();
+            dispatch(
+                shared,
+                &msh.control_id,
+                &payload,
+                wal_id,
+                &BTreeSet::new(),
+                Some(tx),
+                permit,
+            );
+            let outcome = tokio::select! {
+                _ = shared.stop.cancelled() => None,
+                r = rx => r.ok(),
+            };
+            match outcome {
+                None => Accepted::Stopped,
+                Some(Outcome::Delivered) => Accepted::Ack(AckCode::AA, None),
+                Some(Outcome::Failed) => {
+                    Accepted::Ack(AckCode::AE, Some("downstream delivery failed"))
+                }
+            }
+        }
+        AckMode::AfterEnqueue => {
+            dispatch(
+                shared,
+                &msh.control_id,
+                &payload,
+                wal_id,
+                &BTreeSet::new(),
+                None,
+                permit,
+            );
+            Accepted::Ack(AckCode::AA, None)
+        }
+        AckMode::None => {
+            dispatch(
+                shared,
+                &msh.control_id,
+                &payload,
+                wal_id,
+                &BTreeSet::new(),
+                None,
+                permit,
+            );
+            Accepted::NoAck
+        }
+    }
+}
+
+/// Runs `payload` down every route and queues one delivery per destination
+/// not in `done`.
+fn dispatch(
+    shared: &Arc<Shared>,
+    control_id: &str,
+    payload: &Bytes,
+    wal_id: Option<u64>,
+    done: &BTreeSet<u32>,
+    outcome: Option<oneshot::Sender<Outcome>>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let mut deliveries = Vec::new();
+    for route in &shared.routes {
+        let (body, routed_id) = match &route.transform {
+            None => (payload.clone(), Some(control_id.to_owned())),
+            Some(t) => {
+                let out = Bytes::from(t.apply(payload));
+                let id = match Msh::parse(&out) {
+                    Ok(m) => Some(m.control_id),
+                    Err(e) => {
+                        warn!(route = %route.name, error = %e, control_id, "transform left no readable msh");
+                        None
+                    }
+                };
+                (out, id)
+            }
+        };
+        for &d in &route.destinations {
+            if !done.contains(&d) {
+                deliveries.push((d, body.clone(), routed_id.clone()));
+            }
+        }
+    }
+    let tracker = Arc::new(Tracker {
+        wal_id,
+        control_id: control_id.to_owned(),
+        remaining: AtomicUsize::new(deliveries.len()),
+        failed: AtomicBool::new(false),
+        outcome: std::sync::Mutex::new(outcome),
+        _permit: permit,
+    });
+    if deliveries.is_empty() {
+        // Replayed with every destination already done.
+        finish(shared, &tracker);
+        return;
+    }
+    for (d, payload, routed_id) in deliveries {
+        let Some(control_id) = routed_id else {
+            complete(shared, &tracker, d, false);
+            continue;
+        };
+        let dest = &shared.destinations[d as usize];
+        shared.queue_depth.fetch_add(1, Ordering::SeqCst);
+        let delivery = Delivery {
+            payload,
+            control_id,
+            tracker: tracker.clone(),
+        };
+        // The receiver lives in `shared`, so this cannot fail while we run.
+        if dest.tx.send(delivery).is_err() {
+            shared.queue_depth.fetch_sub(1, Ordering::SeqCst);
+            shared.bump();
+        }
+    }
+}
+
+/// Records one destination's result for a message.
+fn complete(shared: &Shared, tracker: &Tracker, destination: u32, delivered: bool) {
+    if delivered {
+        if let (Some(wal), Some(id)) = (&shared.wal, tracker.wal_id) {
+            wal.done(id, destination);
+        }
+    } else {
+        tracker.failed.store(true, Ordering::SeqCst);
+    }
+    if tracker.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+        finish(shared, tracker);
+    }
+}
+
+/// Every destination is through with a message.
+fn finish(shared: &Shared, tracker: &Tracker) {
+    let outcome = if tracker.failed.load(Ordering::SeqCst) {
+        shared.failed.fetch_add(1, Ordering::SeqCst);
+        warn!(control_id = %tracker.control_id, "message failed on at least one destination");
+        Outcome::Failed
+    } else {
+        shared.processed.fetch_add(1, Ordering::SeqCst);
+        // A failed message stays in the durable queue for the next start.
+        if let (Some(wal), Some(id)) = (&shared.wal, tracker.wal_id) {
+            wal.finished(id);
+        }
+        Outcome::Delivered
+    };
+    if let Some(tx) = lock(&tracker.outcome).take() {
+        // The connection may have gone away meanwhile (engine stopping).
+        let _ = tx.send(outcome);
     }
 }
 
@@ -546,7 +939,7 @@ fn connection_deadline(age: Duration) -> Option<Instant> {
     Some(Instant::now() + age + age.mul_f64(jitter))
 }
 
-async fn forwarder(shared: Arc<Shared>, config: Arc<EngineConfig>, queue: JobQueue) {
+async fn forwarder(shared: Arc<Shared>, config: Arc<EngineConfig>, dest: Arc<Destination>) {
     let mut downstream: Option<Framed<TcpStream, MllpCodec>> = None;
     let mut backoff = Backoff::new();
     loop {
@@ -555,7 +948,7 @@ async fn forwarder(shared: Arc<Shared>, config: Arc<EngineConfig>, queue: JobQue
         if downstream.is_none() {
             let connected = tokio::select! {
                 _ = shared.stop.cancelled() => return,
-                r = connect(&config) => r,
+                r = connect(&config, dest.addr) => r,
             };
             match connected {
                 Ok(f) => {
@@ -573,7 +966,7 @@ async fn forwarder(shared: Arc<Shared>, config: Arc<EngineConfig>, queue: JobQue
             }
         }
         let job = {
-            let mut rx = queue.lock().await;
+            let mut rx = dest.rx.lock().await;
             tokio::select! {
                 _ = shared.stop.cancelled() => return,
                 job = rx.recv() => job,
@@ -586,23 +979,18 @@ async fn forwarder(shared: Arc<Shared>, config: Arc<EngineConfig>, queue: JobQue
         let outcome = async {
             tokio::select! {
                 _ = shared.stop.cancelled() => None,
-                o = forward(&config, &mut downstream, &job) => Some(o),
+                o = forward(&config, dest.addr, &mut downstream, &job) => Some(o),
             }
         }
         .instrument(span)
         .await;
-        match outcome {
-            Some(Outcome::Delivered) => {
-                shared.processed.fetch_add(1, Ordering::SeqCst);
-            }
-            Some(Outcome::Failed) => {
-                shared.failed.fetch_add(1, Ordering::SeqCst);
-            }
-            None => {}
-        }
         if let Some(outcome) = outcome {
-            // The connection may have gone away meanwhile (engine stopping).
-            let _ = job.outcome.send(outcome);
+            complete(
+                &shared,
+                &job.tracker,
+                dest.index,
+                outcome == Outcome::Delivered,
+            );
         }
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         shared.bump();
@@ -627,14 +1015,14 @@ enum ForwardError {
     Mllp(#[source] MllpError),
 }
 
-async fn connect(config: &EngineConfig) -> Result<Framed<TcpStream, MllpCodec>, ForwardError> {
-    let socket = timeout(
-        config.downstream_timeout,
-        TcpStream::connect(config.downstream),
-    )
-    .await
-    .map_err(|_| ForwardError::Timeout)?
-    .map_err(ForwardError::Io)?;
+async fn connect(
+    config: &EngineConfig,
+    addr: SocketAddr,
+) -> Result<Framed<TcpStream, MllpCodec>, ForwardError> {
+    let socket = timeout(config.downstream_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ForwardError::Timeout)?
+        .map_err(ForwardError::Io)?;
     let _ = socket.set_nodelay(true);
     Ok(Framed::new(socket, MllpCodec::new(config.max_frame_bytes)))
 }
@@ -642,14 +1030,15 @@ async fn connect(config: &EngineConfig) -> Result<Framed<TcpStream, MllpCodec>, 
 /// Tries to deliver `job` up to `max_attempts` times, reconnecting as needed.
 async fn forward(
     config: &EngineConfig,
+    addr: SocketAddr,
     downstream: &mut Option<Framed<TcpStream, MllpCodec>>,
-    job: &Job,
+    job: &Delivery,
 ) -> Outcome {
     let mut backoff = Backoff::new();
     for attempt in 1..=config.max_attempts {
         let result = match downstream {
             Some(framed) => send_once(config, framed, job).await,
-            None => match connect(config).await {
+            None => match connect(config, addr).await {
                 Ok(framed) => send_once(config, downstream.insert(framed), job).await,
                 Err(e) => Err(e),
             },
@@ -678,7 +1067,7 @@ async fn forward(
 async fn send_once(
     config: &EngineConfig,
     framed: &mut Framed<TcpStream, MllpCodec>,
-    job: &Job,
+    job: &Delivery,
 ) -> Result<(), ForwardError> {
     let exchange = async {
         framed
@@ -764,5 +1153,43 @@ mod tests {
             "invalid engine config: forwarders must be at least 1"
         );
         assert!(validate(&EngineConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn invalid_routes_are_refused() {
+        let no_destinations = EngineConfig {
+            routes: vec![Route::pass_through("empty", vec![])],
+            ..EngineConfig::default()
+        };
+        assert!(matches!(
+            validate(&no_destinations),
+            Err(EngineError::InvalidConfig {
+                field: "routes",
+                ..
+            })
+        ));
+        let drops_msh = EngineConfig {
+            routes: vec![Route {
+                name: "bad".to_owned(),
+                transform: Some(Transform::new(vec![crate::transform::Step::DropSegments {
+                    segment: "MSH".to_owned(),
+                }])),
+                destinations: vec![DEFAULT_DOWNSTREAM],
+            }],
+            ..EngineConfig::default()
+        };
+        let err = validate(&drops_msh).expect_err("invalid");
+        assert_eq!(err.to_string(), "invalid transform on route bad");
+    }
+
+    #[test]
+    fn no_routes_means_pass_through_to_downstream() {
+        let config = EngineConfig::default();
+        let routes = config.effective_routes();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].destinations, vec![DEFAULT_DOWNSTREAM]);
+        assert!(routes[0].active_transform().is_none());
+        assert_eq!(config.ack_mode, AckMode::AfterDelivery);
+        assert_eq!(config.queue_dir, None);
     }
 }

@@ -15,7 +15,8 @@ use gru_engine::bench::{
 };
 use gru_engine::hl7::{AckCode, Msh, parse_ack};
 use gru_engine::mllp::{DEFAULT_MAX_FRAME_BYTES, MllpCodec};
-use gru_engine::{EngineConfig, EngineHandle, EngineStatus};
+use gru_engine::routes::{t2_routes, t4_routes};
+use gru_engine::{AckMode, EngineConfig, EngineHandle, EngineStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -52,8 +53,17 @@ impl Sink {
     }
 
     fn start_on(listener: TcpListener, ack_delay: Duration) -> Sink {
+        Self::start_with(listener, ack_delay, SinkHandle::new())
+    }
+
+    /// A sink that keeps every payload, to check what routes delivered.
+    async fn capturing() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+        Self::start_with(listener, Duration::ZERO, SinkHandle::capturing())
+    }
+
+    fn start_with(listener: TcpListener, ack_delay: Duration, stats: SinkHandle) -> Sink {
         let addr = listener.local_addr().expect("sink addr");
-        let stats = SinkHandle::new();
         let stop = CancellationToken::new();
         let config = SinkConfig {
             ack_delay,
@@ -525,3 +535,375 @@ async fn downstream_nack_becomes_ae_after_max_attempts() {
     })
     .await;
 }
+
+/// The `seg`-`field` value of the first `seg` segment (MSH counted as in the
+/// standard: MSH-3 is the third field).
+fn field(message: &[u8], seg: &str, n: usize) -> String {
+    let text = String::from_utf8_lossy(message);
+    let segment = text
+        .split('\r')
+        .find(|s| s.starts_with(seg))
+        .unwrap_or_default();
+    let index = if seg == "MSH" { n - 1 } else { n };
+    segment.split('|').nth(index).unwrap_or_default().to_owned()
+}
+
+/// What every message delivered through `example_transform(facility)` looks
+/// like at its sink.
+fn assert_transformed(sink: &Sink, facility: &str) {
+    let captured = sink.stats.captured();
+    assert!(!captured.is_empty(), "{facility}: sink got nothing");
+    for m in &captured {
+        let text = String::from_utf8_lossy(m);
+        assert_eq!(field(m, "MSH", 6), facility, "{text}");
+        assert_eq!(field(m, "MSH", 3), field(m, "MSH", 4), "{text}");
+        assert!(
+            ["female", "male", "unknown", "other"].contains(&field(m, "PID", 8).as_str()),
+            "{text}"
+        );
+        let name = field(m, "PID", 5);
+        assert!(
+            name.ends_with('^') || !name.contains('^'),
+            "given name cleared: {text}"
+        );
+        assert!(!text.contains("\rNTE|"), "notes dropped: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t2_delivers_transformed_messages_to_both_destinations() {
+    within(async {
+        let sinks = [Sink::capturing().await, Sink::capturing().await];
+        let config = EngineConfig {
+            routes: t2_routes([sinks[0].addr, sinks[1].addr]),
+            ..engine_config(sinks[0].addr)
+        };
+        let engine = gru_engine::start(config).await.expect("start engine");
+        let summary = Drive::start(engine.local_addr(), 3, Duration::from_millis(600))
+            .finish()
+            .await;
+        assert!(summary.acked > 0, "{summary:?}");
+        assert_eq!((summary.nacked, summary.sent), (0, summary.acked));
+        for sink in &sinks {
+            assert_no_loss(&summary, &sink.stats);
+            assert_transformed(sink, "T2");
+        }
+        let status = engine.status();
+        assert_eq!((status.processed, status.failed), (summary.acked, 0));
+        stop_engine(&engine).await;
+        for sink in sinks {
+            sink.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t4_delivers_each_routes_transform_to_all_five_destinations() {
+    within(async {
+        let mut sinks = Vec::new();
+        for _ in 0..5 {
+            sinks.push(Sink::capturing().await);
+        }
+        let addrs: Vec<SocketAddr> = sinks.iter().map(|s| s.addr).collect();
+        let config = EngineConfig {
+            routes: t4_routes(addrs.clone().try_into().expect("five")),
+            forwarders: 2,
+            ..engine_config(addrs[0])
+        };
+        let engine = gru_engine::start(config).await.expect("start engine");
+        let summary = Drive::start(engine.local_addr(), 3, Duration::from_millis(600))
+            .finish()
+            .await;
+        assert!(summary.acked > 0, "{summary:?}");
+        assert_eq!((summary.nacked, summary.sent), (0, summary.acked));
+        let facilities = ["T4R1", "T4R2", "T4R3", "T4R4", "T4R4"];
+        for (sink, facility) in sinks.iter().zip(facilities) {
+            assert_no_loss(&summary, &sink.stats);
+            assert_transformed(sink, facility);
+        }
+        stop_engine(&engine).await;
+        for sink in sinks {
+            sink.stop().await;
+        }
+    })
+    .await;
+}
+
+/// A port nothing listens on yet.
+async fn reserved_addr() -> SocketAddr {
+    let reserved = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    reserved.local_addr().expect("addr")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_enqueue_acks_before_delivery_and_drain_waits_for_the_queue() {
+    within(async {
+        let sink_addr = reserved_addr().await;
+        let config = EngineConfig {
+            ack_mode: AckMode::AfterEnqueue,
+            ..engine_config(sink_addr)
+        };
+        let engine = gru_engine::start(config).await.expect("start engine");
+        let mut c = client(engine.local_addr()).await;
+        // Downstream is down, yet the sender gets AA at once.
+        let (_, code, acked) = exchange(&mut c, adt("EARLY-1")).await;
+        assert_eq!((code, acked.as_str()), (AckCode::AA, "EARLY-1"));
+        assert_eq!(engine.status().queue_depth, 1);
+        drop(c);
+        engine.drain();
+        wait_until("connection closed", Duration::from_secs(5), || {
+            engine.status().open_connections == 0
+        })
+        .await;
+        assert!(!engine.status().drained, "a queued message holds the drain");
+
+        let listener = TcpListener::bind(sink_addr).await.expect("rebind sink");
+        let sink = Sink::start_on(listener, Duration::ZERO);
+        timeout(Duration::from_secs(10), engine.drained())
+            .await
+            .expect("drained once delivered");
+        assert!(sink.stats.contains("EARLY-1"));
+        assert_eq!(engine.status().processed, 1);
+        stop_engine(&engine).await;
+        sink.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_enqueue_reports_a_downstream_refusal_as_failed() {
+    within(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let refuser = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut framed = Framed::new(socket, MllpCodec::default());
+            let mut tries = 0u32;
+            while let Some(Ok(msg)) = framed.next().await {
+                tries += 1;
+                let msh = Msh::parse(&msg).expect("msh");
+                let ack = gru_engine::hl7::build_ack(&msh, AckCode::AR, "R", Some("no"));
+                framed.send(Bytes::from(ack)).await.expect("send");
+                if tries == 2 {
+                    break;
+                }
+            }
+            tries
+        });
+        let config = EngineConfig {
+            ack_mode: AckMode::AfterEnqueue,
+            forwarders: 1,
+            max_attempts: 2,
+            ..engine_config(addr)
+        };
+        let engine = gru_engine::start(config).await.expect("start engine");
+        let mut c = client(engine.local_addr()).await;
+        let (_, code, _) = exchange(&mut c, adt("REFUSED")).await;
+        assert_eq!(code, AckCode::AA, "acked on enqueue");
+        assert_eq!(
+            refuser.await.expect("refuser"),
+            2,
+            "retried up to the limit"
+        );
+        wait_until("failure reported", Duration::from_secs(5), || {
+            engine.status().failed == 1
+        })
+        .await;
+        assert_eq!(engine.status().processed, 0);
+        drop(c);
+        stop_engine(&engine).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_mode_answers_nothing_and_delivers_everything() {
+    within(async {
+        let sink = Sink::start(Duration::ZERO).await;
+        let config = EngineConfig {
+            ack_mode: AckMode::None,
+            ..engine_config(sink.addr)
+        };
+        let engine = gru_engine::start(config).await.expect("start engine");
+        let mut socket = TcpStream::connect(engine.local_addr())
+            .await
+            .expect("connect");
+        let ids: Vec<String> = (0..20).map(|i| format!("NOACK-{i}")).collect();
+        let mut wire = Vec::new();
+        for id in &ids {
+            wire.extend(gru_engine::mllp::frame(&adt(id)));
+        }
+        socket.write_all(&wire).await.expect("write");
+        wait_until("all at the sink", Duration::from_secs(10), || {
+            ids.iter().all(|id| sink.stats.contains(id))
+        })
+        .await;
+        // Any ACK would have been written before the next frame was read,
+        // so by now it would be waiting in our socket.
+        let mut buf = [0u8; 64];
+        match socket.try_read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("expected no ack, got {other:?}"),
+        }
+        wait_until("all processed", Duration::from_secs(5), || {
+            engine.status().processed == 20
+        })
+        .await;
+        drop(socket);
+        stop_engine(&engine).await;
+        sink.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_queue_survives_a_crash_mid_load() {
+    within(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A slow sink and one forwarder, so a backlog builds behind the ACKs.
+        let sink = Sink::start(Duration::from_millis(3)).await;
+        let config = EngineConfig {
+            ack_mode: AckMode::AfterEnqueue,
+            queue_dir: Some(dir.path().to_owned()),
+            forwarders: 1,
+            ..engine_config(sink.addr)
+        };
+        let engine = gru_engine::start(config.clone())
+            .await
+            .expect("start engine");
+        let addr = engine.local_addr();
+        let drive = Drive::start(addr, 4, Duration::from_secs(3));
+        wait_until("a backlog", Duration::from_secs(15), || {
+            drive.live.acked() >= 200 && engine.status().queue_depth >= 50
+        })
+        .await;
+        // The crash: every task aborted in this process, unsynced log buffer
+        // dropped. (In-process, so the page cache survives, as with kill -9.)
+        engine.abort().await;
+        let acked_before = drive.live.acked();
+        let at_sink_before = sink.stats.unique_received();
+        assert!(at_sink_before < acked_before, "crashed with a backlog");
+
+        // Restart on the same directory and address; the driver reconnects.
+        let restarted = gru_engine::start(EngineConfig {
+            listen: addr,
+            forwarders: 4,
+            ..config
+        })
+        .await
+        .expect("restart engine");
+        // No new messages: resend what was not ACKed, then finish.
+        let summary = drive.stop().await;
+        assert!(summary.acked >= acked_before, "{summary:?}");
+        restarted.drain();
+        timeout(Duration::from_secs(20), restarted.drained())
+            .await
+            .expect("replayed backlog delivered");
+        assert_no_loss(&summary, &sink.stats);
+        let duplicates = sink.stats.received() - sink.stats.unique_received();
+        println!(
+            "crash test: acked {} ({} before the crash, {} at the sink then), duplicates {}",
+            summary.acked, acked_before, at_sink_before, duplicates
+        );
+        stop_engine(&restarted).await;
+        sink.stop().await;
+        // Everything delivered: the log restarts empty.
+        let reopened = gru_engine::wal::Wal::open(dir.path(), 1 << 20).expect("reopen");
+        assert!(
+            reopened.pending.is_empty(),
+            "{} pending",
+            reopened.pending.len()
+        );
+        reopened.wal.close(true);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_limit_pushes_back_on_senders() {
+    within(async {
+        let sink_addr = reserved_addr().await;
+        let config = EngineConfig {
+            ack_mode: AckMode::AfterEnqueue,
+            max_queued_messages: 2,
+            ..engine_config(sink_addr)
+        };
+        let engine = gru_engine::start(config).await.expect("start engine");
+        let mut c = client(engine.local_addr()).await;
+        for id in ["HELD-1", "HELD-2"] {
+            let (_, code, _) = exchange(&mut c, adt(id)).await;
+            assert_eq!(code, AckCode::AA);
+        }
+        // The third waits for room: no ACK while downstream is down.
+        c.send(adt("HELD-3")).await.expect("send");
+        assert!(
+            timeout(Duration::from_millis(300), c.next()).await.is_err(),
+            "no ack while the queue is full"
+        );
+        assert_eq!(engine.status().queue_depth, 2);
+        let listener = TcpListener::bind(sink_addr).await.expect("rebind sink");
+        let sink = Sink::start_on(listener, Duration::ZERO);
+        let reply = c.next().await.expect("ack").expect("read ack");
+        assert_eq!(
+            parse_ack(&reply).expect("ack"),
+            (AckCode::AA, "HELD-3".to_owned())
+        );
+        wait_until("all delivered", Duration::from_secs(10), || {
+            engine.status().processed == 3
+        })
+        .await;
+        drop(c);
+        stop_engine(&engine).await;
+        sink.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_restart_resends_only_to_destinations_still_missing_it() {
+    within(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let up = Sink::start(Duration::ZERO).await;
+        let down_addr = reserved_addr().await;
+        let config = EngineConfig {
+            ack_mode: AckMode::AfterEnqueue,
+            queue_dir: Some(dir.path().to_owned()),
+            routes: t2_routes([up.addr, down_addr]),
+            ..engine_config(up.addr)
+        };
+        let engine = gru_engine::start(config.clone())
+            .await
+            .expect("start engine");
+        let mut c = client(engine.local_addr()).await;
+        let (_, code, _) = exchange(&mut c, adt("HALF-DONE")).await;
+        assert_eq!(code, AckCode::AA);
+        wait_until(
+            "delivered to the live sink",
+            Duration::from_secs(10),
+            || up.stats.contains("HALF-DONE"),
+        )
+        .await;
+        drop(c);
+        // Grace runs out with the second destination still down.
+        engine.shutdown(Duration::from_millis(200)).await;
+
+        let listener = TcpListener::bind(down_addr).await.expect("rebind");
+        let late = Sink::start_on(listener, Duration::ZERO);
+        let restarted = gru_engine::start(config).await.expect("restart");
+        restarted.drain();
+        timeout(Duration::from_secs(10), restarted.drained())
+            .await
+            .expect("replayed");
+        assert!(late.stats.contains("HALF-DONE"));
+        assert_eq!(up.stats.received(), 1, "no duplicate where it was done");
+        assert_eq!(restarted.status().processed, 1);
+        stop_engine(&restarted).await;
+        up.stop().await;
+        late.stop().await;
+    })
+    .await;
+}
+
+// A real kill -9 of a durable engine is tested end to end with the `gru`
+// binary (tests/e2e/durable.rs): the process dies, the write-ahead log stays.

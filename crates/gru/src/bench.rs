@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use gru_engine::bench::{self, DriveConfig, DriveHandle, SinkConfig, SinkHandle};
 use tokio::net::TcpListener;
 
@@ -16,6 +16,56 @@ pub enum BenchCommand {
     Sink(SinkArgs),
     /// Send synthetic HL7 messages to an MLLP endpoint and measure (the DRIVER).
     Drive(DriveArgs),
+    /// Run the reference engine on its own (the system under test), for
+    /// benchmarks: T1 pass-through, T2 or T4 with transforms.
+    Engine(EngineArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Workload {
+    /// One route, no transform: needs one --downstream.
+    T1,
+    /// One inbound, one transform, two outbound: needs two --downstream.
+    T2,
+    /// Four routes with transforms, five outbound: needs five --downstream.
+    T4,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Ack {
+    /// ACK upstream once every destination ACKed.
+    AfterDelivery,
+    /// ACK once queued (written to the queue directory when one is given).
+    AfterEnqueue,
+    /// Send no ACK at all.
+    None,
+}
+
+#[derive(Args)]
+pub struct EngineArgs {
+    /// Where senders connect; port 0 picks a free one (printed on the first line).
+    #[arg(long, default_value = "127.0.0.1:2575")]
+    listen: SocketAddr,
+    /// Where messages go on to; repeat for T2 (2) and T4 (5).
+    #[arg(long, required = true)]
+    downstream: Vec<SocketAddr>,
+    #[arg(long, value_enum, default_value_t = Workload::T1)]
+    workload: Workload,
+    #[arg(long, value_enum, default_value_t = Ack::AfterDelivery)]
+    ack: Ack,
+    /// Keep the queue on disk here: what was ACKed survives a crash (use
+    /// with --ack after-enqueue).
+    #[arg(long)]
+    queue_dir: Option<PathBuf>,
+    /// Close connections at a message boundary after this age; 0s = never.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    max_connection_age: Duration,
+    /// Downstream connections per destination.
+    #[arg(long, default_value_t = gru_engine::engine::DEFAULT_FORWARDERS)]
+    forwarders: usize,
+    /// On Ctrl-C or SIGTERM, how long to finish and flush before stopping.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    stop_grace: Duration,
 }
 
 #[derive(Args)]
@@ -69,6 +119,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Sink(a) => sink(a).await,
         BenchCommand::Drive(a) => drive(a).await,
+        BenchCommand::Engine(a) => engine(a).await,
     }
 }
 
@@ -212,5 +263,65 @@ async fn drive(a: DriveArgs) -> anyhow::Result<()> {
             summary.latency_max_ms
         );
     }
+    Ok(())
+}
+
+async fn engine(a: EngineArgs) -> anyhow::Result<()> {
+    use gru_engine::routes::{self, AckMode};
+    let d = &a.downstream;
+    let routes = match (a.workload, d.len()) {
+        (Workload::T1, 1) => Vec::new(),
+        (Workload::T2, 2) => routes::t2_routes([d[0], d[1]]),
+        (Workload::T4, 5) => routes::t4_routes([d[0], d[1], d[2], d[3], d[4]]),
+        (w, n) => {
+            let want = match w {
+                Workload::T1 => 1,
+                Workload::T2 => 2,
+                Workload::T4 => 5,
+            };
+            anyhow::bail!("this workload needs {want} --downstream, got {n}");
+        }
+    };
+    let config = gru_engine::EngineConfig {
+        listen: a.listen,
+        downstream: d[0],
+        routes,
+        ack_mode: match a.ack {
+            Ack::AfterDelivery => AckMode::AfterDelivery,
+            Ack::AfterEnqueue => AckMode::AfterEnqueue,
+            Ack::None => AckMode::None,
+        },
+        queue_dir: a.queue_dir.clone(),
+        max_connection_age: a.max_connection_age,
+        forwarders: a.forwarders,
+        ..Default::default()
+    };
+    let engine = gru_engine::start(config)
+        .await
+        .map_err(|e| anyhow::anyhow!(gru_core::error_chain(&e)))?;
+    println!("engine listening on {}", engine.local_addr());
+    let stop = interrupted();
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                let s = engine.status();
+                progress(&format!(
+                    "engine {}: processed {} failed {} queued {} in flight {} connections {}",
+                    engine.local_addr(), s.processed, s.failed, s.queue_depth, s.in_flight, s.open_connections
+                ));
+            }
+        }
+    }
+    end_progress();
+    engine.shutdown(a.stop_grace).await;
+    let s = engine.status();
+    println!(
+        "engine: processed {} failed {}; left queued {} in flight {}",
+        s.processed, s.failed, s.queue_depth, s.in_flight
+    );
     Ok(())
 }
