@@ -207,6 +207,8 @@ fn the_shipped_example_configs_are_valid() {
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
     for (cmd, file) in [
         ("controller", "controller.example.toml"),
+        ("controller", "controller.aws.example.toml"),
+        ("controller", "schedules.example.toml"),
         ("minion", "minion.example.toml"),
     ] {
         let out = Command::new(GRU)

@@ -14,15 +14,24 @@
 //!
 //! What moto 5.2.5 does not do, and how each test copes, is said where it
 //! matters (DESIGN.md lists the gaps).
+//!
+//! The tests after the provider's own run the whole controller over moto
+//! (module `scenario`): scale out, scale in, terminations the group starts,
+//! the launching hook, instances that never join, an attached target group
+//! and a terminate whose answer is lost.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use aws_sdk_autoscaling::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_autoscaling::config::interceptors::{
+    BeforeDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextMut,
+    BeforeTransmitInterceptorContextRef,
+};
 use aws_sdk_autoscaling::config::retry::RetryConfig;
 use aws_sdk_autoscaling::config::timeout::TimeoutConfig;
 use aws_sdk_autoscaling::config::{
@@ -40,7 +49,9 @@ use gru_aws::{AwsClients, AwsFleet, AwsFleetConfig, AwsLifecycle, LifecycleHook,
 use gru_cloud::{
     CapacityGroup, CloudError, InstanceId, InstanceLifecycle, Target, TargetGroup, TargetState,
 };
+use gru_core::MinionState;
 use rand::Rng;
+use scenario::{SCENARIO_TIMEOUT, is_step, is_transition_to, messages, pin_at, position, until};
 
 /// Bound on every test: moto's first EC2 call in an account takes ≈ 2 s.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -270,14 +281,65 @@ impl Intercept for MotoAccount {
     }
 }
 
-/// SDK clients for a fresh moto account: static credentials, retries off.
-fn clients(url: &str) -> AwsClients {
-    let account: String = {
-        let mut rng = rand::rng();
-        (0..12)
-            .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
-            .collect()
-    };
+/// Loses the answers of the next `armed` TerminateInstanceInAutoScalingGroup
+/// calls: the request reaches moto, which applies it, and the caller gets an
+/// error instead of the answer (a timeout or a dropped connection on AWS).
+/// Fault injection on the client side; moto itself is unchanged.
+#[derive(Clone, Debug, Default)]
+struct LostAnswers {
+    armed: Arc<AtomicU32>,
+    losing: Arc<AtomicBool>,
+}
+
+impl Intercept for LostAnswers {
+    fn name(&self) -> &'static str {
+        "LostAnswers"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let terminate = context.request().body().bytes().is_some_and(|b| {
+            String::from_utf8_lossy(b).contains("Action=TerminateInstanceInAutoScalingGroup")
+        });
+        if terminate
+            && self
+                .armed
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            self.losing.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn read_after_transmit(
+        &self,
+        _: &BeforeDeserializationInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if self.losing.swap(false, Ordering::SeqCst) {
+            return Err("the answer was lost on the way back (injected)".into());
+        }
+        Ok(())
+    }
+}
+
+fn random_account() -> String {
+    let mut rng = rand::rng();
+    (0..12)
+        .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
+        .collect()
+}
+
+/// SDK clients for moto account `account` (static credentials, retries
+/// off), with `faults` on every call.
+fn clients_in(url: &str, account: &str, faults: LostAnswers) -> AwsClients {
+    let account = account.to_owned();
     let credentials = Credentials::new("moto", "moto", None, None, "gru-aws tests");
     let timeouts = TimeoutConfig::builder()
         .operation_timeout(Duration::from_secs(30))
@@ -293,6 +355,7 @@ fn clients(url: &str) -> AwsClients {
                     .retry_config(RetryConfig::disabled())
                     .timeout_config(timeouts.clone())
                     .interceptor(MotoAccount(account.clone()))
+                    .interceptor(faults.clone())
                     .build(),
             )
         };
@@ -308,6 +371,8 @@ fn clients(url: &str) -> AwsClients {
 /// Linux AMI, a target group and an Auto Scaling group (not attached).
 struct Fixture {
     fleet: AwsFleet,
+    /// The moto account every client of this fixture talks to.
+    account: String,
     clients: AwsClients,
     group: String,
     target_group_arn: String,
@@ -323,7 +388,8 @@ async fn fixture_with(
     desired: i32,
     tweak: impl FnOnce(&mut AwsFleetConfig),
 ) -> Fixture {
-    let clients = clients(&moto().url);
+    let account = random_account();
+    let clients = clients_in(&moto().url, &account, LostAnswers::default());
     let ec2 = &clients.ec2;
     // The first image moto lists is Windows: pick Amazon Linux by name.
     let images = ec2
@@ -420,6 +486,7 @@ async fn fixture_with(
         clients,
         group,
         target_group_arn,
+        account,
     }
 }
 
@@ -950,6 +1017,777 @@ async fn terminate_under_a_terminating_hook_decrements_once_and_waits() {
         fx.fleet.terminate(&victim, true).await.unwrap();
         assert_eq!(fx.desired().await, 2);
         assert_eq!(fx.in_service().await.len(), 2);
+    })
+    .await;
+}
+
+// The controller over moto: a real controller (its gRPC server on loopback
+// with the dev PKI, its reconcile loop) drives this crate against moto, and
+// real agents join it. The agents run in this process through
+// `gru_minion::run`, the same code `gru minion` runs (real engine, real
+// Session over loopback gRPC with TLS, a real MLLP sink downstream): the
+// `gru` binary is only built for the gru crate's own tests, and an agent per
+// instance in-process starts in milliseconds. Their instance ids come from
+// moto, injected as `gru minion --instance-id` would.
+//
+// The controller talks to moto through the fixture's clients (the account
+// interceptor, retries off); its config still carries the `[fleet.aws]`
+// table an operator would write, so the parsing is the real one.
+
+mod scenario {
+    use std::collections::HashSet;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use gru_aws::{AwsFleet, AwsLifecycle};
+    use gru_cloud::InstanceId;
+    use gru_controller::pki::DevPki;
+    use gru_controller::registry::{Event, EventKind};
+    use gru_controller::{Controller, ControllerConfig, FleetRuntime};
+    use gru_core::MinionState;
+    use gru_core::policy::Pin;
+    use tokio::net::TcpListener;
+
+    use super::{Fixture, LostAnswers};
+
+    /// Bound on each scenario: moto's first calls in an account, joins,
+    /// drains and a few reconcile passes.
+    pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(120);
+    pub const FLEET: &str = "hl7";
+    const TOKEN: &str = "scenario-join-token";
+    const POLL: Duration = Duration::from_millis(100);
+
+    pub struct Scenario {
+        pub fx: Fixture,
+        pub controller: Arc<Controller>,
+        agents: Agents,
+        _stop: tokio::sync::oneshot::Sender<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Starts `gru minion` agents in-process, at most one per instance id.
+    #[derive(Clone)]
+    struct Agents {
+        controller: SocketAddr,
+        sink: SocketAddr,
+        dir: PathBuf,
+        started: Arc<Mutex<HashSet<InstanceId>>>,
+    }
+
+    impl Agents {
+        fn start(&self, id: &InstanceId) {
+            if !self.started.lock().expect("lock").insert(id.clone()) {
+                return;
+            }
+            let text = format!(
+                "controller = \"https://{}\"\nca_file = \"ca.pem\"\nfleet = \"{FLEET}\"\n\
+                 join_token_file = \"token\"\nstop_grace = \"1s\"\n\
+                 [engine]\nlisten = \"127.0.0.1:0\"\ndownstream = \"{}\"\n",
+                self.controller, self.sink
+            );
+            let config = gru_minion::MinionConfig::parse(&self.dir.join("minion.toml"), &text)
+                .expect("minion config");
+            tokio::spawn(gru_minion::run(
+                config,
+                id.0.clone(),
+                std::future::pending(),
+            ));
+        }
+    }
+
+    /// A controller for the fixture's group, pinned at `pin` minions.
+    pub async fn start(fx: Fixture, pin: u32, join_timeout: &str) -> Scenario {
+        start_with(fx, pin, join_timeout, LostAnswers::default()).await
+    }
+
+    /// Like [`start`], with `faults` on the controller's AWS calls.
+    pub async fn start_with(
+        fx: Fixture,
+        pin: u32,
+        join_timeout: &str,
+        faults: LostAnswers,
+    ) -> Scenario {
+        gru_proto::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        DevPki::in_dir(dir.path()).ensure().expect("dev pki");
+        std::fs::write(dir.path().join("token"), TOKEN).expect("token");
+        let c = fx.fleet.config().clone();
+        let mut aws = format!(
+            "group_name = {:?}\ntarget_group_arn = {:?}\nendpoint_url = {:?}\n\
+             max_attempts = 1\nheartbeat_interval = \"500ms\"\n",
+            c.group_name,
+            c.target_group_arn,
+            super::moto().url
+        );
+        for (key, hook) in [
+            ("launching_hook", &c.launching_hook),
+            ("terminating_hook", &c.terminating_hook),
+        ] {
+            if let Some(name) = hook {
+                aws.push_str(&format!("{key} = {name:?}\n"));
+            }
+        }
+        let text = format!(
+            r#"
+            listen = "127.0.0.1:0"
+            report_interval = "200ms"
+            lost_timeout = "5s"
+            eval_interval = "200ms"
+            join_timeout = "{join_timeout}"
+            join_token_file = "token"
+            [tls]
+            cert = "controller.pem"
+            key = "controller.key"
+            client_ca = "ca.pem"
+            [[fleet]]
+            name = "{FLEET}"
+            provider = "aws"
+            min = 0
+            max = 5
+            max_step_in = 5
+            [fleet.aws]
+            {aws}
+            "#
+        );
+        let config = ControllerConfig::parse(&dir.path().join("controller.toml"), &text)
+            .expect("controller config");
+        let parsed = config.fleets[0].provider.aws().expect("an aws fleet");
+        assert_eq!(parsed.fleet.group_name, c.group_name);
+        assert_eq!(parsed.fleet.terminating_hook, c.terminating_hook);
+        let controller_clients = super::clients_in(&super::moto().url, &fx.account, faults);
+        let fleet = AwsFleet::from_clients(c, controller_clients);
+        let runtime = FleetRuntime::aws(config.fleets[0].clone(), Arc::new(fleet));
+        let controller = Controller::new(config, vec![runtime], TOKEN.to_owned());
+        pin_at(&controller, pin);
+
+        let sink_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let sink = sink_listener.local_addr().expect("addr");
+        tokio::spawn(gru_engine::bench::run_sink(
+            sink_listener,
+            Default::default(),
+            gru_engine::bench::SinkHandle::new(),
+            std::future::pending(),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(gru_controller::run(controller.clone(), listener, async {
+            let _ = stopped.await;
+        }));
+        Scenario {
+            fx,
+            controller,
+            agents: Agents {
+                controller: addr,
+                sink,
+                dir: dir.path().to_owned(),
+                started: Arc::new(Mutex::new(HashSet::new())),
+            },
+            _stop: stop,
+            _dir: dir,
+        }
+    }
+
+    /// What an operator's `gru scale FLEET N` does.
+    pub fn pin_at(controller: &Controller, n: u32) {
+        controller
+            .registry()
+            .fleets
+            .get_mut(FLEET)
+            .expect("fleet")
+            .pin = Some(Pin {
+            desired: n,
+            until: None,
+        });
+        controller.wake(FLEET);
+    }
+
+    /// Polls `f` until it returns a value; the scenario's time bound ends
+    /// the wait if it never does.
+    pub async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                start.elapsed() < SCENARIO_TIMEOUT,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    impl Scenario {
+        /// Starts an agent for `id`, as the instance's cloud-init would.
+        pub fn start_agent(&self, id: &InstanceId) {
+            self.agents.start(id);
+        }
+
+        /// Starts an agent on every instance the group launches, now and
+        /// later (a replacement boots its own).
+        pub fn agents_on_every_instance(&self) {
+            let agents = self.agents.clone();
+            let fleet =
+                AwsFleet::from_clients(self.fx.fleet.config().clone(), self.fx.clients.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(g) = fleet.describe_group().await {
+                        for i in &g.instances {
+                            if matches!(
+                                i.lifecycle,
+                                AwsLifecycle::Pending
+                                    | AwsLifecycle::PendingWait
+                                    | AwsLifecycle::InService
+                            ) {
+                                agents.start(&i.id);
+                            }
+                        }
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            });
+        }
+
+        /// The minion of instance `id` and its state, if the controller
+        /// knows it.
+        pub fn minion(&self, id: &InstanceId) -> Option<(String, MinionState)> {
+            self.controller
+                .registry()
+                .minion_by_instance(id)
+                .map(|m| (m.id.clone(), m.state))
+        }
+
+        /// Minions the controller has in `state`.
+        pub fn in_state(&self, state: MinionState) -> Vec<(String, InstanceId)> {
+            self.controller
+                .registry()
+                .minions
+                .values()
+                .filter(|m| m.state == state)
+                .map(|m| (m.id.clone(), m.instance.clone()))
+                .collect()
+        }
+
+        /// The states a minion went through, in order.
+        pub fn path(&self, minion: &str) -> Vec<MinionState> {
+            self.controller.registry().minions[minion]
+                .history
+                .iter()
+                .map(|h| h.to)
+                .collect()
+        }
+
+        /// The controller's events about one minion, oldest first.
+        pub fn events(&self, minion: &str) -> Vec<Event> {
+            self.controller
+                .registry()
+                .recent_events()
+                .filter(|e| e.minion.as_deref() == Some(minion))
+                .cloned()
+                .collect()
+        }
+
+        /// Instance ids registered in the fleet's target group, per moto.
+        pub async fn registered_targets(&self) -> Vec<(String, i32)> {
+            let mut listed: Vec<(String, i32)> = self
+                .fx
+                .clients
+                .elb
+                .describe_target_health()
+                .target_group_arn(&self.fx.target_group_arn)
+                .send()
+                .await
+                .expect("DescribeTargetHealth")
+                .target_health_descriptions()
+                .iter()
+                .filter_map(|d| d.target())
+                .filter_map(|t| Some((t.id()?.to_owned(), t.port()?)))
+                .collect();
+            listed.sort();
+            listed
+        }
+
+        /// The engine port a minion joined with.
+        pub fn engine_port(&self, minion: &str) -> Option<u16> {
+            self.controller.registry().minions[minion]
+                .engine_address
+                .map(|a| a.port())
+        }
+    }
+
+    /// Index of the first event matching `f`, or a panic naming `what`.
+    pub fn position(events: &[Event], what: &str, f: impl Fn(&Event) -> bool) -> usize {
+        events
+            .iter()
+            .position(f)
+            .unwrap_or_else(|| panic!("no event {what} in {:#?}", messages(events)))
+    }
+
+    pub fn messages(events: &[Event]) -> Vec<String> {
+        events.iter().map(|e| e.message.clone()).collect()
+    }
+
+    pub fn is_step(e: &Event, text: &str) -> bool {
+        e.kind == EventKind::Step && e.message.contains(text)
+    }
+
+    pub fn is_transition_to(e: &Event, to: MinionState) -> bool {
+        e.transition.is_some_and(|(_, t)| t == to)
+    }
+}
+
+async fn scenario_bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(SCENARIO_TIMEOUT + Duration::from_secs(10), f)
+        .await
+        .expect("scenario ran past its time bound")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_scales_out_from_zero_and_registers_minions_once_they_join() {
+    scenario_bounded(async {
+        let sc = scenario::start(fixture(0, 5, 0).await, 3, "60s").await;
+        sc.agents_on_every_instance();
+        let ids = until("three instances in the group", || async {
+            let g = sc.fx.fleet.describe_group().await.ok()?;
+            (g.instances.len() == 3).then(|| ids(g.instances.iter()))
+        })
+        .await;
+        assert_eq!(sc.fx.desired().await, 3);
+        let minions = until("three minions in service", || async {
+            let m: Vec<_> = ids.iter().filter_map(|i| sc.minion(i)).collect();
+            (m.len() == 3 && m.iter().all(|(_, s)| *s == MinionState::InService)).then_some(m)
+        })
+        .await;
+        let mut want: Vec<(String, i32)> = ids
+            .iter()
+            .zip(&minions)
+            .map(|(i, (m, _))| {
+                let port = sc.engine_port(m).expect("joined with an engine address");
+                (i.0.clone(), i32::from(port))
+            })
+            .collect();
+        want.sort();
+        assert_eq!(sc.registered_targets().await, want);
+        for (m, _) in &minions {
+            assert_eq!(
+                sc.path(m),
+                [
+                    MinionState::Joining,
+                    MinionState::Ready,
+                    MinionState::InService
+                ],
+                "registered only once its engine was healthy"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_scales_in_by_deregistering_draining_then_terminating_once() {
+    scenario_bounded(async {
+        // With the terminating hook of the recommended set-up: the
+        // controller's own terminate also waits in Terminating:Wait, and the
+        // controller completes it.
+        let fx = fixture_with(0, 5, 3, terminating_hook).await;
+        fx.put_hooks().await;
+        let sc = scenario::start(fx, 3, "60s").await;
+        sc.agents_on_every_instance();
+        until("three minions in service", || async {
+            (sc.in_state(MinionState::InService).len() == 3
+                && sc.registered_targets().await.len() == 3)
+                .then_some(())
+        })
+        .await;
+
+        pin_at(&sc.controller, 1);
+        let lowest = std::sync::atomic::AtomicI32::new(i32::MAX);
+        let gone = until("two minions gone and one instance left", || async {
+            lowest.fetch_min(sc.fx.desired().await, std::sync::atomic::Ordering::SeqCst);
+            let g = sc.fx.fleet.describe_group().await.ok()?;
+            let gone = sc.in_state(MinionState::Gone);
+            (gone.len() == 2 && g.instances.len() == 1).then_some(gone)
+        })
+        .await;
+        let lowest = lowest.into_inner();
+        assert_eq!(sc.fx.desired().await, 1);
+        assert_eq!(lowest, 1, "desired never went below the pin");
+
+        for (m, instance) in &gone {
+            assert_eq!(
+                sc.path(m),
+                [
+                    MinionState::Joining,
+                    MinionState::Ready,
+                    MinionState::InService,
+                    MinionState::Draining,
+                    MinionState::Drained,
+                    MinionState::Terminating,
+                    MinionState::Gone,
+                ]
+            );
+            let events = sc.events(m);
+            let deregistered = position(&events, "deregistered", |e| {
+                is_step(e, "deregistered from the load balancer")
+            });
+            let drain = position(&events, "drain command", |e| {
+                is_step(e, "drain command sent")
+            });
+            let drained = position(&events, "→ Drained", |e| {
+                is_transition_to(e, MinionState::Drained)
+            });
+            let terminating = position(&events, "→ Terminating", |e| {
+                is_transition_to(e, MinionState::Terminating)
+            });
+            assert!(
+                deregistered < drain && drain < drained && drained < terminating,
+                "{:#?}",
+                messages(&events)
+            );
+            let decrements = events
+                .iter()
+                .filter(|e| e.message.contains("desired capacity decremented"))
+                .count();
+            assert_eq!(decrements, 1, "{:#?}", messages(&events));
+            assert!(
+                events.iter().any(|e| is_step(
+                    e,
+                    &format!("terminating lifecycle action of {instance} completed: CONTINUE")
+                )),
+                "{:#?}",
+                messages(&events)
+            );
+        }
+        let survivor = sc.in_state(MinionState::InService);
+        assert_eq!(survivor.len(), 1);
+        let listed = sc.registered_targets().await;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, survivor[0].1.0);
+
+        // A few passes later nothing else moved: no replacement, no second
+        // decrement.
+        let settle = std::time::Instant::now();
+        until("a second of passes", || async {
+            (settle.elapsed() > Duration::from_secs(1)).then_some(())
+        })
+        .await;
+        assert_eq!(sc.fx.desired().await, 1);
+        assert_eq!(
+            sc.fx.fleet.describe_group().await.unwrap().instances.len(),
+            1
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_termination_the_group_started_is_drained_heartbeated_and_continued() {
+    scenario_bounded(async {
+        let fx = fixture_with(0, 3, 2, terminating_hook).await;
+        fx.put_hooks().await;
+        let sc = scenario::start(fx, 2, "60s").await;
+        sc.agents_on_every_instance();
+        let serving = until("two minions in service", || async {
+            let s = sc.in_state(MinionState::InService);
+            (s.len() == 2 && sc.registered_targets().await.len() == 2).then_some(s)
+        })
+        .await;
+        let (victim, instance) = serving[0].clone();
+
+        // The group terminates an instance by itself (a health replacement:
+        // no decrement). The harness's layer holds it in Terminating:Wait.
+        sc.fx
+            .clients
+            .autoscaling
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(&instance.0)
+            .should_decrement_desired_capacity(false)
+            .send()
+            .await
+            .expect("TerminateInstanceInAutoScalingGroup");
+
+        until("the victim gone", || async {
+            (sc.minion(&instance).map(|(_, s)| s) == Some(MinionState::Gone)).then_some(())
+        })
+        .await;
+        assert_eq!(
+            &sc.path(&victim)[2..],
+            [
+                MinionState::InService,
+                MinionState::Draining,
+                MinionState::Drained,
+                MinionState::Terminating,
+                MinionState::Gone,
+            ]
+        );
+        let events = sc.events(&victim);
+        let draining = position(&events, "→ Draining", |e| {
+            is_transition_to(e, MinionState::Draining)
+        });
+        assert!(
+            events[draining]
+                .message
+                .contains("terminating lifecycle hook"),
+            "{}",
+            events[draining].message
+        );
+        let deregistered = position(&events, "deregistered", |e| {
+            is_step(e, "deregistered from the load balancer")
+        });
+        let drain = position(&events, "drain command", |e| {
+            is_step(e, "drain command sent")
+        });
+        let heartbeat = position(&events, "heartbeat", |e| {
+            is_step(e, "lifecycle heartbeat recorded")
+        });
+        let drained = position(&events, "→ Drained", |e| {
+            is_transition_to(e, MinionState::Drained)
+        });
+        let completed = position(&events, "CONTINUE", |e| {
+            e.message.contains("terminating lifecycle action") && e.message.contains("CONTINUE")
+        });
+        assert!(
+            deregistered < drain && drain < drained && heartbeat < completed && drained < completed,
+            "{:#?}",
+            messages(&events)
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| e.message.contains("desired capacity decremented")
+                    || e.message.contains("to be replaced")),
+            "never terminated by the controller: {:#?}",
+            messages(&events)
+        );
+        assert!(
+            !sc.registered_targets()
+                .await
+                .iter()
+                .any(|(id, _)| *id == instance.0),
+            "out of the target group"
+        );
+        // The group's replacement joins and serves; desired never moved.
+        until("the replacement in service", || async {
+            (sc.in_state(MinionState::InService).len() == 2).then_some(())
+        })
+        .await;
+        assert_eq!(sc.fx.desired().await, 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launching_hook_is_completed_only_once_the_minion_has_joined() {
+    scenario_bounded(async {
+        let fx = fixture_with(0, 3, 0, launching_hook).await;
+        fx.put_hooks().await;
+        let sc = scenario::start(fx, 1, "60s").await;
+        let held = until("an instance held in Pending:Wait and known", || async {
+            let g = sc.fx.fleet.describe_group().await.ok()?;
+            let held = ids(g.awaiting(LifecycleHook::Launching));
+            (held.len() == 1 && sc.minion(&held[0]).is_some()).then(|| held[0].clone())
+        })
+        .await;
+        // No agent yet: several passes go by and the action stays open.
+        let since = std::time::Instant::now();
+        until("a second of passes", || async {
+            (since.elapsed() > Duration::from_secs(1)).then_some(())
+        })
+        .await;
+        let g = sc.fx.fleet.describe_group().await.unwrap();
+        assert_eq!(
+            g.instance(&held).unwrap().lifecycle,
+            AwsLifecycle::PendingWait
+        );
+        assert_eq!(sc.minion(&held).unwrap().1, MinionState::Pending);
+
+        sc.start_agent(&held);
+        until("the instance in service", || async {
+            let g = sc.fx.fleet.describe_group().await.ok()?;
+            (g.instance(&held)?.lifecycle == AwsLifecycle::InService).then_some(())
+        })
+        .await;
+        let (minion, _) = sc.minion(&held).unwrap();
+        let events = sc.events(&minion);
+        let ready = position(&events, "→ Ready", |e| {
+            is_transition_to(e, MinionState::Ready)
+        });
+        let completed = position(&events, "CONTINUE", |e| {
+            is_step(e, "launching lifecycle action") && e.message.contains("CONTINUE")
+        });
+        assert!(ready < completed, "{:#?}", messages(&events));
+        until("the minion in service", || async {
+            (sc.minion(&held)?.1 == MinionState::InService).then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_never_joins_is_marked_unhealthy_not_terminated() {
+    scenario_bounded(async {
+        let fx = fixture(0, 3, 1).await;
+        let sc = scenario::start(fx, 1, "1s").await;
+        let id = until("the instance known", || async {
+            let g = sc.fx.fleet.describe_group().await.ok()?;
+            let id = g.instances.first()?.id.clone();
+            sc.minion(&id).map(|_| id)
+        })
+        .await;
+        until("the instance marked unhealthy", || async {
+            let g = sc.fx.fleet.describe_group().await.ok()?;
+            (!g.instance(&id)?.healthy).then_some(())
+        })
+        .await;
+        let (minion, state) = sc.minion(&id).unwrap();
+        // moto does not replace an unhealthy instance (AWS would, and the
+        // minion would be Gone once it leaves the group).
+        assert_eq!(state, MinionState::Terminating);
+        let events = sc.events(&minion);
+        assert!(
+            events.iter().any(|e| e.message.contains("never joined")),
+            "{:#?}",
+            messages(&events)
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| e.message.contains("desired capacity decremented")
+                    || e.message.contains("to be replaced")),
+            "{:#?}",
+            messages(&events)
+        );
+        assert_eq!(sc.fx.desired().await, 1);
+        assert_eq!(
+            sc.fx.fleet.describe_group().await.unwrap().instances.len(),
+            1
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_target_group_is_warned_about_once_and_left_to_the_group() {
+    scenario_bounded(async {
+        let fx = fixture(0, 3, 1).await;
+        fx.clients
+            .autoscaling
+            .attach_load_balancer_target_groups()
+            .auto_scaling_group_name(&fx.group)
+            .target_group_arns(&fx.target_group_arn)
+            .send()
+            .await
+            .expect("AttachLoadBalancerTargetGroups");
+        let sc = scenario::start(fx, 1, "60s").await;
+        sc.agents_on_every_instance();
+        let (minion, instance) = until("the minion in service", || async {
+            sc.in_state(MinionState::InService).pop()
+        })
+        .await;
+        let events = sc.events(&minion);
+        let registered = position(&events, "→ InService", |e| {
+            is_transition_to(e, MinionState::InService)
+        });
+        assert!(
+            events[registered]
+                .message
+                .contains("the group registers it"),
+            "{}",
+            events[registered].message
+        );
+        // moto's group registered the instance on the target group's own
+        // port; the controller did not add its engine's.
+        let port = sc.engine_port(&minion).expect("engine address");
+        assert!(
+            !sc.registered_targets()
+                .await
+                .contains(&(instance.0.clone(), i32::from(port)))
+        );
+
+        pin_at(&sc.controller, 0);
+        until("the minion gone", || async {
+            (sc.minion(&instance)?.1 == MinionState::Gone).then_some(())
+        })
+        .await;
+        let events = sc.events(&minion);
+        assert!(
+            events.iter().any(|e| is_step(e, "drain command sent"))
+                && !events
+                    .iter()
+                    .any(|e| is_step(e, "deregistered from the load balancer")),
+            "{:#?}",
+            messages(&events)
+        );
+        assert_eq!(sc.fx.desired().await, 0);
+        let warnings = sc
+            .controller
+            .registry()
+            .recent_events()
+            .filter(|e| e.minion.is_none() && e.message.contains("is attached to group"))
+            .count();
+        assert_eq!(warnings, 1, "warned once");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_whose_answer_is_lost_decrements_once_and_orphans_nothing() {
+    scenario_bounded(async {
+        let faults = LostAnswers::default();
+        let sc = scenario::start_with(fixture(0, 5, 2).await, 2, "60s", faults.clone()).await;
+        sc.agents_on_every_instance();
+        until("two minions in service", || async {
+            (sc.in_state(MinionState::InService).len() == 2).then_some(())
+        })
+        .await;
+
+        faults.armed.store(1, Ordering::SeqCst);
+        pin_at(&sc.controller, 1);
+        let (victim, _) = until("one minion gone", || async {
+            sc.in_state(MinionState::Gone).pop()
+        })
+        .await;
+        assert_eq!(faults.armed.load(Ordering::SeqCst), 0, "the fault fired");
+        let events = sc.events(&victim);
+        let lost = position(&events, "the failed terminate", |e| {
+            e.kind == gru_controller::registry::EventKind::Warning
+                && e.message.contains("TerminateInstanceInAutoScalingGroup")
+        });
+        // moto applied the call: the instance left the group, and the
+        // controller, seeing it gone, asked nothing more.
+        let path = sc.path(&victim);
+        assert_eq!(
+            &path[path.len() - 2..],
+            [MinionState::Drained, MinionState::Gone],
+            "{:#?}",
+            messages(&events)
+        );
+        assert!(
+            !events[lost..]
+                .iter()
+                .any(|e| e.message.contains("desired capacity decremented")),
+            "{:#?}",
+            messages(&events)
+        );
+
+        let settle = std::time::Instant::now();
+        until("a second of passes", || async {
+            (settle.elapsed() > Duration::from_secs(1)).then_some(())
+        })
+        .await;
+        assert_eq!(sc.fx.desired().await, 1, "decremented exactly once");
+        let g = sc.fx.fleet.describe_group().await.unwrap();
+        assert_eq!(g.instances.len(), 1);
+        assert_eq!(sc.in_state(MinionState::InService).len(), 1);
+        assert_eq!(sc.registered_targets().await.len(), 1, "no orphaned target");
     })
     .await;
 }

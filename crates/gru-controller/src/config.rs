@@ -24,6 +24,11 @@ pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 pub const DEFAULT_TARGET_QUEUE_PER_MINION: u32 = 8;
 /// ELB's own default.
 pub const DEFAULT_DEREGISTRATION_DELAY: Duration = Duration::from_secs(300);
+/// How often the controller records a lifecycle action heartbeat for an
+/// instance it is draining under the group's terminating hook: well inside
+/// the hook's heartbeat timeout (AWS's default is one hour, a careful
+/// operator sets minutes).
+pub const DEFAULT_LIFECYCLE_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// Streams one controller accepts per HTTP/2 connection. Each minion holds
 /// one Session stream on its own connection, so this bounds admin fan-out
 /// per connection rather than the number of minions.
@@ -89,14 +94,33 @@ impl FleetConfig {
 #[derive(Clone, Debug)]
 pub enum ProviderConfig {
     Local(LocalProviderConfig),
+    Aws(AwsProviderConfig),
 }
 
 impl ProviderConfig {
     pub fn name(&self) -> &'static str {
         match self {
             ProviderConfig::Local(_) => "local",
+            ProviderConfig::Aws(_) => "aws",
         }
     }
+
+    /// The AWS settings, for an AWS fleet.
+    pub fn aws(&self) -> Option<&AwsProviderConfig> {
+        match self {
+            ProviderConfig::Aws(a) => Some(a),
+            ProviderConfig::Local(_) => None,
+        }
+    }
+}
+
+/// An EC2 Auto Scaling group and an ELBv2 target group (`[fleet.aws]`).
+#[derive(Clone, Debug)]
+pub struct AwsProviderConfig {
+    /// What gru-aws connects with; validated by it.
+    pub fleet: gru_aws::AwsFleetConfig,
+    /// How often a drain under the terminating hook records a heartbeat.
+    pub heartbeat_interval: Duration,
 }
 
 /// Minions as child processes of the controller and a TCP load balancer in
@@ -162,6 +186,7 @@ struct RawFleet {
     #[serde(default)]
     schedule: Vec<RawSchedule>,
     local: Option<RawLocal>,
+    aws: Option<RawAws>,
 }
 
 #[derive(Deserialize)]
@@ -191,6 +216,21 @@ struct RawLocal {
     #[serde(default, with = "humantime_serde")]
     deregistration_delay: Option<Duration>,
     log_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAws {
+    region: Option<String>,
+    group_name: Option<String>,
+    target_group_arn: Option<String>,
+    launching_hook: Option<String>,
+    terminating_hook: Option<String>,
+    max_attempts: Option<u32>,
+    /// Another endpoint for every AWS service (tests against moto).
+    endpoint_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    heartbeat_interval: Option<Duration>,
 }
 
 impl ControllerConfig {
@@ -346,6 +386,20 @@ impl ControllerConfig {
             }
             let policy = Policy::new(bounds, rules, behaviour, schedules)
                 .map_err(|e| v.invalid(&key(&policy_key(&e)), e.to_string()))?;
+            let other_table = match f.provider.as_deref() {
+                Some("local") => f.aws.is_some().then_some("aws"),
+                Some("aws") => f.local.is_some().then_some("local"),
+                _ => None,
+            };
+            if let Some(table) = other_table {
+                return Err(v.invalid(
+                    &key(table),
+                    format!(
+                        "no [fleet.{table}] table for provider {:?}",
+                        f.provider.unwrap_or_default()
+                    ),
+                ));
+            }
             let provider = match f.provider.as_deref() {
                 Some("local") => {
                     let l = f.local.ok_or_else(|| {
@@ -377,15 +431,20 @@ impl ControllerConfig {
                     })
                 }
                 Some("aws") => {
-                    return Err(v.invalid(
-                        &key("provider"),
-                        "\"local\" (the AWS provider is not in this build yet)",
-                    ));
+                    let a = f.aws.ok_or_else(|| {
+                        v.invalid(&key("aws"), "a [fleet.aws] table for provider \"aws\"")
+                    })?;
+                    ProviderConfig::Aws(aws_provider(&v, &key, a)?)
                 }
                 Some(other) => {
-                    return Err(v.invalid(&key("provider"), format!("\"local\", got {other:?}")));
+                    return Err(v.invalid(
+                        &key("provider"),
+                        format!("\"local\" or \"aws\", got {other:?}"),
+                    ));
                 }
-                None => return Err(v.invalid(&key("provider"), "a provider, e.g. \"local\"")),
+                None => {
+                    return Err(v.invalid(&key("provider"), "a provider, \"local\" or \"aws\""));
+                }
             };
             fleets.push(FleetConfig {
                 name,
@@ -406,6 +465,51 @@ impl ControllerConfig {
             fleets,
         })
     }
+}
+
+/// `[fleet.aws]` into gru-aws's config, checked by gru-aws's own rules;
+/// errors name `fleet[i].aws.<key>`.
+fn aws_provider(
+    v: &Validator<'_>,
+    key: &dyn Fn(&str) -> String,
+    a: RawAws,
+) -> Result<AwsProviderConfig, ConfigError> {
+    let akey = |k: &str| key(&format!("aws.{k}"));
+    let group_name = a
+        .group_name
+        .ok_or_else(|| v.invalid(&akey("group_name"), "the Auto Scaling group's name"))?;
+    let target_group_arn = a.target_group_arn.ok_or_else(|| {
+        v.invalid(
+            &akey("target_group_arn"),
+            "the ARN of the fleet's ELBv2 target group",
+        )
+    })?;
+    let mut fleet = gru_aws::AwsFleetConfig::new(group_name, target_group_arn);
+    fleet.region = a.region;
+    fleet.launching_hook = a.launching_hook;
+    fleet.terminating_hook = a.terminating_hook;
+    fleet.endpoint_url = a.endpoint_url;
+    fleet.max_attempts = a.max_attempts.unwrap_or(gru_aws::DEFAULT_MAX_ATTEMPTS);
+    if let Err(e) = fleet.validate() {
+        use gru_aws::ConnectError as E;
+        let k = match &e {
+            E::EmptyGroupName => "group_name",
+            E::EmptyHookName { hook } => hook,
+            E::NoAttempts => "max_attempts",
+            E::NotATargetGroupArn { .. } => "target_group_arn",
+            E::RegionMismatch { .. } => "region",
+        };
+        return Err(v.invalid(&akey(k), e.to_string()));
+    }
+    let heartbeat_interval = v.positive(
+        &akey("heartbeat_interval"),
+        a.heartbeat_interval
+            .unwrap_or(DEFAULT_LIFECYCLE_HEARTBEAT_INTERVAL),
+    )?;
+    Ok(AwsProviderConfig {
+        fleet,
+        heartbeat_interval,
+    })
 }
 
 /// The config key of a policy error: `rules[1].target` → `target_latency`.
@@ -502,7 +606,9 @@ mod tests {
         );
         assert_eq!(f.policy.rules().len(), 2, "queue depth and latency");
         assert_eq!(f.policy.schedules()[0].name(), "nights");
-        let ProviderConfig::Local(l) = &f.provider;
+        let ProviderConfig::Local(l) = &f.provider else {
+            panic!("a local fleet")
+        };
         assert_eq!(l.minion_config, PathBuf::from("/etc/gru/minion.toml"));
         assert_eq!(l.deregistration_delay, DEFAULT_DEREGISTRATION_DELAY);
     }
@@ -515,7 +621,7 @@ mod tests {
         );
         assert_eq!(
             err(&GOOD.replace("provider = \"local\"", "provider = \"gcp\"")),
-            "/etc/gru/controller.toml: fleet[0].provider: \"local\", got \"gcp\""
+            "/etc/gru/controller.toml: fleet[0].provider: \"local\" or \"aws\", got \"gcp\""
         );
         assert_eq!(
             err(&GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"")),
@@ -642,5 +748,101 @@ mod tests {
         // still off, 07:00 EDT (11:00Z, no longer 12:00Z) is on.
         assert_eq!(desired(&dev, "2027-03-15T10:59:00Z"), (0, 0));
         assert_eq!(desired(&dev, "2027-03-15T11:00:00Z"), (2, 1));
+    }
+
+    const AWS: &str = r#"
+        join_token_file = "token"
+        [tls]
+        cert = "server.pem"
+        key = "server.key"
+        client_ca = "ca.pem"
+        [[fleet]]
+        name = "hl7"
+        provider = "aws"
+        min = 1
+        max = 8
+        [fleet.aws]
+        region = "eu-west-1"
+        group_name = "gru-hl7"
+        target_group_arn = "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/hl7/0123456789abcdef"
+        launching_hook = "gru-launching"
+        terminating_hook = "gru-terminating"
+    "#;
+
+    #[test]
+    fn an_aws_fleet_reads_its_group_target_group_and_hooks() {
+        let c = parse(AWS).expect("valid");
+        let f = &c.fleets[0];
+        assert_eq!(f.provider.name(), "aws");
+        let a = f.provider.aws().expect("aws");
+        assert_eq!(a.fleet.group_name, "gru-hl7");
+        assert_eq!(a.fleet.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(a.fleet.launching_hook.as_deref(), Some("gru-launching"));
+        assert_eq!(a.fleet.terminating_hook.as_deref(), Some("gru-terminating"));
+        assert_eq!(a.fleet.max_attempts, gru_aws::DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(a.fleet.endpoint_url, None);
+        assert_eq!(a.heartbeat_interval, DEFAULT_LIFECYCLE_HEARTBEAT_INTERVAL);
+
+        let c = parse(&AWS.replace(
+            "terminating_hook = \"gru-terminating\"",
+            "max_attempts = 5\nendpoint_url = \"http://127.0.0.1:5000\"\nheartbeat_interval = \"10s\"",
+        ))
+        .expect("valid");
+        let a = c.fleets[0].provider.aws().expect("aws");
+        assert_eq!(a.fleet.max_attempts, 5);
+        assert_eq!(a.fleet.terminating_hook, None);
+        assert_eq!(
+            a.fleet.endpoint_url.as_deref(),
+            Some("http://127.0.0.1:5000")
+        );
+        assert_eq!(a.heartbeat_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn aws_errors_name_their_key() {
+        let file = "/etc/gru/controller.toml";
+        assert_eq!(
+            err(&AWS.replace("group_name = \"gru-hl7\"", "")),
+            format!("{file}: fleet[0].aws.group_name: the Auto Scaling group's name")
+        );
+        assert_eq!(
+            err(&AWS.replace("\"gru-hl7\"", "\" \"")),
+            format!("{file}: fleet[0].aws.group_name: group_name must not be empty")
+        );
+        let e = err(&AWS.replace("targetgroup/hl7", "loadbalancer/hl7"));
+        assert!(
+            e.starts_with(&format!("{file}: fleet[0].aws.target_group_arn: ")),
+            "{e}"
+        );
+        let e = err(&AWS.replace("region = \"eu-west-1\"", "region = \"us-east-1\""));
+        assert!(
+            e.starts_with(&format!("{file}: fleet[0].aws.region: ")),
+            "{e}"
+        );
+        let e = err(&AWS.replace("\"gru-launching\"", "\"\""));
+        assert!(
+            e.starts_with(&format!("{file}: fleet[0].aws.launching_hook: ")),
+            "{e}"
+        );
+        let e = err(&AWS.replace("group_name =", "max_attempts = 0\ngroup_name ="));
+        assert!(
+            e.starts_with(&format!("{file}: fleet[0].aws.max_attempts: ")),
+            "{e}"
+        );
+        let e = err(&AWS.replace("group_name =", "heartbeat_interval = \"0s\"\ngroup_name ="));
+        assert!(
+            e.starts_with(&format!("{file}: fleet[0].aws.heartbeat_interval: ")),
+            "{e}"
+        );
+        let e = err(&AWS.replace("group_name =", "groupname = \"x\"\ngroup_name ="));
+        assert!(e.contains("groupname"), "{e}");
+        assert_eq!(
+            err(&AWS[..AWS.find("[fleet.aws]").expect("table")]),
+            format!("{file}: fleet[0].aws: a [fleet.aws] table for provider \"aws\"")
+        );
+        assert_eq!(
+            err(&AWS.replace("provider = \"aws\"", "provider = \"local\"")),
+            format!("{file}: fleet[0].aws: no [fleet.aws] table for provider \"local\"")
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! Builds each fleet's providers from its config. The AWS provider arrives
-//! with gru-aws; `local` is what `gru dev` runs.
+//! Builds each fleet's providers from its config: `aws` (an Auto Scaling
+//! group and a target group, through gru-aws) or `local` (what `gru dev`
+//! runs).
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -24,6 +25,12 @@ pub enum ProviderError {
         addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
+    },
+    #[error("fleet {fleet}: invalid AWS settings")]
+    Aws {
+        fleet: String,
+        #[source]
+        source: gru_aws::ConnectError,
     },
 }
 
@@ -71,11 +78,27 @@ pub async fn build(fleet: &FleetConfig, program: &Path) -> Result<BuiltFleet, Pr
                     config: fleet.clone(),
                     group: group.clone(),
                     targets: load_balancer.clone(),
+                    aws: None,
                 },
                 local: Some(LocalParts {
                     group,
                     load_balancer,
                 }),
+            })
+        }
+        ProviderConfig::Aws(aws) => {
+            // Builds the SDK clients only: the first AWS call is the fleet's
+            // first reconcile pass, whose failures are events, not a refusal
+            // to start.
+            let connected = gru_aws::connect(aws.fleet.clone())
+                .await
+                .map_err(|source| ProviderError::Aws {
+                    fleet: fleet.name.clone(),
+                    source,
+                })?;
+            Ok(BuiltFleet {
+                runtime: FleetRuntime::aws(fleet.clone(), Arc::new(connected)),
+                local: None,
             })
         }
     }

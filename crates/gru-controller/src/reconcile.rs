@@ -5,20 +5,40 @@
 //! registered target, deregister a draining one), and a pass that fails half
 //! way leaves minions in states the next pass continues from. Each pass
 //! returns when it wants to run again, like kube-runtime's `Action::requeue`.
+//!
+//! AWS fleets add what only an Auto Scaling group has. Each pass reads the
+//! group's lifecycle hook wait states into the registry ([`AwsView`]): an
+//! instance the group itself is terminating (`Terminating:Wait`) is drained
+//! like a scale-in victim, without decrement, heartbeated while it drains and
+//! then released with CONTINUE, never terminated by the controller; an
+//! instance held at launch (`Pending:Wait`) is released with CONTINUE once
+//! its minion's engine is healthy, or ABANDONed if it never joins; one in
+//! service that never joins is reported unhealthy so the group replaces it.
+//! The first pass reads whether the target group is attached to the group
+//! (then the group registers targets and the controller does not) and its
+//! deregistration delay, which bounds the wait for a drained target to show
+//! `unused`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use gru_cloud::{CapacityGroup, CloudError, TargetGroup, TargetState};
+use gru_aws::{AwsFleet, AwsLifecycle, LifecycleHook, LifecycleResult};
+use gru_cloud::{CapacityGroup, CloudError, GroupState, TargetGroup, TargetState};
 use gru_core::{LifecycleEvent, MinionState};
 use tokio::sync::{Notify, broadcast};
 
 use crate::config::{ControllerConfig, FleetConfig};
-use crate::registry::{Action, Command, DrainPhase, Event, EventKind, Registry};
+use crate::registry::{
+    Action, AwsSetup, AwsView, Command, DrainPhase, Event, EventKind, Finish, Registry,
+};
 
 /// How soon a pass with work under way (a drain, a registration) runs again.
 pub const BUSY_REQUEUE: Duration = Duration::from_millis(200);
+/// The same for an AWS fleet: each pass describes the group and its
+/// instances, and AWS throttles Describe calls per account. Reports that
+/// change a minion's state still wake the loop at once.
+pub const AWS_BUSY_REQUEUE: Duration = Duration::from_secs(2);
 
 /// A fleet's providers: how the controller reaches its group and load balancer.
 #[derive(Clone)]
@@ -26,6 +46,23 @@ pub struct FleetRuntime {
     pub config: FleetConfig,
     pub group: Arc<dyn CapacityGroup>,
     pub targets: Arc<dyn TargetGroup>,
+    /// The same AWS fleet as `group` and `targets`, for what only AWS has:
+    /// lifecycle hooks, instance health, the target group's settings.
+    /// `None` for other providers.
+    pub aws: Option<Arc<AwsFleet>>,
+}
+
+impl FleetRuntime {
+    /// An AWS fleet: one [`AwsFleet`] is the group, the targets and the
+    /// AWS-only calls.
+    pub fn aws(config: FleetConfig, fleet: Arc<AwsFleet>) -> Self {
+        FleetRuntime {
+            config,
+            group: fleet.clone(),
+            targets: fleet.clone(),
+            aws: Some(fleet),
+        }
+    }
 }
 
 /// The controller's shared state, handed to every server and loop.
@@ -42,6 +79,12 @@ pub struct Controller {
 pub enum ReconcileError {
     #[error("failed to describe the group of fleet {fleet}")]
     Describe {
+        fleet: String,
+        #[source]
+        source: CloudError,
+    },
+    #[error("failed to read the target group settings of fleet {fleet}")]
+    AwsSetup {
         fleet: String,
         #[source]
         source: CloudError,
@@ -125,17 +168,64 @@ impl Controller {
         let Some(rt) = self.fleets.get(fleet) else {
             return Ok(self.config.eval_interval);
         };
-        let group = rt
-            .group
-            .describe()
-            .await
-            .map_err(|source| ReconcileError::Describe {
-                fleet: fleet.to_owned(),
-                source,
-            })?;
+        let (group, view) = match &rt.aws {
+            Some(aws) => {
+                self.aws_setup(fleet, aws).await?;
+                let g = aws
+                    .describe_group()
+                    .await
+                    .map_err(|source| ReconcileError::Describe {
+                        fleet: fleet.to_owned(),
+                        source,
+                    })?;
+                // Only the hooks the config names: the controller cannot
+                // complete an action for a hook it does not know, and the
+                // hook's own timeout ends such a wait.
+                let held = |hook, configured: &Option<String>| {
+                    if configured.is_none() {
+                        return Default::default();
+                    }
+                    g.awaiting(hook).map(|i| i.id.clone()).collect()
+                };
+                let view = AwsView {
+                    pending_wait: held(LifecycleHook::Launching, &aws.config().launching_hook),
+                    terminating_wait: held(
+                        LifecycleHook::Terminating,
+                        &aws.config().terminating_hook,
+                    ),
+                    in_service: g
+                        .instances
+                        .iter()
+                        .filter(|i| i.lifecycle == AwsLifecycle::InService)
+                        .map(|i| i.id.clone())
+                        .collect(),
+                    protected: g
+                        .instances
+                        .iter()
+                        .filter(|i| i.protected_from_scale_in)
+                        .map(|i| i.id.clone())
+                        .collect(),
+                };
+                (g.to_group_state(SystemTime::now()), Some(view))
+            }
+            None => {
+                let g: GroupState =
+                    rt.group
+                        .describe()
+                        .await
+                        .map_err(|source| ReconcileError::Describe {
+                            fleet: fleet.to_owned(),
+                            source,
+                        })?;
+                (g, None)
+            }
+        };
         let actions = {
             let mut reg = self.registry();
             let now = Instant::now();
+            if let Some(f) = reg.fleets.get_mut(fleet) {
+                f.aws = view;
+            }
             reg.sync(
                 fleet,
                 &group,
@@ -147,13 +237,8 @@ impl Controller {
         };
         for action in actions {
             if let Err(e) = self.act(rt, &action).await {
-                let minion = match &action {
-                    Action::Register { minion, .. }
-                    | Action::Deregister { minion, .. }
-                    | Action::Terminate { minion, .. } => minion.clone(),
-                };
                 self.registry()
-                    .emit(fleet, Some(&minion), EventKind::Warning, error_chain(&e));
+                    .emit(fleet, action.minion(), EventKind::Warning, error_chain(&e));
             }
         }
         // The wall clock, read here at the edge, for schedules in time zones.
@@ -176,26 +261,83 @@ impl Controller {
             }
         }
         let busy = self.registry().busy(fleet);
+        let busy_requeue = if rt.aws.is_some() {
+            AWS_BUSY_REQUEUE
+        } else {
+            BUSY_REQUEUE
+        };
         Ok(if busy {
-            BUSY_REQUEUE.min(self.config.eval_interval)
+            busy_requeue.min(self.config.eval_interval)
         } else {
             self.config.eval_interval
         })
     }
 
+    /// Reads what an AWS fleet's passes need once: whether the target group
+    /// is attached to the group (warned about once) and its deregistration
+    /// delay. Until both are read, the pass stops here and retries.
+    async fn aws_setup(&self, fleet: &str, aws: &AwsFleet) -> Result<AwsSetup, ReconcileError> {
+        if let Some(setup) = self.registry().fleets.get(fleet).and_then(|f| f.aws_setup) {
+            return Ok(setup);
+        }
+        let err = |source| ReconcileError::AwsSetup {
+            fleet: fleet.to_owned(),
+            source,
+        };
+        let target_group_attached = aws.target_group_attached().await.map_err(err)?;
+        let deregistration_delay = aws.deregistration_delay().await.map_err(err)?;
+        let setup = AwsSetup {
+            target_group_attached,
+            deregistration_delay,
+        };
+        let mut reg = self.registry();
+        if let Some(f) = reg.fleets.get_mut(fleet) {
+            f.aws_setup = Some(setup);
+        }
+        if target_group_attached {
+            reg.emit(
+                fleet,
+                None,
+                EventKind::Warning,
+                format!(
+                    "target group {} is attached to group {}: the group registers and deregisters instances itself, so the controller does not (it registers engines before they are ready and waits out the whole deregistration delay; detach it)",
+                    aws.config().target_group_arn,
+                    aws.config().group_name
+                ),
+            );
+        }
+        Ok(setup)
+    }
+
+    /// False when the group manages the target group itself (attached).
+    fn manages_targets(&self, fleet: &str) -> bool {
+        !self
+            .registry()
+            .fleets
+            .get(fleet)
+            .and_then(|f| f.aws_setup)
+            .is_some_and(|s| s.target_group_attached)
+    }
+
     async fn act(&self, rt: &FleetRuntime, action: &Action) -> Result<(), CloudError> {
         let fleet = rt.config.name.as_str();
+        let manages_targets = self.manages_targets(fleet);
         match action {
             Action::Register { minion, target } => {
-                rt.targets.register(target).await?;
+                let reason = if manages_targets {
+                    rt.targets.register(target).await?;
+                    format!("registered {} in the load balancer", target.address)
+                } else {
+                    "the group registers it (target group attached)".to_owned()
+                };
                 let mut reg = self.registry();
                 if let Some(m) = reg.minions.get_mut(minion) {
-                    m.registered = true;
+                    m.registered = manages_targets;
                 }
-                let reason = format!("registered {} in the load balancer", target.address);
                 let _ = reg.transition(minion, LifecycleEvent::Registered, &reason, Instant::now());
             }
             Action::Deregister { minion, target } => {
+                let target = target.as_ref().filter(|_| manages_targets);
                 if let Some(target) = target {
                     rt.targets.deregister(target).await?;
                     let state = rt.targets.target_state(target).await?;
@@ -205,8 +347,9 @@ impl Controller {
                     }
                     let mut reg = self.registry();
                     if let Some(m) = reg.minions.get_mut(minion)
-                        && m.lb_connections_at_deregistration.is_none()
+                        && m.deregistered_at.is_none()
                     {
+                        m.deregistered_at = Some(Instant::now());
                         m.lb_connections_at_deregistration = rt.targets.connections_total(target);
                         let msg = format!(
                             "deregistered from the load balancer: target {state:?}, no new connections"
@@ -214,37 +357,168 @@ impl Controller {
                         reg.emit(fleet, Some(minion), EventKind::Step, msg);
                     }
                 }
-                self.start_flush(rt, minion, target.as_ref());
+                self.start_flush(rt, minion, target);
             }
             Action::Terminate {
                 minion,
                 instance,
                 target,
                 decrement,
+                finish,
             } => {
-                if let Some(target) = target {
+                if let Some(target) = target.as_ref().filter(|_| manages_targets) {
                     // Step 4: only once the load balancer is done with it.
                     rt.targets.deregister(target).await?;
                     let state = rt.targets.target_state(target).await?;
+                    if state.takes_no_new_connections()
+                        && let Some(m) = self.registry().minions.get_mut(minion)
+                    {
+                        // A Lost minion comes here without a Deregister step.
+                        m.deregistered_at.get_or_insert_with(Instant::now);
+                    }
                     if state != TargetState::Unused {
-                        return Ok(());
+                        if !self.waited_out_delay(fleet, minion) {
+                            return Ok(());
+                        }
+                        self.registry().emit(
+                            fleet,
+                            Some(minion),
+                            EventKind::Step,
+                            format!(
+                                "target still {state:?} a whole deregistration delay after it was deregistered: the load balancer has cut its connections, going on"
+                            ),
+                        );
                     }
                 }
-                rt.group.terminate(instance, *decrement).await?;
-                let reason = if *decrement {
-                    format!("terminating {instance}, desired capacity decremented")
-                } else {
-                    format!("terminating {instance} to be replaced")
+                let reason = match finish {
+                    Finish::Terminate => {
+                        rt.group.terminate(instance, *decrement).await?;
+                        if *decrement {
+                            format!("terminating {instance}, desired capacity decremented")
+                        } else {
+                            format!("terminating {instance} to be replaced")
+                        }
+                    }
+                    Finish::ContinueTermination => {
+                        aws_only(rt)?
+                            .complete_lifecycle_action(
+                                instance,
+                                LifecycleHook::Terminating,
+                                LifecycleResult::Continue,
+                            )
+                            .await?;
+                        if let Some(m) = self.registry().minions.get_mut(minion) {
+                            m.termination_completed = true;
+                        }
+                        format!("terminating lifecycle action of {instance} completed: CONTINUE")
+                    }
+                    Finish::MarkUnhealthy => {
+                        aws_only(rt)?.set_unhealthy(instance).await?;
+                        format!("{instance} marked unhealthy: the group replaces it")
+                    }
+                    Finish::AbandonLaunch => {
+                        aws_only(rt)?
+                            .complete_lifecycle_action(
+                                instance,
+                                LifecycleHook::Launching,
+                                LifecycleResult::Abandon,
+                            )
+                            .await?;
+                        format!(
+                            "launching lifecycle action of {instance} completed: ABANDON, the group replaces it"
+                        )
+                    }
                 };
-                let _ = self.registry().transition(
+                let mut reg = self.registry();
+                let already = reg
+                    .minions
+                    .get(minion)
+                    .is_some_and(|m| m.state == MinionState::Terminating);
+                let _ = reg.transition(
                     minion,
                     LifecycleEvent::TerminateIssued,
                     &reason,
                     Instant::now(),
                 );
+                if already {
+                    // No change of state to record the step by.
+                    reg.emit(fleet, Some(minion), EventKind::Step, reason);
+                }
+            }
+            Action::Heartbeat { minion, instance } => {
+                aws_only(rt)?
+                    .record_lifecycle_heartbeat(instance, LifecycleHook::Terminating)
+                    .await?;
+                let mut reg = self.registry();
+                if let Some(m) = reg.minions.get_mut(minion) {
+                    m.hook_heartbeat_at = Some(Instant::now());
+                }
+                reg.emit(
+                    fleet,
+                    Some(minion),
+                    EventKind::Step,
+                    format!("lifecycle heartbeat recorded for {instance}"),
+                );
+            }
+            Action::Protect {
+                instances,
+                protected,
+            } => {
+                aws_only(rt)?
+                    .set_scale_in_protection(instances, *protected)
+                    .await?;
+                let list: Vec<&str> = instances.iter().map(|i| i.0.as_str()).collect();
+                let message = if *protected {
+                    format!(
+                        "protected from the group's scale-in (busy): {}",
+                        list.join(", ")
+                    )
+                } else {
+                    format!("scale-in protection removed (idle): {}", list.join(", "))
+                };
+                self.registry().emit(fleet, None, EventKind::Step, message);
+            }
+            Action::CompleteLaunch { minion, instance } => {
+                aws_only(rt)?
+                    .complete_lifecycle_action(
+                        instance,
+                        LifecycleHook::Launching,
+                        LifecycleResult::Continue,
+                    )
+                    .await?;
+                let mut reg = self.registry();
+                if let Some(m) = reg.minions.get_mut(minion) {
+                    m.launch_completed = true;
+                }
+                reg.emit(
+                    fleet,
+                    Some(minion),
+                    EventKind::Step,
+                    format!("launching lifecycle action of {instance} completed: CONTINUE"),
+                );
             }
         }
         Ok(())
+    }
+
+    /// True once an AWS target has had the whole deregistration delay since
+    /// it stopped getting new connections: the load balancer has cut its
+    /// connections by then, whatever DescribeTargetHealth still says.
+    /// Always false for other providers (their `unused` is exact).
+    fn waited_out_delay(&self, fleet: &str, minion: &str) -> bool {
+        let reg = self.registry();
+        let Some(delay) = reg
+            .fleets
+            .get(fleet)
+            .and_then(|f| f.aws_setup)
+            .map(|s| s.deregistration_delay)
+        else {
+            return false;
+        };
+        reg.minions
+            .get(minion)
+            .and_then(|m| m.deregistered_at)
+            .is_some_and(|at| at.elapsed() >= delay)
     }
 
     /// Sends the Drain command once the load balancer sends no new connections.
@@ -291,6 +565,14 @@ impl Controller {
             None => {}
         }
     }
+}
+
+/// The AWS fleet behind `rt`; the registry plans AWS-only actions only for
+/// AWS fleets, so this failing is a bug, reported like any failed call.
+fn aws_only(rt: &FleetRuntime) -> Result<&AwsFleet, CloudError> {
+    rt.aws.as_deref().ok_or_else(|| CloudError::NotFound {
+        what: format!("an AWS group for fleet {}", rt.config.name),
+    })
 }
 
 /// `{:#}`-style: each cause once, separated by ": ".

@@ -5,7 +5,7 @@
 //! cloud calls without the lock, and comes back to record what happened.
 //! Every state change goes through [`gru_core::step`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,6 +26,10 @@ use crate::config::FleetConfig;
 pub const RECENT_EVENTS: usize = 500;
 /// Gone minions are listed for this long, then forgotten.
 pub const GONE_RETENTION: Duration = Duration::from_secs(3600);
+/// On AWS, a minion that reported queued or in-flight work within this is
+/// protected from the group's own scale-ins (so those pick idle instances);
+/// the window keeps protection from flapping with every report.
+pub const PROTECT_AFTER_WORK: Duration = Duration::from_secs(60);
 
 /// A command for a minion's agent, sent down its Session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,6 +143,20 @@ pub struct MinionRecord {
     pub history: Vec<HistoryEntry>,
     pub lb_connections_at_deregistration: Option<u64>,
     pub lb_connections_at_drain_start: Option<u64>,
+    /// When the load balancer first sent the target no new connections. On
+    /// AWS the wait for `unused` ends one deregistration delay after this:
+    /// by then the load balancer has cut whatever connections were left.
+    pub deregistered_at: Option<Instant>,
+    /// Last lifecycle action heartbeat for the terminating hook holding the
+    /// instance (AWS); `None` until the first one.
+    pub hook_heartbeat_at: Option<Instant>,
+    /// The launching hook's action was completed with CONTINUE (AWS), so it
+    /// is not asked again while the group's view catches up.
+    pub launch_completed: bool,
+    /// The terminating hook's action was completed (AWS), likewise.
+    pub termination_completed: bool,
+    /// Last report with queued or in-flight work.
+    pub last_busy_at: Option<Instant>,
 }
 
 impl MinionRecord {
@@ -168,6 +186,57 @@ pub struct FleetState {
     pub policy_state: PolicyState,
     pub last_decision: Option<Decision>,
     pub group: Option<GroupState>,
+    /// What only an AWS group shows: instances held by lifecycle hooks, in
+    /// service, protected. `None` for other providers (and before the first
+    /// AWS pass).
+    pub aws: Option<AwsView>,
+    /// What the controller learnt about an AWS fleet at its first pass.
+    pub aws_setup: Option<AwsSetup>,
+}
+
+/// The lifecycle hook wait states of an AWS group's instances, from the
+/// last describe.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AwsView {
+    /// Held in `Pending:Wait` by the launching hook until the controller
+    /// completes the action: CONTINUE once the minion is ready, ABANDON if it
+    /// never joins.
+    pub pending_wait: HashSet<InstanceId>,
+    /// Held in `Terminating:Wait` by the terminating hook: the group (or the
+    /// controller's own terminate) started the termination; the controller
+    /// drains the minion, heartbeats, then completes with CONTINUE.
+    pub terminating_wait: HashSet<InstanceId>,
+    /// In service in the group (lifecycle `InService`).
+    pub in_service: HashSet<InstanceId>,
+    /// Protected from the group's own scale-ins.
+    pub protected: HashSet<InstanceId>,
+}
+
+/// Read once per AWS fleet, at its first successful pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AwsSetup {
+    /// The target group is attached to the Auto Scaling group, which then
+    /// registers and deregisters instances itself: the controller skips both.
+    pub target_group_attached: bool,
+    /// The target group's deregistration delay: the longest a drained
+    /// minion waits for its target to be `unused`.
+    pub deregistration_delay: Duration,
+}
+
+/// How a Drained (or Lost, or hooked) minion's instance leaves the group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// TerminateInstanceInAutoScalingGroup (decrementing per the action).
+    Terminate,
+    /// The terminating hook holds the instance: CompleteLifecycleAction
+    /// CONTINUE. The group decided the termination; nothing is decremented.
+    ContinueTermination,
+    /// Never joined while in service (AWS): SetInstanceHealth Unhealthy, so
+    /// the group replaces it.
+    MarkUnhealthy,
+    /// Never joined while the launching hook holds it (AWS):
+    /// CompleteLifecycleAction ABANDON, so the group replaces it.
+    AbandonLaunch,
 }
 
 /// A cloud call the reconcile loop makes outside the lock.
@@ -188,8 +257,40 @@ pub enum Action {
         minion: String,
         instance: InstanceId,
         target: Option<Target>,
+        /// Only for `Finish::Terminate`.
         decrement: bool,
+        finish: Finish,
     },
+    /// Record a heartbeat for the terminating hook holding the instance.
+    Heartbeat {
+        minion: String,
+        instance: InstanceId,
+    },
+    /// Complete the launching hook's action with CONTINUE: the minion joined
+    /// and its engine is healthy.
+    CompleteLaunch {
+        minion: String,
+        instance: InstanceId,
+    },
+    /// Protect (or unprotect) instances from the group's own scale-ins.
+    Protect {
+        instances: Vec<InstanceId>,
+        protected: bool,
+    },
+}
+
+impl Action {
+    /// The one minion the action is about, if it is about one.
+    pub fn minion(&self) -> Option<&str> {
+        match self {
+            Action::Register { minion, .. }
+            | Action::Deregister { minion, .. }
+            | Action::Terminate { minion, .. }
+            | Action::Heartbeat { minion, .. }
+            | Action::CompleteLaunch { minion, .. } => Some(minion),
+            Action::Protect { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +324,8 @@ impl Registry {
                     policy_state: PolicyState::new(),
                     last_decision: None,
                     group: None,
+                    aws: None,
+                    aws_setup: None,
                 };
                 (c.name.clone(), state)
             })
@@ -317,6 +420,11 @@ impl Registry {
                 history: Vec::new(),
                 lb_connections_at_deregistration: None,
                 lb_connections_at_drain_start: None,
+                deregistered_at: None,
+                hook_heartbeat_at: None,
+                launch_completed: false,
+                termination_completed: false,
+                last_busy_at: None,
             },
         );
         self.by_instance.insert(instance.clone(), id.clone());
@@ -479,6 +587,9 @@ impl Registry {
             }
         }
         m.last_report = Some(r);
+        if r.queue_depth > 0 || r.in_flight > 0 {
+            m.last_busy_at = Some(now);
+        }
         m.last_report_at = Some(now);
         m.last_seen = Some(now);
         let state = m.state;
@@ -540,11 +651,20 @@ impl Registry {
         join_timeout: Duration,
         now: Instant,
     ) {
+        let mut hooked = HashSet::new();
         if let Some(f) = self.fleets.get_mut(fleet) {
             f.group = Some(group.clone());
+            if let Some(view) = &f.aws {
+                hooked = view.terminating_wait.clone();
+            }
         }
         for i in &group.instances {
-            if i.lifecycle != InstanceLifecycle::Terminating || self.by_instance.contains_key(&i.id)
+            // An instance held by the terminating hook needs its action
+            // completed even if its minion never joined (or the controller
+            // restarted): it gets a record too.
+            if i.lifecycle != InstanceLifecycle::Terminating
+                || self.by_instance.contains_key(&i.id)
+                || hooked.contains(&i.id)
             {
                 self.ensure_minion(fleet, &i.id, now);
             }
@@ -562,6 +682,10 @@ impl Registry {
                 continue;
             };
             let (state, instance) = (m.state, m.instance.clone());
+            let silent_for = now.saturating_duration_since(m.last_seen.unwrap_or(m.created));
+            if hooked.contains(&instance) {
+                self.held_by_terminating_hook(fleet, &id, now);
+            }
             if !listed.contains(&instance) {
                 let _ = self.transition(
                     &id,
@@ -571,7 +695,6 @@ impl Registry {
                 );
                 continue;
             }
-            let silent_for = now.saturating_duration_since(m.last_seen.unwrap_or(m.created));
             if state.expects_reports() && silent_for > lost_timeout {
                 let reason = format!(
                     "no report for {}",
@@ -609,11 +732,89 @@ impl Registry {
         }
     }
 
+    /// The group (on AWS) started terminating the minion's instance and its
+    /// terminating hook holds it: drain it without decrement (the group
+    /// already decided), then complete the action instead of terminating.
+    fn held_by_terminating_hook(&mut self, fleet: &str, id: &str, now: Instant) {
+        let Some(m) = self.minions.get(id) else {
+            return;
+        };
+        let (state, instance) = (m.state, m.instance.clone());
+        match state {
+            MinionState::Pending
+            | MinionState::Joining
+            | MinionState::Ready
+            | MinionState::InService => {
+                let reason =
+                    format!("the group is terminating {instance} (terminating lifecycle hook)");
+                let _ = self.choose_for_drain(id, false, &reason, now);
+            }
+            MinionState::Draining | MinionState::Drained | MinionState::Lost => {
+                let cleared = self
+                    .minions
+                    .get_mut(id)
+                    .and_then(|m| m.drain.as_mut())
+                    .filter(|plan| plan.decrement)
+                    .map(|plan| plan.decrement = false)
+                    .is_some();
+                if cleared {
+                    // Chosen for scale-in, but the group got there first: its
+                    // termination is the only one, and it decrements or not
+                    // by itself.
+                    let message = format!(
+                        "the group is terminating {instance} itself (terminating lifecycle hook): no decrement from the controller"
+                    );
+                    self.emit(fleet, Some(id), EventKind::Step, message);
+                }
+            }
+            MinionState::Terminating | MinionState::Gone => {}
+        }
+    }
+
     /// The cloud calls the lifecycle of `fleet`'s minions needs next.
     pub fn plan(&mut self, fleet: &str, drain_deadline: Duration, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut overdue = Vec::new();
+        let (view, heartbeat_every) = match self.fleets.get(fleet) {
+            Some(f) => (
+                f.aws.clone(),
+                f.config
+                    .provider
+                    .aws()
+                    .map_or(Duration::MAX, |a| a.heartbeat_interval),
+            ),
+            None => (None, Duration::MAX),
+        };
         for m in self.minions.values_mut().filter(|m| m.fleet == fleet) {
+            let hooked = view
+                .as_ref()
+                .is_some_and(|v| v.terminating_wait.contains(&m.instance));
+            let held_at_launch = view
+                .as_ref()
+                .is_some_and(|v| v.pending_wait.contains(&m.instance));
+            if hooked
+                && matches!(
+                    m.state,
+                    MinionState::Draining | MinionState::Drained | MinionState::Lost
+                )
+                && !m.termination_completed
+                && m.hook_heartbeat_at
+                    .is_none_or(|at| now.saturating_duration_since(at) >= heartbeat_every)
+            {
+                actions.push(Action::Heartbeat {
+                    minion: m.id.clone(),
+                    instance: m.instance.clone(),
+                });
+            }
+            if held_at_launch
+                && matches!(m.state, MinionState::Ready | MinionState::InService)
+                && !m.launch_completed
+            {
+                actions.push(Action::CompleteLaunch {
+                    minion: m.id.clone(),
+                    instance: m.instance.clone(),
+                });
+            }
             match m.state {
                 MinionState::Ready => {
                     if let Some(target) = m.target() {
@@ -654,16 +855,43 @@ impl Registry {
                 },
                 MinionState::Drained | MinionState::Lost => {
                     let decrement = m.drain.as_ref().is_some_and(|d| d.decrement);
+                    let never_joined = m.session_token.is_none();
+                    let finish = if view.is_none() {
+                        Finish::Terminate
+                    } else if hooked {
+                        Finish::ContinueTermination
+                    } else if never_joined && !decrement && held_at_launch {
+                        Finish::AbandonLaunch
+                    } else if never_joined && !decrement {
+                        Finish::MarkUnhealthy
+                    } else {
+                        Finish::Terminate
+                    };
                     let target = if m.registered { m.target() } else { None };
                     actions.push(Action::Terminate {
                         minion: m.id.clone(),
                         instance: m.instance.clone(),
                         target,
-                        decrement,
+                        decrement: decrement && finish == Finish::Terminate,
+                        finish,
+                    });
+                }
+                // The controller's own terminate put the instance in
+                // Terminating:Wait: it is drained, so complete at once.
+                MinionState::Terminating if hooked && !m.termination_completed => {
+                    actions.push(Action::Terminate {
+                        minion: m.id.clone(),
+                        instance: m.instance.clone(),
+                        target: None,
+                        decrement: false,
+                        finish: Finish::ContinueTermination,
                     });
                 }
                 _ => {}
             }
+        }
+        if let Some(view) = &view {
+            actions.extend(self.protection(fleet, view, now));
         }
         for id in overdue {
             self.emit(
@@ -677,6 +905,36 @@ impl Registry {
             );
         }
         actions
+    }
+
+    /// Scale-in protection changes for an AWS fleet: minions in service that
+    /// had work within [`PROTECT_AFTER_WORK`] are protected, the others not.
+    /// Only instances in service in the group are touched, and only when
+    /// their protection differs.
+    fn protection(&self, fleet: &str, view: &AwsView, now: Instant) -> Vec<Action> {
+        let mut protect = Vec::new();
+        let mut unprotect = Vec::new();
+        for m in self.minions.values().filter(|m| m.fleet == fleet) {
+            if !view.in_service.contains(&m.instance) {
+                continue;
+            }
+            let busy = matches!(m.state, MinionState::Ready | MinionState::InService)
+                && m.last_busy_at
+                    .is_some_and(|at| now.saturating_duration_since(at) < PROTECT_AFTER_WORK);
+            match (busy, view.protected.contains(&m.instance)) {
+                (true, false) => protect.push(m.instance.clone()),
+                (false, true) => unprotect.push(m.instance.clone()),
+                _ => {}
+            }
+        }
+        [(protect, true), (unprotect, false)]
+            .into_iter()
+            .filter(|(instances, _)| !instances.is_empty())
+            .map(|(instances, protected)| Action::Protect {
+                instances,
+                protected,
+            })
+            .collect()
     }
 
     /// True while some minion of the fleet is between Draining and Gone, so
@@ -1165,5 +1423,279 @@ mod tests {
         );
         reg.sync("f", &group(&[], 0), LOST, JOIN, t0);
         assert_eq!(reg.minions[&id].state, MinionState::Gone);
+    }
+
+    fn aws_registry() -> Registry {
+        let mut reg = registry(0, 5);
+        let f = reg.fleets.get_mut("f").expect("fleet");
+        f.config.provider = ProviderConfig::Aws(crate::config::AwsProviderConfig {
+            fleet: gru_aws::AwsFleetConfig::new(
+                "g",
+                "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/t/0123456789abcdef",
+            ),
+            heartbeat_interval: Duration::from_secs(30),
+        });
+        f.aws = Some(AwsView::default());
+        reg
+    }
+
+    fn view(reg: &mut Registry) -> &mut AwsView {
+        reg.fleets
+            .get_mut("f")
+            .and_then(|f| f.aws.as_mut())
+            .expect("aws view")
+    }
+
+    /// Puts a Draining minion past its drain: Flushing, then Drained.
+    fn drained(reg: &mut Registry, id: &str, now: Instant) {
+        let m = reg.minions.get_mut(id).expect("minion");
+        m.drain.as_mut().expect("plan").phase = DrainPhase::Flushing { since: now };
+        reg.transition(id, LifecycleEvent::Drained, "test", now)
+            .expect("drained");
+    }
+
+    fn finishes(plan: &[Action]) -> Vec<(Finish, bool)> {
+        plan.iter()
+            .filter_map(|a| match a {
+                Action::Terminate {
+                    finish, decrement, ..
+                } => Some((*finish, *decrement)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_termination_held_by_the_hook_is_drained_heartbeated_and_continued() {
+        let t0 = Instant::now();
+        let mut reg = aws_registry();
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        view(&mut reg)
+            .terminating_wait
+            .insert(InstanceId::from("a"));
+        let mut g = group(&["a"], 1);
+        g.instances[0].lifecycle = InstanceLifecycle::Terminating;
+        reg.sync("f", &g, LOST, JOIN, t0);
+        let m = &reg.minions[&id];
+        assert_eq!(m.state, MinionState::Draining);
+        assert!(
+            m.drain.as_ref().is_some_and(|d| !d.decrement),
+            "the group already decided"
+        );
+        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        assert!(
+            matches!(
+                &plan[..],
+                [
+                    Action::Heartbeat { .. },
+                    Action::Deregister {
+                        target: Some(_),
+                        ..
+                    }
+                ]
+            ),
+            "{plan:?}"
+        );
+        // Recorded: the next one is due only after the interval.
+        reg.minions.get_mut(&id).expect("minion").hook_heartbeat_at = Some(t0);
+        let soon = reg.plan("f", Duration::from_secs(60), t0 + Duration::from_secs(1));
+        assert!(
+            !soon.iter().any(|a| matches!(a, Action::Heartbeat { .. })),
+            "{soon:?}"
+        );
+        let later = reg.plan("f", Duration::from_secs(60), t0 + Duration::from_secs(30));
+        assert!(
+            later.iter().any(|a| matches!(a, Action::Heartbeat { .. })),
+            "{later:?}"
+        );
+
+        drained(&mut reg, &id, t0);
+        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        assert_eq!(finishes(&plan), [(Finish::ContinueTermination, false)]);
+        reg.minions
+            .get_mut(&id)
+            .expect("minion")
+            .termination_completed = true;
+        reg.transition(&id, LifecycleEvent::TerminateIssued, "test", t0)
+            .expect("terminating");
+        assert!(reg.plan("f", Duration::from_secs(60), t0).is_empty());
+    }
+
+    #[test]
+    fn a_scale_in_victim_the_group_terminates_itself_is_not_decremented() {
+        let t0 = Instant::now();
+        let mut reg = aws_registry();
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        reg.choose_for_drain(&id, true, "scale-in", t0)
+            .expect("drain");
+        view(&mut reg)
+            .terminating_wait
+            .insert(InstanceId::from("a"));
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        assert!(
+            reg.minions[&id]
+                .drain
+                .as_ref()
+                .is_some_and(|d| !d.decrement)
+        );
+        drained(&mut reg, &id, t0);
+        assert_eq!(
+            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            [(Finish::ContinueTermination, false)]
+        );
+    }
+
+    #[test]
+    fn the_controllers_own_terminate_under_the_hook_is_continued() {
+        let t0 = Instant::now();
+        let mut reg = aws_registry();
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        reg.choose_for_drain(&id, true, "scale-in", t0)
+            .expect("drain");
+        drained(&mut reg, &id, t0);
+        assert_eq!(
+            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            [(Finish::Terminate, true)]
+        );
+        reg.transition(&id, LifecycleEvent::TerminateIssued, "test", t0)
+            .expect("terminating");
+        view(&mut reg)
+            .terminating_wait
+            .insert(InstanceId::from("a"));
+        assert_eq!(
+            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            [(Finish::ContinueTermination, false)]
+        );
+    }
+
+    #[test]
+    fn on_aws_a_minion_that_never_joins_is_abandoned_or_marked_unhealthy() {
+        let t0 = Instant::now();
+        let late = t0 + JOIN + Duration::from_secs(1);
+        let mut reg = aws_registry();
+        let mut g = group(&["held", "running"], 2);
+        g.instances[0].lifecycle = InstanceLifecycle::Pending;
+        view(&mut reg).pending_wait.insert(InstanceId::from("held"));
+        reg.sync("f", &g, LOST, JOIN, t0);
+        reg.sync("f", &g, LOST, JOIN, late);
+        for i in ["held", "running"] {
+            let id = reg.find(i).expect("known").id.clone();
+            drained(&mut reg, &id, late);
+        }
+        let plan = reg.plan("f", Duration::from_secs(60), late);
+        let mut got = finishes(&plan);
+        got.sort_by_key(|(f, _)| format!("{f:?}"));
+        assert_eq!(
+            got,
+            [
+                (Finish::AbandonLaunch, false),
+                (Finish::MarkUnhealthy, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_never_joined_scale_in_victim_is_still_terminated_with_decrement() {
+        let t0 = Instant::now();
+        let mut reg = aws_registry();
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        let id = reg.find("a").expect("known").id.clone();
+        reg.choose_for_drain(&id, true, "scale-in", t0)
+            .expect("drain");
+        drained(&mut reg, &id, t0);
+        assert_eq!(
+            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            [(Finish::Terminate, true)]
+        );
+    }
+
+    #[test]
+    fn the_launching_hook_is_continued_once_the_engine_is_healthy() {
+        let t0 = Instant::now();
+        let mut reg = aws_registry();
+        let mut g = group(&["a"], 1);
+        g.instances[0].lifecycle = InstanceLifecycle::Pending;
+        view(&mut reg).pending_wait.insert(InstanceId::from("a"));
+        reg.sync("f", &g, LOST, JOIN, t0);
+        assert!(reg.plan("f", Duration::from_secs(60), t0).is_empty());
+        let (id, _) = reg
+            .join("f", &InstanceId::from("a"), ([127, 0, 0, 1], 1).into(), t0)
+            .expect("join");
+        assert!(
+            reg.plan("f", Duration::from_secs(60), t0).is_empty(),
+            "joined, engine not healthy yet"
+        );
+        let id = serve_joined(&mut reg, &id, t0);
+        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        assert!(
+            matches!(
+                &plan[..],
+                [Action::CompleteLaunch { .. }, Action::Register { .. }]
+            ),
+            "{plan:?}"
+        );
+        reg.minions.get_mut(&id).expect("minion").launch_completed = true;
+        assert!(
+            !reg.plan("f", Duration::from_secs(60), t0)
+                .iter()
+                .any(|a| matches!(a, Action::CompleteLaunch { .. }))
+        );
+    }
+
+    /// Opens a session for a joined minion and reports a healthy engine.
+    fn serve_joined(reg: &mut Registry, id: &str, now: Instant) -> String {
+        let token = reg.minions[id].session_token.clone().expect("token");
+        let (tx, rx) = mpsc::channel(4);
+        std::mem::forget(rx);
+        reg.attach_session(id, &token, tx, Duration::from_secs(60), now)
+            .expect("session");
+        let g = generation(reg, id);
+        reg.report(
+            id,
+            g,
+            Report {
+                seq: 1,
+                healthy: true,
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(reg.minions[id].state, MinionState::Ready);
+        id.to_owned()
+    }
+
+    #[test]
+    fn busy_minions_are_protected_from_the_groups_scale_in_until_idle() {
+        let t0 = Instant::now();
+        let mut reg = aws_registry();
+        reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, t0);
+        let a = serve(&mut reg, "a", 1, t0);
+        serve(&mut reg, "b", 2, t0);
+        view(&mut reg).in_service = ["a", "b"].into_iter().map(InstanceId::from).collect();
+        assert!(reg.plan("f", Duration::from_secs(60), t0).is_empty());
+        load(&mut reg, &a, 2, 5, t0);
+        assert_eq!(
+            reg.plan("f", Duration::from_secs(60), t0),
+            [Action::Protect {
+                instances: vec![InstanceId::from("a")],
+                protected: true
+            }]
+        );
+        view(&mut reg).protected.insert(InstanceId::from("a"));
+        assert!(
+            reg.plan("f", Duration::from_secs(60), t0 + Duration::from_secs(1))
+                .is_empty(),
+            "no call while nothing changes"
+        );
+        assert_eq!(
+            reg.plan("f", Duration::from_secs(60), t0 + PROTECT_AFTER_WORK),
+            [Action::Protect {
+                instances: vec![InstanceId::from("a")],
+                protected: false
+            }]
+        );
     }
 }

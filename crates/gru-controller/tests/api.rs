@@ -122,6 +122,7 @@ async fn start(instances: &[&str]) -> Fixture {
         config: config.fleets[0].clone(),
         group: group.clone(),
         targets: lb.clone(),
+        aws: None,
     };
     let controller = Controller::new(config, vec![fleet], TOKEN.to_owned());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
