@@ -170,6 +170,28 @@ fn bad_configs_name_the_file_and_key_and_exit_non_zero() {
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("listen"), "{}", stderr(&out));
 
+    // Every problem at once, each with its key.
+    std::fs::write(
+        &file,
+        "listen = \"nowhere\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
+         [[fleet]]\nname = \"prod\"\nprovider = \"local\"\nmin = 4\nmax = 2\n\
+         [fleet.local]\nlisten = \"127.0.0.1:0\"\nminion_config = \"m.toml\"\n",
+    )
+    .expect("write");
+    let out = Command::new(GRU)
+        .args(["controller", "--check-config", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    for key in ["listen", "join_token_file", "fleet[0].max"] {
+        assert!(
+            err.contains(&format!("{}: {key}: ", file.display())),
+            "{key} missing in {err}"
+        );
+    }
+
     let minion = dir.path().join("minion.toml");
     std::fs::write(&minion, "controller = \"http://x:1\"\n").expect("write");
     let out = Command::new(GRU)

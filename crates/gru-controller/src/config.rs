@@ -52,6 +52,9 @@ pub enum ConfigError {
         key: String,
         expected: String,
     },
+    /// Several problems, each with its key, reported together.
+    #[error("{} problems:\n{}", .0.len(), .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<ConfigError>),
 }
 
 /// The validated config.
@@ -253,17 +256,31 @@ impl ControllerConfig {
         let v = Validator { file };
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
-        let listen = v.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
-        let report_interval = v.positive(
-            "report_interval",
-            raw.report_interval.unwrap_or(DEFAULT_REPORT_INTERVAL),
-        )?;
-        let lost_timeout = v.positive(
-            "lost_timeout",
-            raw.lost_timeout.unwrap_or(DEFAULT_LOST_TIMEOUT),
-        )?;
-        if lost_timeout < report_interval * 2 {
-            return Err(v.invalid(
+        // Every independent problem is reported, not only the first: each
+        // top-level key, and each fleet (the first problem within a fleet).
+        let mut errors = Vec::new();
+        let listen = keep(
+            &mut errors,
+            v.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN)),
+        );
+        let report_interval = keep(
+            &mut errors,
+            v.positive(
+                "report_interval",
+                raw.report_interval.unwrap_or(DEFAULT_REPORT_INTERVAL),
+            ),
+        );
+        let lost_timeout = keep(
+            &mut errors,
+            v.positive(
+                "lost_timeout",
+                raw.lost_timeout.unwrap_or(DEFAULT_LOST_TIMEOUT),
+            ),
+        );
+        if let (Some(report_interval), Some(lost_timeout)) = (report_interval, lost_timeout)
+            && lost_timeout < report_interval * 2
+        {
+            errors.push(v.invalid(
                 "lost_timeout",
                 format!(
                     "at least twice report_interval ({}), got {}",
@@ -272,188 +289,210 @@ impl ControllerConfig {
                 ),
             ));
         }
-        let join_timeout = v.positive(
-            "join_timeout",
-            raw.join_timeout.unwrap_or(DEFAULT_JOIN_TIMEOUT),
-        )?;
-        let eval_interval = v.positive(
-            "eval_interval",
-            raw.eval_interval.unwrap_or(DEFAULT_EVAL_INTERVAL),
-        )?;
-        let drain_deadline = v.positive(
-            "drain_deadline",
-            raw.drain_deadline.unwrap_or(DEFAULT_DRAIN_DEADLINE),
-        )?;
-        let tls = raw.tls.ok_or_else(|| {
-            v.invalid(
-                "tls",
-                "a [tls] table with cert, key and client_ca (gRPC is always TLS)",
-            )
-        })?;
-        let tls = TlsFiles {
+        let join_timeout = keep(
+            &mut errors,
+            v.positive(
+                "join_timeout",
+                raw.join_timeout.unwrap_or(DEFAULT_JOIN_TIMEOUT),
+            ),
+        );
+        let eval_interval = keep(
+            &mut errors,
+            v.positive(
+                "eval_interval",
+                raw.eval_interval.unwrap_or(DEFAULT_EVAL_INTERVAL),
+            ),
+        );
+        let drain_deadline = keep(
+            &mut errors,
+            v.positive(
+                "drain_deadline",
+                raw.drain_deadline.unwrap_or(DEFAULT_DRAIN_DEADLINE),
+            ),
+        );
+        let tls = keep(
+            &mut errors,
+            raw.tls.ok_or_else(|| {
+                v.invalid(
+                    "tls",
+                    "a [tls] table with cert, key and client_ca (gRPC is always TLS)",
+                )
+            }),
+        )
+        .map(|tls| TlsFiles {
             cert: resolve(tls.cert),
             key: resolve(tls.key),
             client_ca: resolve(tls.client_ca),
-        };
-        let join_token_file =
-            resolve(raw.join_token_file.ok_or_else(|| {
-                v.invalid("join_token_file", "a path to the minions' join token")
-            })?);
+        });
+        let join_token_file = keep(
+            &mut errors,
+            raw.join_token_file
+                .ok_or_else(|| v.invalid("join_token_file", "a path to the minions' join token")),
+        )
+        .map(resolve);
 
         if raw.fleet.is_empty() {
-            return Err(v.invalid("fleet", "at least one [[fleet]] table"));
+            errors.push(v.invalid("fleet", "at least one [[fleet]] table"));
         }
         let mut names = BTreeSet::new();
         let mut fleets = Vec::new();
         for (i, f) in raw.fleet.into_iter().enumerate() {
-            let key = |k: &str| format!("fleet[{i}].{k}");
-            let name = f
-                .name
-                .ok_or_else(|| v.invalid(&key("name"), "a fleet name"))?;
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(v.invalid(
-                    &key("name"),
-                    format!("letters, digits, '-' or '_', got {name:?}"),
-                ));
-            }
-            if !names.insert(name.clone()) {
-                return Err(v.invalid(
-                    &key("name"),
-                    format!("a unique name, {name:?} is used twice"),
-                ));
-            }
-            let min = f.min.unwrap_or(0);
-            let max = f
-                .max
-                .ok_or_else(|| v.invalid(&key("max"), "the fleet's maximum size"))?;
-            let bounds =
-                Bounds::new(min, max).map_err(|e| v.invalid(&key("max"), e.to_string()))?;
-            let mut rules = vec![Rule::QueueDepth {
-                target_per_minion: f
-                    .target_queue_per_minion
-                    .unwrap_or(DEFAULT_TARGET_QUEUE_PER_MINION),
-            }];
-            if let Some(target) = f.target_latency {
-                rules.push(Rule::Latency { target });
-            }
-            let defaults = Behaviour::default();
-            let behaviour = Behaviour {
-                max_step_out: f.max_step_out.unwrap_or(defaults.max_step_out),
-                max_step_in: f.max_step_in.unwrap_or(defaults.max_step_in),
-                scale_out_cooldown: f.scale_out_cooldown.unwrap_or(defaults.scale_out_cooldown),
-                scale_in_cooldown: f.scale_in_cooldown.unwrap_or(defaults.scale_in_cooldown),
-                scale_in_stabilization: f
-                    .scale_in_stabilization
-                    .unwrap_or(defaults.scale_in_stabilization),
-                tolerance: f.tolerance.unwrap_or(defaults.tolerance),
-            };
-            let mut schedules = Vec::new();
-            for (j, raw) in f.schedule.iter().enumerate() {
-                let skey = |k: &str| key(&format!("schedule[{j}].{k}"));
-                let window = match (&raw.days, &raw.from, &raw.to, &raw.start, &raw.end) {
-                    (Some(days), Some(from), Some(to), None, None) => {
-                        WindowSpec::Weekly { days, from, to }
-                    }
-                    (None, None, None, Some(start), Some(end)) => WindowSpec::Cron { start, end },
-                    _ => {
-                        return Err(v.invalid(
-                            &skey("days"),
-                            "either days + from + to (e.g. \"mon-fri\", \"19:00\", \"07:00\") or cron start + end",
-                        ));
-                    }
-                };
-                let spec = ScheduleSpec {
-                    name: raw.name.as_deref().unwrap_or(""),
-                    timezone: raw.timezone.as_deref().ok_or_else(|| {
-                        v.invalid(
-                            &skey("timezone"),
-                            "an IANA time zone, e.g. \"America/Detroit\"",
-                        )
-                    })?,
-                    window,
-                    min: raw.min,
-                    max: raw.max,
-                    desired: raw.desired,
-                    priority: raw.priority,
-                };
-                let schedule = Schedule::new(&spec)
-                    .map_err(|e| v.invalid(&skey(e.field()), gru_core::error_chain(&e)))?;
-                schedules.push(schedule);
-            }
-            let policy = Policy::new(bounds, rules, behaviour, schedules)
-                .map_err(|e| v.invalid(&key(&policy_key(&e)), e.to_string()))?;
-            let other_table = match f.provider.as_deref() {
-                Some("local") => f.aws.is_some().then_some("aws"),
-                Some("aws") => f.local.is_some().then_some("local"),
-                _ => None,
-            };
-            if let Some(table) = other_table {
-                return Err(v.invalid(
-                    &key(table),
-                    format!(
-                        "no [fleet.{table}] table for provider {:?}",
-                        f.provider.unwrap_or_default()
-                    ),
-                ));
-            }
-            let provider = match f.provider.as_deref() {
-                Some("local") => {
-                    let l = f.local.ok_or_else(|| {
-                        v.invalid(
-                            &key("local"),
-                            "a [fleet.local] table for provider \"local\"",
-                        )
-                    })?;
-                    let lb_key = key("local.listen");
-                    let listen = v.addr(
-                        &lb_key,
-                        l.listen.as_deref().ok_or_else(|| {
-                            v.invalid(&lb_key, "the load balancer's listen address")
-                        })?,
-                    )?;
-                    let minion_config = resolve(l.minion_config.ok_or_else(|| {
-                        v.invalid(
-                            &key("local.minion_config"),
-                            "the path of the minions' config",
-                        )
-                    })?);
-                    ProviderConfig::Local(LocalProviderConfig {
-                        listen,
-                        minion_config,
-                        deregistration_delay: l
-                            .deregistration_delay
-                            .unwrap_or(DEFAULT_DEREGISTRATION_DELAY),
-                        log_dir: l.log_dir.map(resolve),
-                    })
-                }
-                Some("aws") => {
-                    let a = f.aws.ok_or_else(|| {
-                        v.invalid(&key("aws"), "a [fleet.aws] table for provider \"aws\"")
-                    })?;
-                    ProviderConfig::Aws(aws_provider(&v, &key, a)?)
-                }
-                Some(other) => {
+            let parse_fleet = || -> Result<FleetConfig, ConfigError> {
+                let key = |k: &str| format!("fleet[{i}].{k}");
+                let name = f
+                    .name
+                    .ok_or_else(|| v.invalid(&key("name"), "a fleet name"))?;
+                if name.is_empty()
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
                     return Err(v.invalid(
-                        &key("provider"),
-                        format!("\"local\" or \"aws\", got {other:?}"),
+                        &key("name"),
+                        format!("letters, digits, '-' or '_', got {name:?}"),
                     ));
                 }
-                None => {
-                    return Err(v.invalid(&key("provider"), "a provider, \"local\" or \"aws\""));
+                if !names.insert(name.clone()) {
+                    return Err(v.invalid(
+                        &key("name"),
+                        format!("a unique name, {name:?} is used twice"),
+                    ));
                 }
+                let min = f.min.unwrap_or(0);
+                let max = f
+                    .max
+                    .ok_or_else(|| v.invalid(&key("max"), "the fleet's maximum size"))?;
+                let bounds =
+                    Bounds::new(min, max).map_err(|e| v.invalid(&key("max"), e.to_string()))?;
+                let mut rules = vec![Rule::QueueDepth {
+                    target_per_minion: f
+                        .target_queue_per_minion
+                        .unwrap_or(DEFAULT_TARGET_QUEUE_PER_MINION),
+                }];
+                if let Some(target) = f.target_latency {
+                    rules.push(Rule::Latency { target });
+                }
+                let defaults = Behaviour::default();
+                let behaviour = Behaviour {
+                    max_step_out: f.max_step_out.unwrap_or(defaults.max_step_out),
+                    max_step_in: f.max_step_in.unwrap_or(defaults.max_step_in),
+                    scale_out_cooldown: f.scale_out_cooldown.unwrap_or(defaults.scale_out_cooldown),
+                    scale_in_cooldown: f.scale_in_cooldown.unwrap_or(defaults.scale_in_cooldown),
+                    scale_in_stabilization: f
+                        .scale_in_stabilization
+                        .unwrap_or(defaults.scale_in_stabilization),
+                    tolerance: f.tolerance.unwrap_or(defaults.tolerance),
+                };
+                let mut schedules = Vec::new();
+                for (j, raw) in f.schedule.iter().enumerate() {
+                    let skey = |k: &str| key(&format!("schedule[{j}].{k}"));
+                    let window = match (&raw.days, &raw.from, &raw.to, &raw.start, &raw.end) {
+                        (Some(days), Some(from), Some(to), None, None) => {
+                            WindowSpec::Weekly { days, from, to }
+                        }
+                        (None, None, None, Some(start), Some(end)) => {
+                            WindowSpec::Cron { start, end }
+                        }
+                        _ => {
+                            return Err(v.invalid(
+                                &skey("days"),
+                                "either days + from + to (e.g. \"mon-fri\", \"19:00\", \"07:00\") or cron start + end",
+                            ));
+                        }
+                    };
+                    let spec = ScheduleSpec {
+                        name: raw.name.as_deref().unwrap_or(""),
+                        timezone: raw.timezone.as_deref().ok_or_else(|| {
+                            v.invalid(
+                                &skey("timezone"),
+                                "an IANA time zone, e.g. \"America/Detroit\"",
+                            )
+                        })?,
+                        window,
+                        min: raw.min,
+                        max: raw.max,
+                        desired: raw.desired,
+                        priority: raw.priority,
+                    };
+                    let schedule = Schedule::new(&spec)
+                        .map_err(|e| v.invalid(&skey(e.field()), gru_core::error_chain(&e)))?;
+                    schedules.push(schedule);
+                }
+                let policy = Policy::new(bounds, rules, behaviour, schedules)
+                    .map_err(|e| v.invalid(&key(&policy_key(&e)), e.to_string()))?;
+                let other_table = match f.provider.as_deref() {
+                    Some("local") => f.aws.is_some().then_some("aws"),
+                    Some("aws") => f.local.is_some().then_some("local"),
+                    _ => None,
+                };
+                if let Some(table) = other_table {
+                    return Err(v.invalid(
+                        &key(table),
+                        format!(
+                            "no [fleet.{table}] table for provider {:?}",
+                            f.provider.unwrap_or_default()
+                        ),
+                    ));
+                }
+                let provider = match f.provider.as_deref() {
+                    Some("local") => {
+                        let l = f.local.ok_or_else(|| {
+                            v.invalid(
+                                &key("local"),
+                                "a [fleet.local] table for provider \"local\"",
+                            )
+                        })?;
+                        let lb_key = key("local.listen");
+                        let listen = v.addr(
+                            &lb_key,
+                            l.listen.as_deref().ok_or_else(|| {
+                                v.invalid(&lb_key, "the load balancer's listen address")
+                            })?,
+                        )?;
+                        let minion_config = resolve(l.minion_config.ok_or_else(|| {
+                            v.invalid(
+                                &key("local.minion_config"),
+                                "the path of the minions' config",
+                            )
+                        })?);
+                        ProviderConfig::Local(LocalProviderConfig {
+                            listen,
+                            minion_config,
+                            deregistration_delay: l
+                                .deregistration_delay
+                                .unwrap_or(DEFAULT_DEREGISTRATION_DELAY),
+                            log_dir: l.log_dir.map(resolve),
+                        })
+                    }
+                    Some("aws") => {
+                        let a = f.aws.ok_or_else(|| {
+                            v.invalid(&key("aws"), "a [fleet.aws] table for provider \"aws\"")
+                        })?;
+                        ProviderConfig::Aws(aws_provider(&v, &key, a)?)
+                    }
+                    Some(other) => {
+                        return Err(v.invalid(
+                            &key("provider"),
+                            format!("\"local\" or \"aws\", got {other:?}"),
+                        ));
+                    }
+                    None => {
+                        return Err(v.invalid(&key("provider"), "a provider, \"local\" or \"aws\""));
+                    }
+                };
+                Ok(FleetConfig {
+                    name,
+                    policy,
+                    provider,
+                })
             };
-            fleets.push(FleetConfig {
-                name,
-                policy,
-                provider,
-            });
+            match parse_fleet() {
+                Ok(fleet) => fleets.push(fleet),
+                Err(e) => errors.push(e),
+            }
         }
 
-        Ok(ControllerConfig {
+        match (
             listen,
             report_interval,
             lost_timeout,
@@ -462,8 +501,30 @@ impl ControllerConfig {
             drain_deadline,
             tls,
             join_token_file,
-            fleets,
-        })
+        ) {
+            (
+                Some(listen),
+                Some(report_interval),
+                Some(lost_timeout),
+                Some(join_timeout),
+                Some(eval_interval),
+                Some(drain_deadline),
+                Some(tls),
+                Some(join_token_file),
+            ) if errors.is_empty() => Ok(ControllerConfig {
+                listen,
+                report_interval,
+                lost_timeout,
+                join_timeout,
+                eval_interval,
+                drain_deadline,
+                tls,
+                join_token_file,
+                fleets,
+            }),
+            _ if errors.len() == 1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
     }
 }
 
@@ -526,6 +587,11 @@ fn policy_key(e: &PolicyError) -> String {
         p if p.starts_with("rules[1]") => "target_latency".to_owned(),
         _ => path,
     }
+}
+
+/// The value, or None with its error kept for the report.
+fn keep<T>(errors: &mut Vec<ConfigError>, r: Result<T, ConfigError>) -> Option<T> {
+    r.map_err(|e| errors.push(e)).ok()
 }
 
 struct Validator<'a> {
@@ -669,6 +735,22 @@ mod tests {
             e.starts_with("/etc/gru/controller.toml: fleet[0].schedule[0].days: either"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = GOOD
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"")
+            .replace("max = 5", "max = 0")
+            .replace("join_token_file = \"token\"", "");
+        let e = err(&text);
+        assert!(e.starts_with("3 problems:\n"), "{e}");
+        for key in ["listen", "join_token_file", "fleet[0].max"] {
+            assert!(
+                e.contains(&format!("/etc/gru/controller.toml: {key}: ")),
+                "{key} missing in {e}"
+            );
+        }
     }
 
     #[test]

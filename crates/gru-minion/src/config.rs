@@ -32,6 +32,9 @@ pub enum ConfigError {
         key: String,
         expected: String,
     },
+    /// Several problems, each with its key, reported together.
+    #[error("{} problems:\n{}", .0.len(), .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<ConfigError>),
 }
 
 #[derive(Clone, Debug)]
@@ -139,107 +142,82 @@ impl MinionConfig {
             })
         };
 
-        let controller = raw.controller.ok_or_else(|| {
-            invalid(
-                "controller",
-                "the controller's address, like \"https://10.0.0.2:7070\"",
-            )
-        })?;
-        if !controller.starts_with("https://") {
-            return Err(invalid(
-                "controller",
-                "an https:// address (gRPC is always TLS)",
-            ));
-        }
-        let ca_file = resolve(raw.ca_file.ok_or_else(|| {
-            invalid("ca_file", "the CA certificate that signed the controller's")
-        })?);
-        let fleet = raw
-            .fleet
-            .ok_or_else(|| invalid("fleet", "the fleet this minion joins"))?;
-        let join_token_file = resolve(
-            raw.join_token_file
-                .ok_or_else(|| invalid("join_token_file", "the path of the join token"))?,
-        );
-        let e = raw
-            .engine
-            .ok_or_else(|| invalid("engine", "an [engine] table"))?;
-        match e.kind.as_deref() {
-            None | Some("reference") => {}
-            Some(other) => {
-                return Err(invalid(
-                    "engine.kind",
-                    &format!("\"reference\", got {other:?}"),
-                ));
-            }
-        }
-        let listen = addr(
-            "engine.listen",
-            e.listen.as_deref().unwrap_or(DEFAULT_ENGINE_LISTEN),
-        )?;
-        let advertise = e
-            .advertise
-            .as_deref()
-            .map(|a| addr("engine.advertise", a))
-            .transpose()?;
-        let downstream = addr(
-            "engine.downstream",
-            e.downstream
-                .as_deref()
-                .ok_or_else(|| invalid("engine.downstream", "where messages go on to"))?,
-        )?;
-        let forwarders = e
-            .forwarders
-            .unwrap_or(gru_engine::engine::DEFAULT_FORWARDERS);
-        if forwarders == 0 {
-            return Err(invalid("engine.forwarders", "at least 1"));
-        }
-        let aws = match raw.aws {
-            None => None,
-            Some(a) if a.imds != Some(true) => {
-                let stray = [
-                    ("aws.imds_endpoint", a.imds_endpoint.is_some()),
-                    ("aws.warm_pool_poll", a.warm_pool_poll.is_some()),
-                ];
-                if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
-                    return Err(invalid(
-                        key,
-                        "only read with aws.imds = true (it is off or missing)",
-                    ));
-                }
-                None
-            }
-            Some(a) => {
-                let imds_endpoint = a.imds_endpoint.as_deref().unwrap_or(DEFAULT_IMDS_ENDPOINT);
-                let imds_endpoint = imds_endpoint.parse().map_err(|_| {
+        // Every independent problem is reported, not only the first: each
+        // top-level key, the [engine] table and the [aws] table.
+        let mut errors = Vec::new();
+        let controller = keep(
+            &mut errors,
+            raw.controller
+                .ok_or_else(|| {
                     invalid(
-                        "aws.imds_endpoint",
-                        &format!("an address like {DEFAULT_IMDS_ENDPOINT}, got {imds_endpoint:?}"),
+                        "controller",
+                        "the controller's address, like \"https://10.0.0.2:7070\"",
                     )
-                })?;
-                let warm_pool_poll = a.warm_pool_poll.unwrap_or(DEFAULT_WARM_POOL_POLL);
-                if warm_pool_poll.is_zero() {
+                })
+                .and_then(|c| {
+                    if c.starts_with("https://") {
+                        Ok(c)
+                    } else {
+                        Err(invalid(
+                            "controller",
+                            "an https:// address (gRPC is always TLS)",
+                        ))
+                    }
+                }),
+        );
+        let ca_file = keep(
+            &mut errors,
+            raw.ca_file.ok_or_else(|| {
+                invalid("ca_file", "the CA certificate that signed the controller's")
+            }),
+        )
+        .map(resolve);
+        let fleet = keep(
+            &mut errors,
+            raw.fleet
+                .ok_or_else(|| invalid("fleet", "the fleet this minion joins")),
+        );
+        let join_token_file = keep(
+            &mut errors,
+            raw.join_token_file
+                .ok_or_else(|| invalid("join_token_file", "the path of the join token")),
+        )
+        .map(resolve);
+        let engine = || -> Result<EngineSection, ConfigError> {
+            let e = raw
+                .engine
+                .ok_or_else(|| invalid("engine", "an [engine] table"))?;
+            match e.kind.as_deref() {
+                None | Some("reference") => {}
+                Some(other) => {
                     return Err(invalid(
-                        "aws.warm_pool_poll",
-                        "a duration above 0s, like \"5s\"",
+                        "engine.kind",
+                        &format!("\"reference\", got {other:?}"),
                     ));
                 }
-                Some(AwsSection {
-                    imds_endpoint,
-                    warm_pool_poll,
-                })
             }
-        };
-        Ok(MinionConfig {
-            controller,
-            ca_file,
-            server_name: raw
-                .server_name
-                .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_owned()),
-            fleet,
-            join_token_file,
-            stop_grace: raw.stop_grace.unwrap_or(DEFAULT_STOP_GRACE),
-            engine: EngineSection {
+            let listen = addr(
+                "engine.listen",
+                e.listen.as_deref().unwrap_or(DEFAULT_ENGINE_LISTEN),
+            )?;
+            let advertise = e
+                .advertise
+                .as_deref()
+                .map(|a| addr("engine.advertise", a))
+                .transpose()?;
+            let downstream = addr(
+                "engine.downstream",
+                e.downstream
+                    .as_deref()
+                    .ok_or_else(|| invalid("engine.downstream", "where messages go on to"))?,
+            )?;
+            let forwarders = e
+                .forwarders
+                .unwrap_or(gru_engine::engine::DEFAULT_FORWARDERS);
+            if forwarders == 0 {
+                return Err(invalid("engine.forwarders", "at least 1"));
+            }
+            Ok(EngineSection {
                 listen,
                 advertise,
                 downstream,
@@ -247,10 +225,79 @@ impl MinionConfig {
                     .max_connection_age
                     .unwrap_or(gru_engine::engine::DEFAULT_MAX_CONNECTION_AGE),
                 forwarders,
-            },
-            aws,
-        })
+            })
+        };
+        let engine = keep(&mut errors, engine());
+        let aws = || -> Result<Option<AwsSection>, ConfigError> {
+            match raw.aws {
+                None => Ok(None),
+                Some(a) if a.imds != Some(true) => {
+                    let stray = [
+                        ("aws.imds_endpoint", a.imds_endpoint.is_some()),
+                        ("aws.warm_pool_poll", a.warm_pool_poll.is_some()),
+                    ];
+                    if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                        return Err(invalid(
+                            key,
+                            "only read with aws.imds = true (it is off or missing)",
+                        ));
+                    }
+                    Ok(None)
+                }
+                Some(a) => {
+                    let imds_endpoint = a.imds_endpoint.as_deref().unwrap_or(DEFAULT_IMDS_ENDPOINT);
+                    let imds_endpoint = imds_endpoint.parse().map_err(|_| {
+                        invalid(
+                            "aws.imds_endpoint",
+                            &format!(
+                                "an address like {DEFAULT_IMDS_ENDPOINT}, got {imds_endpoint:?}"
+                            ),
+                        )
+                    })?;
+                    let warm_pool_poll = a.warm_pool_poll.unwrap_or(DEFAULT_WARM_POOL_POLL);
+                    if warm_pool_poll.is_zero() {
+                        return Err(invalid(
+                            "aws.warm_pool_poll",
+                            "a duration above 0s, like \"5s\"",
+                        ));
+                    }
+                    Ok(Some(AwsSection {
+                        imds_endpoint,
+                        warm_pool_poll,
+                    }))
+                }
+            }
+        };
+        let aws = keep(&mut errors, aws());
+        match (controller, ca_file, fleet, join_token_file, engine, aws) {
+            (
+                Some(controller),
+                Some(ca_file),
+                Some(fleet),
+                Some(join_token_file),
+                Some(engine),
+                Some(aws),
+            ) if errors.is_empty() => Ok(MinionConfig {
+                controller,
+                ca_file,
+                server_name: raw
+                    .server_name
+                    .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_owned()),
+                fleet,
+                join_token_file,
+                stop_grace: raw.stop_grace.unwrap_or(DEFAULT_STOP_GRACE),
+                engine,
+                aws,
+            }),
+            _ if errors.len() == 1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
     }
+}
+
+/// The value, or None with its error kept for the report.
+fn keep<T>(errors: &mut Vec<ConfigError>, r: Result<T, ConfigError>) -> Option<T> {
+    r.map_err(|e| errors.push(e)).ok()
 }
 
 #[cfg(test)]
@@ -320,6 +367,23 @@ mod tests {
         assert!(e.contains("imds = \"yes\"") && e.contains("boolean"), "{e}");
         let e = err("imds = true\nimds_ttl = 5");
         assert!(e.contains("unknown field `imds_ttl`"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = GOOD
+            .replace("https://", "http://")
+            .replace("\"127.0.0.1:2576\"", "\"x\"")
+            .replace("fleet = \"local\"", "");
+        let e = MinionConfig::parse(Path::new("m.toml"), &text).expect_err("three problems");
+        let e = e.to_string();
+        assert!(e.starts_with("3 problems:\n"), "{e}");
+        for key in ["controller", "fleet", "engine.downstream"] {
+            assert!(
+                e.contains(&format!("m.toml: {key}: ")),
+                "{key} missing in {e}"
+            );
+        }
     }
 
     #[test]
