@@ -32,6 +32,7 @@ use crate::config::{ControllerConfig, FleetConfig};
 use crate::registry::{
     Action, AwsSetup, AwsView, Command, DrainPhase, Event, EventKind, Finish, Registry,
 };
+pub use gru_core::error_chain;
 
 /// How soon a pass with work under way (a drain, a registration) runs again.
 pub const BUSY_REQUEUE: Duration = Duration::from_millis(200);
@@ -573,16 +574,4 @@ fn aws_only(rt: &FleetRuntime) -> Result<&AwsFleet, CloudError> {
     rt.aws.as_deref().ok_or_else(|| CloudError::NotFound {
         what: format!("an AWS group for fleet {}", rt.config.name),
     })
-}
-
-/// `{:#}`-style: each cause once, separated by ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

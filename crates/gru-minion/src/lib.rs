@@ -19,6 +19,7 @@ pub use agent::{Agent, AgentError, Stopped};
 use config::EngineSection;
 pub use config::{ConfigError, MinionConfig};
 use engine::{Engine, ReferenceEngine};
+pub use gru_core::error_chain;
 use sd_notify::Notifier;
 
 /// Starts the engine and the agent; on `shutdown` drains the engine (up to
@@ -106,18 +107,6 @@ fn advertise(engine: &EngineSection, private_ip: IpAddr) -> Option<SocketAddr> {
         (engine.listen.ip().is_unspecified() && engine.listen.port() != 0)
             .then(|| SocketAddr::new(private_ip, engine.listen.port()))
     })
-}
-
-/// `{:#}`-style: each cause once, separated by ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
