@@ -10,6 +10,8 @@ use aws_sdk_elasticloadbalancingv2::types::{
 use gru_cloud::{CloudError, Target, TargetGroup, TargetState};
 use tracing::info;
 
+use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
+
 use crate::AwsFleet;
 use crate::error;
 
@@ -55,13 +57,7 @@ impl AwsFleet {
                     .target_group_arns(&self.config.target_group_arn)
                     .send()
                     .await
-                    .map_err(|e| {
-                        if error::code(&e) == Some("TargetGroupNotFound") {
-                            self.target_group_not_found()
-                        } else {
-                            error::provider("DescribeTargetGroups", &e)
-                        }
-                    })?;
+                    .map_err(|e| self.target_group_error("DescribeTargetGroups", &e))?;
                 let group = out
                     .target_groups()
                     .first()
@@ -89,6 +85,19 @@ impl AwsFleet {
         }
     }
 
+    /// `NotFound` when the target group does not exist, else the call's error.
+    fn target_group_error<E, R>(&self, call: &'static str, e: &SdkError<E, R>) -> CloudError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        if error::code(e) == Some("TargetGroupNotFound") {
+            self.target_group_not_found()
+        } else {
+            error::provider(call, e)
+        }
+    }
+
     async fn describe_target(&self, target: &Target) -> Result<TargetDescription, CloudError> {
         let id = match self.target_kind().await? {
             TargetKind::Instance => target.instance.0.clone(),
@@ -111,13 +120,7 @@ impl AwsFleet {
             .target_group_arn(&self.config.target_group_arn)
             .send()
             .await
-            .map_err(|e| {
-                if error::code(&e) == Some("TargetGroupNotFound") {
-                    self.target_group_not_found()
-                } else {
-                    error::provider("DescribeTargetGroupAttributes", &e)
-                }
-            })?;
+            .map_err(|e| self.target_group_error("DescribeTargetGroupAttributes", &e))?;
         let Some(value) = out
             .attributes()
             .iter()
