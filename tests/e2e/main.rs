@@ -2,6 +2,7 @@
 //! would, with real minion processes, a real TCP load balancer and real
 //! HL7/MLLP traffic, all on loopback.
 
+mod aws;
 mod deploy;
 mod durable;
 mod harness;

@@ -29,6 +29,8 @@ mod config;
 mod error;
 mod group;
 mod target;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::{AwsFleetConfig, ConnectError, DEFAULT_MAX_ATTEMPTS, connect};
 pub use group::{AwsGroup, AwsInstance, AwsLifecycle, LifecycleHook, LifecycleResult};

@@ -6,11 +6,9 @@
 //! seeing each other. The SDK's retries are off: moto answers 500 to what it
 //! does not implement, and a retry would only hide that.
 //!
-//! The server is moto_server's own entry point (`moto.server.main`, what
-//! `.venv/bin/moto_server` runs) started by a few lines of Python that also
-//! end it when this process's end of its stdin closes: a Rust test binary
-//! runs no destructor for a value shared by all its tests, and this way no
-//! moto outlives the tests, however they end.
+//! The server, the launcher that adds lifecycle hooks to moto 5.2.5, the
+//! account interceptor and the fleet set-up live in `gru_aws::testing` (the
+//! `testing` feature), shared with the gru crate's end-to-end tests.
 //!
 //! What moto 5.2.5 does not do, and how each test copes, is said where it
 //! matters (DESIGN.md lists the gaps).
@@ -20,265 +18,32 @@
 //! the launching hook, instances that never join, an attached target group
 //! and a terminate whose answer is lost.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use aws_sdk_autoscaling::config::interceptors::{
-    BeforeDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextMut,
-    BeforeTransmitInterceptorContextRef,
+    BeforeDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
 };
-use aws_sdk_autoscaling::config::retry::RetryConfig;
-use aws_sdk_autoscaling::config::timeout::TimeoutConfig;
-use aws_sdk_autoscaling::config::{
-    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RuntimeComponents,
-};
+use aws_sdk_autoscaling::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_autoscaling::error::BoxError;
-use aws_sdk_autoscaling::types::LaunchTemplateSpecification;
-use aws_sdk_ec2::types::{
-    LaunchTemplateInstanceNetworkInterfaceSpecificationRequest, RequestLaunchTemplateData,
-};
-use aws_sdk_elasticloadbalancingv2::types::{
-    ProtocolEnum, TargetDescription, TargetGroupAttribute, TargetTypeEnum,
-};
+use aws_sdk_elasticloadbalancingv2::types::{TargetDescription, TargetGroupAttribute};
+use gru_aws::testing::{self, ENGINE_PORT, MotoFleet, MotoServer, ZONE, random_account};
 use gru_aws::{AwsClients, AwsFleet, AwsFleetConfig, AwsLifecycle, LifecycleHook, LifecycleResult};
 use gru_cloud::{
     CapacityGroup, CloudError, InstanceId, InstanceLifecycle, Target, TargetGroup, TargetState,
 };
 use gru_core::MinionState;
-use rand::Rng;
 use scenario::{SCENARIO_TIMEOUT, is_step, is_transition_to, messages, pin_at, position, until};
 
 /// Bound on every test: moto's first EC2 call in an account takes ≈ 2 s.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
-/// Bound on moto's start.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-const REGION: &str = "us-east-1";
-const ZONE: &str = "us-east-1a";
-const ENGINE_PORT: u16 = 2575;
 
-const INSTALL_HINT: &str = "moto's server is needed for these tests: run ./scripts/test, which \
-     installs moto[server]==5.2.5 into ./.venv (or set GRU_TEST_PYTHON to a Python with it)";
-
-/// Starts moto_server's entry point on the port given as argv[1] and exits
-/// when stdin reaches its end (this test process has gone).
-///
-/// Before serving, it adds to moto 5.2.5's Auto Scaling backend the
-/// lifecycle hooks it stores but never runs, as AWS documents them:
-/// - with a launching hook, new instances wait in `Pending:Wait` (and count
-///   as capacity); CONTINUE puts one in service, ABANDON terminates it and
-///   the group launches a replacement;
-/// - with a terminating hook, TerminateInstanceInAutoScalingGroup lowers the
-///   desired capacity at once if asked and leaves the instance in
-///   `Terminating:Wait`; CONTINUE or ABANDON then terminates it;
-/// - CompleteLifecycleAction and RecordLifecycleActionHeartbeat (moto answers
-///   both with 500 NotImplemented) act on an instance waiting for that hook
-///   and answer ValidationError otherwise. Heartbeat timeouts do not run:
-///   nothing here waits for one.
-const LAUNCHER: &str = r#"
-import os, sys, threading
-port = sys.argv[1]
-def watch():
-    sys.stdin.read()
-    os._exit(0)
-threading.Thread(target=watch, daemon=True).start()
-
-import moto.autoscaling.models as models
-import moto.autoscaling.responses as responses
-from moto.autoscaling.exceptions import ValidationError
-from moto.core.responses import EmptyResult
-
-LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
-TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
-WAIT = {LAUNCHING: "Pending:Wait", TERMINATING: "Terminating:Wait"}
-
-def hooked(group, transition):
-    return any(h.auto_scaling_group_name == group.name and h.lifecycle_transition == transition
-               for h in group.autoscaling_backend.lifecycle_hooks.values())
-
-def active_instances(self):
-    return [s for s in self.instance_states if s.lifecycle_state in ("InService", "Pending:Wait")]
-models.FakeAutoScalingGroup.active_instances = active_instances
-
-launch = models.FakeAutoScalingGroup.replace_autoscaling_group_instances
-def replace_autoscaling_group_instances(self, count_needed, propagated_tags):
-    before = {id(s) for s in self.instance_states}
-    launch(self, count_needed, propagated_tags)
-    if hooked(self, LAUNCHING):
-        for s in self.instance_states:
-            if id(s) not in before:
-                s.lifecycle_state = "Pending:Wait"
-models.FakeAutoScalingGroup.replace_autoscaling_group_instances = replace_autoscaling_group_instances
-
-terminate = models.AutoScalingBackend.terminate_instance
-def terminate_instance(self, instance_id, should_decrement):
-    state = next((s for g in self.autoscaling_groups.values() for s in g.instance_states
-                  if s.instance.id == instance_id), None)
-    if state is None or not hooked(state.instance.autoscaling_group, TERMINATING):
-        return terminate(self, instance_id, should_decrement)
-    group = state.instance.autoscaling_group
-    original_size = group.desired_capacity
-    state.lifecycle_state = "Terminating:Wait"
-    if should_decrement:
-        group.desired_capacity = original_size - 1
-    group.set_desired_capacity(group.desired_capacity)
-    return models.TerminateInstanceActivity(state.instance, original_size)
-models.AutoScalingBackend.terminate_instance = terminate_instance
-
-def waiting(backend, group_name, hook_name, instance_id):
-    group = backend.autoscaling_groups.get(group_name)
-    hook = backend.lifecycle_hooks.get(f"{group_name}_{hook_name}")
-    if group is None or hook is None:
-        raise ValidationError(f"No Lifecycle Hook found with name {hook_name} in group {group_name}")
-    wait = WAIT.get(hook.lifecycle_transition)
-    for s in group.instance_states:
-        if s.instance.id == instance_id and s.lifecycle_state == wait:
-            return group, s
-    raise ValidationError(f"No active Lifecycle Action found with instance ID {instance_id}")
-
-def complete_lifecycle_action(self, group_name, hook_name, instance_id, result):
-    group, state = waiting(self, group_name, hook_name, instance_id)
-    if state.lifecycle_state == "Pending:Wait" and result == "CONTINUE":
-        state.lifecycle_state = "InService"
-        return
-    group.instance_states = [s for s in group.instance_states if s is not state]
-    self.ec2_backend.terminate_instances([instance_id])
-    group.set_desired_capacity(group.desired_capacity)
-models.AutoScalingBackend.complete_lifecycle_action = complete_lifecycle_action
-
-def record_lifecycle_action_heartbeat(self, group_name, hook_name, instance_id):
-    waiting(self, group_name, hook_name, instance_id)
-models.AutoScalingBackend.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
-
-def complete_lifecycle_action_response(self):
-    self.autoscaling_backend.complete_lifecycle_action(
-        self._get_param("AutoScalingGroupName"), self._get_param("LifecycleHookName"),
-        self._get_param("InstanceId"), self._get_param("LifecycleActionResult"))
-    return EmptyResult()
-responses.AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action_response
-
-def record_lifecycle_action_heartbeat_response(self):
-    self.autoscaling_backend.record_lifecycle_action_heartbeat(
-        self._get_param("AutoScalingGroupName"), self._get_param("LifecycleHookName"),
-        self._get_param("InstanceId"))
-    return EmptyResult()
-responses.AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat_response
-
-from moto.server import main
-main(["-H", "127.0.0.1", "-p", port])
-"#;
-
-struct Moto {
-    url: String,
-    /// Held so the launcher's stdin stays open while the tests run.
-    _stdin: Mutex<ChildStdin>,
-    _child: Mutex<Child>,
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("GRU_TEST_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// One GET over loopback; the status code, if the server answered.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(
-        &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        Duration::from_secs(1),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
-fn start_moto() -> Moto {
-    let python = python();
-    let port = free_port();
-    let mut child = Command::new(&python)
-        .arg("-c")
-        .arg(LAUNCHER)
-        .arg(port.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}. {INSTALL_HINT}", python.display()));
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            panic!("moto exited ({status}) before answering: {err}\n{INSTALL_HINT}");
-        }
-        if http_status(port, "/moto-api/") == Some(200) {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "moto did not answer on 127.0.0.1:{port} within {START_TIMEOUT:?}. {INSTALL_HINT}"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Its request log is of no use here; dropping the pipe would make moto
-    // fail on its next write, so drain it in the background.
-    if let Some(mut stderr) = child.stderr.take() {
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    }
-    let stdin = child.stdin.take().expect("piped stdin");
-    Moto {
-        url: format!("http://127.0.0.1:{port}"),
-        _stdin: Mutex::new(stdin),
-        _child: Mutex::new(child),
-    }
-}
-
-fn moto() -> &'static Moto {
-    static MOTO: OnceLock<Moto> = OnceLock::new();
-    MOTO.get_or_init(start_moto)
-}
-
-/// Puts every request in one moto account.
-#[derive(Debug)]
-struct MotoAccount(String);
-
-impl Intercept for MotoAccount {
-    fn name(&self) -> &'static str {
-        "MotoAccount"
-    }
-
-    fn modify_before_transmit(
-        &self,
-        context: &mut BeforeTransmitInterceptorContextMut<'_>,
-        _: &RuntimeComponents,
-        _: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        context
-            .request_mut()
-            .headers_mut()
-            .insert("x-moto-account-id", self.0.clone());
-        Ok(())
-    }
+/// The moto server of this test binary (module `gru_aws::testing`).
+fn moto() -> &'static MotoServer {
+    static MOTO: OnceLock<MotoServer> = OnceLock::new();
+    MOTO.get_or_init(MotoServer::start)
 }
 
 /// Loses the answers of the next `armed` TerminateInstanceInAutoScalingGroup
@@ -329,42 +94,10 @@ impl Intercept for LostAnswers {
     }
 }
 
-fn random_account() -> String {
-    let mut rng = rand::rng();
-    (0..12)
-        .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
-        .collect()
-}
-
 /// SDK clients for moto account `account` (static credentials, retries
 /// off), with `faults` on every call.
 fn clients_in(url: &str, account: &str, faults: LostAnswers) -> AwsClients {
-    let account = account.to_owned();
-    let credentials = Credentials::new("moto", "moto", None, None, "gru-aws tests");
-    let timeouts = TimeoutConfig::builder()
-        .operation_timeout(Duration::from_secs(30))
-        .build();
-    macro_rules! client {
-        ($sdk:ident) => {
-            $sdk::Client::from_conf(
-                $sdk::Config::builder()
-                    .behavior_version(BehaviorVersion::latest())
-                    .region(Region::new(REGION))
-                    .credentials_provider(credentials.clone())
-                    .endpoint_url(url)
-                    .retry_config(RetryConfig::disabled())
-                    .timeout_config(timeouts.clone())
-                    .interceptor(MotoAccount(account.clone()))
-                    .interceptor(faults.clone())
-                    .build(),
-            )
-        };
-    }
-    AwsClients {
-        autoscaling: client!(aws_sdk_autoscaling),
-        elb: client!(aws_sdk_elasticloadbalancingv2),
-        ec2: client!(aws_sdk_ec2),
-    }
+    testing::clients(url, account, faults)
 }
 
 /// A fleet in a fresh account: a VPC and subnet, a launch template with a
@@ -390,94 +123,10 @@ async fn fixture_with(
 ) -> Fixture {
     let account = random_account();
     let clients = clients_in(&moto().url, &account, LostAnswers::default());
-    let ec2 = &clients.ec2;
-    // The first image moto lists is Windows: pick Amazon Linux by name.
-    let images = ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("DescribeImages");
-    let ami = images
-        .images()
-        .iter()
-        .find(|i| i.platform().is_none() && i.name().is_some_and(|n| n.starts_with("amzn-ami-hvm")))
-        .and_then(|i| i.image_id())
-        .expect("moto lists an Amazon Linux HVM image")
-        .to_owned();
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .expect("CreateVpc")
-        .vpc()
-        .and_then(|v| v.vpc_id())
-        .expect("a VPC id")
-        .to_owned();
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(&vpc)
-        .cidr_block("10.0.1.0/24")
-        .availability_zone(ZONE)
-        .send()
-        .await
-        .expect("CreateSubnet")
-        .subnet()
-        .and_then(|s| s.subnet_id())
-        .expect("a subnet id")
-        .to_owned();
-    ec2.create_launch_template()
-        .launch_template_name("gru-minion")
-        .launch_template_data(
-            RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .network_interfaces(
-                    LaunchTemplateInstanceNetworkInterfaceSpecificationRequest::builder()
-                        .device_index(0)
-                        .subnet_id(&subnet)
-                        .build(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .expect("CreateLaunchTemplate");
-    let target_group_arn = clients
-        .elb
-        .create_target_group()
-        .name("gru-hl7")
-        .protocol(ProtocolEnum::Tcp)
-        .port(i32::from(ENGINE_PORT))
-        .vpc_id(&vpc)
-        .target_type(TargetTypeEnum::Instance)
-        .send()
-        .await
-        .expect("CreateTargetGroup")
-        .target_groups()
-        .first()
-        .and_then(|t| t.target_group_arn())
-        .expect("a target group ARN")
-        .to_owned();
-    let group = "gru-fleet".to_owned();
-    clients
-        .autoscaling
-        .create_auto_scaling_group()
-        .auto_scaling_group_name(&group)
-        .launch_template(
-            LaunchTemplateSpecification::builder()
-                .launch_template_name("gru-minion")
-                .version("$Latest")
-                .build(),
-        )
-        .min_size(min)
-        .max_size(max)
-        .desired_capacity(desired)
-        .vpc_zone_identifier(&subnet)
-        .send()
-        .await
-        .expect("CreateAutoScalingGroup");
+    let MotoFleet {
+        group,
+        target_group_arn,
+    } = testing::create_fleet(&clients, min, max, desired).await;
     let mut config = AwsFleetConfig::new(&group, &target_group_arn);
     config.endpoint_url = Some(moto().url.clone());
     tweak(&mut config);
@@ -1296,22 +945,7 @@ mod scenario {
 
         /// Instance ids registered in the fleet's target group, per moto.
         pub async fn registered_targets(&self) -> Vec<(String, i32)> {
-            let mut listed: Vec<(String, i32)> = self
-                .fx
-                .clients
-                .elb
-                .describe_target_health()
-                .target_group_arn(&self.fx.target_group_arn)
-                .send()
-                .await
-                .expect("DescribeTargetHealth")
-                .target_health_descriptions()
-                .iter()
-                .filter_map(|d| d.target())
-                .filter_map(|t| Some((t.id()?.to_owned(), t.port()?)))
-                .collect();
-            listed.sort();
-            listed
+            gru_aws::testing::registered_targets(&self.fx.clients, &self.fx.target_group_arn).await
         }
 
         /// The engine port a minion joined with.
