@@ -231,8 +231,8 @@ pub enum Finish {
     /// The terminating hook holds the instance: CompleteLifecycleAction
     /// CONTINUE. The group decided the termination; nothing is decremented.
     ContinueTermination,
-    /// Never joined while in service (AWS): SetInstanceHealth Unhealthy, so
-    /// the group replaces it.
+    /// Never joined while in service, or Lost (AWS): SetInstanceHealth
+    /// Unhealthy, so the group replaces it.
     MarkUnhealthy,
     /// Never joined while the launching hook holds it (AWS):
     /// CompleteLifecycleAction ABANDON, so the group replaces it.
@@ -862,7 +862,9 @@ impl Registry {
                         Finish::ContinueTermination
                     } else if never_joined && !decrement && held_at_launch {
                         Finish::AbandonLaunch
-                    } else if never_joined && !decrement {
+                    } else if (never_joined || m.state == MinionState::Lost) && !decrement {
+                        // Never joined, or went silent: report it unhealthy
+                        // and let the group replace it (DESIGN.md, Lost).
                         Finish::MarkUnhealthy
                     } else {
                         Finish::Terminate
@@ -1568,6 +1570,21 @@ mod tests {
         assert_eq!(
             finishes(&reg.plan("f", Duration::from_secs(60), t0)),
             [(Finish::ContinueTermination, false)]
+        );
+    }
+
+    #[test]
+    fn on_aws_a_lost_minion_is_reported_unhealthy_for_the_group_to_replace() {
+        let t0 = Instant::now();
+        let mut reg = aws_registry();
+        let g = group(&["a"], 1);
+        reg.sync("f", &g, LOST, JOIN, t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        reg.sync("f", &g, LOST, JOIN, t0 + LOST + Duration::from_secs(1));
+        assert_eq!(reg.minions[&id].state, MinionState::Lost);
+        assert_eq!(
+            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            [(Finish::MarkUnhealthy, false)]
         );
     }
 
