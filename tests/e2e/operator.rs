@@ -139,18 +139,25 @@ fn a_client_certificate_from_another_ca_is_refused_clearly() {
 fn bad_configs_name_the_file_and_key_and_exit_non_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("controller.toml");
-    std::fs::write(
-        &file,
-        "join_token_file = \"t\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
-         [[fleet]]\nname = \"prod\"\nprovider = \"local\"\nmin = 4\nmax = 2\n\
-         [fleet.local]\nlisten = \"127.0.0.1:0\"\nminion_config = \"m.toml\"\n",
-    )
-    .expect("write");
-    let out = Command::new(GRU)
-        .args(["controller", "--check-config", "--config"])
-        .arg(&file)
-        .output()
-        .expect("run");
+    // Writes `text` as the controller config and runs `gru controller ARGS --config FILE`.
+    let run = |text: &str, args: &[&str]| {
+        std::fs::write(&file, text).expect("write");
+        Command::new(GRU)
+            .arg("controller")
+            .args(args)
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .expect("run")
+    };
+    let fleet = "[[fleet]]\nname = \"prod\"\nprovider = \"local\"\nmin = 4\nmax = 2\n\
+                 [fleet.local]\nlisten = \"127.0.0.1:0\"\nminion_config = \"m.toml\"\n";
+    let tls = "[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n";
+
+    let out = run(
+        &format!("join_token_file = \"t\"\n{tls}{fleet}"),
+        &["--check-config"],
+    );
     assert_eq!(out.status.code(), Some(64));
     let err = stderr(&out);
     assert!(
@@ -161,28 +168,15 @@ fn bad_configs_name_the_file_and_key_and_exit_non_zero() {
         "{err}"
     );
 
-    std::fs::write(&file, "listen = 7070\n").expect("write");
-    let out = Command::new(GRU)
-        .args(["controller", "--config"])
-        .arg(&file)
-        .output()
-        .expect("run");
+    let out = run("listen = 7070\n", &[]);
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("listen"), "{}", stderr(&out));
 
     // Every problem at once, each with its key.
-    std::fs::write(
-        &file,
-        "listen = \"nowhere\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n\
-         [[fleet]]\nname = \"prod\"\nprovider = \"local\"\nmin = 4\nmax = 2\n\
-         [fleet.local]\nlisten = \"127.0.0.1:0\"\nminion_config = \"m.toml\"\n",
-    )
-    .expect("write");
-    let out = Command::new(GRU)
-        .args(["controller", "--check-config", "--config"])
-        .arg(&file)
-        .output()
-        .expect("run");
+    let out = run(
+        &format!("listen = \"nowhere\"\n{tls}{fleet}"),
+        &["--check-config"],
+    );
     assert_eq!(out.status.code(), Some(64));
     let err = stderr(&out);
     for key in ["listen", "join_token_file", "fleet[0].max"] {
