@@ -1,41 +1,22 @@
 //! The reference engine's durable queue, killed for real: every message it
 //! ACKed (after writing it to its log) reaches the sink after a restart.
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{GRU, Proc, Sink, drive, drive_summary, read_lines};
+use crate::harness::{Proc, Sink, bench_engine, drive, drive_summary, free_port, read_lines};
 
-/// Starts `gru bench engine` and returns it with the address it listens on.
 fn engine(downstream: &str, queue: &Path) -> (Proc, String, BufReader<std::process::ChildStdout>) {
-    let mut cmd = Command::new(GRU);
-    cmd.args([
-        "bench",
-        "engine",
-        "--listen",
-        "127.0.0.1:0",
+    let queue = queue.to_str().expect("utf-8 path");
+    bench_engine(&[
         "--ack",
         "after-enqueue",
         "--downstream",
         downstream,
+        "--queue-dir",
+        queue,
     ])
-    .arg("--queue-dir")
-    .arg(queue)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    let mut proc = Proc::spawn("gru bench engine", &mut cmd);
-    let mut out = BufReader::new(proc.child.stdout.take().expect("stdout"));
-    let mut first = String::new();
-    out.read_line(&mut first).expect("engine's first line");
-    let addr = first
-        .trim()
-        .strip_prefix("engine listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {first:?}"))
-        .to_owned();
-    (proc, addr, out)
 }
 
 #[test]
@@ -43,11 +24,7 @@ fn a_durable_engine_killed_mid_load_delivers_every_acked_message_after_restart()
     let dir = tempfile::tempdir().expect("tempdir");
     let queue = dir.path().join("queue");
     // The downstream is down at first: ACKed messages can only be in the log.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let downstream = format!("127.0.0.1:{port}");
     let (mut first, addr, _out) = engine(&downstream, &queue);
     let acked_file = dir.path().join("acked.txt");

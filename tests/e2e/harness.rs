@@ -317,6 +317,36 @@ pub fn read_lines(path: &Path) -> std::collections::HashSet<String> {
         .collect()
 }
 
+/// Starts `gru bench engine --listen 127.0.0.1:0` with `args` and returns it
+/// with the address it listens on and the rest of its output.
+pub fn bench_engine(args: &[&str]) -> (Proc, String, BufReader<std::process::ChildStdout>) {
+    let mut cmd = Command::new(GRU);
+    cmd.args(["bench", "engine", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut proc = Proc::spawn("gru bench engine", &mut cmd);
+    let mut out = BufReader::new(proc.child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("engine's first line");
+    let addr = first
+        .trim()
+        .strip_prefix("engine listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {first:?}"))
+        .to_owned();
+    (proc, addr, out)
+}
+
+/// A loopback port that nothing listened on a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// Starts `gru bench drive` against `target`, recording ACKed control ids.
 pub fn drive(target: SocketAddr, record: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(GRU);

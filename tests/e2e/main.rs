@@ -3,6 +3,7 @@
 //! HL7/MLLP traffic, all on loopback.
 
 mod aws;
+mod bench;
 mod deploy;
 mod durable;
 mod harness;

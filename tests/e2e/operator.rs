@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Dev, GRU, wait_until};
+use crate::harness::{Dev, GRU, free_port, wait_until};
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -66,11 +66,7 @@ fn drain_pause_resume_and_events() {
 fn unreachable_controller_gets_one_clear_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let client = dir.path().join("client.toml");
     std::fs::write(
         &client,

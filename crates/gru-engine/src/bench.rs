@@ -27,10 +27,15 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::hl7::{self, AckCode, Msh};
 use crate::mllp::{DEFAULT_MAX_FRAME_BYTES, MllpCodec};
-use crate::synth::Synth;
+use crate::synth::{MAX_MESSAGE_BYTES, Mix, Synth};
 
 /// How long the DRIVER waits for outstanding ACKs after it stops sending.
 pub const DRIVE_FINISH_WAIT: Duration = Duration::from_secs(5);
+/// Without ACKs, how long the DRIVER waits after it stops sending for the
+/// server to read everything and close. Streamed messages can fill socket
+/// buffers several megabytes deep, and closing before the server read them
+/// would reset the connection and lose them.
+pub const DRIVE_NO_ACK_FINISH_WAIT: Duration = Duration::from_secs(30);
 /// How long the DRIVER waits for one ACK before giving up on the connection
 /// and resending on a new one.
 pub const DRIVE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -250,6 +255,13 @@ async fn sink_connection(socket: TcpStream, config: Arc<SinkConfig>, stats: Sink
 /// DRIVER settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DriveConfig {
+    /// Wait for each message's ACK before sending the next (a real HL7
+    /// sender). `false` is the no-ACK workload: each connection streams
+    /// messages without waiting, reads and discards whatever comes back, and
+    /// does not resend after a reconnect, so delivery is judged at the SINK.
+    pub wait_for_ack: bool,
+    /// How often each message kind is drawn.
+    pub mix: Mix,
     /// Where to send (the engine or its load balancer).
     pub target: SocketAddr,
     /// Total messages per second over all connections; `None` = as fast as
@@ -265,6 +277,25 @@ pub struct DriveConfig {
     pub message_bytes: usize,
     /// Pause before reconnecting after the server closed a connection.
     pub reconnect_backoff: Duration,
+}
+
+impl Default for DriveConfig {
+    /// 4 connections at 100 msg/s for 10 s to 127.0.0.1:2575, 1 KiB messages
+    /// of every kind, waiting for ACKs: what `gru bench drive` does without
+    /// flags.
+    fn default() -> Self {
+        Self {
+            target: SocketAddr::from(([127, 0, 0, 1], 2575)),
+            rate: Some(100.0),
+            duration: Duration::from_secs(10),
+            connections: 4,
+            seed: 1,
+            message_bytes: DEFAULT_MESSAGE_BYTES,
+            reconnect_backoff: DEFAULT_RECONNECT_BACKOFF,
+            wait_for_ack: true,
+            mix: Mix::default(),
+        }
+    }
 }
 
 /// Live DRIVER counters for a progress line.
@@ -322,30 +353,50 @@ impl DriveHandle {
 /// What a DRIVER run achieved.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DriveSummary {
-    /// Distinct messages sent.
+    /// Whether each message waited for its ACK (`false`: the no-ACK workload).
+    pub wait_for_ack: bool,
+    /// Distinct messages sent (without ACKs: handed to the connection).
     pub sent: u64,
     /// Answered AA.
     pub acked: u64,
     /// Answered AE/AR.
     pub nacked: u64,
-    /// Failed connects, ACK timeouts, unreadable ACKs.
+    /// Failed connects, ACK timeouts, unreadable ACKs, broken connections.
     pub errors: u64,
     /// Reconnections after the server closed a connection.
     pub reconnects: u64,
     /// From start until the last outstanding ACK (or the finish wait ran out).
     pub elapsed_secs: f64,
+    /// `sent / elapsed_secs`.
+    pub sent_per_sec: f64,
     /// `acked / elapsed_secs`.
     pub acked_per_sec: f64,
-    /// Send to ACK, per attempt that got an answer.
+    /// Send to ACK, per attempt that got an answer; 0 without ACKs.
     pub latency_p50_ms: f64,
-    /// Send to ACK, 99th percentile.
+    /// Send to ACK, 99th percentile; 0 without ACKs.
     pub latency_p99_ms: f64,
-    /// Send to ACK, worst.
+    /// Send to ACK, worst; 0 without ACKs.
     pub latency_max_ms: f64,
     /// Every control id answered AA, for loss checks against the SINK. Not
     /// serialized: a long run has millions.
     #[serde(skip)]
     pub acked_control_ids: Vec<String>,
+    /// Without ACKs, every control id sent (with ACKs: empty). Not
+    /// serialized.
+    #[serde(skip)]
+    pub sent_control_ids: Vec<String>,
+}
+
+impl DriveSummary {
+    /// The control ids a SINK behind the target must hold once delivery is
+    /// complete: those ACKed, or, without ACKs, all those sent.
+    pub fn expected_at_sink(&self) -> &[String] {
+        if self.wait_for_ack {
+            &self.acked_control_ids
+        } else {
+            &self.sent_control_ids
+        }
+    }
 }
 
 /// Tells DRIVER connections when to stop.
@@ -361,10 +412,24 @@ struct DriveStop {
 struct ConnResult {
     latency: Histogram<u64>,
     acked_ids: Vec<String>,
+    /// Only without ACKs.
+    sent_ids: Vec<String>,
+}
+
+impl ConnResult {
+    fn new() -> Self {
+        ConnResult {
+            latency: new_histogram(),
+            acked_ids: Vec::new(),
+            sent_ids: Vec::new(),
+        }
+    }
 }
 
 /// Sends synthetic messages to `config.target` for `config.duration` (or
 /// until `shutdown`), then waits up to [`DRIVE_FINISH_WAIT`] for outstanding
+/// ACKs (without ACKs: up to [`DRIVE_NO_ACK_FINISH_WAIT`] for the server to
+/// read what was sent).
 /// ACKs.
 pub async fn run_drive(
     config: DriveConfig,
@@ -382,10 +447,12 @@ pub async fn run_drive(
     let mut set = JoinSet::new();
     for conn in 0..config.connections {
         let span = info_span!("drive_connection", conn, target = %config.target);
-        set.spawn(
-            drive_connection(conn, config.clone(), live.clone(), stop.clone(), started)
-                .instrument(span),
-        );
+        let (config, live, stop) = (config.clone(), live.clone(), stop.clone());
+        if config.wait_for_ack {
+            set.spawn(drive_connection(conn, config, live, stop, started).instrument(span));
+        } else {
+            set.spawn(drive_connection_no_ack(conn, config, live, stop, started).instrument(span));
+        }
     }
     let stopper = async {
         tokio::select! {
@@ -393,7 +460,12 @@ pub async fn run_drive(
             _ = sleep_until(end) => {}
         }
         stop.no_new.cancel();
-        sleep(DRIVE_FINISH_WAIT).await;
+        sleep(if config.wait_for_ack {
+            DRIVE_FINISH_WAIT
+        } else {
+            DRIVE_NO_ACK_FINISH_WAIT
+        })
+        .await;
         stop.hard.cancel();
         std::future::pending::<()>().await;
     };
@@ -414,29 +486,38 @@ pub async fn run_drive(
     let elapsed = started.elapsed().as_secs_f64();
     let mut latency = new_histogram();
     let mut acked_control_ids = Vec::new();
+    let mut sent_control_ids = Vec::new();
     for r in results {
         // Same bounds everywhere, so adding cannot fail.
         let _ = latency.add(&r.latency);
         acked_control_ids.extend(r.acked_ids);
+        sent_control_ids.extend(r.sent_ids);
     }
     let ms = |micros: u64| micros as f64 / 1000.0;
     let acked = live.acked();
+    let sent = live.sent();
+    let per_sec = |n: u64| {
+        if elapsed > 0.0 {
+            n as f64 / elapsed
+        } else {
+            0.0
+        }
+    };
     Ok(DriveSummary {
-        sent: live.sent(),
+        wait_for_ack: config.wait_for_ack,
+        sent,
+        sent_per_sec: per_sec(sent),
         acked,
         nacked: live.nacked(),
         errors: live.errors(),
         reconnects: live.reconnects(),
         elapsed_secs: elapsed,
-        acked_per_sec: if elapsed > 0.0 {
-            acked as f64 / elapsed
-        } else {
-            0.0
-        },
+        acked_per_sec: per_sec(acked),
         latency_p50_ms: ms(latency.value_at_quantile(0.5)),
         latency_p99_ms: ms(latency.value_at_quantile(0.99)),
         latency_max_ms: ms(latency.max()),
         acked_control_ids,
+        sent_control_ids,
     })
 }
 
@@ -450,12 +531,40 @@ fn validate_drive(config: &DriveConfig) -> Result<(), BenchError> {
     {
         return invalid("rate", "must be a positive number of messages per second");
     }
+    if config.message_bytes > MAX_MESSAGE_BYTES {
+        return invalid("message_bytes", "must be at most 1 MiB (1048576)");
+    }
     Ok(())
 }
 
 fn new_histogram() -> Histogram<u64> {
     // Constant, valid bounds.
     Histogram::new_with_bounds(1, LATENCY_MAX_MICROS, 3).expect("valid histogram bounds")
+}
+
+/// Connection `conn`'s own message generator: seeded apart from the others.
+fn conn_synth(conn: usize, config: &DriveConfig) -> Synth {
+    Synth::with_mix(
+        config.seed ^ (conn as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        config.message_bytes,
+        config.mix,
+    )
+}
+
+/// Connection `conn`'s share of the rate, if one is set.
+fn rate_ticker(
+    conn: usize,
+    config: &DriveConfig,
+    started: Instant,
+) -> Option<tokio::time::Interval> {
+    config.rate.map(|rate| {
+        let period = Duration::from_secs_f64(config.connections as f64 / rate);
+        // Stagger connections over one period so they do not send in bursts.
+        let offset = period.mul_f64(conn as f64 / config.connections as f64);
+        let mut t = tokio::time::interval_at(started + offset, period);
+        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        t
+    })
 }
 
 /// One sender connection: send, wait for the ACK, repeat; on close,
@@ -468,22 +577,9 @@ async fn drive_connection(
     started: Instant,
 ) -> ConnResult {
     let counters = &live.inner;
-    let mut synth = Synth::new(
-        config.seed ^ (conn as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        config.message_bytes,
-    );
-    let mut ticker = config.rate.map(|rate| {
-        let period = Duration::from_secs_f64(config.connections as f64 / rate);
-        // Stagger connections over one period so they do not send in bursts.
-        let offset = period.mul_f64(conn as f64 / config.connections as f64);
-        let mut t = tokio::time::interval_at(started + offset, period);
-        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        t
-    });
-    let mut result = ConnResult {
-        latency: new_histogram(),
-        acked_ids: Vec::new(),
-    };
+    let mut synth = conn_synth(conn, &config);
+    let mut ticker = rate_ticker(conn, &config, started);
+    let mut result = ConnResult::new();
     let mut framed: Option<Framed<TcpStream, MllpCodec>> = None;
     // The message sent but not yet answered: (control id, payload).
     let mut pending: Option<(String, Bytes)> = None;
@@ -598,5 +694,186 @@ async fn backoff(config: &DriveConfig, stop: &DriveStop) -> bool {
     tokio::select! {
         _ = stop.hard.cancelled() => true,
         _ = sleep(config.reconnect_backoff) => false,
+    }
+}
+
+/// How a no-ACK connection's writing ended.
+enum Written {
+    /// The run is over; everything was flushed.
+    Finished,
+    /// The connection broke or the server closed it.
+    Broken,
+}
+
+/// Open-loop writes are flushed after this many messages (and whenever the
+/// codec's buffer fills), so small messages share system calls.
+const NO_ACK_FLUSH_EVERY: u64 = 16;
+
+/// One no-ACK sender connection: streams messages without waiting, reads and
+/// discards whatever comes back (so a server that ACKs anyway never blocks
+/// on a full socket), and on a broken connection reconnects without
+/// resending: a message in flight then is lost, which the SINK shows.
+async fn drive_connection_no_ack(
+    conn: usize,
+    config: Arc<DriveConfig>,
+    live: DriveHandle,
+    stop: DriveStop,
+    started: Instant,
+) -> ConnResult {
+    let counters = &live.inner;
+    let mut synth = conn_synth(conn, &config);
+    let mut ticker = rate_ticker(conn, &config, started);
+    let mut result = ConnResult::new();
+    let mut seq = 0u64;
+    let mut had_connection = false;
+    while !stop.no_new.is_cancelled() {
+        if had_connection {
+            DriveHandle::add(&counters.reconnects);
+        }
+        let connected = tokio::select! {
+            _ = stop.hard.cancelled() => break,
+            r = timeout(DRIVE_ACK_TIMEOUT, TcpStream::connect(config.target)) => r,
+        };
+        let socket = match connected {
+            Ok(Ok(socket)) => socket,
+            Ok(Err(e)) => {
+                debug!(error = %e, "connect failed");
+                DriveHandle::add(&counters.errors);
+                if backoff(&config, &stop).await {
+                    break;
+                }
+                continue;
+            }
+            Err(_) => {
+                debug!("connect timed out");
+                DriveHandle::add(&counters.errors);
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        had_connection = true;
+        let (mut tx, mut rx) = Framed::new(socket, MllpCodec::new(DEFAULT_MAX_FRAME_BYTES)).split();
+        let closed = CancellationToken::new();
+        let read = async {
+            while let Some(Ok(_)) = rx.next().await {}
+            closed.cancel();
+        };
+        let write = async {
+            let mut written = 0u64;
+            let outcome = loop {
+                if let Some(t) = ticker.as_mut() {
+                    tokio::select! {
+                        _ = stop.no_new.cancelled() => break Written::Finished,
+                        _ = closed.cancelled() => break Written::Broken,
+                        _ = t.tick() => {}
+                    }
+                } else if stop.no_new.is_cancelled() {
+                    break Written::Finished;
+                }
+                seq += 1;
+                let id = format!("D{conn}-{seq}");
+                let msg = Bytes::from(synth.message(&id));
+                let fed = tokio::select! {
+                    r = tx.feed(msg) => r.is_ok(),
+                    _ = closed.cancelled() => false,
+                };
+                if !fed {
+                    break Written::Broken;
+                }
+                DriveHandle::add(&counters.sent);
+                result.sent_ids.push(id);
+                written += 1;
+                if (ticker.is_some() || written.is_multiple_of(NO_ACK_FLUSH_EVERY))
+                    && tx.flush().await.is_err()
+                {
+                    break Written::Broken;
+                }
+            };
+            if let Written::Finished = outcome
+                && (tx.flush().await.is_err() || tx.close().await.is_err())
+            {
+                return Written::Broken;
+            }
+            outcome
+        };
+        // After a clean finish, reading on until the server closes lets it
+        // take every byte before the socket goes away.
+        let outcome = tokio::select! {
+            _ = stop.hard.cancelled() => break,
+            (outcome, ()) = async { tokio::join!(write, read) } => outcome,
+        };
+        match outcome {
+            Written::Finished => break,
+            Written::Broken => {
+                debug!("connection broken while streaming");
+                DriveHandle::add(&counters.errors);
+                if backoff(&config, &stop).await {
+                    break;
+                }
+            }
+        }
+    }
+    result
+}
+
+/// What one SINK holds against what the DRIVER expected of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delivery {
+    /// Messages received, duplicates included.
+    pub received: u64,
+    /// Distinct control ids received.
+    pub unique: u64,
+    /// Expected control ids (ACKed, or sent without ACKs) never received.
+    pub missing: u64,
+    /// Received more than once (at-least-once resends after a reconnect or
+    /// an engine restart): allowed, and counted.
+    pub duplicates: u64,
+}
+
+/// How often [`await_delivery`] looks at the SINKs.
+const DELIVERY_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until every SINK holds every `expected` control id, or until no
+/// SINK received anything for `patience` (what is still missing then is
+/// lost, or stuck), and reports each SINK. An engine that ACKs once a
+/// message is queued may still be delivering when the DRIVER stops.
+pub async fn await_delivery(
+    sinks: &[SinkHandle],
+    expected: &[String],
+    patience: Duration,
+) -> Vec<Delivery> {
+    let mut last_total = u64::MAX;
+    let mut last_change = Instant::now();
+    loop {
+        let total: u64 = sinks.iter().map(SinkHandle::received).sum();
+        if total != last_total {
+            last_total = total;
+            last_change = Instant::now();
+        }
+        // Cheap test first: a SINK short of distinct ids is still waiting.
+        let maybe_complete = sinks
+            .iter()
+            .all(|s| s.unique_received() >= expected.len() as u64);
+        let report: Option<Vec<Delivery>> = (maybe_complete || last_change.elapsed() >= patience)
+            .then(|| sinks.iter().map(|s| delivery(s, expected)).collect());
+        match report {
+            Some(r) if r.iter().all(|d| d.missing == 0) => return r,
+            Some(r) if last_change.elapsed() >= patience => return r,
+            _ => sleep(DELIVERY_POLL).await,
+        }
+    }
+}
+
+fn delivery(sink: &SinkHandle, expected: &[String]) -> Delivery {
+    let ids = sink.ids();
+    let missing = expected.iter().filter(|id| !ids.contains(*id)).count() as u64;
+    let unique = ids.len() as u64;
+    drop(ids);
+    let received = sink.received();
+    Delivery {
+        received,
+        unique,
+        missing,
+        duplicates: received.saturating_sub(unique),
     }
 }

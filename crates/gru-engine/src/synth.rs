@@ -39,8 +39,13 @@ const FILLER_WORDS: &[&str] = &[
 /// than one enormous one.
 const MAX_PADDING_SEGMENT: usize = 200;
 
-/// The kinds of message produced, in rotation order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Largest size [`Synth`] is asked for: the benchmark's size knob goes up to
+/// 1 MiB (real engines see multi-megabyte ORUs with embedded documents, but
+/// the origin's benchmark stopped at 1 MB).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// The kinds of message produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MessageKind {
     /// Admit/visit notification.
     AdtA01,
@@ -50,11 +55,114 @@ pub enum MessageKind {
     OruR01,
 }
 
+impl MessageKind {
+    /// Every kind, in the order [`Mix`] weights are given.
+    pub const ALL: [MessageKind; 3] = [
+        MessageKind::AdtA01,
+        MessageKind::AdtA08,
+        MessageKind::OruR01,
+    ];
+
+    /// The name used on the command line: `adt-a01`, `adt-a08`, `oru-r01`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::AdtA01 => "adt-a01",
+            MessageKind::AdtA08 => "adt-a08",
+            MessageKind::OruR01 => "oru-r01",
+        }
+    }
+}
+
+/// How often each [`MessageKind`] is drawn: relative weights, e.g.
+/// `adt-a01=2,oru-r01=1` (kinds left out are never drawn). The default draws
+/// the three kinds equally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mix {
+    /// Weights in [`MessageKind::ALL`] order; at least one is above zero.
+    weights: [u32; 3],
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Mix { weights: [1, 1, 1] }
+    }
+}
+
+impl Mix {
+    /// The weight of `kind`.
+    pub fn weight(&self, kind: MessageKind) -> u32 {
+        self.weights[kind as usize]
+    }
+
+    fn total(&self) -> u32 {
+        self.weights.iter().sum()
+    }
+
+    /// The kind for a draw in `0..total()`.
+    fn pick(&self, mut draw: u32) -> MessageKind {
+        for kind in MessageKind::ALL {
+            let w = self.weight(kind);
+            if draw < w {
+                return kind;
+            }
+            draw -= w;
+        }
+        // Only reached for draws outside 0..total().
+        MessageKind::OruR01
+    }
+}
+
+impl std::fmt::Display for Mix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = MessageKind::ALL
+            .iter()
+            .filter(|k| self.weight(**k) > 0)
+            .map(|k| format!("{}={}", k.name(), self.weight(*k)))
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl std::str::FromStr for Mix {
+    type Err = String;
+
+    /// `adt-a01=2,oru-r01=1`; a kind without `=n` has weight 1.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut weights = [0u32; 3];
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, weight) = match part.split_once('=') {
+                Some((n, w)) => (n.trim(), w.trim()),
+                None => (part, "1"),
+            };
+            let kind = MessageKind::ALL
+                .into_iter()
+                .find(|k| k.name().eq_ignore_ascii_case(name))
+                .ok_or_else(|| {
+                    format!("unknown message kind {name:?}: expected adt-a01, adt-a08 or oru-r01")
+                })?;
+            let weight: u32 = weight.parse().map_err(|_| {
+                format!("weight of {name} must be a whole number like 2, got {weight:?}")
+            })?;
+            if weight > 1_000_000 {
+                return Err(format!("weight of {name} must be at most 1000000"));
+            }
+            weights[kind as usize] = weight;
+        }
+        if weights.iter().all(|w| *w == 0) {
+            return Err(
+                "give at least one kind with a weight above 0, like adt-a01=2,oru-r01=1".to_owned(),
+            );
+        }
+        Ok(Mix { weights })
+    }
+}
+
 /// A seeded generator of synthetic messages of roughly a given size.
 #[derive(Debug)]
 pub struct Synth {
     rng: StdRng,
     size_bytes: usize,
+    mix: Mix,
     count: u64,
 }
 
@@ -62,20 +170,23 @@ impl Synth {
     /// `size_bytes` is the approximate message size; messages are never
     /// smaller than their mandatory segments.
     pub fn new(seed: u64, size_bytes: usize) -> Self {
+        Self::with_mix(seed, size_bytes, Mix::default())
+    }
+
+    /// Like [`new`](Self::new), drawing kinds by `mix`.
+    pub fn with_mix(seed: u64, size_bytes: usize, mix: Mix) -> Self {
         Self {
             rng: StdRng::seed_from_u64(seed),
             size_bytes,
+            mix,
             count: 0,
         }
     }
 
-    /// The next message, with MSH-10 = `control_id`. Segments end with `\r`.
+    /// The next message, of a kind drawn by the mix, with MSH-10 =
+    /// `control_id`. Segments end with `\r`.
     pub fn message(&mut self, control_id: &str) -> Vec<u8> {
-        let kind = match self.rng.random_range(0..3) {
-            0 => MessageKind::AdtA01,
-            1 => MessageKind::AdtA08,
-            _ => MessageKind::OruR01,
-        };
+        let kind = self.mix.pick(self.rng.random_range(0..self.mix.total()));
         self.message_of(kind, control_id)
     }
 
@@ -229,8 +340,51 @@ mod tests {
     }
 
     #[test]
+    fn mix_draws_kinds_by_weight() {
+        let mix: Mix = "adt-a01=3, oru-r01".parse().expect("mix");
+        assert_eq!(mix.to_string(), "adt-a01=3,oru-r01=1");
+        let mut s = Synth::with_mix(5, 0, mix);
+        let mut counts = std::collections::HashMap::new();
+        for i in 0..4000 {
+            let msh = Msh::parse(&s.message(&format!("M{i}"))).expect("msh");
+            *counts.entry(msh.trigger_event).or_insert(0u32) += 1;
+        }
+        assert_eq!(counts.get("A08"), None, "left-out kinds are never drawn");
+        let (a01, r01) = (counts["A01"], counts["R01"]);
+        assert_eq!(a01 + r01, 4000);
+        // 3:1 expected; binomial sd at n=4000 is ~27, allow ~4 sd.
+        assert!((2890..=3110).contains(&a01), "A01 {a01} of 4000");
+    }
+
+    #[test]
+    fn bad_mixes_are_refused_with_the_reason() {
+        let err = |s: &str| s.parse::<Mix>().expect_err(s);
+        assert!(err("adt-a04=1").contains("unknown message kind \"adt-a04\""));
+        assert!(err("oru-r01=x").contains("whole number"));
+        assert!(err("adt-a01=0").contains("at least one kind"));
+        assert!(err("").contains("at least one kind"));
+        assert_eq!(
+            "ORU-R01".parse::<Mix>().expect("case-insensitive"),
+            "oru-r01=1".parse::<Mix>().expect("mix")
+        );
+    }
+
+    #[test]
+    fn default_mix_is_even() {
+        let mut s = Synth::new(11, 0);
+        let mut counts = std::collections::HashMap::new();
+        for i in 0..3000 {
+            let msh = Msh::parse(&s.message(&format!("M{i}"))).expect("msh");
+            *counts.entry(msh.trigger_event).or_insert(0u32) += 1;
+        }
+        for kind in ["A01", "A08", "R01"] {
+            assert!((880..=1120).contains(&counts[kind]), "{counts:?}");
+        }
+    }
+
+    #[test]
     fn size_is_approximate() {
-        for size in [1_000, 5_000, 64_000] {
+        for size in [1_000, 5_000, 64_000, MAX_MESSAGE_BYTES] {
             let mut s = Synth::new(3, size);
             for kind in [
                 MessageKind::AdtA01,

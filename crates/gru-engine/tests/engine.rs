@@ -10,12 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use gru_engine::bench::{
-    DriveConfig, DriveHandle, DriveSummary, SinkConfig, SinkHandle, SinkSummary, run_drive,
-    run_sink,
+    DriveConfig, DriveHandle, DriveSummary, SinkConfig, SinkHandle, SinkSummary, await_delivery,
+    run_drive, run_sink,
 };
 use gru_engine::hl7::{AckCode, Msh, parse_ack};
 use gru_engine::mllp::{DEFAULT_MAX_FRAME_BYTES, MllpCodec};
 use gru_engine::routes::{t2_routes, t4_routes};
+use gru_engine::synth::{MAX_MESSAGE_BYTES, Mix};
 use gru_engine::{AckMode, EngineConfig, EngineHandle, EngineStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -109,7 +110,7 @@ struct Drive {
 
 impl Drive {
     fn start(target: SocketAddr, connections: usize, duration: Duration) -> Drive {
-        let config = DriveConfig {
+        Self::start_with(DriveConfig {
             target,
             rate: None,
             duration,
@@ -117,7 +118,11 @@ impl Drive {
             seed: 42,
             message_bytes: 600,
             reconnect_backoff: Duration::from_millis(20),
-        };
+            ..DriveConfig::default()
+        })
+    }
+
+    fn start_with(config: DriveConfig) -> Drive {
         let live = DriveHandle::new();
         let stop = CancellationToken::new();
         let task = tokio::spawn(run_drive(
@@ -755,6 +760,167 @@ async fn no_ack_mode_answers_nothing_and_delivers_everything() {
         sink.stop().await;
     })
     .await;
+}
+
+/// T4 without ACKs, as `gru bench suite` runs it: the DRIVER streams
+/// without waiting, the engine answers nothing, and every message sent is
+/// at all five SINKs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_driver_streams_t4_and_every_sink_gets_every_message() {
+    within(async {
+        let mut sinks = Vec::new();
+        for _ in 0..5 {
+            sinks.push(Sink::start(Duration::ZERO).await);
+        }
+        let addrs: Vec<SocketAddr> = sinks.iter().map(|s| s.addr).collect();
+        let config = EngineConfig {
+            routes: t4_routes(addrs.clone().try_into().expect("five")),
+            ack_mode: AckMode::None,
+            ..engine_config(addrs[0])
+        };
+        let engine = gru_engine::start(config).await.expect("start engine");
+        let summary = Drive::start_with(DriveConfig {
+            target: engine.local_addr(),
+            rate: None,
+            duration: Duration::from_millis(700),
+            connections: 3,
+            wait_for_ack: false,
+            message_bytes: 600,
+            ..DriveConfig::default()
+        })
+        .finish()
+        .await;
+        assert!(summary.sent > 50, "{summary:?}");
+        assert_eq!((summary.acked, summary.errors), (0, 0), "{summary:?}");
+        assert_eq!(summary.expected_at_sink().len() as u64, summary.sent);
+        let handles: Vec<SinkHandle> = sinks.iter().map(|s| s.stats.clone()).collect();
+        let delivered =
+            await_delivery(&handles, summary.expected_at_sink(), Duration::from_secs(5)).await;
+        for d in &delivered {
+            assert_eq!((d.missing, d.unique), (0, summary.sent), "{d:?}");
+        }
+        stop_engine(&engine).await;
+        for sink in sinks {
+            sink.stop().await;
+        }
+    })
+    .await;
+}
+
+/// A no-ACK DRIVER against an engine that ACKs anyway reads and discards
+/// the ACKs (so neither side can stall on a full socket), and every message
+/// still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_driver_survives_an_engine_that_acks() {
+    within(async {
+        let sink = Sink::start(Duration::ZERO).await;
+        let engine = gru_engine::start(engine_config(sink.addr))
+            .await
+            .expect("start engine");
+        let summary = Drive::start_with(DriveConfig {
+            target: engine.local_addr(),
+            // This engine takes one message per connection at a time, so
+            // open loop would bury it in socket buffers: stay within its pace.
+            rate: Some(1000.0),
+            duration: Duration::from_millis(800),
+            connections: 2,
+            wait_for_ack: false,
+            message_bytes: 300,
+            ..DriveConfig::default()
+        })
+        .finish()
+        .await;
+        assert!(summary.sent > 400, "{summary:?}");
+        assert_eq!(summary.acked, 0, "ACKs are not awaited, so not counted");
+        let delivered = await_delivery(
+            std::slice::from_ref(&sink.stats),
+            summary.expected_at_sink(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(delivered[0].missing, 0, "{:?}", delivered[0]);
+        stop_engine(&engine).await;
+        sink.stop().await;
+    })
+    .await;
+}
+
+/// `await_delivery` reports what never arrived instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_check_counts_what_a_sink_never_got() {
+    within(async {
+        let sink = Sink::start(Duration::ZERO).await;
+        let mut client = client(sink.addr).await;
+        for id in ["HERE-1", "HERE-2", "HERE-2"] {
+            exchange(&mut client, adt(id)).await;
+        }
+        let expected: Vec<String> = ["HERE-1", "HERE-2", "GONE-1"].map(str::to_owned).to_vec();
+        let started = Instant::now();
+        let d = await_delivery(
+            std::slice::from_ref(&sink.stats),
+            &expected,
+            Duration::from_millis(300),
+        )
+        .await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            (d[0].received, d[0].unique, d[0].missing, d[0].duplicates),
+            (3, 2, 1, 1)
+        );
+        drop(client);
+        sink.stop().await;
+    })
+    .await;
+}
+
+/// The size knob's top end: 1 MiB messages of a chosen mix go through T1
+/// byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mebibyte_messages_pass_through_intact() {
+    within(async {
+        let sink = Sink::capturing().await;
+        let engine = gru_engine::start(engine_config(sink.addr))
+            .await
+            .expect("start engine");
+        let summary = Drive::start_with(DriveConfig {
+            target: engine.local_addr(),
+            rate: Some(20.0),
+            duration: Duration::from_millis(500),
+            connections: 2,
+            message_bytes: MAX_MESSAGE_BYTES,
+            mix: "oru-r01".parse::<Mix>().expect("mix"),
+            ..DriveConfig::default()
+        })
+        .finish()
+        .await;
+        assert!(summary.acked >= 2, "{summary:?}");
+        assert_eq!((summary.nacked, summary.errors), (0, 0), "{summary:?}");
+        assert_no_loss(&summary, &sink.stats);
+        for payload in sink.stats.captured() {
+            assert!(
+                (MAX_MESSAGE_BYTES..MAX_MESSAGE_BYTES + 256).contains(&payload.len()),
+                "{}",
+                payload.len()
+            );
+            let msh = Msh::parse(&payload).expect("msh");
+            assert_eq!(msh.message_code, "ORU");
+        }
+        stop_engine(&engine).await;
+        sink.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn drive_refuses_messages_over_one_mebibyte() {
+    let config = DriveConfig {
+        message_bytes: MAX_MESSAGE_BYTES + 1,
+        ..DriveConfig::default()
+    };
+    let err = run_drive(config, DriveHandle::new(), std::future::ready(()))
+        .await
+        .expect_err("too big");
+    assert!(err.to_string().contains("at most 1 MiB"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

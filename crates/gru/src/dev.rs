@@ -445,6 +445,7 @@ fn start_load(target: SocketAddr, rate: f64, connections: usize) {
         seed: 1,
         message_bytes: bench::DEFAULT_MESSAGE_BYTES,
         reconnect_backoff: bench::DEFAULT_RECONNECT_BACKOFF,
+        ..Default::default()
     };
     let live = bench::DriveHandle::new();
     tokio::spawn(async move {

@@ -1,5 +1,8 @@
-//! `gru bench sink` and `gru bench drive`: the origin's DRIVER and SINK over
-//! HL7/MLLP, with a live progress line and a summary (table or JSON).
+//! `gru bench sink`, `gru bench drive`, `gru bench engine` and `gru bench
+//! suite`: the origin's DRIVER, SINK and system under test over HL7/MLLP,
+//! with a live progress line and a summary (table or JSON).
+
+mod suite;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,8 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use gru_engine::bench::{self, DriveConfig, DriveHandle, SinkConfig, SinkHandle};
+use gru_engine::bench::{
+    self, Delivery, DriveConfig, DriveHandle, DriveSummary, SinkConfig, SinkHandle,
+};
+use gru_engine::synth::{MAX_MESSAGE_BYTES, Mix};
+use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -19,6 +27,11 @@ pub enum BenchCommand {
     /// Run the reference engine on its own (the system under test), for
     /// benchmarks: T1 pass-through, T2 or T4 with transforms.
     Engine(EngineArgs),
+    /// Run the origin's four workloads (T1, T2, T4, T4 without ACK), in
+    /// memory and durable, on this machine: DRIVER and SINKs in this
+    /// process, the engine in a child process. Prints a table; fails if any
+    /// SINK misses a message it should have.
+    Suite(suite::SuiteArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -101,13 +114,32 @@ pub struct DriveArgs {
     /// Concurrent sender connections (each sends one message, waits for its ACK).
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Approximate message size in bytes.
-    #[arg(long, default_value_t = bench::DEFAULT_MESSAGE_BYTES)]
+    /// Approximate message size in bytes, up to 1 MiB (1048576).
+    #[arg(long, default_value_t = bench::DEFAULT_MESSAGE_BYTES, value_parser = parse_size)]
     size: usize,
+    /// Message kinds and their weights, e.g. adt-a01=2,oru-r01=1 (kinds:
+    /// adt-a01, adt-a08, oru-r01; default: all three equally).
+    #[arg(long, default_value_t = Mix::default())]
+    mix: Mix,
     /// Seed for the synthetic messages.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// On exit, write every control id that was ACKed (AA), one per line.
+    /// Do not wait for ACKs: stream messages (the no-ACK workload; pair with
+    /// an engine that sends none). Delivery is then judged at the SINKs only.
+    #[arg(long)]
+    no_ack: bool,
+    /// Run a SINK in this process on this address (repeat for several), and
+    /// after sending, check that it received every message ACKed (or sent,
+    /// with --no-ack): exits non-zero when one is missing. Point the
+    /// engine's destinations here.
+    #[arg(long = "sink", value_name = "ADDR")]
+    sinks: Vec<SocketAddr>,
+    /// With --sink: how long to wait for messages still on their way once no
+    /// SINK received anything new.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// On exit, write every control id that was ACKed (AA), one per line
+    /// (with --no-ack: every one sent).
     #[arg(long)]
     record: Option<PathBuf>,
     /// Print the summary as JSON.
@@ -115,11 +147,25 @@ pub struct DriveArgs {
     json: bool,
 }
 
+/// A message size within what the synthetic generator makes.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("expected a number of bytes, got {s:?}"))?;
+    if n > MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "at most {MAX_MESSAGE_BYTES} bytes (1 MiB), got {n}"
+        ));
+    }
+    Ok(n)
+}
+
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Sink(a) => sink(a).await,
         BenchCommand::Drive(a) => drive(a).await,
         BenchCommand::Engine(a) => engine(a).await,
+        BenchCommand::Suite(a) => suite::run(a).await,
     }
 }
 
@@ -213,7 +259,81 @@ async fn sink(a: SinkArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sinks run by the DRIVER's own process, so it can check them.
+struct LocalSinks {
+    addrs: Vec<SocketAddr>,
+    handles: Vec<SinkHandle>,
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl LocalSinks {
+    async fn start(addrs: &[SocketAddr]) -> anyhow::Result<Self> {
+        let mut sinks = LocalSinks {
+            addrs: Vec::new(),
+            handles: Vec::new(),
+            stop: CancellationToken::new(),
+            tasks: tokio::task::JoinSet::new(),
+        };
+        for addr in addrs {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for a sink"))?;
+            sinks.addrs.push(listener.local_addr()?);
+            let handle = SinkHandle::new();
+            sinks.handles.push(handle.clone());
+            let stop = sinks.stop.clone().cancelled_owned();
+            sinks.tasks.spawn(async move {
+                if let Err(e) = bench::run_sink(listener, SinkConfig::default(), handle, stop).await
+                {
+                    tracing::error!(error = %e, "sink failed");
+                }
+            });
+        }
+        Ok(sinks)
+    }
+
+    fn received(&self) -> Vec<u64> {
+        self.handles.iter().map(SinkHandle::received).collect()
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// What one SINK got, for the summary.
+#[derive(Serialize)]
+struct SinkReport {
+    listen: SocketAddr,
+    #[serde(flatten)]
+    delivery: Delivery,
+}
+
+/// The driver's JSON summary: its own counters, and the SINKs' when it ran
+/// them.
+#[derive(Serialize)]
+struct DriveReport<'a> {
+    #[serde(flatten)]
+    drive: &'a DriveSummary,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sinks: Vec<SinkReport>,
+    /// Distinct control ids that were ACKed (sent, without ACKs) yet are
+    /// missing at a SINK, summed over the SINKs; absent without --sink.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lost: Option<u64>,
+    /// Messages per second received by the slowest SINK, from the start of
+    /// sending until delivery was complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    received_per_sec: Option<f64>,
+}
+
 async fn drive(a: DriveArgs) -> anyhow::Result<()> {
+    let sinks = LocalSinks::start(&a.sinks).await?;
+    for addr in &sinks.addrs {
+        eprintln!("sink listening on {addr}");
+    }
     let config = DriveConfig {
         target: a.target,
         rate: (a.rate > 0.0).then_some(a.rate),
@@ -222,48 +342,135 @@ async fn drive(a: DriveArgs) -> anyhow::Result<()> {
         seed: a.seed,
         message_bytes: a.size,
         reconnect_backoff: bench::DEFAULT_RECONNECT_BACKOFF,
+        wait_for_ack: !a.no_ack,
+        mix: a.mix,
     };
     let live = DriveHandle::new();
-    let run = bench::run_drive(config, live.clone(), interrupted());
-    tokio::pin!(run);
+    let started = Instant::now();
+    let summary = with_progress(
+        bench::run_drive(config, live.clone(), interrupted()),
+        |secs| {
+            let mut line = format!(
+                "drive {}: {secs:.0}s sent {} ({:.0} msg/s)",
+                a.target,
+                live.sent(),
+                live.sent() as f64 / secs
+            );
+            if !a.no_ack {
+                line += &format!(
+                    " acked {} ({:.0} msg/s) nacked {}",
+                    live.acked(),
+                    live.acked() as f64 / secs,
+                    live.nacked()
+                );
+            }
+            line += &format!(" reconnects {} errors {}", live.reconnects(), live.errors());
+            if !sinks.handles.is_empty() {
+                line += &format!(" at sinks {:?}", sinks.received());
+            }
+            line
+        },
+    )
+    .await?;
+    let (deliveries, settled) = if sinks.handles.is_empty() {
+        (Vec::new(), None)
+    } else {
+        let expected = summary.expected_at_sink();
+        let d = with_progress(
+            async { Ok(bench::await_delivery(&sinks.handles, expected, a.settle).await) },
+            |_| {
+                format!(
+                    "waiting for the sinks: {:?} of {} received",
+                    sinks.received(),
+                    expected.len()
+                )
+            },
+        )
+        .await?;
+        (d, Some(started.elapsed().as_secs_f64()))
+    };
+    let report = DriveReport {
+        drive: &summary,
+        lost: settled.map(|_| deliveries.iter().map(|d| d.missing).sum()),
+        received_per_sec: settled
+            .map(|secs| deliveries.iter().map(|d| d.unique).min().unwrap_or(0) as f64 / secs),
+        sinks: sinks
+            .addrs
+            .iter()
+            .zip(deliveries)
+            .map(|(listen, delivery)| SinkReport {
+                listen: *listen,
+                delivery,
+            })
+            .collect(),
+    };
+    sinks.shutdown().await;
+    if let Some(path) = &a.record {
+        write_lines(path, summary.expected_at_sink())?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_drive(&report);
+    }
+    match report.lost {
+        Some(lost) if lost > 0 => anyhow::bail!(
+            "{lost} message(s) {} never reached a sink",
+            if a.no_ack { "sent" } else { "ACKed" }
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn print_drive(r: &DriveReport<'_>) {
+    let s = r.drive;
+    println!(
+        "sent {} ({:.1} msg/s)  acked {}  nacked {}  errors {}  reconnects {}  over {:.1}s",
+        s.sent, s.sent_per_sec, s.acked, s.nacked, s.errors, s.reconnects, s.elapsed_secs
+    );
+    if s.wait_for_ack {
+        println!(
+            "{:.1} msg/s acked   latency p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            s.acked_per_sec, s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
+        );
+    } else {
+        println!("no ACKs awaited (--no-ack): delivery is judged at the sinks");
+    }
+    for sink in &r.sinks {
+        let d = &sink.delivery;
+        println!(
+            "sink {}: received {} ({} distinct, {} duplicates), missing {}",
+            sink.listen, d.received, d.unique, d.duplicates, d.missing
+        );
+    }
+    if let (Some(lost), Some(rate)) = (r.lost, r.received_per_sec) {
+        let verdict = if lost == 0 {
+            "every message reached every sink"
+        } else {
+            "MESSAGES LOST"
+        };
+        println!("{rate:.1} msg/s received at the slowest sink; lost {lost}: {verdict}");
+    }
+}
+
+/// Runs `work`, redrawing a progress line from `line(seconds so far)` every
+/// second until it finishes.
+async fn with_progress<T>(
+    work: impl std::future::Future<Output = Result<T, bench::BenchError>>,
+    line: impl Fn(f64) -> String,
+) -> anyhow::Result<T> {
+    tokio::pin!(work);
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
-    let summary = loop {
+    let out = loop {
         tokio::select! {
-            r = &mut run => break r?,
-            _ = tick.tick() => {
-                let secs = started.elapsed().as_secs_f64();
-                progress(&format!(
-                    "drive {}: {:.0}s sent {} acked {} ({:.0} msg/s) nacked {} reconnects {} errors {}",
-                    a.target, secs, live.sent(), live.acked(), live.acked() as f64 / secs,
-                    live.nacked(), live.reconnects(), live.errors()
-                ));
-            }
+            r = &mut work => break r?,
+            _ = tick.tick() => progress(&line(started.elapsed().as_secs_f64())),
         }
     };
     end_progress();
-    if let Some(path) = &a.record {
-        write_lines(path, &summary.acked_control_ids)?;
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        println!(
-            "sent {}  acked {}  nacked {}  errors {}  reconnects {}\n{:.1} msg/s acked over {:.1}s   latency p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-            summary.sent,
-            summary.acked,
-            summary.nacked,
-            summary.errors,
-            summary.reconnects,
-            summary.acked_per_sec,
-            summary.elapsed_secs,
-            summary.latency_p50_ms,
-            summary.latency_p99_ms,
-            summary.latency_max_ms
-        );
-    }
-    Ok(())
+    Ok(out)
 }
 
 async fn engine(a: EngineArgs) -> anyhow::Result<()> {
