@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gru_engine::routes::{AckMode, Route};
 use serde::Deserialize;
 
 pub const DEFAULT_SERVER_NAME: &str = "localhost";
@@ -67,15 +68,42 @@ pub struct AwsSection {
     pub warm_pool_poll: Duration,
 }
 
+/// `[engine]`: which engine this minion manages, and how.
 #[derive(Clone, Debug)]
-pub struct EngineSection {
+pub enum EngineSection {
+    /// `kind = "reference"` (the default): gru's own HL7/MLLP engine, run
+    /// in this process.
+    Reference(ReferenceSection),
+}
+
+impl EngineSection {
+    /// The address the load balancer should use, when known from the config.
+    pub fn advertise(&self) -> Option<SocketAddr> {
+        match self {
+            EngineSection::Reference(r) => r.advertise,
+        }
+    }
+}
+
+/// The reference engine's settings, passed on to `gru_engine::EngineConfig`.
+#[derive(Clone, Debug)]
+pub struct ReferenceSection {
     pub listen: SocketAddr,
     /// The address the load balancer should use, when not the bound one
     /// (e.g. listening on 0.0.0.0).
     pub advertise: Option<SocketAddr>,
-    pub downstream: SocketAddr,
+    /// Where messages go when there are no `routes` (plain pass-through).
+    /// `None` only when `routes` are given.
+    pub downstream: Option<SocketAddr>,
     pub max_connection_age: Duration,
     pub forwarders: usize,
+    /// When senders get their ACK.
+    pub ack_mode: AckMode,
+    /// The durable queue's directory; `None` = in memory only (a crash
+    /// loses what was queued).
+    pub queue_dir: Option<PathBuf>,
+    /// Where each message goes; empty = one route to `downstream`.
+    pub routes: Vec<Route>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +139,9 @@ struct RawEngine {
     #[serde(default, with = "humantime_serde")]
     max_connection_age: Option<Duration>,
     forwarders: Option<usize>,
+    ack_mode: Option<AckMode>,
+    queue_dir: Option<PathBuf>,
+    routes: Option<Vec<Route>>,
 }
 
 impl MinionConfig {
@@ -134,13 +165,6 @@ impl MinionConfig {
         };
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-        let addr = |key: &str, s: &str| -> Result<SocketAddr, ConfigError> {
-            s.parse().map_err(|_| ConfigError::Invalid {
-                file: file.to_owned(),
-                key: key.to_owned(),
-                expected: format!("an address like 127.0.0.1:2575, got {s:?}"),
-            })
-        };
 
         // Every independent problem is reported, not only the first: each
         // top-level key, the [engine] table and the [aws] table.
@@ -183,51 +207,11 @@ impl MinionConfig {
                 .ok_or_else(|| invalid("join_token_file", "the path of the join token")),
         )
         .map(resolve);
-        let engine = || -> Result<EngineSection, ConfigError> {
-            let e = raw
-                .engine
-                .ok_or_else(|| invalid("engine", "an [engine] table"))?;
-            match e.kind.as_deref() {
-                None | Some("reference") => {}
-                Some(other) => {
-                    return Err(invalid(
-                        "engine.kind",
-                        &format!("\"reference\", got {other:?}"),
-                    ));
-                }
-            }
-            let listen = addr(
-                "engine.listen",
-                e.listen.as_deref().unwrap_or(DEFAULT_ENGINE_LISTEN),
-            )?;
-            let advertise = e
-                .advertise
-                .as_deref()
-                .map(|a| addr("engine.advertise", a))
-                .transpose()?;
-            let downstream = addr(
-                "engine.downstream",
-                e.downstream
-                    .as_deref()
-                    .ok_or_else(|| invalid("engine.downstream", "where messages go on to"))?,
-            )?;
-            let forwarders = e
-                .forwarders
-                .unwrap_or(gru_engine::engine::DEFAULT_FORWARDERS);
-            if forwarders == 0 {
-                return Err(invalid("engine.forwarders", "at least 1"));
-            }
-            Ok(EngineSection {
-                listen,
-                advertise,
-                downstream,
-                max_connection_age: e
-                    .max_connection_age
-                    .unwrap_or(gru_engine::engine::DEFAULT_MAX_CONNECTION_AGE),
-                forwarders,
-            })
+        let ctx = Ctx { file, base };
+        let engine = match raw.engine {
+            None => keep(&mut errors, Err(invalid("engine", "an [engine] table"))),
+            Some(e) => engine_section(&ctx, e, &mut errors),
         };
-        let engine = keep(&mut errors, engine());
         let aws = || -> Result<Option<AwsSection>, ConfigError> {
             match raw.aws {
                 None => Ok(None),
@@ -300,6 +284,128 @@ fn keep<T>(errors: &mut Vec<ConfigError>, r: Result<T, ConfigError>) -> Option<T
     r.map_err(|e| errors.push(e)).ok()
 }
 
+/// What every check needs to word its error and resolve its paths.
+struct Ctx<'a> {
+    file: &'a Path,
+    /// The config file's directory.
+    base: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, key: &str, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            key: key.to_owned(),
+            expected: expected.into(),
+        }
+    }
+
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&self, key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+        s.parse()
+            .map_err(|_| self.invalid(key, format!("an address like 127.0.0.1:2575, got {s:?}")))
+    }
+}
+
+/// `[engine]`, with every problem in it kept in `errors`.
+fn engine_section(ctx: &Ctx, e: RawEngine, errors: &mut Vec<ConfigError>) -> Option<EngineSection> {
+    let before = errors.len();
+    let section = match e.kind.as_deref() {
+        None | Some("reference") => reference_section(ctx, e, errors).map(EngineSection::Reference),
+        Some(other) => {
+            errors.push(ctx.invalid("engine.kind", format!("\"reference\", got {other:?}")));
+            None
+        }
+    };
+    section.filter(|_| errors.len() == before)
+}
+
+fn reference_section(
+    ctx: &Ctx,
+    e: RawEngine,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ReferenceSection> {
+    let listen = keep(
+        errors,
+        ctx.addr(
+            "engine.listen",
+            e.listen.as_deref().unwrap_or(DEFAULT_ENGINE_LISTEN),
+        ),
+    );
+    let advertise = keep(
+        errors,
+        e.advertise
+            .as_deref()
+            .map(|a| ctx.addr("engine.advertise", a))
+            .transpose(),
+    );
+    let routes = e.routes.unwrap_or_default();
+    let downstream = keep(
+        errors,
+        match (e.downstream.as_deref(), routes.is_empty()) {
+            (Some(d), true) => ctx.addr("engine.downstream", d).map(Some),
+            (None, true) => Err(ctx.invalid(
+                "engine.downstream",
+                "where messages go on to (or [[engine.routes]])",
+            )),
+            (Some(_), false) => Err(ctx.invalid(
+                "engine.downstream",
+                "not used with [[engine.routes]]: list the address in a route's destinations",
+            )),
+            (None, false) => Ok(None),
+        },
+    );
+    let forwarders = e
+        .forwarders
+        .unwrap_or(gru_engine::engine::DEFAULT_FORWARDERS);
+    if forwarders == 0 {
+        errors.push(ctx.invalid("engine.forwarders", "at least 1"));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, route) in routes.iter().enumerate() {
+        let key = format!("engine.routes[{i}]");
+        if route.name.trim().is_empty() {
+            errors.push(ctx.invalid(&format!("{key}.name"), "a name for logs, like \"adt\""));
+        } else if !names.insert(route.name.as_str()) {
+            errors.push(ctx.invalid(
+                &format!("{key}.name"),
+                format!("a name no other route has, got {:?} again", route.name),
+            ));
+        }
+        if route.destinations.is_empty() {
+            errors.push(ctx.invalid(
+                &format!("{key}.destinations"),
+                "at least one address, like [\"10.0.0.5:2576\"]",
+            ));
+        }
+        if let Some(Err(err)) = route.transform.as_ref().map(|t| t.validate()) {
+            errors.push(ctx.invalid(
+                &format!("{key}.transform"),
+                format!("a valid transform: {}", gru_core::error_chain(&err)),
+            ));
+        }
+    }
+    Some(ReferenceSection {
+        listen: listen?,
+        advertise: advertise?,
+        downstream: downstream?,
+        max_connection_age: e
+            .max_connection_age
+            .unwrap_or(gru_engine::engine::DEFAULT_MAX_CONNECTION_AGE),
+        forwarders,
+        ack_mode: e.ack_mode.unwrap_or_default(),
+        queue_dir: e.queue_dir.map(|p| ctx.resolve(p)),
+        routes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,7 +426,10 @@ mod tests {
         let c = MinionConfig::parse(Path::new("/etc/gru/minion.toml"), GOOD).expect("valid");
         assert_eq!(c.ca_file, PathBuf::from("/etc/gru/ca.pem"));
         assert_eq!(c.join_token_file, PathBuf::from("/run/gru/token"));
-        assert_eq!(c.engine.max_connection_age, Duration::from_secs(2));
+        let max_connection_age = match &c.engine {
+            EngineSection::Reference(r) => r.max_connection_age,
+        };
+        assert_eq!(max_connection_age, Duration::from_secs(2));
         assert_eq!(c.server_name, DEFAULT_SERVER_NAME);
         assert!(c.aws.is_none(), "no instance metadata unless asked for");
     }
@@ -384,6 +493,120 @@ mod tests {
                 "{key} missing in {e}"
             );
         }
+    }
+
+    fn reference(c: MinionConfig) -> ReferenceSection {
+        match c.engine {
+            EngineSection::Reference(r) => r,
+        }
+    }
+
+    fn dests(n: u16) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from(([10, 0, 2, 10 + i as u8], 2576)))
+            .collect()
+    }
+
+    /// The shipped examples parse, and carry the benchmark's topologies.
+    #[test]
+    fn shipped_examples_parse() {
+        let file = Path::new("/etc/gru/minion.toml");
+        let plain = reference(
+            MinionConfig::parse(file, include_str!("../../../deploy/minion.example.toml"))
+                .expect("minion.example.toml"),
+        );
+        assert!(plain.routes.is_empty());
+        assert_eq!(plain.downstream, Some("127.0.0.1:2576".parse().unwrap()));
+        assert_eq!(plain.ack_mode, AckMode::AfterDelivery);
+
+        let t2 = reference(
+            MinionConfig::parse(file, include_str!("../../../deploy/minion.t2.example.toml"))
+                .expect("minion.t2.example.toml"),
+        );
+        let d = dests(5);
+        assert_eq!(t2.routes, gru_engine::routes::t2_routes([d[0], d[1]]));
+        assert_eq!(t2.downstream, None);
+        assert_eq!(t2.ack_mode, AckMode::AfterEnqueue);
+        assert_eq!(t2.queue_dir, Some(PathBuf::from("/var/lib/gru/queue")));
+
+        let t4 = reference(
+            MinionConfig::parse(file, include_str!("../../../deploy/minion.t4.example.toml"))
+                .expect("minion.t4.example.toml"),
+        );
+        assert_eq!(
+            t4.routes,
+            gru_engine::routes::t4_routes([d[0], d[1], d[2], d[3], d[4]])
+        );
+        assert_eq!(t4.ack_mode, AckMode::AfterEnqueue);
+    }
+
+    #[test]
+    fn reference_engine_settings() {
+        let text = GOOD.replace("downstream = \"127.0.0.1:2576\"", "")
+            + r#"ack_mode = "none"
+            queue_dir = "queue"
+            [[engine.routes]]
+            name = "adt"
+            destinations = ["127.0.0.1:2576"]
+            transform = [{ op = "set", path = "MSH-4", value = "GRU" }]
+            [[engine.routes]]
+            name = "copy"
+            destinations = ["127.0.0.1:2577", "127.0.0.1:2578"]"#;
+        let r = reference(MinionConfig::parse(Path::new("/etc/gru/m.toml"), &text).expect("valid"));
+        assert_eq!(r.ack_mode, AckMode::None);
+        assert_eq!(
+            r.queue_dir,
+            Some(PathBuf::from("/etc/gru/queue")),
+            "resolved against the config's directory"
+        );
+        assert_eq!(r.routes.len(), 2);
+        assert_eq!(r.routes[1].destinations.len(), 2);
+        assert_eq!(r.downstream, None);
+    }
+
+    #[test]
+    fn route_errors_name_the_key() {
+        let with_routes = |routes: &str| {
+            let text = GOOD.replace("downstream = \"127.0.0.1:2576\"", "") + routes;
+            MinionConfig::parse(Path::new("m.toml"), &text)
+                .expect_err(routes)
+                .to_string()
+        };
+        let e = with_routes(
+            r#"[[engine.routes]]
+            name = "adt"
+            destinations = []
+            transform = [{ op = "set", path = "MSH-2", value = "x" }]
+            [[engine.routes]]
+            name = "adt"
+            destinations = ["127.0.0.1:1"]"#,
+        );
+        assert_eq!(
+            e,
+            "3 problems:\n  \
+             m.toml: engine.routes[0].destinations: at least one address, like [\"10.0.0.5:2576\"]\n  \
+             m.toml: engine.routes[0].transform: a valid transform: step on MSH-2 would change the message separators\n  \
+             m.toml: engine.routes[1].name: a name no other route has, got \"adt\" again"
+        );
+        let e = with_routes(
+            r#"downstream = "127.0.0.1:2576"
+            [[engine.routes]]
+            name = "adt"
+            destinations = ["127.0.0.1:1"]"#,
+        );
+        assert_eq!(
+            e,
+            "m.toml: engine.downstream: not used with [[engine.routes]]: list the address in a route's destinations"
+        );
+        assert_eq!(
+            with_routes(""),
+            "m.toml: engine.downstream: where messages go on to (or [[engine.routes]])"
+        );
+        let e = with_routes("ack_mode = \"later\"");
+        assert!(
+            e.contains("m.toml") && e.contains("later") && e.contains("after-enqueue"),
+            "{e}"
+        );
     }
 
     #[test]

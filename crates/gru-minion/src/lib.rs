@@ -16,8 +16,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 pub use agent::{Agent, AgentError, Stopped};
-use config::EngineSection;
 pub use config::{ConfigError, MinionConfig};
+use config::{EngineSection, ReferenceSection};
 use engine::{Engine, ReferenceEngine};
 pub use gru_core::error_chain;
 use sd_notify::Notifier;
@@ -71,7 +71,9 @@ pub async fn run_service(
             ip = %id.private_ip,
             "instance identity from the instance metadata"
         );
-        config.engine.advertise = advertise(&config.engine, id.private_ip);
+        // The external engines' addresses are always configured.
+        let EngineSection::Reference(engine) = &mut config.engine;
+        engine.advertise = advertise(engine, id.private_ip);
     }
     let span = tracing::info_span!("minion", instance = %instance_id);
     tracing::Instrument::instrument(serve(config, instance_id, notifier, shutdown), span).await
@@ -83,11 +85,14 @@ async fn serve(
     notifier: &Notifier,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let engine = ReferenceEngine::start(&config.engine)
-        .await
-        .map_err(AgentError::Engine)?;
+    let engine: Arc<dyn Engine> = match &config.engine {
+        EngineSection::Reference(section) => Arc::new(
+            ReferenceEngine::start(section)
+                .await
+                .map_err(AgentError::Engine)?,
+        ),
+    };
     tracing::info!(engine = %engine.address(), "engine listening");
-    let engine: Arc<dyn Engine> = Arc::new(engine);
     let grace = config.stop_grace;
     let agent = Agent::new(config, instance_id, engine.clone())?;
     notifier.ready();
@@ -102,7 +107,7 @@ async fn serve(
 /// instance's private IP: the configured one if any, else the private IP
 /// when the engine listens on every interface (the bound 0.0.0.0 is no
 /// address to send work to) on a known port.
-fn advertise(engine: &EngineSection, private_ip: IpAddr) -> Option<SocketAddr> {
+fn advertise(engine: &ReferenceSection, private_ip: IpAddr) -> Option<SocketAddr> {
     engine.advertise.or_else(|| {
         (engine.listen.ip().is_unspecified() && engine.listen.port() != 0)
             .then(|| SocketAddr::new(private_ip, engine.listen.port()))
@@ -114,13 +119,16 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn engine(listen: &str, advertise: Option<&str>) -> EngineSection {
-        EngineSection {
+    fn engine(listen: &str, advertise: Option<&str>) -> ReferenceSection {
+        ReferenceSection {
             listen: listen.parse().unwrap(),
             advertise: advertise.map(|a| a.parse().unwrap()),
-            downstream: "127.0.0.1:2576".parse().unwrap(),
+            downstream: Some("127.0.0.1:2576".parse().unwrap()),
             max_connection_age: Duration::ZERO,
             forwarders: 1,
+            ack_mode: Default::default(),
+            queue_dir: None,
+            routes: Vec::new(),
         }
     }
 

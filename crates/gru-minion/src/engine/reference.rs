@@ -1,45 +1,14 @@
-//! The boundary between the agent and the engine it manages. The agent only
-//! needs these few things from an engine, so other engines can be adapted.
+//! gru's own HL7/MLLP engine, in this process: the minion config's
+//! `[engine]` settings go straight into `gru_engine::EngineConfig`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use gru_engine::routes::AckMode;
 
-use crate::config::EngineSection;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Health {
-    Starting,
-    Healthy,
-    Unhealthy,
-}
-
-/// What the agent reports about its engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EngineStatus {
-    pub queue_depth: u64,
-    pub in_flight: u64,
-    pub processed_total: u64,
-    pub failed_total: u64,
-    pub open_connections: u64,
-    pub health: Health,
-    pub draining: bool,
-    pub drained: bool,
-}
-
-#[async_trait]
-pub trait Engine: Send + Sync + 'static {
-    /// Where the load balancer sends work.
-    fn address(&self) -> SocketAddr;
-    fn status(&self) -> EngineStatus;
-    /// Stops intake at message boundaries and flushes the queue. Idempotent.
-    fn drain(&self);
-    /// Takes work again after a drain.
-    fn resume(&self);
-    /// Drains, waits up to `grace` for it to finish, and stops.
-    async fn shutdown(&self, grace: Duration);
-}
+use super::{Engine, EngineStatus, Health};
+use crate::config::ReferenceSection;
 
 /// gru's own HL7/MLLP pass-through engine, in this process.
 pub struct ReferenceEngine {
@@ -48,14 +17,29 @@ pub struct ReferenceEngine {
 }
 
 impl ReferenceEngine {
-    pub async fn start(section: &EngineSection) -> Result<Self, gru_engine::engine::EngineError> {
+    pub async fn start(
+        section: &ReferenceSection,
+    ) -> Result<Self, gru_engine::engine::EngineError> {
+        let defaults = gru_engine::engine::EngineConfig::default();
         let config = gru_engine::engine::EngineConfig {
             listen: section.listen,
-            downstream: section.downstream,
+            // Unused when routes are given (the config allows no downstream
+            // then).
+            downstream: section.downstream.unwrap_or(defaults.downstream),
             max_connection_age: section.max_connection_age,
             forwarders: section.forwarders,
-            ..Default::default()
+            ack_mode: section.ack_mode,
+            queue_dir: section.queue_dir.clone(),
+            routes: section.routes.clone(),
+            ..defaults
         };
+        if config.ack_mode == AckMode::AfterEnqueue && config.queue_dir.is_none() {
+            // Allowed (benchmarks), but it breaks the rule that every ACKed
+            // message reaches its destination; say so where operators look.
+            tracing::warn!(
+                "ack_mode = \"after-enqueue\" without queue_dir: messages already ACKed are lost if this process dies"
+            );
+        }
         let handle = gru_engine::engine::start(config).await?;
         Ok(ReferenceEngine {
             handle,

@@ -1,0 +1,44 @@
+//! The boundary between the agent and the engine it manages. The agent only
+//! needs these few things from an engine, so other engines can be adapted.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+mod reference;
+
+pub use reference::ReferenceEngine;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+/// What the agent reports about its engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineStatus {
+    pub queue_depth: u64,
+    pub in_flight: u64,
+    pub processed_total: u64,
+    pub failed_total: u64,
+    pub open_connections: u64,
+    pub health: Health,
+    pub draining: bool,
+    pub drained: bool,
+}
+
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Where the load balancer sends work.
+    fn address(&self) -> SocketAddr;
+    fn status(&self) -> EngineStatus;
+    /// Stops intake at message boundaries and flushes the queue. Idempotent.
+    fn drain(&self);
+    /// Takes work again after a drain.
+    fn resume(&self);
+    /// Drains, waits up to `grace` for it to finish, and stops.
+    async fn shutdown(&self, grace: Duration);
+}
