@@ -43,6 +43,8 @@ pub enum AgentError {
     Refused(tonic::Status),
     #[error("failed to start the engine")]
     Engine(#[source] gru_engine::engine::EngineError),
+    #[error("failed to start the http engine adapter")]
+    HttpEngine(#[source] Box<crate::engine::http::HttpError>),
     #[error("cannot read this instance's identity from the instance metadata service")]
     Identity(#[source] imds::ImdsError),
     #[error("no instance id: none was given and [aws] imds is off")]

@@ -5,8 +5,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use gru_engine::routes::{AckMode, Route};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{HeaderMap, Method, StatusCode, Uri};
 use serde::Deserialize;
+
+pub use crate::engine::http::JsonPointer;
 
 pub const DEFAULT_SERVER_NAME: &str = "localhost";
 pub const DEFAULT_ENGINE_LISTEN: &str = "0.0.0.0:2575";
@@ -16,6 +22,10 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_IMDS_ENDPOINT: &str = crate::imds::DEFAULT_ENDPOINT;
 /// `[aws] warm_pool_poll` when not given.
 pub const DEFAULT_WARM_POOL_POLL: Duration = crate::imds::DEFAULT_WARM_POLL;
+/// `engine.poll_interval` (http and exec adapters) when not given.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// `engine.timeout` (http and exec adapters) when not given.
+pub const DEFAULT_ADAPTER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -70,10 +80,18 @@ pub struct AwsSection {
 
 /// `[engine]`: which engine this minion manages, and how.
 #[derive(Clone, Debug)]
+// Built once per process: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum EngineSection {
     /// `kind = "reference"` (the default): gru's own HL7/MLLP engine, run
     /// in this process.
     Reference(ReferenceSection),
+    /// `kind = "http"`: an engine gru does not ship, watched and driven
+    /// over its HTTP API.
+    Http(AdapterSection<HttpSection>),
+    /// `kind = "exec"`: an engine gru does not ship, watched and driven by
+    /// running commands.
+    Exec(AdapterSection<ExecSection>),
 }
 
 impl EngineSection {
@@ -81,7 +99,120 @@ impl EngineSection {
     pub fn advertise(&self) -> Option<SocketAddr> {
         match self {
             EngineSection::Reference(r) => r.advertise,
+            EngineSection::Http(a) => Some(a.advertise),
+            EngineSection::Exec(a) => Some(a.advertise),
         }
+    }
+}
+
+/// What both adapters (`kind = "http"`, `kind = "exec"`) need besides their
+/// own table.
+#[derive(Clone, Debug)]
+pub struct AdapterSection<T> {
+    /// The engine's MLLP address, as the load balancer reaches it. Required:
+    /// the engine runs outside the agent, which cannot know where it listens.
+    pub advertise: SocketAddr,
+    /// How often queue depth and health are read.
+    pub poll_interval: Duration,
+    /// Limit on every outbound call (HTTP request or command).
+    pub timeout: Duration,
+    /// `[engine.http]` or `[engine.exec]`.
+    pub adapter: T,
+}
+
+/// `[engine.http]`: how to read and drive an engine over HTTP.
+#[derive(Clone, Debug)]
+pub struct HttpSection {
+    /// Basic auth user; its password is read from `password_file` when the
+    /// engine starts, so no secret sits in the config.
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The CA (PEM) to trust for https instead of the system's roots, e.g.
+    /// for an engine's self-signed certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Sent with every call (e.g. `X-Requested-With`, which Mirth requires).
+    pub headers: HeaderMap,
+    pub queue_depth: QueueDepthCall,
+    /// `None`: healthy whenever the queue depth reads.
+    pub health: Option<HealthCall>,
+    /// Made in order on drain: they stop intake.
+    pub drain: Vec<HttpCall>,
+    /// Made in order once drained (queue depth 0), e.g. stopping channels.
+    pub after_drained: Vec<HttpCall>,
+    /// Made in order on resume: they undo `drain` and `after_drained`.
+    pub resume: Vec<HttpCall>,
+}
+
+/// One HTTP request the adapter makes.
+#[derive(Clone, Debug)]
+pub struct HttpCall {
+    pub method: Method,
+    pub url: Uri,
+    /// Added to (and overriding) the adapter's headers.
+    pub headers: HeaderMap,
+    pub body: Option<String>,
+}
+
+/// `engine.http.queue_depth`: a GET and how to read a number from it.
+#[derive(Clone, Debug)]
+pub struct QueueDepthCall {
+    pub call: HttpCall,
+    pub read: DepthReader,
+}
+
+/// How the queue depth is read from an answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DepthReader {
+    /// A JSON document: the number (or numeric string) at a pointer, summed
+    /// over `*` segments.
+    Json(JsonPointer),
+    /// A Prometheus text page: the sum of every sample of `metric` whose
+    /// labels include `labels`.
+    Prometheus {
+        metric: String,
+        labels: BTreeMap<String, String>,
+    },
+}
+
+/// `engine.http.health`: a GET whose status says whether the engine is well.
+#[derive(Clone, Debug)]
+pub struct HealthCall {
+    pub call: HttpCall,
+    /// `None`: any 2xx.
+    pub expect_status: Option<StatusCode>,
+}
+
+/// `[engine.exec]`: commands (no shell) that read and drive the engine.
+#[derive(Clone, Debug)]
+pub struct ExecSection {
+    /// Prints the queue depth, a non-negative integer.
+    pub queue_depth: Argv,
+    /// Exit 0 = healthy; `None`: healthy whenever the queue depth reads.
+    pub health: Option<Argv>,
+    /// Stops intake.
+    pub drain: Argv,
+    /// Exit 0 = drained; `None`: drained once the queue depth reads 0.
+    pub drained: Option<Argv>,
+    /// Takes work again.
+    pub resume: Argv,
+}
+
+/// A command line, run without a shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Argv {
+    /// Resolved against the config's directory when relative with a `/`;
+    /// a bare name is looked up in `PATH`.
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl std::fmt::Display for Argv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.program.display())?;
+        for a in &self.args {
+            write!(f, " {a}")?;
+        }
+        Ok(())
     }
 }
 
@@ -142,6 +273,72 @@ struct RawEngine {
     ack_mode: Option<AckMode>,
     queue_dir: Option<PathBuf>,
     routes: Option<Vec<Route>>,
+    #[serde(default, with = "humantime_serde")]
+    poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    http: Option<RawHttp>,
+    exec: Option<RawExec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    /// Refused with a pointer to `password_file`.
+    password: Option<toml::Value>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    queue_depth: Option<RawDepth>,
+    health: Option<RawHealth>,
+    #[serde(default)]
+    drain: Vec<RawCall>,
+    #[serde(default)]
+    after_drained: Vec<RawCall>,
+    #[serde(default)]
+    resume: Vec<RawCall>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDepth {
+    url: String,
+    json_pointer: Option<String>,
+    prometheus_metric: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    url: String,
+    expect_status: Option<u16>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCall {
+    method: Option<String>,
+    url: String,
+    body: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExec {
+    queue_depth: Option<Vec<String>>,
+    health: Option<Vec<String>>,
+    drain: Option<Vec<String>>,
+    drained: Option<Vec<String>>,
+    resume: Option<Vec<String>>,
 }
 
 impl MinionConfig {
@@ -317,14 +514,383 @@ impl Ctx<'_> {
 /// `[engine]`, with every problem in it kept in `errors`.
 fn engine_section(ctx: &Ctx, e: RawEngine, errors: &mut Vec<ConfigError>) -> Option<EngineSection> {
     let before = errors.len();
-    let section = match e.kind.as_deref() {
-        None | Some("reference") => reference_section(ctx, e, errors).map(EngineSection::Reference),
-        Some(other) => {
-            errors.push(ctx.invalid("engine.kind", format!("\"reference\", got {other:?}")));
+    let kind = e.kind.clone();
+    let kind = kind.as_deref().unwrap_or("reference");
+    // Keys of the other kinds are refused, not ignored: a reference-engine
+    // key under `kind = "http"` is a mistake whichever one was meant.
+    let stray: &[(&str, bool, &str)] = &[
+        ("engine.listen", e.listen.is_some(), "reference"),
+        ("engine.downstream", e.downstream.is_some(), "reference"),
+        (
+            "engine.max_connection_age",
+            e.max_connection_age.is_some(),
+            "reference",
+        ),
+        ("engine.forwarders", e.forwarders.is_some(), "reference"),
+        ("engine.ack_mode", e.ack_mode.is_some(), "reference"),
+        ("engine.queue_dir", e.queue_dir.is_some(), "reference"),
+        ("engine.routes", e.routes.is_some(), "reference"),
+        (
+            "engine.poll_interval",
+            e.poll_interval.is_some(),
+            "http|exec",
+        ),
+        ("engine.timeout", e.timeout.is_some(), "http|exec"),
+        ("engine.http", e.http.is_some(), "http"),
+        ("engine.exec", e.exec.is_some(), "exec"),
+    ];
+    if ["reference", "http", "exec"].contains(&kind) {
+        for (key, set, kinds) in stray {
+            if *set && !kinds.split('|').any(|k| k == kind) {
+                let kinds: Vec<String> =
+                    kinds.split('|').map(|k| format!("kind = {k:?}")).collect();
+                errors.push(ctx.invalid(
+                    key,
+                    format!(
+                        "only read with {} (this is kind = {kind:?})",
+                        kinds.join(" or ")
+                    ),
+                ));
+            }
+        }
+    }
+    let mut e = e;
+    let (http, exec) = (e.http.take(), e.exec.take());
+    let section = match kind {
+        "reference" => reference_section(ctx, e, errors).map(EngineSection::Reference),
+        "http" => adapter_section(ctx, &e, errors, |errors| match http {
+            Some(h) => http_section(ctx, h, errors),
+            None => {
+                errors.push(ctx.invalid("engine.http", "an [engine.http] table (kind = \"http\")"));
+                None
+            }
+        })
+        .map(EngineSection::Http),
+        "exec" => adapter_section(ctx, &e, errors, |errors| match exec {
+            Some(x) => exec_section(ctx, x, errors),
+            None => {
+                errors.push(ctx.invalid("engine.exec", "an [engine.exec] table (kind = \"exec\")"));
+                None
+            }
+        })
+        .map(EngineSection::Exec),
+        other => {
+            errors.push(ctx.invalid(
+                "engine.kind",
+                format!("\"reference\", \"http\" or \"exec\", got {other:?}"),
+            ));
             None
         }
     };
     section.filter(|_| errors.len() == before)
+}
+
+/// The keys both adapters share, around their own table's `adapter`.
+fn adapter_section<T>(
+    ctx: &Ctx,
+    e: &RawEngine,
+    errors: &mut Vec<ConfigError>,
+    adapter: impl FnOnce(&mut Vec<ConfigError>) -> Option<T>,
+) -> Option<AdapterSection<T>> {
+    let advertise = keep(
+        errors,
+        match e.advertise.as_deref() {
+            Some(a) => ctx.addr("engine.advertise", a),
+            None => Err(ctx.invalid(
+                "engine.advertise",
+                "the engine's MLLP address for the load balancer, like \"10.0.1.23:6661\" (required for this kind)",
+            )),
+        },
+    );
+    let positive = |key: &str, d: Option<Duration>, default: Duration| {
+        let d = d.unwrap_or(default);
+        if d.is_zero() {
+            Err(ctx.invalid(key, "a duration above 0s, like \"1s\""))
+        } else {
+            Ok(d)
+        }
+    };
+    let poll_interval = keep(
+        errors,
+        positive(
+            "engine.poll_interval",
+            e.poll_interval,
+            DEFAULT_POLL_INTERVAL,
+        ),
+    );
+    let timeout = keep(
+        errors,
+        positive("engine.timeout", e.timeout, DEFAULT_ADAPTER_TIMEOUT),
+    );
+    let adapter = adapter(errors);
+    Some(AdapterSection {
+        advertise: advertise?,
+        poll_interval: poll_interval?,
+        timeout: timeout?,
+        adapter: adapter?,
+    })
+}
+
+fn http_section(ctx: &Ctx, h: RawHttp, errors: &mut Vec<ConfigError>) -> Option<HttpSection> {
+    let before = errors.len();
+    if h.password.is_some() {
+        errors.push(ctx.invalid(
+            "engine.http.password",
+            "no password in the config: put it in a file only gru can read and set password_file",
+        ));
+    }
+    match (&h.username, &h.password_file) {
+        (Some(_), None) => errors.push(ctx.invalid(
+            "engine.http.password_file",
+            "the file holding the password of engine.http.username",
+        )),
+        (None, Some(_)) => errors.push(ctx.invalid(
+            "engine.http.username",
+            "the user whose password is in engine.http.password_file",
+        )),
+        _ => {}
+    }
+    let headers = headers(ctx, "engine.http.headers", &h.headers, errors);
+    let queue_depth = match h.queue_depth {
+        None => {
+            errors.push(ctx.invalid(
+                "engine.http.queue_depth",
+                "{ url = \"...\", json_pointer = \"/...\" } or { url = \"...\", prometheus_metric = \"...\" }",
+            ));
+            None
+        }
+        Some(d) => {
+            let key = "engine.http.queue_depth";
+            let call = call(ctx, key, Method::GET, &d.url, None, &d.headers, errors);
+            let read = match (d.json_pointer, d.prometheus_metric, d.labels) {
+                (Some(_), Some(_), _) => {
+                    Err(ctx.invalid(key, "either json_pointer or prometheus_metric, not both"))
+                }
+                (None, None, _) => {
+                    Err(ctx.invalid(key, "json_pointer or prometheus_metric, to read the number"))
+                }
+                (Some(_), None, Some(_)) => {
+                    Err(ctx.invalid(&format!("{key}.labels"), "only read with prometheus_metric"))
+                }
+                (Some(p), None, None) => JsonPointer::parse(&p)
+                    .map(DepthReader::Json)
+                    .map_err(|why| ctx.invalid(&format!("{key}.json_pointer"), why)),
+                (None, Some(metric), labels) => {
+                    if valid_metric_name(&metric) {
+                        Ok(DepthReader::Prometheus {
+                            metric,
+                            labels: labels.unwrap_or_default(),
+                        })
+                    } else {
+                        Err(ctx.invalid(
+                            &format!("{key}.prometheus_metric"),
+                            format!("a metric name like \"iris_interop_queued\", got {metric:?}"),
+                        ))
+                    }
+                }
+            };
+            let read = keep(errors, read);
+            call.zip(read)
+                .map(|(call, read)| QueueDepthCall { call, read })
+        }
+    };
+    let health = h.health.and_then(|r| {
+        let key = "engine.http.health";
+        let call = call(ctx, key, Method::GET, &r.url, None, &r.headers, errors);
+        let expect_status = keep(
+            errors,
+            r.expect_status
+                .map(|s| {
+                    StatusCode::from_u16(s).map_err(|_| {
+                        ctx.invalid(
+                            &format!("{key}.expect_status"),
+                            format!("an HTTP status like 200, got {s}"),
+                        )
+                    })
+                })
+                .transpose(),
+        );
+        Some(HealthCall {
+            call: call?,
+            expect_status: expect_status?,
+        })
+    });
+    let mut calls = |name: &str, raw: Vec<RawCall>| -> Vec<HttpCall> {
+        raw.into_iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let key = format!("engine.http.{name}[{i}]");
+                let method = match c.method.as_deref() {
+                    None => Some(Method::POST),
+                    Some(m) => keep(
+                        errors,
+                        Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                            ctx.invalid(
+                                &format!("{key}.method"),
+                                format!("an HTTP method like \"POST\", got {m:?}"),
+                            )
+                        }),
+                    ),
+                };
+                let call = call(
+                    ctx,
+                    &key,
+                    method.clone().unwrap_or(Method::POST),
+                    &c.url,
+                    c.body,
+                    &c.headers,
+                    errors,
+                );
+                method.and(call)
+            })
+            .collect()
+    };
+    let drain = calls("drain", h.drain);
+    let after_drained = calls("after_drained", h.after_drained);
+    let resume = calls("resume", h.resume);
+    for (key, list) in [
+        ("engine.http.drain", &drain),
+        ("engine.http.resume", &resume),
+    ] {
+        if list.is_empty() && errors.len() == before {
+            errors.push(ctx.invalid(
+                key,
+                "at least one call, like [{ method = \"POST\", url = \"...\" }]: without one the engine keeps taking work while it drains",
+            ));
+        }
+    }
+    if errors.len() != before {
+        return None;
+    }
+    Some(HttpSection {
+        username: h.username,
+        password_file: h.password_file.map(|p| ctx.resolve(p)),
+        ca_file: h.ca_file.map(|p| ctx.resolve(p)),
+        headers: headers?,
+        queue_depth: queue_depth?,
+        health,
+        drain,
+        after_drained,
+        resume,
+    })
+}
+
+/// One call's URL and headers, checked; problems kept in `errors`.
+fn call(
+    ctx: &Ctx,
+    key: &str,
+    method: Method,
+    url: &str,
+    body: Option<String>,
+    raw_headers: &BTreeMap<String, String>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<HttpCall> {
+    let headers = headers(ctx, &format!("{key}.headers"), raw_headers, errors);
+    let url = keep(
+        errors,
+        url.parse::<Uri>()
+            .ok()
+            .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+            .ok_or_else(|| {
+                ctx.invalid(
+                    &format!("{key}.url"),
+                    format!("an http:// or https:// URL, got {url:?}"),
+                )
+            }),
+    );
+    Some(HttpCall {
+        method,
+        url: url?,
+        headers: headers?,
+        body,
+    })
+}
+
+fn headers(
+    ctx: &Ctx,
+    key: &str,
+    raw: &BTreeMap<String, String>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<HeaderMap> {
+    let mut map = HeaderMap::new();
+    let mut ok = true;
+    for (name, value) in raw {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                map.insert(n, v);
+            }
+            (Err(_), _) => {
+                ok = false;
+                errors.push(ctx.invalid(
+                    key,
+                    format!("header names like \"X-Requested-With\", got {name:?}"),
+                ));
+            }
+            (_, Err(_)) => {
+                ok = false;
+                errors.push(ctx.invalid(
+                    &format!("{key}.{name}"),
+                    "a header value of visible ASCII characters",
+                ));
+            }
+        }
+    }
+    ok.then_some(map)
+}
+
+/// Prometheus metric names: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+fn valid_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn exec_section(ctx: &Ctx, x: RawExec, errors: &mut Vec<ConfigError>) -> Option<ExecSection> {
+    const EXAMPLE: &str = "a command line, like [\"/opt/engine/bin/ctl\", \"pause\"]";
+    let mut argv = |name: &str, raw: Option<Vec<String>>, required: bool| -> Option<Option<Argv>> {
+        let key = format!("engine.exec.{name}");
+        let Some(raw) = raw else {
+            if required {
+                errors.push(ctx.invalid(&key, EXAMPLE));
+                return None;
+            }
+            return Some(None);
+        };
+        let mut parts = raw.into_iter();
+        let Some(program) = parts.next().filter(|p| !p.trim().is_empty()) else {
+            errors.push(ctx.invalid(&key, format!("{EXAMPLE}, starting with the program")));
+            return None;
+        };
+        let program = PathBuf::from(program);
+        // A bare name is looked up in PATH; a relative path is relative to
+        // the config file, like other paths.
+        let program = if program.components().count() > 1 {
+            ctx.resolve(program)
+        } else {
+            program
+        };
+        Some(Some(Argv {
+            program,
+            args: parts.collect(),
+        }))
+    };
+    let queue_depth = argv("queue_depth", x.queue_depth, true);
+    let health = argv("health", x.health, false);
+    let drain = argv("drain", x.drain, true);
+    let drained = argv("drained", x.drained, false);
+    let resume = argv("resume", x.resume, true);
+    Some(ExecSection {
+        queue_depth: queue_depth??,
+        health: health?,
+        drain: drain??,
+        drained: drained?,
+        resume: resume??,
+    })
 }
 
 fn reference_section(
@@ -426,9 +992,10 @@ mod tests {
         let c = MinionConfig::parse(Path::new("/etc/gru/minion.toml"), GOOD).expect("valid");
         assert_eq!(c.ca_file, PathBuf::from("/etc/gru/ca.pem"));
         assert_eq!(c.join_token_file, PathBuf::from("/run/gru/token"));
-        let max_connection_age = match &c.engine {
-            EngineSection::Reference(r) => r.max_connection_age,
+        let EngineSection::Reference(r) = &c.engine else {
+            panic!("the reference engine is the default")
         };
+        let max_connection_age = r.max_connection_age;
         assert_eq!(max_connection_age, Duration::from_secs(2));
         assert_eq!(c.server_name, DEFAULT_SERVER_NAME);
         assert!(c.aws.is_none(), "no instance metadata unless asked for");
@@ -498,6 +1065,7 @@ mod tests {
     fn reference(c: MinionConfig) -> ReferenceSection {
         match c.engine {
             EngineSection::Reference(r) => r,
+            other => panic!("not the reference engine: {other:?}"),
         }
     }
 
@@ -605,6 +1173,193 @@ mod tests {
         let e = with_routes("ack_mode = \"later\"");
         assert!(
             e.contains("m.toml") && e.contains("later") && e.contains("after-enqueue"),
+            "{e}"
+        );
+    }
+
+    const TOP: &str = r#"
+        controller = "https://127.0.0.1:7070"
+        ca_file = "ca.pem"
+        fleet = "local"
+        join_token_file = "/run/gru/token"
+    "#;
+
+    const HTTP: &str = r#"
+        [engine]
+        kind = "http"
+        advertise = "10.0.1.23:6661"
+        [engine.http]
+        username = "gru"
+        password_file = "secrets/mirth"
+        ca_file = "mirth-ca.pem"
+        headers = { "X-Requested-With" = "OpenAPI" }
+        queue_depth = { url = "https://127.0.0.1:8443/api/channels/statistics", json_pointer = "/list/channelStatistics/*/queued" }
+        health = { url = "https://127.0.0.1:8443/api/server/status", expect_status = 200 }
+        drain = [{ url = "https://127.0.0.1:8443/api/channels/a/_pause" }]
+        after_drained = [{ method = "post", url = "https://127.0.0.1:8443/api/channels/a/_stop", headers = { "X-Extra" = "1" } }]
+        resume = [{ url = "https://127.0.0.1:8443/api/channels/a/_start", body = "" }]
+    "#;
+
+    fn parse_engine(engine: &str) -> Result<MinionConfig, ConfigError> {
+        MinionConfig::parse(Path::new("/etc/gru/m.toml"), &format!("{TOP}{engine}"))
+    }
+
+    fn engine_err(engine: &str) -> String {
+        MinionConfig::parse(Path::new("m.toml"), &format!("{TOP}{engine}"))
+            .expect_err(engine)
+            .to_string()
+    }
+
+    #[test]
+    fn http_adapter_settings() {
+        let c = parse_engine(HTTP).expect("valid");
+        assert_eq!(
+            c.engine.advertise(),
+            Some("10.0.1.23:6661".parse().unwrap())
+        );
+        let EngineSection::Http(a) = c.engine else {
+            panic!("kind = http")
+        };
+        assert_eq!(a.poll_interval, DEFAULT_POLL_INTERVAL);
+        assert_eq!(a.timeout, DEFAULT_ADAPTER_TIMEOUT);
+        let h = a.adapter;
+        assert_eq!(
+            h.password_file,
+            Some(PathBuf::from("/etc/gru/secrets/mirth"))
+        );
+        assert_eq!(h.ca_file, Some(PathBuf::from("/etc/gru/mirth-ca.pem")));
+        assert_eq!(h.headers["x-requested-with"], "OpenAPI");
+        assert_eq!(
+            h.queue_depth.read,
+            DepthReader::Json(JsonPointer::parse("/list/channelStatistics/*/queued").unwrap())
+        );
+        assert_eq!(
+            h.health.expect("health").expect_status,
+            Some(StatusCode::OK)
+        );
+        assert_eq!(h.drain[0].method, Method::POST, "POST unless told");
+        assert_eq!(h.after_drained[0].method, Method::POST);
+        assert_eq!(h.after_drained[0].headers["x-extra"], "1");
+        assert_eq!(h.resume[0].body.as_deref(), Some(""));
+
+        let prom = HTTP.replace(
+            r#"json_pointer = "/list/channelStatistics/*/queued""#,
+            r#"prometheus_metric = "iris_interop_queued", labels = { production = "HIE" }"#,
+        );
+        let c = parse_engine(&format!("{prom}\n")).expect("valid");
+        let EngineSection::Http(a) = c.engine else {
+            panic!("kind = http")
+        };
+        assert_eq!(
+            a.adapter.queue_depth.read,
+            DepthReader::Prometheus {
+                metric: "iris_interop_queued".to_owned(),
+                labels: [("production".to_owned(), "HIE".to_owned())].into(),
+            }
+        );
+    }
+
+    #[test]
+    fn http_adapter_errors_name_the_key() {
+        assert_eq!(
+            engine_err(&HTTP.replace(
+                r#"json_pointer = "/list"#,
+                r#"prometheus_metric = "q", json_pointer = "/list"#
+            )),
+            "m.toml: engine.http.queue_depth: either json_pointer or prometheus_metric, not both"
+        );
+        assert_eq!(
+            engine_err(&HTTP.replace("username = \"gru\"", "password = \"hunter2\"")),
+            "2 problems:\n  \
+             m.toml: engine.http.password: no password in the config: put it in a file only gru can read and set password_file\n  \
+             m.toml: engine.http.username: the user whose password is in engine.http.password_file"
+        );
+        let e = engine_err(
+            &HTTP
+                .replace(
+                    "advertise = \"10.0.1.23:6661\"",
+                    "downstream = \"127.0.0.1:1\"",
+                )
+                .replace("https://127.0.0.1:8443/api/channels/a/_pause", "ftp://x/")
+                .replace("json_pointer = \"/list", "json_pointer = \"list"),
+        );
+        for expected in [
+            "m.toml: engine.downstream: only read with kind = \"reference\" (this is kind = \"http\")",
+            "m.toml: engine.advertise: the engine's MLLP address",
+            "m.toml: engine.http.drain[0].url: an http:// or https:// URL, got \"ftp://x/\"",
+            "m.toml: engine.http.queue_depth.json_pointer: a JSON pointer like",
+        ] {
+            assert!(e.contains(expected), "{expected:?} missing in {e}");
+        }
+        assert_eq!(
+            engine_err(
+                "[engine]\nkind = \"http\"\nadvertise = \"10.0.0.1:1\"\npoll_interval = \"0s\""
+            ),
+            "2 problems:\n  \
+             m.toml: engine.poll_interval: a duration above 0s, like \"1s\"\n  \
+             m.toml: engine.http: an [engine.http] table (kind = \"http\")"
+        );
+        assert_eq!(
+            engine_err("[engine]\nkind = \"mirth\"\n"),
+            "m.toml: engine.kind: \"reference\", \"http\" or \"exec\", got \"mirth\""
+        );
+        assert_eq!(
+            engine_err(&format!("{GOOD_ENGINE}poll_interval = \"1s\"\n")),
+            "m.toml: engine.poll_interval: only read with kind = \"http\" or kind = \"exec\" (this is kind = \"reference\")"
+        );
+    }
+
+    const GOOD_ENGINE: &str = "[engine]\ndownstream = \"127.0.0.1:2576\"\n";
+
+    #[test]
+    fn exec_adapter_settings_and_errors() {
+        let exec = r#"
+            [engine]
+            kind = "exec"
+            advertise = "10.0.1.23:6661"
+            poll_interval = "250ms"
+            timeout = "2s"
+            [engine.exec]
+            queue_depth = ["bin/depth", "--all"]
+            drain = ["enginectl", "pause"]
+            resume = ["/opt/engine/bin/ctl", "resume"]
+        "#;
+        let EngineSection::Exec(a) = parse_engine(exec).expect("valid").engine else {
+            panic!("kind = exec")
+        };
+        assert_eq!(a.poll_interval, Duration::from_millis(250));
+        assert_eq!(a.timeout, Duration::from_secs(2));
+        let x = a.adapter;
+        assert_eq!(
+            x.queue_depth,
+            Argv {
+                program: PathBuf::from("/etc/gru/bin/depth"),
+                args: vec!["--all".to_owned()],
+            },
+            "a relative path is relative to the config"
+        );
+        assert_eq!(
+            x.drain.program,
+            PathBuf::from("enginectl"),
+            "a bare name is looked up in PATH"
+        );
+        assert!(x.health.is_none() && x.drained.is_none());
+        assert_eq!(
+            engine_err(&exec.replace("drain = [\"enginectl\", \"pause\"]", "drain = []")),
+            "m.toml: engine.exec.drain: a command line, like [\"/opt/engine/bin/ctl\", \"pause\"], starting with the program"
+        );
+        assert_eq!(
+            engine_err(&exec.replace("queue_depth = [\"bin/depth\", \"--all\"]", "")),
+            "m.toml: engine.exec.queue_depth: a command line, like [\"/opt/engine/bin/ctl\", \"pause\"]"
+        );
+        let e = engine_err(&exec.replace(
+            "[engine.exec]",
+            "[engine.http]\nusername = \"x\"\n[engine.exec]",
+        ));
+        assert!(
+            e.contains(
+                "m.toml: engine.http: only read with kind = \"http\" (this is kind = \"exec\")"
+            ),
             "{e}"
         );
     }

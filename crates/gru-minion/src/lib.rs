@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub use agent::{Agent, AgentError, Stopped};
 pub use config::{ConfigError, MinionConfig};
 use config::{EngineSection, ReferenceSection};
-use engine::{Engine, ReferenceEngine};
+use engine::{Engine, ExecEngine, HttpEngine, ReferenceEngine};
 pub use gru_core::error_chain;
 use sd_notify::Notifier;
 
@@ -72,8 +72,10 @@ pub async fn run_service(
             "instance identity from the instance metadata"
         );
         // The external engines' addresses are always configured.
-        let EngineSection::Reference(engine) = &mut config.engine;
-        engine.advertise = advertise(engine, id.private_ip);
+        // The external engines' addresses are always configured.
+        if let EngineSection::Reference(engine) = &mut config.engine {
+            engine.advertise = advertise(engine, id.private_ip);
+        }
     }
     let span = tracing::info_span!("minion", instance = %instance_id);
     tracing::Instrument::instrument(serve(config, instance_id, notifier, shutdown), span).await
@@ -91,6 +93,10 @@ async fn serve(
                 .await
                 .map_err(AgentError::Engine)?,
         ),
+        EngineSection::Http(section) => {
+            Arc::new(HttpEngine::start(section).map_err(|e| AgentError::HttpEngine(Box::new(e)))?)
+        }
+        EngineSection::Exec(section) => Arc::new(ExecEngine::start(section)),
     };
     tracing::info!(engine = %engine.address(), "engine listening");
     let grace = config.stop_grace;

@@ -1,17 +1,25 @@
 //! The boundary between the agent and the engine it manages. The agent only
-//! needs these few things from an engine, so other engines can be adapted.
+//! needs these few things from an engine, so other engines can be adapted:
+//! [`ReferenceEngine`] runs gru's own engine in this process; [`HttpEngine`]
+//! and [`ExecEngine`] watch and drive an engine that runs on its own.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+mod adapter;
+pub mod exec;
+pub mod http;
 mod reference;
 
+pub use exec::ExecEngine;
+pub use http::HttpEngine;
 pub use reference::ReferenceEngine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
+    /// Not known yet: the engine has not answered since the agent started.
     Starting,
     Healthy,
     Unhealthy,
