@@ -208,6 +208,152 @@ impl std::str::FromStr for AckCode {
     }
 }
 
+/// An HL7 v2 version, read from MSH-12 and compared numerically, so that
+/// `2.3 < 2.3.1 < 2.4 < 2.5 < 2.5.1 < 2.8`.
+///
+/// The ACK's shape depends on it (see [`build_ack_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hl7Version {
+    major: u16,
+    minor: u16,
+    /// `1` in `2.3.1`; `0` when the version has two parts.
+    patch: u16,
+}
+
+impl Hl7Version {
+    /// The first version whose MSH-9 has a third component, the message
+    /// structure (`ACK` for an ACK).
+    pub const V2_3_1: Hl7Version = Hl7Version::new(2, 3, 1);
+    /// The version that deprecated MSA-3 (text message) in favour of ERR.
+    pub const V2_4: Hl7Version = Hl7Version::new(2, 4, 0);
+    /// What an ACK assumes when the inbound MSH-12 is missing or unreadable:
+    /// the version the engine's own tests and peers speak, and the one whose
+    /// ACK form is a superset of the others' (MSA-3 and ERR both filled).
+    pub const V2_5: Hl7Version = Hl7Version::new(2, 5, 0);
+    /// The version that withdrew MSA-3 from the standard.
+    pub const V2_7: Hl7Version = Hl7Version::new(2, 7, 0);
+
+    /// `major.minor.patch`.
+    pub const fn new(major: u16, minor: u16, patch: u16) -> Hl7Version {
+        Hl7Version {
+            major,
+            minor,
+            patch,
+        }
+    }
+
+    /// Reads the version ID out of an MSH-12 value: `2.5`, `2.3.1`, or the
+    /// composite form `2.5^DEU^...` (only the first component counts).
+    /// `None` unless that component is two or three dot-separated numbers.
+    pub fn parse(field: &str, component_separator: char) -> Option<Hl7Version> {
+        let id = field.split(component_separator).next()?.trim();
+        let mut parts = id.split('.').map(|p| {
+            if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+                p.parse::<u16>().ok()
+            } else {
+                None
+            }
+        });
+        let major = parts.next()??;
+        let minor = parts.next()??;
+        let patch = match parts.next() {
+            None => 0,
+            Some(p) => p?,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Hl7Version::new(major, minor, patch))
+    }
+}
+
+impl std::fmt::Display for Hl7Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.patch == 0 {
+            write!(f, "{}.{}", self.major, self.minor)
+        } else {
+            write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+        }
+    }
+}
+
+impl Msh {
+    /// The version in MSH-12, if it can be read (see [`Hl7Version::parse`]).
+    pub fn hl7_version(&self) -> Option<Hl7Version> {
+        Hl7Version::parse(&self.version, self.separator(0, b'^') as char)
+    }
+}
+
+/// The codes of HL7 table 0357 (message error condition) this crate sends in
+/// ERR-3 (all of them defined since v2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCondition {
+    /// 0: success; sent with a note on an accepting ACK.
+    MessageAccepted,
+    /// 100: segments out of order, or a required segment missing (for us: the
+    /// message does not start with MSH, or an ACK has no MSA).
+    SegmentSequenceError,
+    /// 101: a required field is empty (MSH-9, MSH-10, MSA-1).
+    RequiredFieldMissing,
+    /// 102: a field holds data of the wrong type (for us: unusable MSH-1/MSH-2).
+    DataTypeError,
+    /// 103: a coded value is not in its table (for us: MSA-1).
+    TableValueNotFound,
+    /// 207: the table's catch-all for errors no other code covers. The engine's
+    /// AEs (downstream delivery or queue write failed) are of this kind.
+    ApplicationInternalError,
+}
+
+impl ErrorCondition {
+    /// The code as written in ERR-3.1.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorCondition::MessageAccepted => "0",
+            ErrorCondition::SegmentSequenceError => "100",
+            ErrorCondition::RequiredFieldMissing => "101",
+            ErrorCondition::DataTypeError => "102",
+            ErrorCondition::TableValueNotFound => "103",
+            ErrorCondition::ApplicationInternalError => "207",
+        }
+    }
+
+    /// The table's display text, written in ERR-3.2.
+    pub fn text(self) -> &'static str {
+        match self {
+            ErrorCondition::MessageAccepted => "Message accepted",
+            ErrorCondition::SegmentSequenceError => "Segment sequence error",
+            ErrorCondition::RequiredFieldMissing => "Required field missing",
+            ErrorCondition::DataTypeError => "Data type error",
+            ErrorCondition::TableValueNotFound => "Table value not found",
+            ErrorCondition::ApplicationInternalError => "Application internal error",
+        }
+    }
+
+    /// The condition reported when the caller gives only an acknowledgment
+    /// code: 0 for an accept, else 207, the catch-all.
+    pub fn default_for(code: AckCode) -> ErrorCondition {
+        if code.is_accept() {
+            ErrorCondition::MessageAccepted
+        } else {
+            ErrorCondition::ApplicationInternalError
+        }
+    }
+}
+
+impl Hl7Error {
+    /// The table 0357 condition that describes this error to the sender.
+    pub fn condition(&self) -> ErrorCondition {
+        match self {
+            Hl7Error::NotMsh | Hl7Error::MissingSegment { .. } => {
+                ErrorCondition::SegmentSequenceError
+            }
+            Hl7Error::BadSeparators => ErrorCondition::DataTypeError,
+            Hl7Error::MissingField { .. } => ErrorCondition::RequiredFieldMissing,
+            Hl7Error::UnknownAckCode { .. } => ErrorCondition::TableValueNotFound,
+        }
+    }
+}
+
 /// Builds the ACK for `msh`, timestamped now (UTC).
 pub fn build_ack(msh: &Msh, code: AckCode, control_id: &str, text: Option<&str>) -> Vec<u8> {
     build_ack_at(
@@ -220,11 +366,25 @@ pub fn build_ack(msh: &Msh, code: AckCode, control_id: &str, text: Option<&str>)
 }
 
 /// Builds the ACK for `msh` with MSH-7 = `timestamp` (an HL7 DTM such as
-/// `20240131235959`).
+/// `20240131235959`), in the form of the inbound version (MSH-12).
 ///
-/// MSH-3/4 and MSH-5/6 are swapped, MSH-9 is `ACK^<trigger>^ACK`, MSH-10 is
-/// `control_id`, MSH-11/12 are copied, MSA-2 is the inbound MSH-10 and MSA-3
-/// (escaped) is `text` when given. Every segment ends with `\r`.
+/// Always: MSH-3/4 and MSH-5/6 are swapped, MSH-10 is `control_id`,
+/// MSH-11/12 are copied, MSA-2 is the inbound MSH-10, the inbound separators
+/// are used and every segment ends with `\r`.
+///
+/// By version (a missing or unreadable MSH-12 counts as 2.5):
+/// - MSH-9 is `ACK^<trigger>` before 2.3.1, which has no message structure
+///   component, and `ACK^<trigger>^ACK` from 2.3.1 on.
+/// - `text` (escaped) goes into MSA-3 before 2.7. MSA-3 is deprecated from
+///   2.4 but only withdrawn in 2.7, and receivers written for those versions
+///   still read it, so it is kept as long as the standard defines it.
+/// - From 2.4 on, `text` also goes into an ERR segment in the v2.5 form:
+///   ERR-3 = a table 0357 condition ([`ErrorCondition::default_for`] the
+///   code: 207 for errors and rejects), ERR-4 = severity `E` (`I` on an
+///   accept), ERR-8 = `text`. (v2.4's own ERR has only ERR-1; a v2.4 receiver
+///   ignores the later fields and reads MSA-3.)
+/// - Before 2.4 no ERR is written: ERR then has only ERR-1, whose error code
+///   in v2.3 refers to a locally defined table, and MSA-3 says it all.
 pub fn build_ack_at(
     msh: &Msh,
     code: AckCode,
@@ -232,10 +392,43 @@ pub fn build_ack_at(
     text: Option<&str>,
     timestamp: &str,
 ) -> Vec<u8> {
+    let detail = text.map(|t| (ErrorCondition::default_for(code), t));
+    write_ack(msh, code, control_id, detail, timestamp)
+}
+
+/// Builds the AR for a message whose MSH could not be read, timestamped now.
+/// Like [`build_ack`] with [`Msh::unreadable`], but ERR-3 names the
+/// condition of `err` (100, 101, 102 or 103) rather than the catch-all 207.
+pub fn build_reject(err: &Hl7Error, control_id: &str) -> Vec<u8> {
+    build_reject_at(err, control_id, &hl7_timestamp(SystemTime::now()))
+}
+
+/// [`build_reject`] with MSH-7 = `timestamp`.
+pub fn build_reject_at(err: &Hl7Error, control_id: &str, timestamp: &str) -> Vec<u8> {
+    let text = err.to_string();
+    write_ack(
+        &Msh::unreadable(),
+        AckCode::AR,
+        control_id,
+        Some((err.condition(), &text)),
+        timestamp,
+    )
+}
+
+fn write_ack(
+    msh: &Msh,
+    code: AckCode,
+    control_id: &str,
+    detail: Option<(ErrorCondition, &str)>,
+    timestamp: &str,
+) -> Vec<u8> {
+    let version = msh.hl7_version().unwrap_or(Hl7Version::V2_5);
     let fs = msh.field_separator as char;
     let cs = msh.separator(0, b'^') as char;
     let message_type = if msh.trigger_event.is_empty() {
         "ACK".to_owned()
+    } else if version < Hl7Version::V2_3_1 {
+        format!("ACK{cs}{}", msh.trigger_event)
     } else {
         format!("ACK{cs}{}{cs}ACK", msh.trigger_event)
     };
@@ -264,11 +457,39 @@ pub fn build_ack_at(
     out.push_str(code.as_str());
     out.push(fs);
     out.push_str(&msh.control_id);
-    if let Some(text) = text {
+    if let Some((_, text)) = detail
+        && version < Hl7Version::V2_7
+    {
         out.push(fs);
         out.push_str(&escape(msh, text));
     }
     out.push('\r');
+    if let Some((condition, text)) = detail
+        && version >= Hl7Version::V2_4
+    {
+        let severity = if code.is_accept() { "I" } else { "E" };
+        let hl7_error_code = format!(
+            "{}{cs}{}{cs}HL70357",
+            condition.code(),
+            escape(msh, condition.text())
+        );
+        let err_fields = [
+            "",                 // ERR-1 error code and location (pre-2.5 form)
+            "",                 // ERR-2 error location: not known here
+            &hl7_error_code,    // ERR-3
+            severity,           // ERR-4
+            "",                 // ERR-5 application error code
+            "",                 // ERR-6 application error parameter
+            "",                 // ERR-7 diagnostic information
+            &escape(msh, text), // ERR-8 user message
+        ];
+        out.push_str("ERR");
+        for f in err_fields {
+            out.push(fs);
+            out.push_str(f);
+        }
+        out.push('\r');
+    }
     out.into_bytes()
 }
 
@@ -428,7 +649,13 @@ mod tests {
         let msh = Msh::parse(ADT).expect("parse");
         let ack = build_ack_at(&msh, AckCode::AE, "X", Some("a|b^c\rd"), "t");
         let text = String::from_utf8(ack.clone()).expect("utf8");
-        assert!(text.ends_with("MSA|AE|MSG0001|a\\F\\b\\S\\c d\r"), "{text}");
+        assert!(
+            text.ends_with(
+                "MSA|AE|MSG0001|a\\F\\b\\S\\c d\r\
+                 ERR|||207^Application internal error^HL70357|E||||a\\F\\b\\S\\c d\r"
+            ),
+            "{text}"
+        );
         assert_eq!(parse_ack(&ack), Ok((AckCode::AE, "MSG0001".to_owned())));
     }
 
@@ -438,9 +665,162 @@ mod tests {
         let ack = build_ack_at(&msh, AckCode::AR, "9", None, "ts");
         assert_eq!(
             String::from_utf8(ack.clone()).expect("utf8"),
-            "MSH#$~\\&#C#D#A#B#ts##ACK$R01$ACK#9#T#2.3\rMSA#AR#42\r"
+            "MSH#$~\\&#C#D#A#B#ts##ACK$R01#9#T#2.3\rMSA#AR#42\r"
         );
         assert_eq!(parse_ack(&ack), Ok((AckCode::AR, "42".to_owned())));
+    }
+
+    /// An ADT^A01 from SENDAPP with MSH-12 = `version`.
+    fn adt(version: &str) -> Msh {
+        let msg = format!(
+            "MSH|^~\\&|SENDAPP|SENDFAC|RECVAPP|RECVFAC|20240101120000||ADT^A01|MSG7|P|{version}\rPID|1\r"
+        );
+        Msh::parse(msg.as_bytes()).expect("parse")
+    }
+
+    fn ack_text(msh: &Msh, code: AckCode, text: Option<&str>) -> String {
+        let ack = build_ack_at(msh, code, "ACK9", text, "20240102030405");
+        assert_eq!(
+            parse_ack(&ack),
+            Ok((code, "MSG7".to_owned())),
+            "parse_ack reads the ack for {}",
+            msh.version
+        );
+        String::from_utf8(ack).expect("utf8")
+    }
+
+    const ACK_MSH: &str = "MSH|^~\\&|RECVAPP|RECVFAC|SENDAPP|SENDFAC|20240102030405||";
+
+    #[test]
+    fn ack_v2_3_has_no_structure_and_text_in_msa_3() {
+        let msh = adt("2.3");
+        assert_eq!(
+            ack_text(&msh, AckCode::AA, None),
+            format!("{ACK_MSH}ACK^A01|ACK9|P|2.3\rMSA|AA|MSG7\r")
+        );
+        assert_eq!(
+            ack_text(&msh, AckCode::AE, Some("no route|x")),
+            format!("{ACK_MSH}ACK^A01|ACK9|P|2.3\rMSA|AE|MSG7|no route\\F\\x\r")
+        );
+    }
+
+    #[test]
+    fn ack_v2_3_1_has_structure_and_text_in_msa_3() {
+        let msh = adt("2.3.1");
+        assert_eq!(
+            ack_text(&msh, AckCode::AA, None),
+            format!("{ACK_MSH}ACK^A01^ACK|ACK9|P|2.3.1\rMSA|AA|MSG7\r")
+        );
+        assert_eq!(
+            ack_text(&msh, AckCode::AE, Some("no route")),
+            format!("{ACK_MSH}ACK^A01^ACK|ACK9|P|2.3.1\rMSA|AE|MSG7|no route\r")
+        );
+    }
+
+    #[test]
+    fn ack_v2_5_adds_err_segment() {
+        for version in ["2.5", "2.5.1"] {
+            let msh = adt(version);
+            assert_eq!(
+                ack_text(&msh, AckCode::AA, None),
+                format!("{ACK_MSH}ACK^A01^ACK|ACK9|P|{version}\rMSA|AA|MSG7\r")
+            );
+            assert_eq!(
+                ack_text(&msh, AckCode::AE, Some("no route^x")),
+                format!(
+                    "{ACK_MSH}ACK^A01^ACK|ACK9|P|{version}\rMSA|AE|MSG7|no route\\S\\x\r\
+                     ERR|||207^Application internal error^HL70357|E||||no route\\S\\x\r"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn ack_v2_8_drops_withdrawn_msa_3() {
+        let msh = adt("2.8");
+        assert_eq!(
+            ack_text(&msh, AckCode::AR, Some("bad")),
+            format!(
+                "{ACK_MSH}ACK^A01^ACK|ACK9|P|2.8\rMSA|AR|MSG7\r\
+                 ERR|||207^Application internal error^HL70357|E||||bad\r"
+            )
+        );
+    }
+
+    #[test]
+    fn ack_note_on_accept_has_information_severity() {
+        let msh = adt("2.5");
+        assert!(
+            ack_text(&msh, AckCode::AA, Some("late"))
+                .ends_with("MSA|AA|MSG7|late\rERR|||0^Message accepted^HL70357|I||||late\r")
+        );
+    }
+
+    #[test]
+    fn ack_with_unknown_version_takes_the_v2_5_form() {
+        for version in ["", "x", "2", "2.x", "2.5.1.9"] {
+            let msh = adt(version);
+            assert_eq!(msh.hl7_version(), None, "{version:?}");
+            assert_eq!(
+                ack_text(&msh, AckCode::AE, Some("t")),
+                format!(
+                    "{ACK_MSH}ACK^A01^ACK|ACK9|P|{version}\rMSA|AE|MSG7|t\r\
+                     ERR|||207^Application internal error^HL70357|E||||t\r"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn ack_reads_version_from_composite_msh_12() {
+        let msh = adt("2.3^DEU&&ISO3166");
+        assert_eq!(msh.hl7_version(), Some(Hl7Version::new(2, 3, 0)));
+        assert_eq!(
+            ack_text(&msh, AckCode::AA, None),
+            format!("{ACK_MSH}ACK^A01|ACK9|P|2.3^DEU&&ISO3166\rMSA|AA|MSG7\r")
+        );
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        let parse = |s: &str| Hl7Version::parse(s, '^').expect(s);
+        let ordered = ["2.1", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.8", "2.10"];
+        for pair in ordered.windows(2) {
+            assert!(parse(pair[0]) < parse(pair[1]), "{pair:?}");
+        }
+        assert_eq!(parse(" 2.5 "), Hl7Version::V2_5);
+        assert_eq!(parse("2.5^x").to_string(), "2.5");
+        assert_eq!(parse("2.3.1").to_string(), "2.3.1");
+        for bad in [
+            "", "2", "2.", ".5", "2.5.", "v2.5", "2.-1", "2.5.1.0", "99999.1",
+        ] {
+            assert_eq!(Hl7Version::parse(bad, '^'), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reject_names_the_parse_error_condition() {
+        let cases = [
+            (Hl7Error::NotMsh, "100^Segment sequence error"),
+            (Hl7Error::BadSeparators, "102^Data type error"),
+            (
+                Hl7Error::MissingField { field: "MSH-10" },
+                "101^Required field missing",
+            ),
+        ];
+        for (err, condition) in cases {
+            let ack = build_reject_at(&err, "R1", "ts");
+            assert_eq!(parse_ack(&ack), Ok((AckCode::AR, String::new())));
+            let text = String::from_utf8(ack).expect("utf8");
+            let reason = err.to_string();
+            assert_eq!(
+                text,
+                format!(
+                    "MSH|^~\\&|||||ts||ACK|R1|P|2.5\rMSA|AR||{reason}\r\
+                     ERR|||{condition}^HL70357|E||||{reason}\r"
+                )
+            );
+        }
     }
 
     #[test]
