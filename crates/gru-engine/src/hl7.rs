@@ -64,6 +64,14 @@ pub struct Msh {
     pub version: String,
 }
 
+/// Whether `b` may serve as a separator (MSH-1, or a character of MSH-2):
+/// printable ASCII that is not a letter or digit. A letter or digit would
+/// make field values ambiguous, and a byte above 0x7F is not one character
+/// once the ACK is written as UTF-8. Found by fuzzing (`fuzz/`, `hl7_ack`).
+fn is_separator(b: u8) -> bool {
+    b.is_ascii_graphic() && !b.is_ascii_alphanumeric()
+}
+
 /// The separators used when an inbound message is too broken to supply its own.
 const DEFAULT_ENCODING_CHARACTERS: &str = "^~\\&";
 
@@ -74,7 +82,7 @@ impl Msh {
             return Err(Hl7Error::NotMsh);
         }
         let fs = message[3];
-        if fs.is_ascii_alphanumeric() || fs == b'\r' || fs == b'\n' {
+        if !is_separator(fs) {
             return Err(Hl7Error::BadSeparators);
         }
         let end = message
@@ -88,11 +96,16 @@ impl Msh {
                 .map(|f| String::from_utf8_lossy(f).into_owned())
                 .unwrap_or_default()
         };
+        let encoding = fields.get(1).copied().unwrap_or_default();
+        let distinct_separators = encoding
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| is_separator(c) && !encoding[..i].contains(&c));
+        if encoding.is_empty() || !distinct_separators {
+            return Err(Hl7Error::BadSeparators);
+        }
         let encoding_characters = field(2);
-        let component = match encoding_characters.as_bytes().first() {
-            Some(&c) if c != fs && !c.is_ascii_alphanumeric() => c as char,
-            _ => return Err(Hl7Error::BadSeparators),
-        };
+        let component = encoding[0] as char;
         let message_type = field(9);
         let mut components = message_type.split(component);
         let message_code = components.next().unwrap_or_default().to_owned();
@@ -619,6 +632,20 @@ mod tests {
         assert_eq!(Msh::parse(b"PID|1|2|3|4|5"), Err(Hl7Error::NotMsh));
         assert_eq!(Msh::parse(b"MSH"), Err(Hl7Error::NotMsh));
         assert_eq!(Msh::parse(b"MSHA^~\\&A"), Err(Hl7Error::BadSeparators));
+        for bad in [
+            &b"MSH|^APP|A|B|C|D|ts||ADT^A01|1\r"[..], // letters as separators
+            b"MSH|^~^&|A|B|C|D|ts||ADT^A01|1\r",      // a separator twice
+            b"MSH|| ~\\&|A|B|C|D|ts||ADT^A01|1\r",    // empty MSH-2
+            b"MSH|^ \\&|A|B|C|D|ts||ADT^A01|1\r",     // a space
+            b"MSH\xa6^~\\&\xa6A\xa6B\xa6C\xa6D\xa6ts\xa6\xa6ADT^A01\xa61\r", // not ASCII
+        ] {
+            assert_eq!(
+                Msh::parse(bad),
+                Err(Hl7Error::BadSeparators),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert_eq!(
             Msh::parse(b"MSH|^~\\&|A|B|C|D|ts||ADT^A01|\r"),
             Err(Hl7Error::MissingField { field: "MSH-10" })
