@@ -238,12 +238,7 @@ async fn sink_connection(socket: TcpStream, config: Arc<SinkConfig>, stats: Sink
                 }
                 hl7::build_ack(&msh, AckCode::AA, &format!("SINK{ack_ids}"), None)
             }
-            Err(e) => hl7::build_ack(
-                &Msh::unreadable(),
-                AckCode::AR,
-                &format!("SINK{ack_ids}"),
-                Some(&e.to_string()),
-            ),
+            Err(e) => hl7::build_reject(&e, &format!("SINK{ack_ids}")),
         };
         if let Err(e) = framed.send(Bytes::from(ack)).await {
             debug!(error = %e, "sink failed to write ack");

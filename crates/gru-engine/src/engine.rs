@@ -704,14 +704,8 @@ async fn connection(
                 warn!(error = %e, bytes = payload.len(), "rejecting message without a readable msh");
                 // A no-ACK sender reads nothing: an AR would only fill its
                 // socket buffer until this connection blocks.
-                (shared.ack_mode != AckMode::None).then(|| {
-                    hl7::build_ack(
-                        &Msh::unreadable(),
-                        AckCode::AR,
-                        &shared.next_ack_id(),
-                        Some(&e.to_string()),
-                    )
-                })
+                (shared.ack_mode != AckMode::None)
+                    .then(|| hl7::build_reject(&e, &shared.next_ack_id()))
             }
             Ok(msh) => match accept(&shared, &msh, payload).await {
                 // The engine is stopping with the message undelivered:

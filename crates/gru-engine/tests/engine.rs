@@ -491,8 +491,14 @@ async fn ack_follows_design() {
 
         // A message without a readable MSH is refused, and the connection
         // stays usable.
-        let (_, code, _) = exchange(&mut c, Bytes::from_static(b"PID|1||garbage\r")).await;
-        assert_eq!(code, AckCode::AR);
+        c.send(Bytes::from_static(b"PID|1||garbage\r"))
+            .await
+            .expect("send");
+        let reply = c.next().await.expect("an answer").expect("read");
+        assert_eq!(parse_ack(&reply).expect("ack").0, AckCode::AR);
+        let reply = String::from_utf8_lossy(&reply);
+        // HL7 table 0357: 100 = segment sequence error (no MSH first).
+        assert!(reply.contains("\rERR|||100^"), "{reply:?}");
         let (_, code, acked) = exchange(&mut c, adt("CTRL-43")).await;
         assert_eq!((code, acked.as_str()), (AckCode::AA, "CTRL-43"));
         drop(c);
