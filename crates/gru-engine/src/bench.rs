@@ -602,35 +602,14 @@ async fn drive_connection(
         };
         let stream = match framed.as_mut() {
             Some(f) => f,
-            None => {
-                if had_connection {
-                    DriveHandle::add(&counters.reconnects);
+            None => match dial(&config, &stop, &live, had_connection).await {
+                Dial::Connected(socket) => {
+                    had_connection = true;
+                    framed.insert(Framed::new(socket, MllpCodec::new(DEFAULT_MAX_FRAME_BYTES)))
                 }
-                let connected = tokio::select! {
-                    _ = stop.hard.cancelled() => break,
-                    r = timeout(DRIVE_ACK_TIMEOUT, TcpStream::connect(config.target)) => r,
-                };
-                match connected {
-                    Ok(Ok(socket)) => {
-                        let _ = socket.set_nodelay(true);
-                        had_connection = true;
-                        framed.insert(Framed::new(socket, MllpCodec::new(DEFAULT_MAX_FRAME_BYTES)))
-                    }
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "connect failed");
-                        DriveHandle::add(&counters.errors);
-                        if backoff(&config, &stop).await {
-                            break;
-                        }
-                        continue;
-                    }
-                    Err(_) => {
-                        debug!("connect timed out");
-                        DriveHandle::add(&counters.errors);
-                        continue;
-                    }
-                }
-            }
+                Dial::Retry => continue,
+                Dial::Stop => break,
+            },
         };
         let sent_at = Instant::now();
         let exchange = async {
@@ -684,6 +663,46 @@ async fn drive_connection(
     result
 }
 
+/// One DRIVER connect attempt, counted as a reconnect after the first.
+enum Dial {
+    Connected(TcpStream),
+    /// It failed (counted as an error); try again.
+    Retry,
+    /// The run is over.
+    Stop,
+}
+
+async fn dial(config: &DriveConfig, stop: &DriveStop, live: &DriveHandle, reconnect: bool) -> Dial {
+    let counters = &live.inner;
+    if reconnect {
+        DriveHandle::add(&counters.reconnects);
+    }
+    let connected = tokio::select! {
+        _ = stop.hard.cancelled() => return Dial::Stop,
+        r = timeout(DRIVE_ACK_TIMEOUT, TcpStream::connect(config.target)) => r,
+    };
+    match connected {
+        Ok(Ok(socket)) => {
+            let _ = socket.set_nodelay(true);
+            Dial::Connected(socket)
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "connect failed");
+            DriveHandle::add(&counters.errors);
+            if backoff(config, stop).await {
+                Dial::Stop
+            } else {
+                Dial::Retry
+            }
+        }
+        Err(_) => {
+            debug!("connect timed out");
+            DriveHandle::add(&counters.errors);
+            Dial::Retry
+        }
+    }
+}
+
 /// Waits out the reconnect backoff; true if the run is over meanwhile.
 async fn backoff(config: &DriveConfig, stop: &DriveStop) -> bool {
     tokio::select! {
@@ -722,30 +741,11 @@ async fn drive_connection_no_ack(
     let mut seq = 0u64;
     let mut had_connection = false;
     while !stop.no_new.is_cancelled() {
-        if had_connection {
-            DriveHandle::add(&counters.reconnects);
-        }
-        let connected = tokio::select! {
-            _ = stop.hard.cancelled() => break,
-            r = timeout(DRIVE_ACK_TIMEOUT, TcpStream::connect(config.target)) => r,
+        let socket = match dial(&config, &stop, &live, had_connection).await {
+            Dial::Connected(socket) => socket,
+            Dial::Retry => continue,
+            Dial::Stop => break,
         };
-        let socket = match connected {
-            Ok(Ok(socket)) => socket,
-            Ok(Err(e)) => {
-                debug!(error = %e, "connect failed");
-                DriveHandle::add(&counters.errors);
-                if backoff(&config, &stop).await {
-                    break;
-                }
-                continue;
-            }
-            Err(_) => {
-                debug!("connect timed out");
-                DriveHandle::add(&counters.errors);
-                continue;
-            }
-        };
-        let _ = socket.set_nodelay(true);
         had_connection = true;
         let (mut tx, mut rx) = Framed::new(socket, MllpCodec::new(DEFAULT_MAX_FRAME_BYTES)).split();
         let closed = CancellationToken::new();
