@@ -453,9 +453,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn record_checksum_stays_crc32_ieee() {
-        // The on-disk format: logs written before an upgrade must replay.
-        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+    fn records_keep_their_on_disk_form() {
+        // Logs written before an upgrade must replay. The expected bytes are
+        // len, CRC-32 (IEEE, from Python's zlib.crc32 of the body), body.
+        let golden: &[u8] =
+            b"\x14\x00\x00\x00\x5d\xd8\x86\x01\x01\x07\x00\x00\x00\x00\x00\x00\x00MSH|^~\\&|A\r";
+        let mut out = Vec::new();
+        let n = write_record(&mut out, APPEND, 7, b"MSH|^~\\&|A\r").expect("write");
+        assert_eq!(out, golden);
+        assert_eq!(n, golden.len() as u64);
+        let read: Vec<_> = Records::new(golden).collect();
+        assert_eq!(read, vec![(APPEND, 7, &b"MSH|^~\\&|A\r"[..])]);
+        // One flipped bit and the record is a torn tail, not a message.
+        let mut bad = golden.to_vec();
+        bad[20] ^= 1;
+        assert_eq!(Records::new(&bad).count(), 0);
     }
 
     #[tokio::test]
