@@ -519,13 +519,20 @@ impl CapacityGroup for AwsFleet {
                 Ok(())
             }
             Err(e) => {
-                if decrement && error::certainly_not_applied(&e) {
+                let err = error::provider("TerminateInstanceInAutoScalingGroup", &e);
+                if !error::certainly_not_applied(&e) {
+                    return Err(err);
+                }
+                if decrement {
                     self.decremented
                         .lock()
                         .expect("decrement guard poisoned")
                         .remove(id);
                 }
-                Err(error::provider("TerminateInstanceInAutoScalingGroup", &e))
+                Err(match err {
+                    CloudError::Provider { call, message } => CloudError::Refused { call, message },
+                    other => other,
+                })
             }
         }
     }

@@ -78,6 +78,25 @@ pub enum CloudError {
     },
     #[error("provider call {call} failed: {message}")]
     Provider { call: &'static str, message: String },
+    /// The provider refused the call outright (a validation error,
+    /// throttling, access denied): it certainly changed nothing.
+    #[error("provider call {call} refused: {message}")]
+    Refused { call: &'static str, message: String },
+}
+
+impl CloudError {
+    /// True when the failed call certainly changed nothing, so a guard
+    /// taken for it (a decrement claimed in the ledger) can be dropped. A
+    /// timeout or a server error may hide a call that was applied.
+    pub fn certainly_not_applied(&self) -> bool {
+        match self {
+            CloudError::NotFound { .. }
+            | CloudError::OutOfBounds { .. }
+            | CloudError::Launch { .. }
+            | CloudError::Refused { .. } => true,
+            CloudError::Provider { .. } => false,
+        }
+    }
 }
 
 /// A group of interchangeable instances whose size the controller sets.

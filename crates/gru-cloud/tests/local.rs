@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use gru_cloud::{
     CapacityGroup, CloudError, GroupState, InstanceId, InstanceLifecycle, Target, TargetGroup,
     TargetState,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -287,6 +288,88 @@ async fn lb_skips_unreachable_targets_and_reregisters_draining_ones() {
     .await;
 }
 
+/// A registered engine (a listener the test accepts on) and one client
+/// connected to it through the load balancer: `(client, engine side)`.
+async fn connect_to_engine(lb: &LocalLoadBalancer, name: &str) -> (Target, TcpStream, TcpStream) {
+    let engine = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let t = target(name, engine.local_addr().unwrap());
+    lb.register(&t).await.unwrap();
+    let mut client = TcpStream::connect(lb.local_addr()).await.unwrap();
+    let (mut accepted, _) = tokio::time::timeout(WAIT, engine.accept())
+        .await
+        .expect("the load balancer to connect to the engine")
+        .unwrap();
+    // A message goes through, as MLLP senders start.
+    client.write_all(b"MSG").await.unwrap();
+    let mut message = [0u8; 3];
+    accepted.read_exact(&mut message).await.unwrap();
+    assert_eq!(&message, b"MSG");
+    assert_eq!(active(lb, &t), Some(1));
+    (t, client, accepted)
+}
+
+#[tokio::test]
+async fn lb_closes_the_client_side_when_the_engine_closes() {
+    bounded(async {
+        let lb = start_lb(LONG_DELAY).await;
+        let (engine, mut client, mut accepted) = connect_to_engine(&lb, "i-engine").await;
+
+        // The drain: out of the load balancer, then the engine sends its
+        // last ACK and closes at the message boundary. The sender stays
+        // idle, holding its socket open.
+        lb.deregister(&engine).await.unwrap();
+        assert_eq!(
+            lb.target_state(&engine).await.unwrap(),
+            TargetState::Draining
+        );
+        accepted.write_all(b"ACK").await.unwrap();
+        drop(accepted);
+
+        // The connection stops counting without the client doing anything
+        // (the deregistration delay is far away)...
+        eventually("the drained target to become unused", || async {
+            (lb.target_state(&engine).await.unwrap() == TargetState::Unused).then_some(())
+        })
+        .await;
+        // ...and the client still gets the ACK, then end-of-stream.
+        let mut received = Vec::new();
+        tokio::time::timeout(WAIT, client.read_to_end(&mut received))
+            .await
+            .expect("the client connection to be closed")
+            .expect("a clean close, not a reset");
+        assert_eq!(received, b"ACK");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn lb_closes_the_engine_side_when_the_client_closes() {
+    bounded(async {
+        let lb = start_lb(LONG_DELAY).await;
+        let (engine, client, mut accepted) = connect_to_engine(&lb, "i-engine").await;
+
+        drop(client);
+        // The engine sees end-of-stream at once...
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, accepted.read_to_end(&mut rest))
+            .await
+            .expect("the engine side to see the client's close")
+            .unwrap();
+        assert!(rest.is_empty());
+        // ...and even an engine that keeps its side open stops counting.
+        eventually("the connection to stop counting", || async {
+            (active(&lb, &engine) == Some(0)).then_some(())
+        })
+        .await;
+        assert_eq!(
+            lb.target_state(&engine).await.unwrap(),
+            TargetState::Healthy
+        );
+        drop(accepted);
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------- capacity group
 
 /// `sh -c SCRIPT sh --instance-id ID`: the instance id arrives as `$2`.
@@ -297,6 +380,7 @@ fn shell_spec(script: &str, log_dir: Option<&Path>, stop_grace: Duration) -> Lau
         env: vec![("GRU_TEST_MARK".into(), "marked".into())],
         log_dir: log_dir.map(Path::to_path_buf),
         stop_grace,
+        state_file: None,
     }
 }
 
@@ -630,3 +714,288 @@ async fn group_survives_a_program_that_cannot_start() {
 
 // No orphans when the owner dies is tested end to end: tests/e2e kills
 // `gru dev` with SIGKILL and checks its minion processes exit.
+
+// ---------------------------------------------------------------- adoption
+
+/// The group name the adoption tests record their instances under.
+const ADOPT_GROUP: &str = "adopt";
+
+/// Set only in the copy of this binary that an adoption test runs as a
+/// stand-in controller (see [`adoption_host`]): the directory holding the
+/// state file and the instances' logs.
+const HOST_DIR_ENV: &str = "GRU_CLOUD_TEST_HOST_DIR";
+
+/// What the stand-in controller prints once its instances are in service.
+const HOST_READY: &str = "gru-test-host-ready";
+
+/// Sleepers that record themselves in `<dir>/local.json` and log to
+/// `<dir>/logs`.
+fn adoption_spec(dir: &Path) -> LaunchSpec {
+    let mut spec = shell_spec(SLEEPER, Some(&dir.join("logs")), Duration::from_secs(5));
+    spec.state_file = Some(dir.join("local.json"));
+    spec
+}
+
+/// Not a test by itself: the stand-in controller of the adoption tests,
+/// which run it in a copy of this binary and kill it with SIGKILL. It starts
+/// a group of two instances on the state file in `$GRU_CLOUD_TEST_HOST_DIR`,
+/// says so on stdout, and then waits to be killed. Without that variable it
+/// does nothing.
+#[tokio::test]
+async fn adoption_host() {
+    let Some(dir) = std::env::var_os(HOST_DIR_ENV) else {
+        return;
+    };
+    let group = LocalGroup::try_start(ADOPT_GROUP, adoption_spec(Path::new(&dir)), 0, 3, 2)
+        .expect("state file usable");
+    in_service(&group, 2).await;
+    println!("{HOST_READY}");
+    // Should the test that started us die instead of killing us, our stdin
+    // closes: then (or after the test's own time limit) stop cleanly.
+    let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+        let _ = closed_tx.send(());
+    });
+    let _ = tokio::time::timeout(TEST_TIMEOUT, closed).await;
+    group.shutdown().await;
+}
+
+/// Runs [`adoption_host`] on `dir` until its two instances are in service;
+/// returns it and its instances (id and pid), in launch order.
+async fn start_host(dir: &Path) -> (tokio::process::Child, Vec<(InstanceId, u32)>) {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut host = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "adoption_host",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HOST_DIR_ENV, dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(host.stdout.take().unwrap()).lines();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match lines.next_line().await.unwrap() {
+                Some(line) if line.contains(HOST_READY) => break,
+                Some(_) => {}
+                None => panic!("the stand-in controller ended before its instances ran"),
+            }
+        }
+    })
+    .await
+    .expect("the stand-in controller to start two instances");
+    let mut ids: Vec<InstanceId> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|entry| {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            InstanceId(name.strip_suffix(".log").unwrap().to_owned())
+        })
+        .collect();
+    ids.sort_by_key(number);
+    assert_eq!(ids.len(), 2);
+    let mut instances = Vec::new();
+    for id in ids {
+        let pid = logged_pid(&logs, &id).await;
+        instances.push((id, pid));
+    }
+    (host, instances)
+}
+
+/// Kills the stand-in controller as a crash would: SIGKILL, no chance to
+/// stop anything.
+async fn kill_host(mut host: tokio::process::Child) {
+    host.start_kill().unwrap();
+    host.wait().await.unwrap();
+}
+
+/// The instance number in an id (`i-local-0012` → 12).
+fn number(id: &InstanceId) -> u64 {
+    id.0.rsplit('-').next().unwrap().parse().unwrap()
+}
+
+/// `/proc/<pid>/stat` field 22, the start time, while the process exists.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills, when dropped, the process groups of the instances it was told
+/// about that still run (the same process: same pid and start time), so a
+/// failing test leaves nothing behind now that instances outlive groups.
+#[derive(Default)]
+struct KillLeftovers(Vec<(u32, u64)>);
+
+impl KillLeftovers {
+    fn watch(&mut self, pid: u32) {
+        let started = start_time(pid).expect("a running instance");
+        self.0.push((pid, started));
+    }
+}
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        for &(pid, started) in &self.0 {
+            if !exited(pid) && start_time(pid) == Some(started) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-s", "KILL", "--", &format!("-{pid}")])
+                    .status();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn group_adopts_its_instances_after_the_controller_is_killed() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut leftovers = KillLeftovers::default();
+        let (host, old) = start_host(dir.path()).await;
+        for (_, pid) in &old {
+            leftovers.watch(*pid);
+        }
+        kill_host(host).await;
+        for (id, pid) in &old {
+            assert!(!exited(*pid), "{id} died with its controller");
+        }
+
+        let group = LocalGroup::try_start(ADOPT_GROUP, adoption_spec(dir.path()), 0, 3, 2)
+            .expect("state file usable");
+        let adopted = state(&group).await;
+        assert_eq!(adopted.desired, 2);
+        let listed: Vec<(InstanceId, InstanceLifecycle)> = adopted
+            .instances
+            .iter()
+            .map(|i| (i.id.clone(), i.lifecycle))
+            .collect();
+        let expected: Vec<(InstanceId, InstanceLifecycle)> = old
+            .iter()
+            .map(|(id, _)| (id.clone(), InstanceLifecycle::InService))
+            .collect();
+        assert_eq!(listed, expected, "the same instances, in service");
+        let mut pids = group.running_pids();
+        pids.sort_unstable();
+        let mut old_pids: Vec<u32> = old.iter().map(|(_, pid)| *pid).collect();
+        old_pids.sort_unstable();
+        assert_eq!(pids, old_pids, "the same processes");
+
+        // A new instance gets a number no earlier controller used.
+        group.set_desired(3).await.unwrap();
+        let all = in_service(&group, 3).await;
+        assert_eq!(&all[..2], &[old[0].0.clone(), old[1].0.clone()]);
+        let fresh = &all[2];
+        assert!(number(fresh) > number(&old[1].0), "{fresh} reuses a number");
+        let fresh_pid = logged_pid(&dir.path().join("logs"), fresh).await;
+        leftovers.watch(fresh_pid);
+
+        // An adopted instance stops like a child, and leaves the group only
+        // once its process is gone.
+        let (victim, victim_pid) = &old[0];
+        group.terminate(victim, true).await.unwrap();
+        assert_eq!(state(&group).await.desired, 2);
+        eventually("the adopted victim to leave the group", || async {
+            state(&group)
+                .await
+                .instances
+                .iter()
+                .all(|i| &i.id != victim)
+                .then_some(())
+        })
+        .await;
+        assert!(exited(*victim_pid), "{victim} left the group still running");
+        group.terminate(victim, true).await.unwrap();
+        let after = state(&group).await;
+        assert_eq!(after.desired, 2, "decremented once");
+        let ids: Vec<InstanceId> = after.instances.into_iter().map(|i| i.id).collect();
+        assert_eq!(ids, [old[1].0.clone(), fresh.clone()], "no replacement");
+
+        group.shutdown().await;
+        for pid in [old[1].1, fresh_pid] {
+            assert!(exited(pid), "{pid} survived shutdown");
+        }
+        assert!(state(&group).await.instances.is_empty());
+
+        // The file lists nothing now: a group started on it adopts nothing.
+        let next = LocalGroup::try_start(ADOPT_GROUP, adoption_spec(dir.path()), 0, 3, 0)
+            .expect("state file usable");
+        let empty = state(&next).await;
+        assert!(empty.instances.is_empty());
+        assert_eq!(empty.desired, 0);
+        next.shutdown().await;
+    })
+    .await;
+}
+
+/// Makes the record of `pid` in the state file name a process that started
+/// at another time: what a recycled pid looks like.
+fn tamper_start_time(state_file: &Path, pid: u32) {
+    let text = std::fs::read_to_string(state_file).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let record = doc["groups"][ADOPT_GROUP]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|r| r["pid"] == pid)
+        .unwrap();
+    let started = record["start_time"].as_u64().unwrap();
+    record["start_time"] = (started + 1).into();
+    std::fs::write(state_file, serde_json::to_vec(&doc).unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn group_adopts_no_dead_or_recycled_pid() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut leftovers = KillLeftovers::default();
+        let (host, old) = start_host(dir.path()).await;
+        for (_, pid) in &old {
+            leftovers.watch(*pid);
+        }
+        kill_host(host).await;
+        let ((dead, dead_pid), (recycled, recycled_pid)) = (&old[0], &old[1]);
+
+        // One instance dies while no controller runs...
+        let killed = std::process::Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{dead_pid}")])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        eventually("the instance to die", || async {
+            exited(*dead_pid).then_some(())
+        })
+        .await;
+        // ...and the other's pid now names a process started at another time.
+        tamper_start_time(&dir.path().join("local.json"), *recycled_pid);
+
+        let group = LocalGroup::try_start(ADOPT_GROUP, adoption_spec(dir.path()), 0, 3, 0)
+            .expect("state file usable");
+        let adopted = state(&group).await;
+        assert!(adopted.instances.is_empty(), "adopted {adopted:?}");
+        assert_eq!(adopted.desired, 0);
+        assert!(group.running_pids().is_empty());
+        // Gone as far as the group knows: terminating them changes nothing.
+        group.terminate(dead, true).await.unwrap();
+        group.terminate(recycled, false).await.unwrap();
+        assert_eq!(state(&group).await.desired, 0);
+
+        // Numbers continue after the recorded ones, adopted or not.
+        group.set_desired(1).await.unwrap();
+        let fresh = in_service(&group, 1).await.remove(0);
+        assert!(number(&fresh) > number(recycled), "{fresh} reuses a number");
+        leftovers.watch(group.running_pids()[0]);
+
+        group.shutdown().await;
+        assert!(
+            !exited(*recycled_pid),
+            "a process whose start time did not match was signalled"
+        );
+    })
+    .await;
+}

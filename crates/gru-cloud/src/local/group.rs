@@ -1,27 +1,35 @@
-//! [`LocalGroup`]: a capacity group whose instances are child processes.
+//! [`LocalGroup`]: a capacity group whose instances are processes on this
+//! machine.
 //!
 //! One supervisor task per group keeps the number of instances that are not
 //! terminating equal to the desired capacity, the way an Auto Scaling group
-//! does. Each child is owned by its own instance task, which reaps it and is
-//! the only place that signals it (so a signal never reaches a recycled pid).
+//! does. Each instance is owned by its own instance task, the only place that
+//! signals it, and never a recycled pid: a child is reaped by its task
+//! ([`run_instance`]), and an instance adopted from an earlier controller is
+//! checked by pid *and* start time before every signal ([`run_adopted`]).
 //! Children are forked by a dedicated launcher thread; see
-//! [`sys::die_with_parent`] for why the forking thread matters.
+//! [`sys::die_with_parent`] for why the forking thread matters. With a state
+//! file, a persister task keeps the file in step with the members
+//! ([`persist_loop`]).
 
 use std::collections::{HashMap, HashSet};
+use std::error::Error;
 use std::ffi::OsString;
+use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
 use tokio::sync::{Notify, oneshot, watch};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use super::state::{Record, StateFile, StateFileError, epoch_ms};
 use super::sys;
 use crate::{CapacityGroup, CloudError, GroupState, Instance, InstanceId, InstanceLifecycle};
 
@@ -39,8 +47,14 @@ const LAUNCH_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// backoff rather than in a tight loop.
 const MIN_HEALTHY_RUN: Duration = Duration::from_secs(1);
 
+/// How often an adopted instance, which is not our child and so sends us no
+/// SIGCHLD, is checked for having exited.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+
 /// Instance numbers are process-wide rather than per group so that two local
-/// fleets in one `gru dev` never hand the controller the same instance id.
+/// fleets in one `gru dev` never hand the controller the same instance id. A
+/// group with a state file first raises it past every number the file has
+/// seen, so a restarted controller never reuses one either.
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
 /// What to run for each instance of a [`LocalGroup`].
@@ -57,6 +71,14 @@ pub struct LaunchSpec {
     pub log_dir: Option<PathBuf>,
     /// Time between SIGTERM and SIGKILL when an instance is stopped.
     pub stop_grace: Duration,
+    /// Where the group records its instances so they can outlive this
+    /// process and be adopted by the next one (see [`LocalGroup`], "Instances
+    /// that outlive the controller"). `None`: every instance dies with this
+    /// process. The groups of one controller should all name the same file
+    /// (each under its own group name): they then share one sequence of
+    /// instance numbers, so no two instances ever get the same id, restarts
+    /// included.
+    pub state_file: Option<PathBuf>,
 }
 
 impl LaunchSpec {
@@ -69,18 +91,56 @@ impl LaunchSpec {
             env: Vec::new(),
             log_dir: None,
             stop_grace: DEFAULT_STOP_GRACE,
+            state_file: None,
         }
     }
 }
 
-/// A capacity group whose instances are child processes of this one.
+/// A capacity group whose instances are processes on this machine.
 ///
-/// Dropping the last handle stops every child (SIGTERM, then SIGKILL after
-/// the grace period) without waiting; [`LocalGroup::shutdown`] waits.
+/// Dropping the last handle stops every instance (SIGTERM to its process
+/// group, then SIGKILL after the grace period) without waiting;
+/// [`LocalGroup::shutdown`] waits.
+///
+/// # Instances that outlive the controller
+///
+/// Without a [`LaunchSpec::state_file`], instances are children that die
+/// with this process, even when it is killed with SIGKILL. With one, they
+/// behave like EC2 instances, which outlive their controller:
+///
+/// - Each is started in a session of its own and without a parent-death
+///   signal, so a killed controller leaves it running, and a Ctrl-C in the
+///   controller's terminal reaches it only through the controller.
+/// - The file lists every member (id, pid, the process's start time, launch
+///   time, whether its termination had begun) and the next instance number.
+///   It is rewritten whenever membership changes; an instance number is
+///   recorded as used before its process is spawned, and its pid right
+///   after, before the instance shows `InService`. (A controller killed in
+///   the milliseconds between that spawn and that write leaves an instance
+///   nobody adopts: the one gap.)
+/// - [`LocalGroup::start`] adopts each recorded instance whose pid still runs
+///   with the recorded start time (a recycled pid is never mistaken for
+///   one). An adopted instance is `InService` (or finishes its termination
+///   if that had begun) and is supervised by polling `/proc`; it is stopped
+///   like a child, SIGTERM to its process group then SIGKILL, and only while
+///   its pid and start time still match. Recorded instances that no longer
+///   run are not members, and terminating them is a no-op.
+/// - The desired capacity becomes `max(desired, adopted instances not
+///   terminating)`, clamped into `min..=max`: a restart launches nothing just
+///   because the group restarted, and stops no adopted instance unless there
+///   are more than `max` (then the newest go, as when desired is lowered).
+///   The controller sets its own desired capacity on its first pass anyway.
+/// - [`LocalGroup::shutdown`] and dropping the group still stop every
+///   instance, adopted ones included, and leave the file listing none:
+///   only a controller that dies without stopping leaves instances behind.
+///
+/// Give such a group a [`LaunchSpec::log_dir`] too: an instance that
+/// inherits the controller's output would otherwise write to whatever that
+/// was once the controller is gone.
 pub struct LocalGroup {
     inner: Arc<Inner>,
     /// Becomes true when the supervisor has exited, which it does only once
-    /// every child is gone.
+    /// every instance is gone and the state file says so.
     done: watch::Receiver<bool>,
 }
 
@@ -91,6 +151,19 @@ struct Inner {
     /// Wakes the supervisor: the desired capacity changed, an instance ended
     /// or shutdown began.
     wake: Notify,
+    /// `Some` when the spec has a state file.
+    persist: Option<Persist>,
+}
+
+/// Keeps the state file in step with the members, through one writer task
+/// ([`persist_loop`]) so writes never land out of order.
+struct Persist {
+    file: StateFile,
+    /// Bumped by every change the file must show.
+    requested: watch::Sender<u64>,
+    /// The last request the file has caught up with (written, or failed and
+    /// logged).
+    written: watch::Sender<u64>,
 }
 
 struct State {
@@ -98,8 +171,8 @@ struct State {
     min: u32,
     max: u32,
     members: HashMap<InstanceId, Member>,
-    /// Instances that were members once: terminating them again is a no-op,
-    /// not `NotFound`.
+    /// Instances that were members once, or were recorded in the state file
+    /// but no longer ran: terminating them is a no-op, not `NotFound`.
     retired: HashSet<InstanceId>,
     /// Shutdown began: launch nothing more.
     stopping: bool,
@@ -116,8 +189,46 @@ struct Member {
     launched_at: SystemTime,
     /// `None` while the child is being spawned.
     pid: Option<u32>,
-    /// Set to true to make the instance task stop the child.
+    /// The process's start time ([`sys::ProcStat::start_time`]): with the
+    /// pid, what names the process in the state file. `None` until known.
+    start_time: Option<u64>,
+    /// Set to true to make the instance task stop the instance.
     stop: watch::Sender<bool>,
+}
+
+/// A process that an earlier controller launched and this group adopted.
+/// Not our child: no SIGCHLD tells us it exited, and its pid could be
+/// recycled once it has, so it is watched through `/proc` and named by pid
+/// and start time together.
+#[derive(Clone, Copy, Debug)]
+struct Adopted {
+    pid: u32,
+    start_time: u64,
+}
+
+impl Adopted {
+    /// True while the process runs (not a zombie) with the recorded start time.
+    fn running(self) -> bool {
+        sys::proc_stat(self.pid).is_some_and(|s| !s.exited && s.start_time == self.start_time)
+    }
+
+    /// Resolves once the process has exited.
+    async fn exited(self) {
+        while self.running() {
+            tokio::time::sleep(ADOPTED_POLL).await;
+        }
+    }
+
+    /// Signals the process group the instance leads, unless the instance is
+    /// gone. Checked right before kill(2): the pid could only name someone
+    /// else's group if, in between, the instance exited, its group emptied
+    /// and a new process got the same number and made itself a group leader.
+    fn signal(self, signal: libc::c_int) -> io::Result<()> {
+        if !self.running() {
+            return Ok(());
+        }
+        sys::signal_group(self.pid, signal)
+    }
 }
 
 impl State {
@@ -132,7 +243,7 @@ impl State {
         usize::try_from(self.desired).unwrap_or(usize::MAX)
     }
 
-    /// Marks `id` terminating and tells its task to stop the child.
+    /// Marks `id` terminating and tells its task to stop the instance.
     fn begin_terminate(&mut self, id: &InstanceId) {
         if let Some(member) = self.members.get_mut(id) {
             member.lifecycle = InstanceLifecycle::Terminating;
@@ -142,7 +253,9 @@ impl State {
 
     /// Terminates the newest instances while more are active than desired,
     /// as an Auto Scaling group does when its desired capacity is lowered.
-    fn terminate_excess(&mut self) {
+    /// Returns whether it terminated any.
+    fn terminate_excess(&mut self) -> bool {
+        let mut terminated = false;
         while self.active() > self.desired() {
             let newest = self
                 .members
@@ -153,13 +266,39 @@ impl State {
             let Some(id) = newest else { break };
             info!(instance = %id, "terminating newest instance above desired capacity");
             self.begin_terminate(&id);
+            terminated = true;
         }
+        terminated
+    }
+
+    /// What the state file should list: every member with a known process.
+    fn records(&self) -> Vec<Record> {
+        records(&self.members)
     }
 
     fn record_failure(&mut self) {
         self.failures = self.failures.saturating_add(1);
         self.retry_at = Some(Instant::now() + backoff(self.failures));
     }
+}
+
+/// The state file's records of `members`, in launch order.
+fn records(members: &HashMap<InstanceId, Member>) -> Vec<Record> {
+    let mut records: Vec<Record> = members
+        .iter()
+        .filter_map(|(id, m)| {
+            Some(Record {
+                id: id.0.clone(),
+                number: m.seq,
+                pid: m.pid?,
+                start_time: m.start_time?,
+                launched_at_ms: epoch_ms(m.launched_at),
+                terminating: m.lifecycle == InstanceLifecycle::Terminating,
+            })
+        })
+        .collect();
+    records.sort_by_key(|r| r.number);
+    records
 }
 
 /// The pause after `failures` consecutive failed launches.
@@ -188,7 +327,30 @@ impl Inner {
             state.begin_terminate(id);
         }
         drop(state);
+        self.mark_changed();
         self.wake.notify_one();
+    }
+
+    /// Asks the persister to write the members out; does not wait.
+    fn mark_changed(&self) {
+        if let Some(persist) = &self.persist {
+            persist.requested.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Asks the persister to write the members out and waits until it has.
+    async fn flush(&self) {
+        let Some(persist) = &self.persist else {
+            return;
+        };
+        let mut target = 0;
+        persist.requested.send_modify(|g| {
+            *g += 1;
+            target = *g;
+        });
+        let mut written = persist.written.subscribe();
+        // `written` lives in `self`, so its sender cannot be gone.
+        let _ = written.wait_for(|w| *w >= target).await;
     }
 
     fn command(&self, id: &InstanceId) -> io::Result<Command> {
@@ -201,11 +363,7 @@ impl Inner {
             // Under systemd the controller's readiness socket is its own:
             // minions must not report to it.
             .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            // Its own process group, so stopping an instance reaches the
-            // processes it started too.
-            .process_group(0)
-            .kill_on_drop(true);
+            .stdin(Stdio::null());
         if let Some(dir) = &spec.log_dir {
             let log = OpenOptions::new()
                 .create(true)
@@ -213,17 +371,171 @@ impl Inner {
                 .open(dir.join(format!("{id}.log")))?;
             cmd.stdout(log.try_clone()?).stderr(log);
         }
-        sys::die_with_parent(&mut cmd);
+        // Either way the instance leads its own process group, so stopping
+        // it reaches the processes it started too.
+        if self.persist.is_some() {
+            // Meant to outlive us: no parent-death signal, no kill when a
+            // dropped runtime drops the `Child`, and a session of its own.
+            sys::new_session(&mut cmd);
+        } else {
+            cmd.process_group(0).kill_on_drop(true);
+            sys::die_with_parent(&mut cmd);
+        }
         Ok(cmd)
+    }
+}
+
+/// What a group starts with besides its spec: the instances it adopted from
+/// the state file.
+#[derive(Default)]
+struct Adoption {
+    members: HashMap<InstanceId, Member>,
+    /// Recorded instances that no longer run.
+    retired: HashSet<InstanceId>,
+    tasks: Vec<(InstanceId, Adopted, watch::Receiver<bool>)>,
+}
+
+impl Adoption {
+    /// Reads `group`'s records, adopts those whose process still runs and
+    /// rewrites the file to list exactly those.
+    fn load(file: &StateFile, group: &str) -> Result<Self, StateFileError> {
+        let loaded = file.load(group)?;
+        let highest = loaded.records.iter().map(|r| r.number).max().unwrap_or(0);
+        NEXT_INSTANCE.fetch_max(
+            loaded.next_instance.max(highest.saturating_add(1)),
+            Ordering::Relaxed,
+        );
+        let mut adoption = Adoption::default();
+        for record in loaded.records {
+            let id = InstanceId(record.id.clone());
+            let process = Adopted {
+                pid: record.pid,
+                start_time: record.start_time,
+            };
+            if !process.running() {
+                info!(group, instance = %id, pid = record.pid, "recorded instance no longer runs");
+                adoption.retired.insert(id);
+                continue;
+            }
+            info!(
+                group,
+                instance = %id,
+                pid = record.pid,
+                terminating = record.terminating,
+                "adopting running instance"
+            );
+            let (stop, stop_rx) = watch::channel(record.terminating);
+            adoption.members.insert(
+                id.clone(),
+                Member {
+                    seq: record.number,
+                    lifecycle: if record.terminating {
+                        InstanceLifecycle::Terminating
+                    } else {
+                        InstanceLifecycle::InService
+                    },
+                    launched_at: record.launched_at(),
+                    pid: Some(record.pid),
+                    start_time: Some(record.start_time),
+                    stop,
+                },
+            );
+            adoption.tasks.push((id, process, stop_rx));
+        }
+        file.save(
+            group,
+            NEXT_INSTANCE.load(Ordering::Relaxed),
+            &records(&adoption.members),
+        )?;
+        Ok(adoption)
+    }
+
+    /// Adopted instances that count toward the desired capacity.
+    fn active(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.lifecycle != InstanceLifecycle::Terminating)
+            .count()
     }
 }
 
 impl LocalGroup {
     /// Starts a group and its supervisor task, which launches `desired`
-    /// instances right away (`desired` is clamped into `min..=max`). Must be
-    /// called within a tokio runtime.
+    /// instances right away (`desired` is clamped into `min..=max`). With a
+    /// state file, the group first adopts the instances recorded there that
+    /// still run, and `desired` is raised to their number (see "Instances
+    /// that outlive the controller"). Must be called within a tokio runtime.
+    ///
+    /// A state file that cannot be read, is not valid, or cannot be written
+    /// is left as it is and logged as an error, and the group runs without
+    /// one: its instances then die with this process. Use
+    /// [`LocalGroup::try_start`] to refuse instead.
     pub fn start(name: &str, spec: LaunchSpec, min: u32, max: u32, desired: u32) -> Arc<Self> {
-        let desired = desired.clamp(min, max.max(min));
+        let adoption = match &spec.state_file {
+            None => Ok(None),
+            Some(path) => {
+                let file = StateFile::new(path.clone());
+                Adoption::load(&file, name).map(|a| Some((file, a)))
+            }
+        };
+        match adoption {
+            Ok(adoption) => Self::run(name, spec, min, max, desired, adoption),
+            Err(e) => {
+                error!(
+                    group = %name,
+                    error = %ErrorChain(&e),
+                    "running without the state file: instances will not outlive this process"
+                );
+                let spec = LaunchSpec {
+                    state_file: None,
+                    ..spec
+                };
+                Self::run(name, spec, min, max, desired, None)
+            }
+        }
+    }
+
+    /// [`LocalGroup::start`], but a state file that cannot be used is an
+    /// error (and nothing is started) instead of a group without one.
+    pub fn try_start(
+        name: &str,
+        spec: LaunchSpec,
+        min: u32,
+        max: u32,
+        desired: u32,
+    ) -> Result<Arc<Self>, StateFileError> {
+        let adoption = match &spec.state_file {
+            None => None,
+            Some(path) => {
+                let file = StateFile::new(path.clone());
+                let adoption = Adoption::load(&file, name)?;
+                Some((file, adoption))
+            }
+        };
+        Ok(Self::run(name, spec, min, max, desired, adoption))
+    }
+
+    fn run(
+        name: &str,
+        spec: LaunchSpec,
+        min: u32,
+        max: u32,
+        desired: u32,
+        adoption: Option<(StateFile, Adoption)>,
+    ) -> Arc<Self> {
+        let (persist, adoption) = match adoption {
+            Some((file, adoption)) => (
+                Some(Persist {
+                    file,
+                    requested: watch::Sender::new(0),
+                    written: watch::Sender::new(0),
+                }),
+                adoption,
+            ),
+            None => (None, Adoption::default()),
+        };
+        let adopted = u32::try_from(adoption.active()).unwrap_or(u32::MAX);
+        let desired = desired.max(adopted).clamp(min, max.max(min));
         let inner = Arc::new(Inner {
             name: name.to_owned(),
             spec,
@@ -231,16 +543,27 @@ impl LocalGroup {
                 desired,
                 min,
                 max,
-                members: HashMap::new(),
-                retired: HashSet::new(),
+                members: adoption.members,
+                retired: adoption.retired,
                 stopping: false,
                 failures: 0,
                 retry_at: None,
             }),
             wake: Notify::new(),
+            persist,
         });
         let (done_tx, done) = watch::channel(false);
         let span = info_span!("local_group", group = %name);
+        if let Some(persist) = &inner.persist {
+            let requested = persist.requested.subscribe();
+            tokio::spawn(persist_loop(Arc::downgrade(&inner), requested).instrument(span.clone()));
+        }
+        for (id, process, stop) in adoption.tasks {
+            let instance_span = info_span!(parent: &span, "instance", instance = %id);
+            tokio::spawn(
+                run_adopted(Arc::clone(&inner), id, process, stop).instrument(instance_span),
+            );
+        }
         tokio::spawn(supervise(Arc::clone(&inner), done_tx).instrument(span));
         Arc::new(LocalGroup { inner, done })
     }
@@ -255,7 +578,8 @@ impl LocalGroup {
         let _ = done.wait_for(|d| *d).await;
     }
 
-    /// Pids of the children currently running, terminating ones included.
+    /// Pids of the instances currently running (children and adopted
+    /// processes), terminating ones included.
     pub fn running_pids(&self) -> Vec<u32> {
         self.inner
             .lock()
@@ -263,6 +587,40 @@ impl LocalGroup {
             .values()
             .filter_map(|m| m.pid)
             .collect()
+    }
+
+    /// The synchronous part of [`CapacityGroup::terminate`]; returns whether
+    /// a termination began.
+    fn begin_terminate(&self, id: &InstanceId, decrement: bool) -> Result<bool, CloudError> {
+        let mut state = self.inner.lock();
+        let Some(member) = state.members.get(id) else {
+            if state.retired.contains(id) {
+                return Ok(false);
+            }
+            return Err(CloudError::NotFound {
+                what: format!("instance {id} in group {}", self.inner.name),
+            });
+        };
+        if member.lifecycle == InstanceLifecycle::Terminating {
+            return Ok(false);
+        }
+        if decrement {
+            // Active instances never outnumber the desired capacity, so an
+            // active member means desired >= 1.
+            if state.desired <= state.min {
+                return Err(CloudError::OutOfBounds {
+                    desired: state.desired.saturating_sub(1),
+                    min: state.min,
+                    max: state.max,
+                });
+            }
+            state.desired -= 1;
+        }
+        info!(group = %self.inner.name, instance = %id, decrement, desired = state.desired, "terminating instance");
+        state.begin_terminate(id);
+        drop(state);
+        self.inner.wake.notify_one();
+        Ok(true)
     }
 }
 
@@ -312,41 +670,21 @@ impl CapacityGroup for LocalGroup {
             info!(group = %self.inner.name, from = state.desired, to = desired, "desired capacity set");
         }
         state.desired = desired;
-        state.terminate_excess();
+        let terminated = state.terminate_excess();
         drop(state);
+        if terminated {
+            self.inner.mark_changed();
+        }
         self.inner.wake.notify_one();
         Ok(())
     }
 
     async fn terminate(&self, id: &InstanceId, decrement: bool) -> Result<(), CloudError> {
-        let mut state = self.inner.lock();
-        let Some(member) = state.members.get(id) else {
-            if state.retired.contains(id) {
-                return Ok(());
-            }
-            return Err(CloudError::NotFound {
-                what: format!("instance {id} in group {}", self.inner.name),
-            });
-        };
-        if member.lifecycle == InstanceLifecycle::Terminating {
-            return Ok(());
+        if self.begin_terminate(id, decrement)? {
+            // A restarted group finishes the termination instead of
+            // adopting the instance as in service.
+            self.inner.flush().await;
         }
-        if decrement {
-            // Active instances never outnumber the desired capacity, so an
-            // active member means desired >= 1.
-            if state.desired <= state.min {
-                return Err(CloudError::OutOfBounds {
-                    desired: state.desired.saturating_sub(1),
-                    min: state.min,
-                    max: state.max,
-                });
-            }
-            state.desired -= 1;
-        }
-        info!(group = %self.inner.name, instance = %id, decrement, desired = state.desired, "terminating instance");
-        state.begin_terminate(id);
-        drop(state);
-        self.inner.wake.notify_one();
         Ok(())
     }
 }
@@ -382,6 +720,8 @@ async fn supervise(inner: Arc<Inner>, done: watch::Sender<bool>) {
     // The launcher thread exits with `launcher`; only now, when no child is
     // left for its parent-death signal to reach.
     drop(launcher);
+    // The state file lists no instance once `shutdown` returns.
+    inner.flush().await;
     debug!("supervisor stopped");
     done.send_replace(true);
 }
@@ -395,7 +735,9 @@ fn next_step(inner: &Inner) -> Step {
             Step::Wait(None)
         };
     }
-    state.terminate_excess();
+    if state.terminate_excess() {
+        inner.mark_changed();
+    }
     if state.active() >= state.desired() {
         return Step::Wait(None);
     }
@@ -414,6 +756,7 @@ fn next_step(inner: &Inner) -> Step {
             lifecycle: InstanceLifecycle::Pending,
             launched_at: SystemTime::now(),
             pid: None,
+            start_time: None,
             stop,
         },
     );
@@ -426,32 +769,22 @@ async fn launch(
     id: InstanceId,
     stop: watch::Receiver<bool>,
 ) {
+    // The number is taken from here on: with a state file, record that
+    // before any process carries it, so a restart never hands it out again.
+    inner.flush().await;
     let spawned = match inner.command(&id) {
         Ok(cmd) => spawn_with(launcher, cmd).await,
         Err(e) => Err(e),
     };
-    let mut state = inner.lock();
-    match spawned {
-        Ok(child) => {
-            let pid = child.id();
-            let Some(member) = state.members.get_mut(&id) else {
-                // Unreachable: only the instance task removes a member. Were
-                // it to happen, dropping `child` kills it.
-                return;
-            };
-            member.pid = pid;
-            if member.lifecycle == InstanceLifecycle::Pending {
-                member.lifecycle = InstanceLifecycle::InService;
-            }
-            info!(instance = %id, pid, "instance launched");
-            let span = info_span!("instance", instance = %id);
-            tokio::spawn(run_instance(Arc::clone(inner), id, child, stop).instrument(span));
-        }
+    let child = match spawned {
+        Ok(child) => child,
         Err(e) => {
+            let mut state = inner.lock();
             state.members.remove(&id);
             state.retired.insert(id.clone());
             state.record_failure();
             let retry_in = backoff(state.failures);
+            drop(state);
             warn!(
                 instance = %id,
                 program = %inner.spec.program.display(),
@@ -459,7 +792,34 @@ async fn launch(
                 ?retry_in,
                 "failed to launch instance"
             );
+            return;
         }
+    };
+    let pid = child.id();
+    // The child is not reaped before its task runs, so its /proc entry is
+    // still there.
+    let start_time = pid.and_then(sys::proc_stat).map(|s| s.start_time);
+    {
+        let mut state = inner.lock();
+        let Some(member) = state.members.get_mut(&id) else {
+            // Unreachable: only the instance task removes a member. Were it
+            // to happen, dropping `child` kills it (without a state file;
+            // with one, it is left to run like any orphan).
+            return;
+        };
+        member.pid = pid;
+        member.start_time = start_time;
+    }
+    info!(instance = %id, pid, "instance launched");
+    let span = info_span!("instance", instance = %id);
+    tokio::spawn(run_instance(Arc::clone(inner), id.clone(), child, stop).instrument(span));
+    // In service only once recorded: whatever the controller sees in
+    // service, a restarted one adopts.
+    inner.flush().await;
+    if let Some(member) = inner.lock().members.get_mut(&id)
+        && member.lifecycle == InstanceLifecycle::Pending
+    {
+        member.lifecycle = InstanceLifecycle::InService;
     }
 }
 
@@ -510,6 +870,35 @@ async fn run_instance(
         }
     }
     drop(state);
+    inner.mark_changed();
+    inner.wake.notify_one();
+}
+
+/// Owns one adopted instance: watches it, stops it when asked, and removes
+/// it from the group once its process is gone.
+async fn run_adopted(
+    inner: Arc<Inner>,
+    id: InstanceId,
+    process: Adopted,
+    mut stop: watch::Receiver<bool>,
+) {
+    let asked_to_stop = tokio::select! {
+        () = process.exited() => false,
+        () = stop_requested(&mut stop) => {
+            stop_adopted(process, inner.spec.stop_grace).await;
+            true
+        }
+    };
+    if asked_to_stop {
+        info!(pid = process.pid, "instance stopped");
+    } else {
+        warn!(pid = process.pid, "instance exited on its own");
+    }
+    let mut state = inner.lock();
+    state.members.remove(&id);
+    state.retired.insert(id);
+    drop(state);
+    inner.mark_changed();
     inner.wake.notify_one();
 }
 
@@ -543,6 +932,67 @@ async fn stop_child(child: &mut Child, grace: Duration) -> io::Result<ExitStatus
         let _ = child.start_kill();
     }
     child.wait().await
+}
+
+/// SIGTERM to an adopted instance's process group, SIGKILL after `grace`;
+/// returns once the process is gone.
+async fn stop_adopted(process: Adopted, grace: Duration) {
+    if let Err(e) = process.signal(libc::SIGTERM) {
+        warn!(pid = process.pid, error = %e, "failed to send SIGTERM");
+    }
+    if tokio::time::timeout(grace, process.exited()).await.is_ok() {
+        return;
+    }
+    warn!(?grace, "instance ignored SIGTERM; killing it");
+    if let Err(e) = process.signal(libc::SIGKILL) {
+        warn!(pid = process.pid, error = %e, "failed to send SIGKILL");
+    }
+    process.exited().await;
+}
+
+/// The only writer of a group's state file once the group runs: whenever a
+/// change is requested, writes the members as they are now. Requests that
+/// arrive during a write are folded into the next one. Ends with the group.
+async fn persist_loop(inner: Weak<Inner>, mut requested: watch::Receiver<u64>) {
+    // The group was started with the file already showing its members.
+    while requested.changed().await.is_ok() {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let Some(persist) = &inner.persist else {
+            return;
+        };
+        let generation = *requested.borrow_and_update();
+        let records = inner.lock().records();
+        let next_instance = NEXT_INSTANCE.load(Ordering::Relaxed);
+        let file = persist.file.clone();
+        let group = inner.name.clone();
+        let written =
+            tokio::task::spawn_blocking(move || file.save(&group, next_instance, &records)).await;
+        match written {
+            Ok(Ok(())) => debug!(file = %persist.file.path().display(), "state file written"),
+            Ok(Err(e)) => warn!(error = %ErrorChain(&e), "failed to record the group's instances"),
+            Err(e) => warn!(error = %e, "state file writer failed"),
+        }
+        persist.written.send_replace(generation);
+        // `inner` is dropped here: no reference is held while idle, so the
+        // group can end.
+    }
+}
+
+/// Displays an error with its sources, `outer: inner: …`, for log fields.
+struct ErrorChain<'a>(&'a dyn Error);
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
 }
 
 /// A thread that forks every child of one group. It lives until the group's

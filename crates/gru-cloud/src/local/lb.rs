@@ -6,18 +6,26 @@
 //! no new connection from that instant, its existing ones stay until either
 //! side closes them or the deregistration delay ends and cuts them, and it
 //! leaves the table (`Unused`) when it has no connection left.
+//!
+//! A connection is over as soon as either side closes it: MLLP has no use
+//! for half a connection, and an engine that closed its side after a drain
+//! must not stay counted (and its target `Draining`) until an idle sender
+//! happens to close too. What a side sent before closing is still delivered
+//! first, so the ACK an engine writes just before it closes arrives.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::{CloudError, Target, TargetGroup, TargetState};
+use crate::{CloudError, InstanceId, Target, TargetGroup, TargetState};
 
 /// How long to wait for a target to accept before trying the next one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,6 +33,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// After the client closed its side, how long the target has to finish what
+/// it is sending (the client's end-of-stream reaches it at once) before the
+/// connection is closed anyway.
+const CLIENT_CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Buffer size of each direction of a proxied connection.
+const RELAY_BUFFER: usize = 16 * 1024;
+
+/// The most unread client input drained before closing a connection (see
+/// `discard_unread`).
+const DISCARD_LIMIT: usize = 256 * 1024;
 
 /// One target as the load balancer sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -356,10 +376,7 @@ async fn proxy(shared: Arc<Shared>, mut client: TcpStream) {
     let mut cut = lease.cut.clone();
     let mut shutdown = shared.shutdown.subscribe();
     tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {
-            Ok((up, down)) => debug!(instance = %lease.target.instance, up, down, "connection closed"),
-            Err(e) => debug!(instance = %lease.target.instance, error = %e, "connection ended"),
-        },
+        () = relay(&mut client, &mut upstream, &lease.target.instance) => discard_unread(&mut client),
         () = is_set(&mut cut) => debug!(instance = %lease.target.instance, "connection cut"),
         () = is_set(&mut shutdown) => {}
     }
@@ -367,6 +384,76 @@ async fn proxy(shared: Arc<Shared>, mut client: TcpStream) {
     drop(client);
     drop(upstream);
     drop(lease);
+}
+
+/// Copies bytes both ways until the connection is over, which is as soon as
+/// either side is done.
+///
+/// When the target closes, everything it sent is written to the client,
+/// then the client gets end-of-stream and the relay ends, whether or not
+/// the client is still there to notice. When the client closes, the target
+/// gets end-of-stream at once and [`CLIENT_CLOSE_LINGER`] to finish sending;
+/// when the client's side fails (a reset), the relay ends at once.
+async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, instance: &InstanceId) {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let down = pump(&mut upstream_read, &mut client_write);
+    let up = pump(&mut client_read, &mut upstream_write);
+    tokio::pin!(down);
+    tokio::select! {
+        result = &mut down => match result {
+            Ok(bytes) => debug!(%instance, down = bytes, "target closed the connection"),
+            Err(e) => debug!(%instance, error = %e, "target side of the connection ended"),
+        },
+        result = up => match result {
+            Ok(bytes) => {
+                debug!(%instance, up = bytes, "client closed the connection");
+                if tokio::time::timeout(CLIENT_CLOSE_LINGER, &mut down).await.is_err() {
+                    debug!(%instance, linger = ?CLIENT_CLOSE_LINGER, "target kept its side open; closing it");
+                }
+            }
+            // Nobody is left to receive what the target still sends.
+            Err(e) => debug!(%instance, error = %e, "client side of the connection ended"),
+        },
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then shuts `to` down for
+/// writing. Every byte read is written before the next read, so nothing
+/// read is lost when `from` then ends or fails. Returns the bytes copied.
+async fn pump<R, W>(from: &mut R, to: &mut W) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    let mut copied = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(copied);
+        }
+        to.write_all(&buf[..n]).await?;
+        copied += n as u64;
+    }
+}
+
+/// Reads and drops what the client sent that nobody will read. Closing a
+/// socket with unread input makes the kernel reset the connection instead
+/// of closing it, which would throw away what is still queued for the
+/// client (the target's last ACK) before it arrives.
+/// Reads at most [`DISCARD_LIMIT`] bytes, so a client that keeps sending
+/// cannot hold the task here.
+fn discard_unread(client: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < DISCARD_LIMIT {
+        match client.try_read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => discarded += n,
+        }
+    }
 }
 
 /// Resolves once the flag is true or its sender is gone.
