@@ -108,6 +108,7 @@ impl Cluster {
         // its address before it starts, and the minions need it too.
         let port = testing::free_port();
         let config = dir.path().join("controller.toml");
+        let state = dir.path().join("state");
         std::fs::write(
             &config,
             format!(
@@ -118,6 +119,7 @@ lost_timeout = "5s"
 eval_interval = "200ms"
 join_timeout = "60s"
 join_token_file = {token:?}
+state_dir = {state:?}
 [tls]
 cert = {cert:?}
 key = {key:?}
@@ -136,6 +138,7 @@ max_attempts = 1
 heartbeat_interval = "500ms"
 {hook_keys}"#,
                 token = token.display().to_string(),
+                state = state.display().to_string(),
                 cert = pki.server_cert.display().to_string(),
                 key = pki.server_key.display().to_string(),
                 ca = pki.ca_cert.display().to_string(),
@@ -477,7 +480,9 @@ fn an_auto_scaling_group_scales_out_and_in_with_real_minions() {
             "Joining",
             "Ready",
             "InService",
-            "Draining",
+            "Draining/Deregistering",
+            "Draining/Flushing",
+            "Draining/AwaitingUnused",
             "Drained",
             "Terminating",
             "Gone"
@@ -581,7 +586,9 @@ fn a_termination_the_group_starts_is_drained_heartbeated_and_continued() {
             "Joining",
             "Ready",
             "InService",
-            "Draining",
+            "Draining/Deregistering",
+            "Draining/Flushing",
+            "Draining/AwaitingUnused",
             "Drained",
             "Terminating",
             "Gone"
@@ -589,7 +596,7 @@ fn a_termination_the_group_starts_is_drained_heartbeated_and_continued() {
         "{victim:#?}"
     );
     let about = cluster.events_about(&victim_id);
-    let draining = first(&about, "-> Draining", &to("Draining"));
+    let draining = first(&about, "-> Draining", &to("Draining/Deregistering"));
     assert!(
         says("terminating lifecycle hook")(&about[draining]),
         "{:#?}",
@@ -636,7 +643,7 @@ fn a_termination_the_group_starts_is_drained_heartbeated_and_continued() {
         !cluster
             .events_about(&survivor_id)
             .iter()
-            .any(|e| to("Draining")(e)),
+            .any(|e| to("Draining/Deregistering")(e)),
         "{survivor:#?}"
     );
     assert!(cluster.targets().contains(&survivor_instance));

@@ -111,19 +111,33 @@ pub struct Dev {
     pub dir: tempfile::TempDir,
     pub load_balancer: SocketAddr,
     pub controller: String,
+    /// Kills the minions of this state directory if a test ends without
+    /// stopping them (local minions outlive a killed `gru dev`).
+    _reaper: Reaper,
 }
 
 impl Dev {
     pub fn start(args: &[&str]) -> Dev {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("dev.log")).expect("log file");
+        Dev::launch(dir, "127.0.0.1:0", "127.0.0.1:0", args)
+    }
+
+    fn launch(dir: tempfile::TempDir, listen: &str, lb_listen: &str, args: &[&str]) -> Dev {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("dev.log"))
+            .expect("log file");
+        let info_path = dir.path().join("state/dev.json");
+        // A killed gru dev leaves its dev.json behind.
+        let _ = std::fs::remove_file(&info_path);
         let mut cmd = Command::new(GRU);
         cmd.args([
             "dev",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--lb-listen",
-            "127.0.0.1:0",
+            lb_listen,
             "--state-dir",
         ])
         .arg(dir.path().join("state"))
@@ -132,7 +146,6 @@ impl Dev {
         .stdout(Stdio::null())
         .stderr(log);
         let mut proc = Proc::spawn("gru dev", &mut cmd);
-        let info_path = dir.path().join("state/dev.json");
         let info: Value = wait_until("gru dev to write dev.json", Duration::from_secs(30), || {
             if let Some(status) = proc.child.try_wait().expect("wait") {
                 let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default();
@@ -149,10 +162,36 @@ impl Dev {
         let controller = info["controller"].as_str().expect("controller").to_owned();
         Dev {
             proc,
+            _reaper: Reaper {
+                marker: dir.path().join("state/minion.toml"),
+            },
             dir,
             load_balancer,
             controller,
         }
+    }
+
+    /// SIGKILLs `gru dev`, as a crash or the OOM killer would: it gets no
+    /// chance to stop anything, and its minions live on.
+    pub fn kill(&mut self) {
+        self.proc.child.kill().expect("kill gru dev");
+        let _ = self.proc.child.wait();
+    }
+
+    /// Starts `gru dev` again on the same state directory and ports (the
+    /// minions that outlived the last one reconnect to the same address).
+    pub fn restart(self, args: &[&str]) -> Dev {
+        let Dev {
+            proc,
+            dir,
+            load_balancer,
+            controller,
+            _reaper,
+        } = self;
+        drop(proc);
+        std::mem::forget(_reaper);
+        let listen = controller.trim_start_matches("https://").to_owned();
+        Dev::launch(dir, &listen, &load_balancer.to_string(), args)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -232,6 +271,24 @@ impl Dev {
     }
 }
 
+/// Kills, on drop, the processes whose command line mentions `marker`: the
+/// minions of one test's state directory, which only that test started.
+struct Reaper {
+    marker: PathBuf,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in processes_mentioning(&self.marker) {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 /// Pids of processes whose command line mentions `path`.
 pub fn processes_mentioning(path: &Path) -> Vec<u32> {
     let needle = path.to_string_lossy().into_owned();
@@ -271,11 +328,17 @@ impl Sink {
 
     /// A sink on a given address (e.g. one a test reserved for later).
     pub fn start_on(listen: &str) -> Sink {
+        Sink::start_with(listen, &[])
+    }
+
+    /// A sink with more `gru bench sink` arguments (e.g. `--ack-delay`).
+    pub fn start_with(listen: &str, args: &[&str]) -> Sink {
         let dir = tempfile::tempdir().expect("tempdir");
         let record = dir.path().join("received.txt");
         let mut cmd = Command::new(GRU);
         cmd.args(["bench", "sink", "--listen", listen, "--record"])
             .arg(&record)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());

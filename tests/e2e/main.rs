@@ -9,5 +9,6 @@ mod durable;
 mod harness;
 mod interop;
 mod operator;
+mod restart;
 mod scaling;
 mod sim;

@@ -231,27 +231,3 @@ fn the_shipped_example_configs_are_valid() {
         assert!(out.status.success(), "{file}: {}", stderr(&out));
     }
 }
-
-#[test]
-fn killing_gru_dev_leaves_no_minion_behind() {
-    let mut dev = Dev::start(&["--min", "2", "--max", "2"]);
-    dev.wait_in_service(2, Duration::from_secs(30));
-    let marker = dev.state_dir().join("minion.toml");
-    assert_eq!(
-        crate::harness::processes_mentioning(&marker).len(),
-        2,
-        "two minion processes"
-    );
-    // SIGKILL: the controller gets no chance to stop them itself.
-    dev.proc.child.kill().expect("kill");
-    let _ = dev.proc.child.wait();
-    wait_until(
-        "the minions to exit after their controller died",
-        Duration::from_secs(10),
-        || {
-            crate::harness::processes_mentioning(&marker)
-                .is_empty()
-                .then_some(())
-        },
-    );
-}

@@ -97,10 +97,18 @@ fn scale_1_3_1_under_load_loses_nothing_and_drains_before_terminating() {
     assert_eq!(gone.len(), 2, "two minions removed");
     for m in &gone {
         let path = states(m);
-        let tail: Vec<&str> = path.iter().map(String::as_str).rev().take(5).collect();
+        let tail: Vec<&str> = path.iter().map(String::as_str).rev().take(7).collect();
         assert_eq!(
             tail,
-            ["Gone", "Terminating", "Drained", "Draining", "InService"],
+            [
+                "Gone",
+                "Terminating",
+                "Drained",
+                "Draining/AwaitingUnused",
+                "Draining/Flushing",
+                "Draining/Deregistering",
+                "InService"
+            ],
             "minion {} went {path:?}",
             m["id"]
         );

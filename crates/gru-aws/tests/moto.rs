@@ -34,7 +34,7 @@ use gru_aws::{AwsClients, AwsFleet, AwsFleetConfig, AwsLifecycle, LifecycleHook,
 use gru_cloud::{
     CapacityGroup, CloudError, InstanceId, InstanceLifecycle, Target, TargetGroup, TargetState,
 };
-use gru_core::MinionState;
+use gru_core::{DrainPhase, MinionState};
 use scenario::{SCENARIO_TIMEOUT, is_step, is_transition_to, messages, pin_at, position, until};
 
 /// Bound on every test: moto's first EC2 call in an account takes ≈ 2 s.
@@ -808,7 +808,10 @@ mod scenario {
         let controller_clients = super::clients_in(&super::moto().url, &fx.account, faults);
         let fleet = AwsFleet::from_clients(c, controller_clients);
         let runtime = FleetRuntime::aws(config.fleets[0].clone(), Arc::new(fleet));
-        let controller = Controller::new(config, vec![runtime], TOKEN.to_owned());
+        let store =
+            gru_controller::store::SqliteStore::open(&dir.path().join("state")).expect("store");
+        let controller = Controller::new(config, vec![runtime], TOKEN.to_owned(), Arc::new(store))
+            .expect("controller");
         pin_at(&controller, pin);
 
         let sink_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -846,9 +849,15 @@ mod scenario {
             .fleets
             .get_mut(FLEET)
             .expect("fleet")
-            .pin = Some(Pin {
-            desired: n,
-            until: None,
+            .pin = Some(gru_controller::registry::PinOverride {
+            pin: Pin {
+                desired: n,
+                until: None,
+            },
+            origin: gru_controller::store::Origin {
+                by: "test".to_owned(),
+                at_ms: 0,
+            },
         });
         controller.wake(FLEET);
     }
@@ -937,9 +946,10 @@ mod scenario {
         pub fn events(&self, minion: &str) -> Vec<Event> {
             self.controller
                 .registry()
-                .recent_events()
+                .events_since(std::time::UNIX_EPOCH, "", usize::MAX)
+                .expect("events")
+                .into_iter()
                 .filter(|e| e.minion.as_deref() == Some(minion))
-                .cloned()
                 .collect()
         }
 
@@ -968,8 +978,10 @@ mod scenario {
         events.iter().map(|e| e.message.clone()).collect()
     }
 
+    /// A step of a minion's lifecycle: a step event, or a transition
+    /// (drain phases are transitions) whose reason says `text`.
     pub fn is_step(e: &Event, text: &str) -> bool {
-        e.kind == EventKind::Step && e.message.contains(text)
+        matches!(e.kind, EventKind::Step | EventKind::Transition) && e.message.contains(text)
     }
 
     pub fn is_transition_to(e: &Event, to: MinionState) -> bool {
@@ -1061,7 +1073,9 @@ async fn controller_scales_in_by_deregistering_draining_then_terminating_once() 
                     MinionState::Joining,
                     MinionState::Ready,
                     MinionState::InService,
-                    MinionState::Draining,
+                    MinionState::Draining(DrainPhase::Deregistering),
+                    MinionState::Draining(DrainPhase::Flushing),
+                    MinionState::Draining(DrainPhase::AwaitingUnused),
                     MinionState::Drained,
                     MinionState::Terminating,
                     MinionState::Gone,
@@ -1155,7 +1169,9 @@ async fn a_termination_the_group_started_is_drained_heartbeated_and_continued() 
             &sc.path(&victim)[2..],
             [
                 MinionState::InService,
-                MinionState::Draining,
+                MinionState::Draining(DrainPhase::Deregistering),
+                MinionState::Draining(DrainPhase::Flushing),
+                MinionState::Draining(DrainPhase::AwaitingUnused),
                 MinionState::Drained,
                 MinionState::Terminating,
                 MinionState::Gone,
@@ -1163,7 +1179,7 @@ async fn a_termination_the_group_started_is_drained_heartbeated_and_continued() 
         );
         let events = sc.events(&victim);
         let draining = position(&events, "→ Draining", |e| {
-            is_transition_to(e, MinionState::Draining)
+            is_transition_to(e, MinionState::DRAINING)
         });
         assert!(
             events[draining]
@@ -1364,7 +1380,9 @@ async fn an_attached_target_group_is_warned_about_once_and_left_to_the_group() {
         let warnings = sc
             .controller
             .registry()
-            .recent_events()
+            .events_since(std::time::UNIX_EPOCH, "", usize::MAX)
+            .expect("events")
+            .into_iter()
             .filter(|e| e.minion.is_none() && e.message.contains("is attached to group"))
             .count();
         assert_eq!(warnings, 1, "warned once");

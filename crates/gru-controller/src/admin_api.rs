@@ -14,7 +14,11 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::reconcile::Controller;
-use crate::registry::{Event, MinionRecord, Registry, summary};
+use crate::registry::{Event, MinionRecord, PinOverride, RECENT_EVENTS, Registry, summary};
+use crate::store::Origin;
+
+/// The most events one `gru events --since` answers with (the newest).
+pub const EVENTS_SINCE_LIMIT: usize = 100_000;
 use gru_core::policy::{PinStatus, Source};
 
 pub struct AdminApi {
@@ -85,12 +89,20 @@ fn fleet_to_pb(reg: &Registry, name: &str, provider: &str) -> Option<pb::Fleet> 
         provider: provider.to_owned(),
         min: bounds.min,
         max: bounds.max,
-        paused: f.paused,
-        pinned: f.pin.map(|p| p.desired),
+        paused: f.paused.is_some(),
+        pinned: f.pin.as_ref().map(|p| p.pin.desired),
         pinned_until_unix_ms: f
             .pin
-            .and_then(|p| p.until)
+            .as_ref()
+            .and_then(|p| p.pin.until)
             .map(|t| t.as_millisecond().max(0) as u64),
+        paused_by: f.paused.as_ref().map(|o| o.by.clone()).unwrap_or_default(),
+        paused_at_unix_ms: f.paused.as_ref().map(|o| o.at_ms.max(0) as u64),
+        pinned_by: f
+            .pin
+            .as_ref()
+            .map(|p| p.origin.by.clone())
+            .unwrap_or_default(),
         group_desired: f.group.as_ref().map_or(0, |g| g.desired),
         ..Default::default()
     };
@@ -116,7 +128,7 @@ fn fleet_to_pb(reg: &Registry, name: &str, provider: &str) -> Option<pb::Fleet> 
         }
         match m.state {
             MinionState::InService => fleet.in_service += 1,
-            MinionState::Draining | MinionState::Drained | MinionState::Terminating => {
+            MinionState::Draining(_) | MinionState::Drained | MinionState::Terminating => {
                 fleet.draining += 1
             }
             _ => {}
@@ -196,6 +208,7 @@ fn event_to_pb(e: &Event) -> pb::Event {
         message: e.message.clone(),
         from,
         to,
+        actor: e.actor.clone().unwrap_or_default(),
     }
 }
 
@@ -276,13 +289,19 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ScaleRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
+        let actor = caller(&request);
         let req = request.into_inner();
         {
             let mut reg = self.controller.registry();
+            let now_ms = unix_ms(SystemTime::now()) as i64;
             let f = reg
                 .fleets
                 .get_mut(&req.fleet)
                 .ok_or_else(|| self.unknown_fleet(&req.fleet))?;
+            let origin = Origin {
+                by: actor.clone(),
+                at_ms: now_ms,
+            };
             let message = match req.target {
                 Some(pb::scale_request::Target::Desired(n)) => {
                     let b = f.config.bounds();
@@ -302,10 +321,20 @@ impl AdminService for AdminApi {
                             })?)
                         }
                     };
-                    f.pin = Some(gru_core::policy::Pin { desired: n, until });
+                    if let Some(t) = until
+                        && t.as_millisecond() <= now_ms
+                    {
+                        return Err(Status::invalid_argument(format!(
+                            "the pin would end at {t}, which is not in the future"
+                        )));
+                    }
+                    f.pin = Some(PinOverride {
+                        pin: gru_core::policy::Pin { desired: n, until },
+                        origin,
+                    });
                     match until {
-                        Some(t) => format!("pinned at {n} by an operator until {t}"),
-                        None => format!("pinned at {n} by an operator"),
+                        Some(t) => format!("pinned at {n} until {t}"),
+                        None => format!("pinned at {n}"),
                     }
                 }
                 Some(pb::scale_request::Target::Auto(_)) => {
@@ -318,7 +347,8 @@ impl AdminService for AdminApi {
                     ));
                 }
             };
-            reg.emit(&req.fleet, None, crate::registry::EventKind::Scale, message);
+            reg.persist_fleet(&req.fleet);
+            reg.emit_admin(&req.fleet, None, &actor, message);
         }
         self.controller.wake(&req.fleet);
         Ok(Response::new(self.fleet(&req.fleet)?))
@@ -328,6 +358,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::Minion>, Status> {
+        let actor = caller(&request);
         let req = request.into_inner();
         let fleet = {
             let mut reg = self.controller.registry();
@@ -335,7 +366,10 @@ impl AdminService for AdminApi {
                 .find(&req.id)
                 .ok_or_else(|| Status::not_found(format!("no minion {:?}", req.id)))?;
             let (id, fleet, state) = (m.id.clone(), m.fleet.clone(), m.state);
-            if !state.counts_as_capacity() && state != MinionState::Draining {
+            if !state.counts_as_capacity()
+                && !state.is_draining()
+                && state != MinionState::Unhealthy
+            {
                 return Err(Status::failed_precondition(format!(
                     "minion {id} is {state}; nothing to drain"
                 )));
@@ -347,6 +381,7 @@ impl AdminService for AdminApi {
             };
             reg.choose_for_drain(&id, !req.replace, reason, Instant::now())
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            reg.emit_admin(&fleet, Some(&id), &actor, format!("drain asked: {reason}"));
             fleet
         };
         self.controller.wake(&fleet);
@@ -361,8 +396,9 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::PauseRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
+        let actor = caller(&request);
         let name = request.into_inner().fleet;
-        self.set_paused(&name, true)?;
+        self.set_paused(&name, true, &actor)?;
         Ok(Response::new(self.fleet(&name)?))
     }
 
@@ -370,8 +406,9 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ResumeRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
+        let actor = caller(&request);
         let name = request.into_inner().fleet;
-        self.set_paused(&name, false)?;
+        self.set_paused(&name, false, &actor)?;
         Ok(Response::new(self.fleet(&name)?))
     }
 
@@ -408,11 +445,25 @@ impl AdminService for AdminApi {
         }
         // Subscribe before copying the backlog so nothing falls in between.
         let live = self.controller.events.subscribe();
+        let since = req.since_unix_ms.map_or(UNIX_EPOCH, |ms| {
+            UNIX_EPOCH + std::time::Duration::from_millis(ms)
+        });
+        let limit = if req.since_unix_ms.is_some() {
+            EVENTS_SINCE_LIMIT
+        } else {
+            RECENT_EVENTS
+        };
         let backlog: Vec<pb::Event> = self
             .controller
             .registry()
-            .recent_events()
-            .filter(|e| req.fleet.is_empty() || e.fleet == req.fleet)
+            .events_since(since, &req.fleet, limit)
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot read the event log: {}",
+                    gru_core::error_chain(&e)
+                ))
+            })?
+            .iter()
             .map(event_to_pb)
             .collect();
         let head = futures::stream::iter(backlog.into_iter().map(Ok));
@@ -450,28 +501,52 @@ impl AdminService for AdminApi {
 
 impl AdminApi {
     #[allow(clippy::result_large_err)]
-    fn set_paused(&self, name: &str, paused: bool) -> Result<(), Status> {
+    fn set_paused(&self, name: &str, paused: bool, actor: &str) -> Result<(), Status> {
         let mut reg = self.controller.registry();
         let f = reg
             .fleets
             .get_mut(name)
             .ok_or_else(|| self.unknown_fleet(name))?;
-        if f.paused != paused {
-            f.paused = paused;
+        if f.paused.is_some() != paused {
+            f.paused = paused.then(|| Origin {
+                by: actor.to_owned(),
+                at_ms: unix_ms(SystemTime::now()) as i64,
+            });
             let msg = if paused {
                 "paused: decisions are computed and shown, not applied"
             } else {
                 "resumed: decisions are applied again"
             };
-            reg.emit(
-                name,
-                None,
-                crate::registry::EventKind::Scale,
-                msg.to_owned(),
-            );
+            reg.persist_fleet(name);
+            reg.emit_admin(name, None, actor, msg.to_owned());
         }
         drop(reg);
         self.controller.wake(name);
         Ok(())
+    }
+}
+
+/// Who is calling, for the audit trail: the subject of the client
+/// certificate the TLS layer verified (admin calls need one).
+fn caller<T>(request: &Request<T>) -> String {
+    let Some(certs) = request.peer_certs() else {
+        return "unknown caller".to_owned();
+    };
+    let Some(first) = certs.first() else {
+        return "unknown caller".to_owned();
+    };
+    match x509_parser::parse_x509_certificate(first.as_ref()) {
+        Ok((_, cert)) => {
+            let subject = cert.subject();
+            match subject
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+            {
+                Some(cn) => format!("CN={cn}"),
+                None => subject.to_string(),
+            }
+        }
+        Err(_) => "a client certificate that does not parse".to_owned(),
     }
 }

@@ -21,6 +21,18 @@ pub const DEFAULT_LOST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_EVAL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(120);
+/// Where the controller keeps its store: the systemd unit's
+/// `StateDirectory=gru`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gru";
+/// An engine that stays unhealthy this long is replaced.
+pub const DEFAULT_UNHEALTHY_TIMEOUT: Duration = Duration::from_secs(300);
+/// The event log keeps this much history (the origin's operational
+/// retention); `event_retention = "90d"` for continuity audits.
+pub const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// On AWS, once a drained engine has no connection left, the controller
+/// waits this long for the target to show `unused`, not the whole
+/// deregistration delay (the load balancer has nothing left to carry).
+pub const DEFAULT_UNUSED_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_TARGET_QUEUE_PER_MINION: u32 = 8;
 /// ELB's own default.
 pub const DEFAULT_DEREGISTRATION_DELAY: Duration = Duration::from_secs(300);
@@ -66,6 +78,14 @@ pub struct ControllerConfig {
     pub join_timeout: Duration,
     pub eval_interval: Duration,
     pub drain_deadline: Duration,
+    /// A minion whose engine stays unhealthy this long is replaced.
+    pub unhealthy_timeout: Duration,
+    /// Where the store lives (minions, drains, overrides, events).
+    pub state_dir: PathBuf,
+    /// How long the event log keeps events.
+    pub event_retention: Duration,
+    /// See [`DEFAULT_UNUSED_GRACE`].
+    pub unused_grace: Duration,
     pub tls: TlsFiles,
     /// Minions joining with this token are trusted (gru dev, trusted networks).
     pub join_token_file: PathBuf,
@@ -153,6 +173,13 @@ struct RawConfig {
     eval_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     drain_deadline: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    unhealthy_timeout: Option<Duration>,
+    state_dir: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    event_retention: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    unused_grace: Option<Duration>,
     tls: Option<RawTls>,
     join_token_file: Option<PathBuf>,
     #[serde(default)]
@@ -310,6 +337,29 @@ impl ControllerConfig {
                 raw.drain_deadline.unwrap_or(DEFAULT_DRAIN_DEADLINE),
             ),
         );
+        let unhealthy_timeout = keep(
+            &mut errors,
+            v.positive(
+                "unhealthy_timeout",
+                raw.unhealthy_timeout.unwrap_or(DEFAULT_UNHEALTHY_TIMEOUT),
+            ),
+        );
+        let event_retention = keep(
+            &mut errors,
+            v.positive(
+                "event_retention",
+                raw.event_retention.unwrap_or(DEFAULT_EVENT_RETENTION),
+            ),
+        );
+        let unused_grace = raw.unused_grace.unwrap_or(DEFAULT_UNUSED_GRACE);
+        let state_dir = match raw.state_dir {
+            Some(p) if p.as_os_str().is_empty() => {
+                errors.push(v.invalid("state_dir", "a directory for the controller's store"));
+                None
+            }
+            Some(p) => Some(resolve(p)),
+            None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+        };
         let tls = keep(
             &mut errors,
             raw.tls.ok_or_else(|| {
@@ -499,6 +549,7 @@ impl ControllerConfig {
             join_timeout,
             eval_interval,
             drain_deadline,
+            (unhealthy_timeout, event_retention, state_dir),
             tls,
             join_token_file,
         ) {
@@ -509,6 +560,7 @@ impl ControllerConfig {
                 Some(join_timeout),
                 Some(eval_interval),
                 Some(drain_deadline),
+                (Some(unhealthy_timeout), Some(event_retention), Some(state_dir)),
                 Some(tls),
                 Some(join_token_file),
             ) if errors.is_empty() => Ok(ControllerConfig {
@@ -518,6 +570,10 @@ impl ControllerConfig {
                 join_timeout,
                 eval_interval,
                 drain_deadline,
+                unhealthy_timeout,
+                state_dir,
+                event_retention,
+                unused_grace,
                 tls,
                 join_token_file,
                 fleets,

@@ -19,6 +19,7 @@ pub mod providers;
 pub mod reconcile;
 pub mod registry;
 pub mod server;
+pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -46,6 +47,16 @@ pub async fn run(
         let c = controller.clone();
         loops.push(tokio::spawn(async move {
             c.run_fleet(fleet, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        }));
+    }
+    {
+        let mut stop = stop_rx.clone();
+        let c = controller.clone();
+        loops.push(tokio::spawn(async move {
+            c.prune_events(async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await

@@ -26,6 +26,12 @@ pub enum ProviderError {
         #[source]
         source: std::io::Error,
     },
+    #[error("fleet {fleet}: cannot adopt the local minions of an earlier run")]
+    LocalState {
+        fleet: String,
+        #[source]
+        source: gru_cloud::local::StateFileError,
+    },
     #[error("fleet {fleet}: invalid AWS settings")]
     Aws {
         fleet: String,
@@ -46,9 +52,22 @@ pub struct LocalParts {
     pub load_balancer: Arc<LocalLoadBalancer>,
 }
 
+/// The file in the controller's state directory where local fleets record
+/// their minion processes, so a restarted controller adopts them.
+pub const LOCAL_INSTANCES_FILE: &str = "local-instances.json";
+
 /// Builds the providers of `fleet`. `program` is the `gru` binary the local
 /// provider starts minions with (`gru minion --config … --instance-id …`).
-pub async fn build(fleet: &FleetConfig, program: &Path) -> Result<BuiltFleet, ProviderError> {
+///
+/// Local minions, like EC2 instances, outlive their controller: they are
+/// recorded in [`LOCAL_INSTANCES_FILE`] under `state_dir`, survive a
+/// controller that is killed, and are adopted by the next one started on the
+/// same state directory. A controller that stops gracefully stops them.
+pub async fn build(
+    fleet: &FleetConfig,
+    program: &Path,
+    state_dir: &Path,
+) -> Result<BuiltFleet, ProviderError> {
     match &fleet.provider {
         ProviderConfig::Local(local) => {
             let listener =
@@ -68,11 +87,16 @@ pub async fn build(fleet: &FleetConfig, program: &Path) -> Result<BuiltFleet, Pr
             ];
             spec.log_dir = local.log_dir.clone();
             spec.stop_grace = LOCAL_STOP_GRACE;
+            spec.state_file = Some(state_dir.join(LOCAL_INSTANCES_FILE));
             let b = fleet.bounds();
             // Like an Auto Scaling group's max, the local group needs room
             // above the fleet's max for minions still draining.
             let group =
-                LocalGroup::start(&fleet.name, spec, 0, b.max.saturating_mul(2).max(1), b.min);
+                LocalGroup::try_start(&fleet.name, spec, 0, b.max.saturating_mul(2).max(1), b.min)
+                    .map_err(|source| ProviderError::LocalState {
+                        fleet: fleet.name.clone(),
+                        source,
+                    })?;
             Ok(BuiltFleet {
                 runtime: FleetRuntime {
                     config: fleet.clone(),

@@ -25,13 +25,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use gru_aws::{AwsFleet, AwsLifecycle, LifecycleHook, LifecycleResult};
 use gru_cloud::{CapacityGroup, CloudError, GroupState, TargetGroup, TargetState};
-use gru_core::{LifecycleEvent, MinionState};
+use gru_core::{DrainPhase, LifecycleEvent, MinionState};
 use tokio::sync::{Notify, broadcast};
 
 use crate::config::{ControllerConfig, FleetConfig};
-use crate::registry::{
-    Action, AwsSetup, AwsView, Command, DrainPhase, Event, EventKind, Finish, Registry,
-};
+use crate::registry::{Action, AwsSetup, AwsView, Command, Event, EventKind, Finish, Registry};
+use crate::store::{Store, StoreError};
 pub use gru_core::error_chain;
 
 /// How soon a pass with work under way (a drain, a registration) runs again.
@@ -40,6 +39,8 @@ pub const BUSY_REQUEUE: Duration = Duration::from_millis(200);
 /// instances, and AWS throttles Describe calls per account. Reports that
 /// change a minion's state still wake the loop at once.
 pub const AWS_BUSY_REQUEUE: Duration = Duration::from_secs(2);
+/// How often the event log is pruned to its retention.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// A fleet's providers: how the controller reaches its group and load balancer.
 #[derive(Clone)]
@@ -93,13 +94,15 @@ pub enum ReconcileError {
 }
 
 impl Controller {
+    /// A controller for `fleets`, resumed from `store`.
     pub fn new(
         config: ControllerConfig,
         fleets: Vec<FleetRuntime>,
         join_token: String,
-    ) -> Arc<Self> {
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Self>, StoreError> {
         let (events, _) = broadcast::channel(1024);
-        let registry = Registry::new(&config.fleets, events.clone());
+        let registry = Registry::open(&config.fleets, events.clone(), store, Instant::now())?;
         let wake = fleets
             .iter()
             .map(|f| (f.config.name.clone(), Arc::new(Notify::new())))
@@ -108,14 +111,34 @@ impl Controller {
             .into_iter()
             .map(|f| (f.config.name.clone(), f))
             .collect();
-        Arc::new(Controller {
+        Ok(Arc::new(Controller {
             config,
             fleets,
             registry: Mutex::new(registry),
             events,
             wake,
             join_token,
-        })
+        }))
+    }
+
+    /// Prunes the event log to the configured retention, now and every
+    /// [`PRUNE_EVERY`], until `shutdown` resolves.
+    pub async fn prune_events(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let before = SystemTime::now()
+                .checked_sub(self.config.event_retention)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            match self.registry().prune_events(before) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "pruned events past retention"),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "failed to prune events"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(PRUNE_EVERY) => {}
+                _ = &mut shutdown => return,
+            }
+        }
     }
 
     /// The registry. Never hold the guard across an `.await`.
@@ -232,6 +255,7 @@ impl Controller {
                 &group,
                 self.config.lost_timeout,
                 self.config.join_timeout,
+                self.config.unhealthy_timeout,
                 now,
             );
             reg.plan(fleet, self.config.drain_deadline, now)
@@ -332,10 +356,48 @@ impl Controller {
                     "the group registers it (target group attached)".to_owned()
                 };
                 let mut reg = self.registry();
-                if let Some(m) = reg.minions.get_mut(minion) {
+                let Some(m) = reg.minions.get_mut(minion) else {
+                    return Ok(());
+                };
+                // The pass planned this before a report could move the
+                // minion on (an engine that turned unhealthy, a drain):
+                // only a minion still Ready or InService counts as
+                // registered; a later TakeOut or Deregister undoes the call.
+                if !matches!(m.state, MinionState::Ready | MinionState::InService) {
                     m.registered = manages_targets;
+                    reg.persist(minion);
+                    return Ok(());
                 }
-                let _ = reg.transition(minion, LifecycleEvent::Registered, &reason, Instant::now());
+                let verified = std::mem::take(&mut m.verify_registration);
+                m.registered = manages_targets;
+                if verified {
+                    reg.persist(minion);
+                    reg.emit(
+                        fleet,
+                        Some(minion),
+                        EventKind::Step,
+                        format!("{reason} again after the controller restarted"),
+                    );
+                } else {
+                    let _ =
+                        reg.transition(minion, LifecycleEvent::Registered, &reason, Instant::now());
+                }
+            }
+            Action::TakeOut { minion, target } => {
+                if manages_targets {
+                    rt.targets.deregister(target).await?;
+                }
+                let mut reg = self.registry();
+                if let Some(m) = reg.minions.get_mut(minion) {
+                    m.registered = false;
+                    reg.persist(minion);
+                    reg.emit(
+                        fleet,
+                        Some(minion),
+                        EventKind::Step,
+                        "unhealthy: taken out of the load balancer".to_owned(),
+                    );
+                }
             }
             Action::Deregister { minion, target } => {
                 let target = target.as_ref().filter(|_| manages_targets);
@@ -355,10 +417,45 @@ impl Controller {
                         let msg = format!(
                             "deregistered from the load balancer: target {state:?}, no new connections"
                         );
+                        reg.persist(minion);
                         reg.emit(fleet, Some(minion), EventKind::Step, msg);
                     }
                 }
                 self.start_flush(rt, minion, target);
+            }
+            Action::AwaitUnused {
+                minion,
+                target,
+                waiting_for,
+            } => {
+                let why = match target.as_ref().filter(|_| manages_targets) {
+                    None => "not in the load balancer".to_owned(),
+                    Some(target) => {
+                        rt.targets.deregister(target).await?;
+                        match rt.targets.target_state(target).await? {
+                            TargetState::Unused => "target unused".to_owned(),
+                            // The engine has no connection left, so whatever
+                            // the load balancer still shows is its own
+                            // bookkeeping: on AWS the target stays draining
+                            // for the whole deregistration delay. Wait a short
+                            // grace, not the delay.
+                            state
+                                if rt.aws.is_some() && *waiting_for >= self.config.unused_grace =>
+                            {
+                                format!(
+                                    "target still {state:?} {} after the engine closed its last connection: going on",
+                                    humantime::format_duration(self.config.unused_grace)
+                                )
+                            }
+                            _ => return Ok(()),
+                        }
+                    }
+                };
+                let mut reg = self.registry();
+                if let Some(m) = reg.minions.get_mut(minion) {
+                    m.registered = false;
+                }
+                let _ = reg.transition(minion, LifecycleEvent::TargetUnused, &why, Instant::now());
             }
             Action::Terminate {
                 minion,
@@ -368,13 +465,12 @@ impl Controller {
                 finish,
             } => {
                 if let Some(target) = target.as_ref().filter(|_| manages_targets) {
-                    // Step 4: only once the load balancer is done with it.
+                    // A Lost minion: only once the load balancer is done with it.
                     rt.targets.deregister(target).await?;
                     let state = rt.targets.target_state(target).await?;
                     if state.takes_no_new_connections()
                         && let Some(m) = self.registry().minions.get_mut(minion)
                     {
-                        // A Lost minion comes here without a Deregister step.
                         m.deregistered_at.get_or_insert_with(Instant::now);
                     }
                     if state != TargetState::Unused {
@@ -393,9 +489,42 @@ impl Controller {
                 }
                 let reason = match finish {
                     Finish::Terminate => {
-                        rt.group.terminate(instance, *decrement).await?;
-                        if *decrement {
+                        // The intent first: the decrement ledger in the store
+                        // allows one decrement per instance across any number
+                        // of calls and restarts.
+                        let decrementing = *decrement
+                            && self
+                                .registry()
+                                .claim_decrement(minion, instance, Instant::now())
+                                .map_err(|e| CloudError::Provider {
+                                    call: "the decrement ledger",
+                                    message: error_chain(&e),
+                                })?;
+                        match rt.group.terminate(instance, decrementing).await {
+                            Ok(()) => {
+                                if decrementing {
+                                    self.registry().settle_decrement(
+                                        instance,
+                                        true,
+                                        Instant::now(),
+                                    );
+                                }
+                            }
+                            Err(e) => {
+                                if decrementing && e.certainly_not_applied() {
+                                    self.registry().settle_decrement(
+                                        instance,
+                                        false,
+                                        Instant::now(),
+                                    );
+                                }
+                                return Err(e);
+                            }
+                        }
+                        if decrementing {
                             format!("terminating {instance}, desired capacity decremented")
+                        } else if *decrement {
+                            format!("terminating {instance} (its decrement was already asked for)")
                         } else {
                             format!("terminating {instance} to be replaced")
                         }
@@ -408,8 +537,10 @@ impl Controller {
                                 LifecycleResult::Continue,
                             )
                             .await?;
-                        if let Some(m) = self.registry().minions.get_mut(minion) {
+                        let mut reg = self.registry();
+                        if let Some(m) = reg.minions.get_mut(minion) {
                             m.termination_completed = true;
+                            reg.persist(minion);
                         }
                         format!("terminating lifecycle action of {instance} completed: CONTINUE")
                     }
@@ -453,6 +584,7 @@ impl Controller {
                 let mut reg = self.registry();
                 if let Some(m) = reg.minions.get_mut(minion) {
                     m.hook_heartbeat_at = Some(Instant::now());
+                    reg.persist(minion);
                 }
                 reg.emit(
                     fleet,
@@ -490,6 +622,7 @@ impl Controller {
                 let mut reg = self.registry();
                 if let Some(m) = reg.minions.get_mut(minion) {
                     m.launch_completed = true;
+                    reg.persist(minion);
                 }
                 reg.emit(
                     fleet,
@@ -522,19 +655,19 @@ impl Controller {
             .is_some_and(|at| at.elapsed() >= delay)
     }
 
-    /// Sends the Drain command once the load balancer sends no new connections.
+    /// Sends the Drain command once the load balancer sends no new
+    /// connections: Deregistering → Flushing.
     fn start_flush(&self, rt: &FleetRuntime, minion: &str, target: Option<&gru_cloud::Target>) {
-        let fleet = rt.config.name.as_str();
         let deadline = self.config.drain_deadline;
         let now = Instant::now();
         let mut reg = self.registry();
         let Some(m) = reg.minions.get_mut(minion) else {
             return;
         };
-        let Some(plan) = m.drain.as_mut() else { return };
-        if plan.phase != DrainPhase::Deregistering {
+        if m.state != MinionState::Draining(DrainPhase::Deregistering) {
             return;
         }
+        let Some(plan) = m.drain.as_ref() else { return };
         let reason = plan.reason.clone();
         match &m.session {
             Some(link) => {
@@ -543,25 +676,21 @@ impl Controller {
                     // Session gone or full: try again next pass.
                     return;
                 }
-                plan.phase = DrainPhase::Flushing { since: now };
                 m.lb_connections_at_drain_start =
                     target.and_then(|t| rt.targets.connections_total(t));
-                reg.emit(
-                    fleet,
-                    Some(minion),
-                    EventKind::Step,
-                    "drain command sent".to_owned(),
-                );
+                let _ =
+                    reg.transition(minion, LifecycleEvent::DrainSent, "drain command sent", now);
             }
-            None if m.state == MinionState::Draining && m.session_token.is_none() => {
+            None if m.engine_address.is_none() => {
                 // Never joined: there is no engine and so nothing to drain.
-                plan.phase = DrainPhase::Flushing { since: now };
-                let _ = reg.transition(
-                    minion,
+                let why = "never joined: nothing to drain";
+                for event in [
+                    LifecycleEvent::DrainSent,
                     LifecycleEvent::Drained,
-                    "never joined: nothing to drain",
-                    now,
-                );
+                    LifecycleEvent::TargetUnused,
+                ] {
+                    let _ = reg.transition(minion, event, why, now);
+                }
             }
             None => {}
         }

@@ -5,31 +5,45 @@
 //! cloud calls without the lock, and comes back to record what happened.
 //! Every state change goes through [`gru_core::step`].
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gru_cloud::{GroupState, InstanceId, InstanceLifecycle, Target};
 use gru_core::lifecycle::InvalidTransition;
 use gru_core::policy::{
-    self, Decision, Explanation, MinionLoad, Observation, Overrides, Pin, PolicyState, Source,
+    self, Decision, Explanation, MinionLoad, Observation, Overrides, Pin, PolicyMemory,
+    PolicyState, Source,
 };
 use gru_core::scaling::Candidate;
+use gru_core::{DrainPhase, error_chain};
 use gru_core::{LifecycleEvent, Load, MinionState, step};
 use jiff::Timestamp;
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::config::FleetConfig;
+use crate::store::{
+    DrainRow, EventRow, FleetRow, Loaded, MinionRow, Origin, PinRow, Store, StoreError,
+};
 
-/// How many recent events the controller keeps for `gru events`.
+/// How many events `gru events` shows without `--since`.
 pub const RECENT_EVENTS: usize = 500;
+/// How many transitions `gru minion get` shows.
+pub const MINION_HISTORY: usize = 200;
+/// The policy's memory changes with every decision; it is written at most
+/// this often (and whenever a scale-out or scale-in is recorded).
+pub const POLICY_SAVE_EVERY: Duration = Duration::from_secs(15);
 /// Gone minions are listed for this long, then forgotten.
 pub const GONE_RETENTION: Duration = Duration::from_secs(3600);
 /// On AWS, a minion that reported queued or in-flight work within this is
 /// protected from the group's own scale-ins (so those pick idle instances);
 /// the window keeps protection from flapping with every report.
 pub const PROTECT_AFTER_WORK: Duration = Duration::from_secs(60);
+/// A Terminating minion whose instance the group still runs after this is
+/// terminated again (idempotent; the decrement ledger allows one decrement).
+pub const TERMINATE_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// A command for a minion's agent, sent down its Session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +76,8 @@ pub enum EventKind {
     Scale,
     Step,
     Warning,
+    /// An operator's action, with who made it.
+    Admin,
 }
 
 impl EventKind {
@@ -72,6 +88,18 @@ impl EventKind {
             EventKind::Scale => "scale",
             EventKind::Step => "step",
             EventKind::Warning => "warning",
+            EventKind::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> EventKind {
+        match s {
+            "transition" => EventKind::Transition,
+            "decision" => EventKind::Decision,
+            "scale" => EventKind::Scale,
+            "warning" => EventKind::Warning,
+            "admin" => EventKind::Admin,
+            _ => EventKind::Step,
         }
     }
 }
@@ -84,6 +112,8 @@ pub struct Event {
     pub kind: EventKind,
     pub message: String,
     pub transition: Option<(MinionState, MinionState)>,
+    /// Who caused it, for admin actions (as far as the controller knows).
+    pub actor: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -94,22 +124,15 @@ pub struct HistoryEntry {
     pub reason: String,
 }
 
-/// Where a drain is, between Draining and Drained.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DrainPhase {
-    /// Deregistering; waiting until the load balancer sends no new connections.
-    Deregistering,
-    /// The Drain command was sent; waiting for the agent to report drained.
-    Flushing { since: Instant },
-}
-
+/// A drain on record: why, and whether the group's desired capacity goes
+/// down with it. Its phase is the minion's state
+/// ([`MinionState::Draining`]).
 #[derive(Clone, Debug)]
 pub struct DrainPlan {
     /// Lower the group's desired capacity when terminating (scale-in), or not
     /// (replacement).
     pub decrement: bool,
     pub reason: String,
-    pub phase: DrainPhase,
     pub overdue_reported: bool,
 }
 
@@ -157,6 +180,10 @@ pub struct MinionRecord {
     pub termination_completed: bool,
     /// Last report with queued or in-flight work.
     pub last_busy_at: Option<Instant>,
+    /// Found InService by a restarted controller: register it once more
+    /// (idempotent) in case the load balancer lost it (a local one starts
+    /// empty).
+    pub verify_registration: bool,
 }
 
 impl MinionRecord {
@@ -181,9 +208,12 @@ impl MinionRecord {
 #[derive(Debug)]
 pub struct FleetState {
     pub config: FleetConfig,
-    pub paused: bool,
-    pub pin: Option<Pin>,
+    /// Paused by an operator: who and when.
+    pub paused: Option<Origin>,
+    pub pin: Option<PinOverride>,
     pub policy_state: PolicyState,
+    /// The policy memory last written to the store, and when.
+    pub policy_saved: Option<(Instant, PolicyMemory)>,
     pub last_decision: Option<Decision>,
     pub group: Option<GroupState>,
     /// What only an AWS group shows: instances held by lifecycle hooks, in
@@ -192,6 +222,13 @@ pub struct FleetState {
     pub aws: Option<AwsView>,
     /// What the controller learnt about an AWS fleet at its first pass.
     pub aws_setup: Option<AwsSetup>,
+}
+
+/// An operator's pin and who set it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinOverride {
+    pub pin: Pin,
+    pub origin: Origin,
 }
 
 /// The lifecycle hook wait states of an AWS group's instances, from the
@@ -252,7 +289,23 @@ pub enum Action {
         minion: String,
         target: Option<Target>,
     },
-    /// Terminate a Drained minion once its target is out of the load balancer.
+    /// Take an unhealthy engine out of the load balancer; it comes back
+    /// through Ready when healthy again.
+    TakeOut {
+        minion: String,
+        target: Target,
+    },
+    /// The engine is drained: wait for its target to show unused (exact for
+    /// the local load balancer; on AWS bounded by a short grace after the
+    /// engine reported no connections, not the deregistration delay).
+    AwaitUnused {
+        minion: String,
+        target: Option<Target>,
+        /// Since the engine reported drained.
+        waiting_for: Duration,
+    },
+    /// Terminate a Drained (or Lost) minion. A Lost minion's target is taken
+    /// out of the load balancer first.
     Terminate {
         minion: String,
         instance: InstanceId,
@@ -284,6 +337,8 @@ impl Action {
     pub fn minion(&self) -> Option<&str> {
         match self {
             Action::Register { minion, .. }
+            | Action::TakeOut { minion, .. }
+            | Action::AwaitUnused { minion, .. }
             | Action::Deregister { minion, .. }
             | Action::Terminate { minion, .. }
             | Action::Heartbeat { minion, .. }
@@ -307,21 +362,35 @@ pub struct Registry {
     pub fleets: BTreeMap<String, FleetState>,
     pub minions: BTreeMap<String, MinionRecord>,
     by_instance: HashMap<InstanceId, String>,
-    recent: VecDeque<Event>,
     events: broadcast::Sender<Event>,
     next_generation: u64,
+    store: Arc<dyn Store>,
+    /// The same moment on the monotonic clock and the wall clock: the store
+    /// keeps wall-clock milliseconds, the registry `Instant`s.
+    anchor: (Instant, SystemTime),
 }
 
 impl Registry {
-    pub fn new(fleets: &[FleetConfig], events: broadcast::Sender<Event>) -> Self {
+    /// The registry of `fleets`, resumed from what `store` holds: minions
+    /// with their ids, states and drains, each fleet's overrides and policy
+    /// memory. Pins that expired while the controller was down are dropped
+    /// with an event.
+    pub fn open(
+        fleets: &[FleetConfig],
+        events: broadcast::Sender<Event>,
+        store: Arc<dyn Store>,
+        now: Instant,
+    ) -> Result<Self, StoreError> {
+        let loaded = store.load()?;
         let fleets = fleets
             .iter()
             .map(|c| {
                 let state = FleetState {
                     config: c.clone(),
-                    paused: false,
+                    paused: None,
                     pin: None,
                     policy_state: PolicyState::new(),
+                    policy_saved: None,
                     last_decision: None,
                     group: None,
                     aws: None,
@@ -330,18 +399,287 @@ impl Registry {
                 (c.name.clone(), state)
             })
             .collect();
-        Registry {
+        let mut reg = Registry {
             fleets,
             minions: BTreeMap::new(),
             by_instance: HashMap::new(),
-            recent: VecDeque::new(),
             events,
             next_generation: 1,
+            store,
+            anchor: (now, SystemTime::now()),
+        };
+        reg.resume(loaded, now)?;
+        Ok(reg)
+    }
+
+    /// Wall-clock milliseconds of `t`.
+    fn wall_ms(&self, t: Instant) -> i64 {
+        let (at, wall) = self.anchor;
+        let wall = if t >= at {
+            wall + (t - at)
+        } else {
+            wall.checked_sub(at - t).unwrap_or(UNIX_EPOCH)
+        };
+        unix_ms(wall)
+    }
+
+    /// The `Instant` of wall-clock milliseconds `ms` (never after `now`).
+    fn instant_at(&self, ms: i64, now: Instant) -> Instant {
+        let (at, wall) = self.anchor;
+        let then = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+        let t = match then.duration_since(wall) {
+            Ok(ahead) => at.checked_add(ahead).unwrap_or(now),
+            Err(e) => at.checked_sub(e.duration()).unwrap_or(at),
+        };
+        t.min(now)
+    }
+
+    fn resume(&mut self, loaded: Loaded, now: Instant) -> Result<(), StoreError> {
+        for row in loaded.minions {
+            if !self.fleets.contains_key(&row.fleet) {
+                tracing::warn!(minion = %row.id, fleet = %row.fleet, "the store holds a minion of a fleet no longer configured; leaving it alone");
+                continue;
+            }
+            let Some(state) = MinionState::parse(&row.state) else {
+                return Err(StoreError::Decode {
+                    path: self.store.location(),
+                    what: format!("minion {}", row.id),
+                    detail: format!("unknown state {:?}", row.state),
+                });
+            };
+            let history = self
+                .store
+                .minion_events(&row.id, MINION_HISTORY)?
+                .into_iter()
+                .filter_map(|e| {
+                    let from = MinionState::parse(e.from.as_deref()?)?;
+                    let to = MinionState::parse(e.to.as_deref()?)?;
+                    // The event says "from → to: reason"; history keeps the reason.
+                    let prefix = format!("{from} → {to}: ");
+                    let reason = e
+                        .message
+                        .strip_prefix(&prefix)
+                        .map_or_else(|| e.message.clone(), str::to_owned);
+                    Some(HistoryEntry {
+                        from,
+                        to,
+                        at: UNIX_EPOCH + Duration::from_millis(e.at_ms.max(0) as u64),
+                        reason,
+                    })
+                })
+                .collect();
+            let instance = InstanceId(row.instance.clone());
+            let record = MinionRecord {
+                id: row.id.clone(),
+                fleet: row.fleet.clone(),
+                instance: instance.clone(),
+                state,
+                state_since: self.instant_at(row.state_since_ms, now),
+                created: self.instant_at(row.created_ms, now),
+                engine_address: row.engine_address.as_deref().and_then(|a| a.parse().ok()),
+                session_token: None,
+                session: None,
+                last_report: None,
+                // Silence is counted from the restart: an agent gets a
+                // whole lost timeout to reconnect.
+                last_seen: Some(now),
+                last_report_at: None,
+                rate_per_s: None,
+                drain: row.drain.map(|d| DrainPlan {
+                    decrement: d.decrement,
+                    reason: d.reason,
+                    overdue_reported: d.overdue_reported,
+                }),
+                registered: row.registered,
+                history,
+                lb_connections_at_deregistration: None,
+                lb_connections_at_drain_start: None,
+                deregistered_at: row.deregistered_ms.map(|ms| self.instant_at(ms, now)),
+                hook_heartbeat_at: row.hook_heartbeat_ms.map(|ms| self.instant_at(ms, now)),
+                launch_completed: row.launch_completed,
+                termination_completed: row.termination_completed,
+                last_busy_at: None,
+                verify_registration: state == MinionState::InService && row.registered,
+            };
+            self.by_instance.insert(instance, row.id.clone());
+            self.minions.insert(row.id, record);
+        }
+        let wall_now = jiff::Timestamp::from_millisecond(self.wall_ms(now)).unwrap_or_default();
+        let mut expired = Vec::new();
+        for row in loaded.fleets {
+            let Some(f) = self.fleets.get_mut(&row.name) else {
+                continue;
+            };
+            f.paused = row.paused;
+            f.pin = row.pin.map(|p| PinOverride {
+                pin: Pin {
+                    desired: p.desired,
+                    until: p
+                        .until_ms
+                        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()),
+                },
+                origin: p.origin,
+            });
+            if let Some(p) = &f.pin
+                && p.pin.until.is_some_and(|until| until <= wall_now)
+            {
+                expired.push((row.name.clone(), p.pin));
+                f.pin = None;
+            }
+            if let Some(memory) = decode_policy_memory(&row.policy_memory) {
+                f.policy_state = PolicyState::from_memory(memory);
+            }
+        }
+        let resumed = self.minions.len();
+        for (fleet, pin) in expired {
+            let until = pin.until.map(|t| t.to_string()).unwrap_or_default();
+            self.emit(
+                &fleet,
+                None,
+                EventKind::Scale,
+                format!(
+                    "pin at {} expired at {until} while the controller was down: dropped",
+                    pin.desired
+                ),
+            );
+            self.persist_fleet(&fleet);
+        }
+        if resumed > 0 {
+            tracing::info!(minions = resumed, "resumed from the store");
+        }
+        Ok(())
+    }
+
+    /// Writes what the store keeps of minion `id`. A failed write is logged
+    /// and retried with the minion's next change; the intents that guard
+    /// cloud calls are written with [`Registry::claim_decrement`], whose
+    /// failure stops the call.
+    pub fn persist(&self, id: &str) {
+        let Some(m) = self.minions.get(id) else {
+            return;
+        };
+        let row = MinionRow {
+            id: m.id.clone(),
+            fleet: m.fleet.clone(),
+            instance: m.instance.0.clone(),
+            state: m.state.as_str().to_owned(),
+            state_since_ms: self.wall_ms(m.state_since),
+            created_ms: self.wall_ms(m.created),
+            engine_address: m.engine_address.map(|a| a.to_string()),
+            registered: m.registered,
+            drain: m.drain.as_ref().map(|d| DrainRow {
+                decrement: d.decrement,
+                reason: d.reason.clone(),
+                overdue_reported: d.overdue_reported,
+            }),
+            launch_completed: m.launch_completed,
+            termination_completed: m.termination_completed,
+            hook_heartbeat_ms: m.hook_heartbeat_at.map(|t| self.wall_ms(t)),
+            deregistered_ms: m.deregistered_at.map(|t| self.wall_ms(t)),
+        };
+        self.store_write(|s| s.put_minion(&row));
+    }
+
+    /// Writes fleet `name`'s overrides and policy memory.
+    pub fn persist_fleet(&mut self, name: &str) {
+        let Some(f) = self.fleets.get_mut(name) else {
+            return;
+        };
+        let memory = f.policy_state.memory();
+        let row = FleetRow {
+            name: name.to_owned(),
+            paused: f.paused.clone(),
+            pin: f.pin.as_ref().map(|p| PinRow {
+                desired: p.pin.desired,
+                until_ms: p.pin.until.map(|t| t.as_millisecond()),
+                origin: p.origin.clone(),
+            }),
+            policy_memory: encode_policy_memory(&memory),
+        };
+        let store = self.store.clone();
+        if let Err(e) = store.put_fleet(&row) {
+            tracing::error!(fleet = %name, error = %error_chain(&e), "failed to write the fleet to the store");
         }
     }
 
-    pub fn recent_events(&self) -> impl Iterator<Item = &Event> {
-        self.recent.iter()
+    /// Writes the policy's memory when it changed, at most every
+    /// [`POLICY_SAVE_EVERY`] (it changes with every decision).
+    fn maybe_persist_policy(&mut self, name: &str, now: Instant) {
+        let Some(f) = self.fleets.get_mut(name) else {
+            return;
+        };
+        let memory = f.policy_state.memory();
+        let due = match &f.policy_saved {
+            None => true,
+            Some((at, saved)) => {
+                *saved != memory
+                    && (saved.last_scale_in != memory.last_scale_in
+                        || saved.last_scale_out != memory.last_scale_out
+                        || now.saturating_duration_since(*at) >= POLICY_SAVE_EVERY)
+            }
+        };
+        if due {
+            self.persist_fleet(name);
+            if let Some(f) = self.fleets.get_mut(name) {
+                f.policy_saved = Some((now, memory));
+            }
+        }
+    }
+
+    fn store_write(&self, write: impl FnOnce(&dyn Store) -> Result<(), StoreError>) {
+        if let Err(e) = write(self.store.as_ref()) {
+            tracing::error!(error = %error_chain(&e), "failed to write to the store");
+        }
+    }
+
+    /// Claims the one decrement `instance` may have, in the store, before
+    /// the terminate call. False when an earlier call may already have
+    /// decremented for it: the call then goes without decrement.
+    pub fn claim_decrement(
+        &self,
+        minion: &str,
+        instance: &InstanceId,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        let fleet = self
+            .minions
+            .get(minion)
+            .map(|m| m.fleet.clone())
+            .unwrap_or_default();
+        self.store
+            .claim_decrement(&instance.0, minion, &fleet, self.wall_ms(now))
+    }
+
+    /// The outcome of a decrementing terminate: confirmed, or certainly not
+    /// applied (the claim is dropped, so a later call may decrement).
+    pub fn settle_decrement(&self, instance: &InstanceId, applied: bool, now: Instant) {
+        if applied {
+            self.store_write(|s| s.confirm_decrement(&instance.0, self.wall_ms(now)));
+        } else {
+            self.store_write(|s| s.release_decrement(&instance.0));
+        }
+    }
+
+    /// The store's events since `since` (all fleets when `fleet` is empty),
+    /// oldest first, at most `limit`.
+    pub fn events_since(
+        &self,
+        since: SystemTime,
+        fleet: &str,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let fleet = (!fleet.is_empty()).then_some(fleet);
+        Ok(self
+            .store
+            .events_since(unix_ms(since), fleet, limit)?
+            .into_iter()
+            .map(event_from_row)
+            .collect())
+    }
+
+    /// Drops events older than `before`; returns how many.
+    pub fn prune_events(&self, before: SystemTime) -> Result<u64, StoreError> {
+        self.store.prune_events(unix_ms(before))
     }
 
     pub fn emit(&mut self, fleet: &str, minion: Option<&str>, kind: EventKind, message: String) {
@@ -352,6 +690,20 @@ impl Registry {
             kind,
             message,
             transition: None,
+            actor: None,
+        });
+    }
+
+    /// Like [`Registry::emit`], for an admin action: names who made it.
+    pub fn emit_admin(&mut self, fleet: &str, minion: Option<&str>, actor: &str, message: String) {
+        self.push_event(Event {
+            at: SystemTime::now(),
+            fleet: fleet.to_owned(),
+            minion: minion.map(str::to_owned),
+            kind: EventKind::Admin,
+            message: format!("{message} (by {actor})"),
+            transition: None,
+            actor: Some(actor.to_owned()),
         });
     }
 
@@ -368,10 +720,18 @@ impl Registry {
                 event.message
             ),
         }
-        if self.recent.len() == RECENT_EVENTS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(event.clone());
+        let row = EventRow {
+            seq: 0,
+            at_ms: unix_ms(event.at),
+            fleet: event.fleet.clone(),
+            minion: event.minion.clone(),
+            kind: event.kind.as_str().to_owned(),
+            message: event.message.clone(),
+            from: event.transition.map(|(f, _)| f.as_str().to_owned()),
+            to: event.transition.map(|(_, t)| t.as_str().to_owned()),
+            actor: event.actor.clone(),
+        };
+        self.store_write(|s| s.append_events(std::slice::from_ref(&row)).map(drop));
         // No subscriber is fine.
         let _ = self.events.send(event);
     }
@@ -425,6 +785,7 @@ impl Registry {
                 launch_completed: false,
                 termination_completed: false,
                 last_busy_at: None,
+                verify_registration: false,
             },
         );
         self.by_instance.insert(instance.clone(), id.clone());
@@ -434,6 +795,7 @@ impl Registry {
             EventKind::Step,
             format!("instance {instance} discovered"),
         );
+        self.persist(&id);
         id
     }
 
@@ -467,6 +829,7 @@ impl Registry {
             m.session = None;
         }
         let fleet = m.fleet.clone();
+        self.persist(id);
         self.push_event(Event {
             at,
             fleet,
@@ -474,6 +837,7 @@ impl Registry {
             kind: EventKind::Transition,
             message: format!("{from} → {to}: {reason}"),
             transition: Some((from, to)),
+            actor: None,
         });
         Ok(to)
     }
@@ -505,9 +869,13 @@ impl Registry {
         if m.engine_address != Some(engine_address) && m.registered {
             tracing::warn!(minion = %id, "engine address changed while registered");
         }
+        let moved = m.engine_address != Some(engine_address);
         m.engine_address = Some(engine_address);
         m.session_token = Some(token.clone());
         m.last_seen = Some(now);
+        if moved {
+            self.persist(&id);
+        }
         Ok((id, token))
     }
 
@@ -542,14 +910,10 @@ impl Registry {
             last_seq: 0,
         });
         m.last_seen = Some(now);
-        let resend = match &m.drain {
-            Some(DrainPlan {
-                phase: DrainPhase::Flushing { .. },
-                reason,
-                ..
-            }) => Some(Command::Drain {
+        let resend = match (m.state, &m.drain) {
+            (MinionState::Draining(DrainPhase::Flushing), Some(plan)) => Some(Command::Drain {
                 deadline: drain_deadline,
-                reason: reason.clone(),
+                reason: plan.reason.clone(),
             }),
             _ => None,
         };
@@ -593,29 +957,35 @@ impl Registry {
         m.last_report_at = Some(now);
         m.last_seen = Some(now);
         let state = m.state;
-        let flushing = matches!(
-            m.drain,
-            Some(DrainPlan {
-                phase: DrainPhase::Flushing { .. },
-                ..
-            })
-        );
-        if state == MinionState::Joining && r.healthy {
-            return self
-                .transition(id, LifecycleEvent::EngineHealthy, "engine healthy", now)
-                .is_ok();
+        let no_drain_on_record = m.drain.is_none();
+        if r.draining && no_drain_on_record && !state.is_leaving() && state != MinionState::Pending
+        {
+            // A controller that lost its memory, or an operator's own stop:
+            // adopt it as a drain, never register it again.
+            let reason = "the engine reports draining with no drain on record: adopted, not registered again";
+            if self
+                .transition(id, LifecycleEvent::DrainReported, reason, now)
+                .is_ok()
+            {
+                self.set_drain(id, false, reason);
+                return true;
+            }
+            return false;
         }
-        if state == MinionState::Draining && flushing && r.drained {
-            return self
-                .transition(
-                    id,
-                    LifecycleEvent::Drained,
-                    "queue empty, nothing in flight, no connections",
-                    now,
-                )
-                .is_ok();
-        }
-        false
+        let event = match state {
+            MinionState::Joining | MinionState::Unhealthy if r.healthy => {
+                (LifecycleEvent::EngineHealthy, "engine healthy")
+            }
+            MinionState::Ready | MinionState::InService if !r.healthy && !r.draining => {
+                (LifecycleEvent::EngineUnhealthy, "engine reports unhealthy")
+            }
+            MinionState::Draining(DrainPhase::Flushing) if r.drained => (
+                LifecycleEvent::Drained,
+                "queue empty, nothing in flight, no connections",
+            ),
+            _ => return false,
+        };
+        self.transition(id, event.0, event.1, now).is_ok()
     }
 
     /// Marks a minion for removal.
@@ -627,17 +997,23 @@ impl Registry {
         now: Instant,
     ) -> Result<(), RegistryError> {
         self.transition(id, LifecycleEvent::DrainChosen, reason, now)?;
+        self.set_drain(id, decrement, reason);
+        Ok(())
+    }
+
+    /// Puts a drain on record for a minion that has none (a second choice
+    /// keeps the first's decrement and reason).
+    fn set_drain(&mut self, id: &str, decrement: bool, reason: &str) {
         if let Some(m) = self.minions.get_mut(id)
             && m.drain.is_none()
         {
             m.drain = Some(DrainPlan {
                 decrement,
                 reason: reason.to_owned(),
-                phase: DrainPhase::Deregistering,
                 overdue_reported: false,
             });
+            self.persist(id);
         }
-        Ok(())
     }
 
     /// Brings the minions of `fleet` in line with what the group reports:
@@ -649,6 +1025,7 @@ impl Registry {
         group: &GroupState,
         lost_timeout: Duration,
         join_timeout: Duration,
+        unhealthy_timeout: Duration,
         now: Instant,
     ) {
         let mut hooked = HashSet::new();
@@ -683,6 +1060,7 @@ impl Registry {
             };
             let (state, instance) = (m.state, m.instance.clone());
             let silent_for = now.saturating_duration_since(m.last_seen.unwrap_or(m.created));
+            let in_state_for = now.saturating_duration_since(m.state_since);
             if hooked.contains(&instance) {
                 self.held_by_terminating_hook(fleet, &id, now);
             }
@@ -713,6 +1091,22 @@ impl Registry {
                     humantime::format_duration(join_timeout)
                 );
                 let _ = self.choose_for_drain(&id, false, &reason, now);
+            } else if let Some(limit) = match state {
+                MinionState::Joining => Some(join_timeout),
+                MinionState::Unhealthy => Some(unhealthy_timeout),
+                _ => None,
+            } && in_state_for > limit
+            {
+                let reason = format!(
+                    "{} for {}: replacing it",
+                    if state == MinionState::Joining {
+                        "engine never turned healthy"
+                    } else {
+                        "engine unhealthy"
+                    },
+                    humantime::format_duration(limit)
+                );
+                let _ = self.choose_for_drain(&id, false, &reason, now);
             }
         }
         // Forget long-gone minions.
@@ -728,6 +1122,7 @@ impl Registry {
         for id in stale {
             if let Some(m) = self.minions.remove(&id) {
                 self.by_instance.remove(&m.instance);
+                self.store_write(|s| s.delete_minion(&id));
             }
         }
     }
@@ -744,12 +1139,13 @@ impl Registry {
             MinionState::Pending
             | MinionState::Joining
             | MinionState::Ready
-            | MinionState::InService => {
+            | MinionState::InService
+            | MinionState::Unhealthy => {
                 let reason =
                     format!("the group is terminating {instance} (terminating lifecycle hook)");
                 let _ = self.choose_for_drain(id, false, &reason, now);
             }
-            MinionState::Draining | MinionState::Drained | MinionState::Lost => {
+            MinionState::Draining(_) | MinionState::Drained | MinionState::Lost => {
                 let cleared = self
                     .minions
                     .get_mut(id)
@@ -765,6 +1161,7 @@ impl Registry {
                         "the group is terminating {instance} itself (terminating lifecycle hook): no decrement from the controller"
                     );
                     self.emit(fleet, Some(id), EventKind::Step, message);
+                    self.persist(id);
                 }
             }
             MinionState::Terminating | MinionState::Gone => {}
@@ -785,6 +1182,18 @@ impl Registry {
             ),
             None => (None, Duration::MAX),
         };
+        let still_running: HashSet<InstanceId> = self
+            .fleets
+            .get(fleet)
+            .and_then(|f| f.group.as_ref())
+            .map(|g| {
+                g.instances
+                    .iter()
+                    .filter(|i| i.lifecycle != InstanceLifecycle::Terminating)
+                    .map(|i| i.id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         for m in self.minions.values_mut().filter(|m| m.fleet == fleet) {
             let hooked = view
                 .as_ref()
@@ -795,7 +1204,7 @@ impl Registry {
             if hooked
                 && matches!(
                     m.state,
-                    MinionState::Draining | MinionState::Drained | MinionState::Lost
+                    MinionState::Draining(_) | MinionState::Drained | MinionState::Lost
                 )
                 && !m.termination_completed
                 && m.hook_heartbeat_at
@@ -815,6 +1224,7 @@ impl Registry {
                     instance: m.instance.clone(),
                 });
             }
+            let target = if m.registered { m.target() } else { None };
             match m.state {
                 MinionState::Ready => {
                     if let Some(target) = m.target() {
@@ -824,38 +1234,49 @@ impl Registry {
                         });
                     }
                 }
-                MinionState::Draining => match m.drain.as_mut() {
-                    Some(DrainPlan {
-                        phase: DrainPhase::Deregistering,
-                        ..
-                    }) => {
-                        let target = if m.registered { m.target() } else { None };
-                        actions.push(Action::Deregister {
+                // A restarted controller registers again what it found in
+                // service (idempotent; a local load balancer starts empty).
+                MinionState::InService if m.verify_registration => {
+                    if let Some(target) = m.target() {
+                        actions.push(Action::Register {
                             minion: m.id.clone(),
                             target,
                         });
                     }
-                    Some(
-                        plan @ DrainPlan {
-                            phase: DrainPhase::Flushing { .. },
-                            ..
-                        },
-                    ) => {
-                        let DrainPhase::Flushing { since } = plan.phase else {
-                            continue;
-                        };
-                        if !plan.overdue_reported
-                            && now.saturating_duration_since(since) > drain_deadline
-                        {
-                            plan.overdue_reported = true;
-                            overdue.push(m.id.clone());
-                        }
+                }
+                MinionState::Unhealthy => {
+                    if let Some(target) = target {
+                        actions.push(Action::TakeOut {
+                            minion: m.id.clone(),
+                            target,
+                        });
                     }
-                    None => {}
-                },
+                }
+                MinionState::Draining(DrainPhase::Deregistering) => {
+                    actions.push(Action::Deregister {
+                        minion: m.id.clone(),
+                        target,
+                    });
+                }
+                MinionState::Draining(DrainPhase::Flushing) => {
+                    if let Some(plan) = m.drain.as_mut()
+                        && !plan.overdue_reported
+                        && now.saturating_duration_since(m.state_since) > drain_deadline
+                    {
+                        plan.overdue_reported = true;
+                        overdue.push(m.id.clone());
+                    }
+                }
+                MinionState::Draining(DrainPhase::AwaitingUnused) => {
+                    actions.push(Action::AwaitUnused {
+                        minion: m.id.clone(),
+                        target,
+                        waiting_for: now.saturating_duration_since(m.state_since),
+                    });
+                }
                 MinionState::Drained | MinionState::Lost => {
                     let decrement = m.drain.as_ref().is_some_and(|d| d.decrement);
-                    let never_joined = m.session_token.is_none();
+                    let never_joined = m.engine_address.is_none();
                     let finish = if view.is_none() {
                         Finish::Terminate
                     } else if hooked {
@@ -869,7 +1290,13 @@ impl Registry {
                     } else {
                         Finish::Terminate
                     };
-                    let target = if m.registered { m.target() } else { None };
+                    // A Drained minion's target is already unused; a Lost
+                    // one's is taken out here.
+                    let target = if m.state == MinionState::Lost {
+                        target
+                    } else {
+                        None
+                    };
                     actions.push(Action::Terminate {
                         minion: m.id.clone(),
                         instance: m.instance.clone(),
@@ -887,6 +1314,25 @@ impl Registry {
                         target: None,
                         decrement: false,
                         finish: Finish::ContinueTermination,
+                    });
+                }
+                // The terminate call did not take (a controller stopped
+                // between its intent and the call, or the call was lost):
+                // the group still runs the instance. Ask again; the
+                // decrement ledger keeps it to one decrement.
+                MinionState::Terminating
+                    if !hooked
+                        && still_running.contains(&m.instance)
+                        && now.saturating_duration_since(m.state_since) > TERMINATE_RETRY_AFTER =>
+                {
+                    let decrement = m.drain.as_ref().is_some_and(|d| d.decrement);
+                    m.state_since = now;
+                    actions.push(Action::Terminate {
+                        minion: m.id.clone(),
+                        instance: m.instance.clone(),
+                        target: None,
+                        decrement,
+                        finish: Finish::Terminate,
                     });
                 }
                 _ => {}
@@ -947,7 +1393,8 @@ impl Registry {
                 && matches!(
                     m.state,
                     MinionState::Ready
-                        | MinionState::Draining
+                        | MinionState::Unhealthy
+                        | MinionState::Draining(_)
                         | MinionState::Drained
                         | MinionState::Terminating
                         | MinionState::Lost
@@ -985,7 +1432,7 @@ impl Registry {
             .filter(|m| {
                 matches!(
                     m.state,
-                    MinionState::Draining | MinionState::Drained | MinionState::Lost
+                    MinionState::Draining(_) | MinionState::Drained | MinionState::Lost
                 )
             })
             .filter(|m| m.drain.as_ref().is_some_and(|d| d.decrement))
@@ -1012,8 +1459,8 @@ impl Registry {
             external: Vec::new(),
         };
         let overrides = Overrides {
-            paused: f.paused,
-            pin: f.pin,
+            paused: f.paused.is_some(),
+            pin: f.pin.as_ref().map(|p| p.pin),
         };
         let decision = policy::evaluate(
             &f.config.policy,
@@ -1034,6 +1481,7 @@ impl Registry {
         if changed {
             self.emit(fleet, None, EventKind::Decision, line);
         }
+        self.maybe_persist_policy(fleet, now);
         if !applied {
             return None;
         }
@@ -1101,6 +1549,69 @@ fn round(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
 
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn event_from_row(row: EventRow) -> Event {
+    let transition = match (row.from.as_deref(), row.to.as_deref()) {
+        (Some(f), Some(t)) => MinionState::parse(f).zip(MinionState::parse(t)),
+        _ => None,
+    };
+    Event {
+        at: UNIX_EPOCH + Duration::from_millis(row.at_ms.max(0) as u64),
+        fleet: row.fleet,
+        minion: row.minion,
+        kind: EventKind::parse(&row.kind),
+        message: row.message,
+        transition,
+        actor: row.actor,
+    }
+}
+
+/// The policy memory as the store keeps it: one line of JSON with
+/// timestamps in unix milliseconds.
+fn encode_policy_memory(m: &PolicyMemory) -> String {
+    let ms = |t: Option<Timestamp>| t.map(|t| t.as_millisecond());
+    serde_json::json!({
+        "recent": m.recent.iter().map(|(t, v)| (t.as_millisecond(), v)).collect::<Vec<_>>(),
+        "last_scale_out": ms(m.last_scale_out),
+        "last_scale_in": ms(m.last_scale_in),
+    })
+    .to_string()
+}
+
+/// The inverse of [`encode_policy_memory`]; `None` for an empty or
+/// unreadable memory (the policy then starts afresh, which is safe: a fresh
+/// controller holds its size for a stabilization window).
+fn decode_policy_memory(s: &str) -> Option<PolicyMemory> {
+    if s.is_empty() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    let ts = |v: &serde_json::Value| {
+        v.as_i64()
+            .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+    };
+    let recent = v
+        .get("recent")?
+        .as_array()?
+        .iter()
+        .filter_map(|pair| {
+            let at = ts(pair.get(0)?)?;
+            let n = u32::try_from(pair.get(1)?.as_u64()?).ok()?;
+            Some((at, n))
+        })
+        .collect();
+    Some(PolicyMemory {
+        recent,
+        last_scale_out: v.get("last_scale_out").and_then(ts),
+        last_scale_in: v.get("last_scale_in").and_then(ts),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1118,6 +1629,7 @@ mod tests {
 
     const LOST: Duration = Duration::from_secs(10);
     const JOIN: Duration = Duration::from_secs(60);
+    const UNHEALTHY: Duration = Duration::from_secs(300);
 
     fn registry(min: u32, max: u32) -> Registry {
         let behaviour = Behaviour {
@@ -1146,7 +1658,17 @@ mod tests {
                 log_dir: None,
             }),
         };
-        Registry::new(&[fleet], broadcast::channel(64).0)
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::SqliteStore::open(dir.path()).expect("store");
+        // The store's directory lives as long as the test process.
+        std::mem::forget(dir);
+        Registry::open(
+            &[fleet],
+            broadcast::channel(64).0,
+            Arc::new(store),
+            Instant::now(),
+        )
+        .expect("registry")
     }
 
     fn group(ids: &[&str], desired: u32) -> GroupState {
@@ -1196,6 +1718,19 @@ mod tests {
         id
     }
 
+    fn pin(reg: &mut Registry, desired: u32) {
+        reg.fleets.get_mut("f").expect("fleet").pin = Some(PinOverride {
+            pin: Pin {
+                desired,
+                until: None,
+            },
+            origin: Origin {
+                by: "test".to_owned(),
+                at_ms: 0,
+            },
+        });
+    }
+
     fn generation(reg: &Registry, id: &str) -> u64 {
         reg.minions[id]
             .session
@@ -1224,7 +1759,7 @@ mod tests {
         let t0 = Instant::now();
         let mut reg = registry(1, 5);
         let g = group(&["a", "b", "c"], 3);
-        reg.sync("f", &g, LOST, JOIN, t0);
+        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
         let ids: Vec<String> = ["a", "b", "c"]
             .iter()
             .zip(1..)
@@ -1233,10 +1768,7 @@ mod tests {
         for (id, q) in ids.iter().zip([10, 1, 5]) {
             load(&mut reg, id, 2, q, t0);
         }
-        reg.fleets.get_mut("f").expect("fleet").pin = Some(Pin {
-            desired: 1,
-            until: None,
-        });
+        pin(&mut reg, 1);
         // The group already holds 3 = 1 wanted + 2 to be decremented on termination.
         assert_eq!(reg.decide("f", t0, wall(t0, t0)), None);
         let states: Vec<MinionState> = ids.iter().map(|id| reg.minions[id].state).collect();
@@ -1244,8 +1776,8 @@ mod tests {
             states,
             [
                 MinionState::InService,
-                MinionState::Draining,
-                MinionState::Draining
+                MinionState::DRAINING,
+                MinionState::DRAINING
             ]
         );
         assert!(
@@ -1258,16 +1790,13 @@ mod tests {
         assert_eq!(
             reg.minions
                 .values()
-                .filter(|m| m.state == MinionState::Draining)
+                .filter(|m| m.state.is_draining())
                 .count(),
             2
         );
 
         // Wanting 3 again while two still drain: the group must hold 3 + 2.
-        reg.fleets.get_mut("f").expect("fleet").pin = Some(Pin {
-            desired: 3,
-            until: None,
-        });
+        pin(&mut reg, 3);
         assert_eq!(reg.decide("f", t0, wall(t0, t0)), Some(5));
     }
 
@@ -1275,7 +1804,7 @@ mod tests {
     fn a_drained_minion_is_terminated_once_with_its_decrement() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         let id = serve(&mut reg, "a", 1, t0);
         reg.choose_for_drain(&id, true, "test", t0).expect("drain");
         let plan = reg.plan("f", Duration::from_secs(60), t0);
@@ -1300,16 +1829,27 @@ mod tests {
             ..Default::default()
         };
         assert!(!reg.report(&id, g, drained, t0));
-        assert_eq!(reg.minions[&id].state, MinionState::Draining);
-        reg.minions
-            .get_mut(&id)
-            .expect("minion")
-            .drain
-            .as_mut()
-            .expect("plan")
-            .phase = DrainPhase::Flushing { since: t0 };
+        assert_eq!(reg.minions[&id].state, MinionState::DRAINING);
+        reg.transition(&id, LifecycleEvent::DrainSent, "test", t0)
+            .expect("flushing");
         assert!(reg.report(&id, g, Report { seq: 4, ..drained }, t0));
-        assert_eq!(reg.minions[&id].state, MinionState::Drained);
+        assert_eq!(
+            reg.minions[&id].state,
+            MinionState::Draining(DrainPhase::AwaitingUnused)
+        );
+        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        assert!(
+            matches!(
+                &plan[..],
+                [Action::AwaitUnused {
+                    target: Some(_),
+                    ..
+                }]
+            ),
+            "not terminated before its target is unused: {plan:?}"
+        );
+        reg.transition(&id, LifecycleEvent::TargetUnused, "test", t0)
+            .expect("drained");
         let plan = reg.plan("f", Duration::from_secs(60), t0);
         assert!(
             matches!(
@@ -1333,15 +1873,16 @@ mod tests {
     fn a_silent_minion_is_lost_and_replaced_without_decrement() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         let id = serve(&mut reg, "a", 1, t0);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0 + LOST);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0 + LOST);
         assert_eq!(reg.minions[&id].state, MinionState::InService, "not yet");
         reg.sync(
             "f",
             &group(&["a"], 1),
             LOST,
             JOIN,
+            UNHEALTHY,
             t0 + LOST + Duration::from_secs(1),
         );
         assert_eq!(reg.minions[&id].state, MinionState::Lost);
@@ -1362,17 +1903,18 @@ mod tests {
     fn an_instance_that_never_joins_is_replaced() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         let id = reg.find("a").expect("discovered").id.clone();
         reg.sync(
             "f",
             &group(&["a"], 1),
             LOST,
             JOIN,
+            UNHEALTHY,
             t0 + JOIN + Duration::from_secs(1),
         );
         let m = &reg.minions[&id];
-        assert_eq!(m.state, MinionState::Draining);
+        assert_eq!(m.state, MinionState::DRAINING);
         assert!(
             m.drain.as_ref().is_some_and(|d| !d.decrement),
             "replaced, not scaled in"
@@ -1388,14 +1930,14 @@ mod tests {
     fn a_fresh_controller_waits_a_window_before_scaling_in() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, UNHEALTHY, t0);
         serve(&mut reg, "a", 1, t0);
         serve(&mut reg, "b", 2, t0);
         reg.decide("f", t0, wall(t0, t0));
         assert_eq!(
             reg.minions
                 .values()
-                .filter(|m| m.state == MinionState::Draining)
+                .filter(|m| m.state.is_draining())
                 .count(),
             0
         );
@@ -1404,7 +1946,7 @@ mod tests {
         assert_eq!(
             reg.minions
                 .values()
-                .filter(|m| m.state == MinionState::Draining)
+                .filter(|m| m.state.is_draining())
                 .count(),
             2
         );
@@ -1414,7 +1956,7 @@ mod tests {
     fn vanished_instances_are_gone_and_stale_reports_ignored() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         let id = serve(&mut reg, "a", 1, t0);
         load(&mut reg, &id, 5, 7, t0);
         load(&mut reg, &id, 4, 99, t0);
@@ -1423,7 +1965,7 @@ mod tests {
             7,
             "an older report does not overwrite a newer one"
         );
-        reg.sync("f", &group(&[], 0), LOST, JOIN, t0);
+        reg.sync("f", &group(&[], 0), LOST, JOIN, UNHEALTHY, t0);
         assert_eq!(reg.minions[&id].state, MinionState::Gone);
     }
 
@@ -1450,10 +1992,13 @@ mod tests {
 
     /// Puts a Draining minion past its drain: Flushing, then Drained.
     fn drained(reg: &mut Registry, id: &str, now: Instant) {
-        let m = reg.minions.get_mut(id).expect("minion");
-        m.drain.as_mut().expect("plan").phase = DrainPhase::Flushing { since: now };
-        reg.transition(id, LifecycleEvent::Drained, "test", now)
-            .expect("drained");
+        for event in [
+            LifecycleEvent::DrainSent,
+            LifecycleEvent::Drained,
+            LifecycleEvent::TargetUnused,
+        ] {
+            reg.transition(id, event, "test", now).expect("drained");
+        }
     }
 
     fn finishes(plan: &[Action]) -> Vec<(Finish, bool)> {
@@ -1471,16 +2016,16 @@ mod tests {
     fn a_termination_held_by_the_hook_is_drained_heartbeated_and_continued() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         let id = serve(&mut reg, "a", 1, t0);
         view(&mut reg)
             .terminating_wait
             .insert(InstanceId::from("a"));
         let mut g = group(&["a"], 1);
         g.instances[0].lifecycle = InstanceLifecycle::Terminating;
-        reg.sync("f", &g, LOST, JOIN, t0);
+        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
         let m = &reg.minions[&id];
-        assert_eq!(m.state, MinionState::Draining);
+        assert_eq!(m.state, MinionState::DRAINING);
         assert!(
             m.drain.as_ref().is_some_and(|d| !d.decrement),
             "the group already decided"
@@ -1528,14 +2073,14 @@ mod tests {
     fn a_scale_in_victim_the_group_terminates_itself_is_not_decremented() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         let id = serve(&mut reg, "a", 1, t0);
         reg.choose_for_drain(&id, true, "scale-in", t0)
             .expect("drain");
         view(&mut reg)
             .terminating_wait
             .insert(InstanceId::from("a"));
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         assert!(
             reg.minions[&id]
                 .drain
@@ -1553,7 +2098,7 @@ mod tests {
     fn the_controllers_own_terminate_under_the_hook_is_continued() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         let id = serve(&mut reg, "a", 1, t0);
         reg.choose_for_drain(&id, true, "scale-in", t0)
             .expect("drain");
@@ -1578,9 +2123,16 @@ mod tests {
         let t0 = Instant::now();
         let mut reg = aws_registry();
         let g = group(&["a"], 1);
-        reg.sync("f", &g, LOST, JOIN, t0);
+        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
         let id = serve(&mut reg, "a", 1, t0);
-        reg.sync("f", &g, LOST, JOIN, t0 + LOST + Duration::from_secs(1));
+        reg.sync(
+            "f",
+            &g,
+            LOST,
+            JOIN,
+            UNHEALTHY,
+            t0 + LOST + Duration::from_secs(1),
+        );
         assert_eq!(reg.minions[&id].state, MinionState::Lost);
         assert_eq!(
             finishes(&reg.plan("f", Duration::from_secs(60), t0)),
@@ -1596,8 +2148,8 @@ mod tests {
         let mut g = group(&["held", "running"], 2);
         g.instances[0].lifecycle = InstanceLifecycle::Pending;
         view(&mut reg).pending_wait.insert(InstanceId::from("held"));
-        reg.sync("f", &g, LOST, JOIN, t0);
-        reg.sync("f", &g, LOST, JOIN, late);
+        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
+        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, late);
         for i in ["held", "running"] {
             let id = reg.find(i).expect("known").id.clone();
             drained(&mut reg, &id, late);
@@ -1618,7 +2170,7 @@ mod tests {
     fn a_never_joined_scale_in_victim_is_still_terminated_with_decrement() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
         let id = reg.find("a").expect("known").id.clone();
         reg.choose_for_drain(&id, true, "scale-in", t0)
             .expect("drain");
@@ -1636,7 +2188,7 @@ mod tests {
         let mut g = group(&["a"], 1);
         g.instances[0].lifecycle = InstanceLifecycle::Pending;
         view(&mut reg).pending_wait.insert(InstanceId::from("a"));
-        reg.sync("f", &g, LOST, JOIN, t0);
+        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
         assert!(reg.plan("f", Duration::from_secs(60), t0).is_empty());
         let (id, _) = reg
             .join("f", &InstanceId::from("a"), ([127, 0, 0, 1], 1).into(), t0)
@@ -1688,7 +2240,7 @@ mod tests {
     fn busy_minions_are_protected_from_the_groups_scale_in_until_idle() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, t0);
+        reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, UNHEALTHY, t0);
         let a = serve(&mut reg, "a", 1, t0);
         serve(&mut reg, "b", 2, t0);
         view(&mut reg).in_service = ["a", "b"].into_iter().map(InstanceId::from).collect();

@@ -11,6 +11,7 @@ use gru_cloud::{
     CapacityGroup, CloudError, GroupState, Instance, InstanceId, InstanceLifecycle, TargetState,
 };
 use gru_controller::pki::DevPki;
+use gru_controller::store::SqliteStore;
 use gru_controller::{Controller, ControllerConfig, FleetRuntime};
 use gru_proto::v1 as pb;
 use pb::admin_service_client::AdminServiceClient;
@@ -18,6 +19,9 @@ use pb::minion_service_client::MinionServiceClient;
 use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+#[path = "api/restart.rs"]
+mod restart;
 
 const TOKEN: &str = "test-join-token";
 const TEST_DEADLINE: Duration = Duration::from_secs(30);
@@ -98,6 +102,7 @@ async fn start(instances: &[&str]) -> Fixture {
         lost_timeout = "5s"
         eval_interval = "200ms"
         join_token_file = "token"
+        state_dir = "state"
         [tls]
         cert = "controller.pem"
         key = "controller.key"
@@ -124,7 +129,9 @@ async fn start(instances: &[&str]) -> Fixture {
         targets: lb.clone(),
         aws: None,
     };
-    let controller = Controller::new(config, vec![fleet], TOKEN.to_owned());
+    let store = SqliteStore::open(&config.state_dir).expect("store");
+    let controller = Controller::new(config, vec![fleet], TOKEN.to_owned(), Arc::new(store))
+        .expect("controller");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -437,7 +444,9 @@ async fn a_minion_joins_serves_and_is_drained_before_it_is_terminated() {
             "Joining",
             "Ready",
             "InService",
-            "Draining",
+            "Draining/Deregistering",
+            "Draining/Flushing",
+            "Draining/AwaitingUnused",
             "Drained",
             "Terminating",
             "Gone"

@@ -21,10 +21,10 @@ pub mod schedule;
 pub mod sim;
 
 pub use error::error_chain;
-pub use lifecycle::{LifecycleEvent, MinionState, step};
+pub use lifecycle::{DrainPhase, LifecycleEvent, MinionState, step};
 pub use policy::{
     Behaviour, Clip, Decision, Explanation, ExternalSignal, MinionLoad, Observation, Overrides,
-    Pin, Policy, PolicyError, PolicyState, Rule, evaluate,
+    Pin, Policy, PolicyError, PolicyMemory, PolicyState, Rule, evaluate,
 };
 pub use scaling::{Bounds, Load, pick_victims};
 pub use schedule::{ActiveWindow, Schedule, ScheduleError, ScheduleSpec, WindowSpec};

@@ -305,9 +305,45 @@ pub struct PolicyState {
     last_scale_in: Option<Timestamp>,
 }
 
+/// What [`PolicyState`] remembers, as plain values a controller can keep
+/// in its store and hand back after a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMemory {
+    /// Recommendations over the stabilization window, oldest first.
+    pub recent: Vec<(Timestamp, u32)>,
+    pub last_scale_out: Option<Timestamp>,
+    pub last_scale_in: Option<Timestamp>,
+}
+
 impl PolicyState {
     pub fn new() -> Self {
         PolicyState::default()
+    }
+
+    /// The state as plain values, for a store.
+    pub fn memory(&self) -> PolicyMemory {
+        PolicyMemory {
+            recent: self.recent.iter().copied().collect(),
+            last_scale_out: self.last_scale_out,
+            last_scale_in: self.last_scale_in,
+        }
+    }
+
+    /// A state from what [`PolicyState::memory`] gave. The window's order
+    /// invariant (strictly decreasing recommendations) is restored, so a
+    /// memory edited by hand cannot confuse the peak.
+    pub fn from_memory(memory: PolicyMemory) -> Self {
+        let mut state = PolicyState {
+            recent: VecDeque::new(),
+            last_scale_out: memory.last_scale_out,
+            last_scale_in: memory.last_scale_in,
+        };
+        let mut recent = memory.recent;
+        recent.sort_by_key(|(at, _)| *at);
+        for (at, v) in recent {
+            state.record(at, v, Duration::MAX);
+        }
+        state
     }
 
     /// When an applied decision last grew the fleet.
@@ -1009,6 +1045,24 @@ mod tests {
 
     fn t(s: &str) -> Timestamp {
         s.parse().expect("valid timestamp")
+    }
+
+    #[test]
+    fn memory_round_trips_and_keeps_the_peak() {
+        let mut state = PolicyState::new();
+        let w = Duration::from_secs(300);
+        state.record(t("2026-11-25T10:00:00Z"), 5, w);
+        state.record(t("2026-11-25T10:01:00Z"), 3, w);
+        state.last_scale_in = Some(t("2026-11-25T09:00:00Z"));
+        let memory = state.memory();
+        assert_eq!(memory.recent.len(), 2);
+        let mut back = PolicyState::from_memory(memory.clone());
+        assert_eq!(back.memory(), memory);
+        assert_eq!(
+            back.record(t("2026-11-25T10:02:00Z"), 1, w),
+            (t("2026-11-25T10:00:00Z"), 5),
+            "the peak survives the round trip"
+        );
     }
 
     fn secs(n: u64) -> Duration {

@@ -103,7 +103,7 @@ mod tests {
             c("a", MinionState::InService, 5),
             c("b", MinionState::InService, 1),
             c("c", MinionState::Pending, 0),
-            c("d", MinionState::Draining, 0),
+            c("d", MinionState::DRAINING, 0),
             c("e", MinionState::InService, 3),
         ];
         assert_eq!(pick_victims(&candidates, 3), vec!["c", "b", "e"]);

@@ -120,9 +120,26 @@ pub struct EventsArgs {
     /// Only this fleet's events.
     #[arg(long)]
     pub fleet: Option<String>,
+    /// Events since a duration ago (`2h`, `30m`) or a time
+    /// (`2026-12-01T08:00:00Z`), from the controller's event log, which
+    /// survives restarts. Without it, the most recent 500.
+    #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+    pub since: Option<std::time::SystemTime>,
     /// One JSON object per line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--since`: a duration back from now, or an RFC 3339 time.
+fn parse_since(s: &str) -> Result<std::time::SystemTime, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return std::time::SystemTime::now()
+            .checked_sub(d)
+            .ok_or_else(|| format!("{s} reaches before 1970"));
+    }
+    humantime::parse_rfc3339_weak(s).map_err(|_| {
+        format!("expected a duration like 2h or a time like 2026-12-01T08:00:00Z, got {s:?}")
+    })
 }
 
 fn table(header: &[&str]) -> Table {
@@ -148,6 +165,12 @@ fn clock(unix_ms: u64) -> String {
     s.get(11..23).unwrap_or(&s).to_owned()
 }
 
+/// A moment as an operator reads it: UTC, to the second.
+fn when(unix_ms: u64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 fn fleet_table(fleets: &[pb::Fleet]) -> Table {
     let mut t = table(&[
         "FLEET",
@@ -164,9 +187,28 @@ fn fleet_table(fleets: &[pb::Fleet]) -> Table {
         "WHY",
     ]);
     for f in fleets {
+        let by = |who: &str| {
+            if who.is_empty() {
+                String::new()
+            } else {
+                format!(" by {who}")
+            }
+        };
         let mode = match (f.paused, f.pinned) {
-            (true, _) => "paused".to_owned(),
-            (false, Some(n)) => format!("pinned {n}"),
+            (true, _) => {
+                let since = f
+                    .paused_at_unix_ms
+                    .map(|ms| format!(" since {}", when(ms)))
+                    .unwrap_or_default();
+                format!("paused{since}{}", by(&f.paused_by))
+            }
+            (false, Some(n)) => {
+                let until = f
+                    .pinned_until_unix_ms
+                    .map(|ms| format!(" until {}", when(ms)))
+                    .unwrap_or_default();
+                format!("pinned {n}{until}{}", by(&f.pinned_by))
+            }
             (false, None) => "auto".to_owned(),
         };
         t.add_row(vec![
@@ -560,9 +602,14 @@ pub async fn explain(a: FleetArg) -> anyhow::Result<()> {
 
 pub async fn events(a: EventsArgs) -> anyhow::Result<()> {
     let mut admin = client::connect(a.common.config.as_deref()).await?;
+    let since_unix_ms = a.since.map(|t| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    });
     let req = pb::WatchEventsRequest {
         fleet: a.fleet.unwrap_or_default(),
         follow: a.follow,
+        since_unix_ms,
     };
     let mut stream = call(&admin.address, admin.client.watch_events(req).await)?;
     while let Some(e) = stream
@@ -578,14 +625,12 @@ pub async fn events(a: EventsArgs) -> anyhow::Result<()> {
             } else {
                 format!(" {}", e.minion_id)
             };
-            println!(
-                "{} {:<10} {}{}  {}",
-                clock(e.at_unix_ms),
-                e.kind,
-                e.fleet,
-                who,
-                e.message
-            );
+            let at = if since_unix_ms.is_some() {
+                when(e.at_unix_ms)
+            } else {
+                clock(e.at_unix_ms)
+            };
+            println!("{} {:<10} {}{}  {}", at, e.kind, e.fleet, who, e.message);
         }
     }
     Ok(())

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use anyhow::{Context, anyhow};
 use clap::Args;
 use gru_controller::pki::{self, DevPki};
 use gru_controller::providers::{self, BuiltFleet};
+use gru_controller::store::{SqliteStore, Store};
 use gru_controller::{Controller, ControllerConfig};
 use gru_engine::bench::{self, SinkConfig, SinkHandle};
 use gru_minion::MinionConfig;
@@ -182,23 +184,31 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         })?
         .trim()
         .to_owned();
+    // The store first: a controller that cannot trust its memory must not
+    // start (a corrupt file or one from a newer gru is left untouched).
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.state_dir)
+            .map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))?,
+    );
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let mut built = Vec::new();
     for f in &config.fleets {
-        built.push(providers::build(f, &program).await?);
+        built.push(providers::build(f, &program, &config.state_dir).await?);
     }
     if let Some(ready) = ready {
         ready(&built, addr)?;
     }
-    tracing::info!(listen = %addr, "controller serving");
     let controller = Controller::new(
         config,
         built.iter().map(|b| b.runtime.clone()).collect(),
         token,
-    );
+        store,
+    )
+    .map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))?;
+    tracing::info!(listen = %addr, "controller serving");
     // systemd (Type=notify): the listener is bound and the providers are
     // up, so connections are accepted from here on.
     let interrupt = armed_interrupt().await;
@@ -322,6 +332,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         "# Written by `gru dev`; `gru controller --config` takes the same file.\n\
          listen = \"{controller_addr}\"\n\
          join_token_file = \"join-token\"\n\
+         # The store (minions, drains, pins, events) lives beside this file.\n\
+         state_dir = \".\"\n\
          \n\
          [tls]\n\
          cert = \"controller.pem\"\n\
