@@ -52,6 +52,38 @@ struct Cluster {
     _moto: MotoServer,
 }
 
+/// `gru controller` on the cluster's config in `dir`, logging (appending)
+/// to `controller.log`.
+fn spawn_controller(dir: &std::path::Path) -> Proc {
+    let config = dir.join("controller.toml");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("controller.log"))
+        .expect("log file");
+    let mut cmd = Command::new(GRU);
+    cmd.args(["controller", "--config"])
+        .arg(&config)
+        // The SDK's default chain: environment credentials (moto takes
+        // any), no shared files, no instance metadata.
+        .env("AWS_ACCESS_KEY_ID", "moto")
+        .env("AWS_SECRET_ACCESS_KEY", "moto")
+        .env("AWS_REGION", testing::REGION)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.join("no-aws-credentials"),
+        )
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    Proc::spawn("gru controller", &mut cmd)
+}
+
 impl Cluster {
     fn start() -> Cluster {
         Cluster::start_with(Hooks::default())
@@ -159,28 +191,7 @@ heartbeat_interval = "500ms"
         )
         .expect("write client.toml");
 
-        let log = std::fs::File::create(dir.path().join("controller.log")).expect("log file");
-        let mut cmd = Command::new(GRU);
-        cmd.args(["controller", "--config"])
-            .arg(&config)
-            // The SDK's default chain: environment credentials (moto takes
-            // any), no shared files, no instance metadata.
-            .env("AWS_ACCESS_KEY_ID", "moto")
-            .env("AWS_SECRET_ACCESS_KEY", "moto")
-            .env("AWS_REGION", testing::REGION)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", dir.path().join("no-aws-config"))
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                dir.path().join("no-aws-credentials"),
-            )
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let controller = Proc::spawn("gru controller", &mut cmd);
+        let controller = spawn_controller(dir.path());
         let mut cluster = Cluster {
             rt,
             clients,
@@ -202,6 +213,23 @@ heartbeat_interval = "500ms"
             cluster.gru(&["fleet", "ls"]).status.success().then_some(())
         });
         cluster
+    }
+
+    /// SIGKILLs the controller, as a crash would, and starts it again on
+    /// the same config, state directory and port; waits until it answers.
+    fn restart_controller(&mut self) {
+        self.controller.child.kill().expect("kill the controller");
+        let _ = self.controller.child.wait();
+        self.controller = spawn_controller(self.dir.path());
+        wait_until("the restarted controller to answer", WAIT, || {
+            if let Some(status) = self.controller.child.try_wait().expect("wait") {
+                panic!(
+                    "gru controller exited with {status}:\n{}",
+                    self.log("controller.log")
+                );
+            }
+            self.gru(&["fleet", "ls"]).status.success().then_some(())
+        });
     }
 
     fn log(&self, name: &str) -> String {
@@ -731,4 +759,86 @@ fn a_launching_hook_is_completed_only_once_the_minion_has_joined() {
     cluster.stop(minions);
     sink.stop();
     eprintln!("aws launching hook scenario took {:?}", started.elapsed());
+}
+
+/// The controller SIGKILLed each time the victim of a scale-in reaches a
+/// new step, and started again on the same state directory: the drain goes
+/// on from that step, the victim is never registered again, the group is
+/// decremented exactly once, and the survivor serves throughout.
+#[test]
+fn a_controller_killed_at_each_step_of_a_scale_in_finishes_it_after_restart() {
+    let mut cluster = Cluster::start();
+    let sink = Sink::start();
+    cluster.ok(&["scale", FLEET, "2"]);
+    let ids = wait_until("the group to launch two instances", WAIT, || {
+        let (desired, ids) = cluster.group();
+        (desired == 2 && ids.len() == 2).then_some(ids)
+    });
+    let minions: Vec<(String, Proc)> = ids
+        .iter()
+        .map(|id| (id.clone(), cluster.minion(id, &sink)))
+        .collect();
+    wait_until("two minions in service", WAIT, || {
+        let f = cluster.fleet_info();
+        (f["in_service"].as_u64() == Some(2) && cluster.targets() == ids).then_some(())
+    });
+
+    cluster.ok(&["scale", FLEET, "1"]);
+    let mut killed_at = Vec::new();
+    let victim = wait_until("the victim to be gone", Duration::from_secs(180), || {
+        let listed = cluster.minions();
+        let victim = listed.iter().find(|m| {
+            m["state"].as_str().is_some_and(|s| {
+                s.starts_with("Draining/") || s == "Drained" || s == "Terminating" || s == "Gone"
+            })
+        })?;
+        let state = victim["state"].as_str().unwrap_or_default().to_owned();
+        if state == "Gone" {
+            return Some(victim.clone());
+        }
+        if !killed_at.contains(&state) {
+            killed_at.push(state);
+            cluster.restart_controller();
+        }
+        None
+    });
+    eprintln!("controller killed with the victim at {killed_at:?}");
+    assert!(
+        killed_at.len() >= 2,
+        "killed at {killed_at:?}: at least two steps of the drain"
+    );
+
+    let victim_instance = victim["instance_id"].as_str().expect("instance id");
+    let survivor_instance = ids
+        .iter()
+        .find(|i| *i != victim_instance)
+        .expect("survivor")
+        .clone();
+    let path = path_of(&victim);
+    let drain_began = path
+        .iter()
+        .position(|s| s.starts_with("Draining/"))
+        .expect("a drain");
+    assert!(
+        !path[drain_began..]
+            .iter()
+            .any(|s| s == "Ready" || s == "InService"),
+        "never back in service: {path:?}"
+    );
+    assert_eq!(&path[path.len() - 3..], ["Drained", "Terminating", "Gone"]);
+    let about = cluster.events_about(victim["id"].as_str().expect("id"));
+    let decrements = about
+        .iter()
+        .filter(|e| says("desired capacity decremented")(e))
+        .count();
+    assert_eq!(decrements, 1, "{about:#?}");
+    // The group: decremented once, only the survivor left, and the target
+    // group lists only the survivor.
+    let (desired, left) = cluster.group();
+    assert_eq!(desired, 1, "{}", cluster.logs());
+    assert_eq!(left, BTreeSet::from([survivor_instance.clone()]));
+    assert_eq!(cluster.targets(), BTreeSet::from([survivor_instance]));
+    assert_eq!(cluster.fleet_info()["in_service"].as_u64(), Some(1));
+    cluster.stop(minions);
+    sink.stop();
 }

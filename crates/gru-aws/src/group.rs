@@ -10,7 +10,10 @@ use async_trait::async_trait;
 use aws_sdk_autoscaling::config::retry::RetryConfig;
 use aws_sdk_autoscaling::types::LifecycleState;
 use aws_sdk_ec2::types::Filter;
-use gru_cloud::{CapacityGroup, CloudError, GroupState, Instance, InstanceId, InstanceLifecycle};
+use gru_cloud::{
+    CapacityGroup, CloudError, GroupLifecycle, GroupState, HookedGroup, Instance, InstanceId,
+    InstanceLifecycle, LifecycleHook, LifecycleResult, TargetGroupSetup,
+};
 use tracing::{debug, info};
 
 use crate::AwsFleet;
@@ -166,32 +169,6 @@ impl AwsGroup {
 
     pub fn instance(&self, id: &InstanceId) -> Option<&AwsInstance> {
         self.instances.iter().find(|i| &i.id == id)
-    }
-}
-
-/// Which of the fleet's lifecycle hooks an action is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LifecycleHook {
-    Launching,
-    Terminating,
-}
-
-/// How the controller ends a lifecycle action.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LifecycleResult {
-    /// Go on: launch into service, or terminate.
-    Continue,
-    /// Launching: terminate and replace the instance. Terminating: the same
-    /// as Continue, but other hooks are skipped.
-    Abandon,
-}
-
-impl LifecycleResult {
-    fn as_str(self) -> &'static str {
-        match self {
-            LifecycleResult::Continue => "CONTINUE",
-            LifecycleResult::Abandon => "ABANDON",
-        }
     }
 }
 
@@ -535,5 +512,76 @@ impl CapacityGroup for AwsFleet {
                 })
             }
         }
+    }
+}
+
+/// The hooks the fleet's config names, its protection and its target
+/// group's settings, for the controller.
+#[async_trait]
+impl GroupLifecycle for AwsFleet {
+    async fn describe_hooked(&self) -> Result<HookedGroup, CloudError> {
+        let g = self.describe_group().await?;
+        // Only the hooks the config names: the controller cannot complete an
+        // action for a hook it does not know, and the hook's own timeout
+        // ends such a wait.
+        let held = |hook, configured: &Option<String>| {
+            if configured.is_none() {
+                return Default::default();
+            }
+            g.awaiting(hook).map(|i| i.id.clone()).collect()
+        };
+        Ok(HookedGroup {
+            pending_wait: held(LifecycleHook::Launching, &self.config.launching_hook),
+            terminating_wait: held(LifecycleHook::Terminating, &self.config.terminating_hook),
+            in_service: g
+                .instances
+                .iter()
+                .filter(|i| i.lifecycle == AwsLifecycle::InService)
+                .map(|i| i.id.clone())
+                .collect(),
+            protected: g
+                .instances
+                .iter()
+                .filter(|i| i.protected_from_scale_in)
+                .map(|i| i.id.clone())
+                .collect(),
+            group: g.to_group_state(SystemTime::now()),
+        })
+    }
+
+    async fn target_group_setup(&self) -> Result<TargetGroupSetup, CloudError> {
+        Ok(TargetGroupSetup {
+            attached: self.target_group_attached().await?,
+            deregistration_delay: self.deregistration_delay().await?,
+        })
+    }
+
+    async fn complete_lifecycle_action(
+        &self,
+        id: &InstanceId,
+        hook: LifecycleHook,
+        result: LifecycleResult,
+    ) -> Result<(), CloudError> {
+        AwsFleet::complete_lifecycle_action(self, id, hook, result).await
+    }
+
+    async fn record_lifecycle_heartbeat(
+        &self,
+        id: &InstanceId,
+        hook: LifecycleHook,
+    ) -> Result<(), CloudError> {
+        AwsFleet::record_lifecycle_heartbeat(self, id, hook).await
+    }
+
+    async fn set_unhealthy(&self, id: &InstanceId) -> Result<(), CloudError> {
+        AwsFleet::set_unhealthy(self, id).await
+    }
+
+    async fn set_scale_in_protection(
+        &self,
+        ids: &[InstanceId],
+        protected: bool,
+    ) -> Result<(), CloudError> {
+        AwsFleet::set_scale_in_protection(self, ids, protected).await
     }
 }

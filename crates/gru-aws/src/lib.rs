@@ -32,8 +32,12 @@ mod target;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use config::{AwsFleetConfig, ConnectError, DEFAULT_MAX_ATTEMPTS, connect};
-pub use group::{AwsGroup, AwsInstance, AwsLifecycle, LifecycleHook, LifecycleResult};
+pub use config::connect;
+pub use group::{AwsGroup, AwsInstance, AwsLifecycle};
+/// The fleet's settings are plain values in gru-cloud, so the controller can
+/// parse and check them without this crate.
+pub use gru_cloud::aws::{AwsFleetConfig, AwsSettingsError as ConnectError, DEFAULT_MAX_ATTEMPTS};
+pub use gru_cloud::{LifecycleHook, LifecycleResult};
 pub use target::DEFAULT_DEREGISTRATION_DELAY;
 
 /// The SDK clients an [`AwsFleet`] talks through. [`connect`] builds them

@@ -807,7 +807,7 @@ mod scenario {
         assert_eq!(parsed.fleet.terminating_hook, c.terminating_hook);
         let controller_clients = super::clients_in(&super::moto().url, &fx.account, faults);
         let fleet = AwsFleet::from_clients(c, controller_clients);
-        let runtime = FleetRuntime::aws(config.fleets[0].clone(), Arc::new(fleet));
+        let runtime = FleetRuntime::with_hooks(config.fleets[0].clone(), Arc::new(fleet));
         let store =
             gru_controller::store::SqliteStore::open(&dir.path().join("state")).expect("store");
         let controller = Controller::new(config, vec![runtime], TOKEN.to_owned(), Arc::new(store))

@@ -11,12 +11,14 @@
 //! lowers the desired capacity at most once per instance, however often it is
 //! called for that instance.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
+pub mod aws;
 pub mod local;
 
 /// A provider's name for one instance (`i-0abc…` on AWS, `i-local-0003` locally).
@@ -158,4 +160,86 @@ pub trait TargetGroup: Send + Sync + 'static {
     fn connections_total(&self, _target: &Target) -> Option<u64> {
         None
     }
+}
+
+/// Which of a group's lifecycle hooks an action is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleHook {
+    Launching,
+    Terminating,
+}
+
+/// How the controller ends a lifecycle action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleResult {
+    /// Go on: launch into service, or terminate.
+    Continue,
+    /// Launching: terminate and replace the instance. Terminating: the same
+    /// as Continue, but other hooks are skipped.
+    Abandon,
+}
+
+impl LifecycleResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleResult::Continue => "CONTINUE",
+            LifecycleResult::Abandon => "ABANDON",
+        }
+    }
+}
+
+/// A group with what only a group with lifecycle hooks shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookedGroup {
+    pub group: GroupState,
+    /// Held in `Pending:Wait` by the launching hook the fleet names.
+    pub pending_wait: HashSet<InstanceId>,
+    /// Held in `Terminating:Wait` by the terminating hook the fleet names.
+    pub terminating_wait: HashSet<InstanceId>,
+    /// In service in the group.
+    pub in_service: HashSet<InstanceId>,
+    /// Protected from the group's own scale-ins.
+    pub protected: HashSet<InstanceId>,
+}
+
+/// How the group and its target group are set up, read once per fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetGroupSetup {
+    /// The target group is attached to the group, which then registers and
+    /// deregisters instances itself.
+    pub attached: bool,
+    /// The target group's deregistration delay.
+    pub deregistration_delay: Duration,
+}
+
+/// What a group with lifecycle hooks adds (an EC2 Auto Scaling group):
+/// hook wait states and their actions, instance health, scale-in
+/// protection, and the target group's settings. The AWS provider implements
+/// it; the local provider has none of it; `testing` has a scripted fake.
+#[async_trait]
+pub trait GroupLifecycle: Send + Sync + 'static {
+    /// The group, with the instances its hooks hold and protection.
+    async fn describe_hooked(&self) -> Result<HookedGroup, CloudError>;
+    async fn target_group_setup(&self) -> Result<TargetGroupSetup, CloudError>;
+    /// Ends the lifecycle action holding `id`.
+    async fn complete_lifecycle_action(
+        &self,
+        id: &InstanceId,
+        hook: LifecycleHook,
+        result: LifecycleResult,
+    ) -> Result<(), CloudError>;
+    /// Restarts the hook's heartbeat timeout for `id`.
+    async fn record_lifecycle_heartbeat(
+        &self,
+        id: &InstanceId,
+        hook: LifecycleHook,
+    ) -> Result<(), CloudError>;
+    /// Marks `id` unhealthy at once, so the group replaces it.
+    async fn set_unhealthy(&self, id: &InstanceId) -> Result<(), CloudError>;
+    /// Protects (or unprotects) instances from the group's own scale-ins.
+    async fn set_scale_in_protection(
+        &self,
+        ids: &[InstanceId],
+        protected: bool,
+    ) -> Result<(), CloudError>;
 }

@@ -22,6 +22,7 @@ use gru_cloud::{GroupState, Instance, InstanceId, InstanceLifecycle};
 use gru_controller::ControllerConfig;
 use gru_controller::registry::{Registry, Report};
 use gru_controller::store::SqliteStore;
+use gru_core::plan::Limits;
 use tokio::sync::{broadcast, mpsc};
 
 const ROUNDS: usize = 7;
@@ -41,7 +42,7 @@ fn main() {
 
     // N minions in service, each with a Session.
     let fill = Instant::now();
-    reg.sync("f", &group, LOST, JOIN, UNHEALTHY, now);
+    reg.sync("f", &group, now);
     let mut sessions = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
     for (k, i) in group.instances.iter().enumerate() {
@@ -83,8 +84,8 @@ fn main() {
     let per_pass = median((0..ROUNDS).map(|_| {
         let t = Instant::now();
         let now = Instant::now();
-        reg.sync("f", &group, LOST, JOIN, UNHEALTHY, now);
-        let actions = reg.plan("f", Duration::from_secs(120), now);
+        reg.sync("f", &group, now);
+        let actions = reg.plan("f", &LIMITS, now);
         std::hint::black_box(actions);
         std::hint::black_box(reg.decide("f", now, wall));
         t.elapsed().as_secs_f64() * 1e6
@@ -106,8 +107,8 @@ fn main() {
                 .expect("registry");
                 let opened = t.elapsed();
                 let now = Instant::now();
-                reg.sync("f", &group, LOST, JOIN, UNHEALTHY, now);
-                std::hint::black_box(reg.plan("f", Duration::from_secs(120), now));
+                reg.sync("f", &group, now);
+                std::hint::black_box(reg.plan("f", &LIMITS, now));
                 std::hint::black_box(reg.decide("f", now, wall));
                 (
                     opened.as_secs_f64() * 1e3,
@@ -131,9 +132,16 @@ fn main() {
     println!("resume: first pass        {first_pass:.1} ms");
 }
 
-const LOST: Duration = Duration::from_secs(3600);
-const JOIN: Duration = Duration::from_secs(3600);
-const UNHEALTHY: Duration = Duration::from_secs(3600);
+/// Long timeouts: nothing times out during the run.
+const LIMITS: Limits = Limits {
+    lost_timeout: Duration::from_secs(3600),
+    join_timeout: Duration::from_secs(3600),
+    unhealthy_timeout: Duration::from_secs(3600),
+    drain_deadline: Duration::from_secs(120),
+    heartbeat_every: Duration::from_secs(30),
+    terminate_retry_after: Duration::from_secs(30),
+    protect_after_work: Duration::from_secs(60),
+};
 
 fn report(seq: u64, healthy: bool) -> Report {
     Report {

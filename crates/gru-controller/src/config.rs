@@ -141,7 +141,7 @@ impl ProviderConfig {
 #[derive(Clone, Debug)]
 pub struct AwsProviderConfig {
     /// What gru-aws connects with; validated by it.
-    pub fleet: gru_aws::AwsFleetConfig,
+    pub fleet: gru_cloud::aws::AwsFleetConfig,
     /// How often a drain under the terminating hook records a heartbeat.
     pub heartbeat_interval: Duration,
 }
@@ -601,14 +601,16 @@ fn aws_provider(
             "the ARN of the fleet's ELBv2 target group",
         )
     })?;
-    let mut fleet = gru_aws::AwsFleetConfig::new(group_name, target_group_arn);
+    let mut fleet = gru_cloud::aws::AwsFleetConfig::new(group_name, target_group_arn);
     fleet.region = a.region;
     fleet.launching_hook = a.launching_hook;
     fleet.terminating_hook = a.terminating_hook;
     fleet.endpoint_url = a.endpoint_url;
-    fleet.max_attempts = a.max_attempts.unwrap_or(gru_aws::DEFAULT_MAX_ATTEMPTS);
+    fleet.max_attempts = a
+        .max_attempts
+        .unwrap_or(gru_cloud::aws::DEFAULT_MAX_ATTEMPTS);
     if let Err(e) = fleet.validate() {
-        use gru_aws::ConnectError as E;
+        use gru_cloud::aws::AwsSettingsError as E;
         let k = match &e {
             E::EmptyGroupName => "group_name",
             E::EmptyHookName { hook } => hook,
@@ -917,7 +919,7 @@ mod tests {
         assert_eq!(a.fleet.region.as_deref(), Some("eu-west-1"));
         assert_eq!(a.fleet.launching_hook.as_deref(), Some("gru-launching"));
         assert_eq!(a.fleet.terminating_hook.as_deref(), Some("gru-terminating"));
-        assert_eq!(a.fleet.max_attempts, gru_aws::DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(a.fleet.max_attempts, gru_cloud::aws::DEFAULT_MAX_ATTEMPTS);
         assert_eq!(a.fleet.endpoint_url, None);
         assert_eq!(a.heartbeat_interval, DEFAULT_LIFECYCLE_HEARTBEAT_INTERVAL);
 

@@ -15,7 +15,6 @@ pub mod admin_api;
 pub mod config;
 pub mod minion_api;
 pub mod pki;
-pub mod providers;
 pub mod reconcile;
 pub mod registry;
 pub mod server;

@@ -23,15 +23,19 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use gru_aws::{AwsFleet, AwsLifecycle, LifecycleHook, LifecycleResult};
 use gru_cloud::{CapacityGroup, CloudError, GroupState, TargetGroup, TargetState};
 use gru_core::{DrainPhase, LifecycleEvent, MinionState};
 use tokio::sync::{Notify, broadcast};
 
 use crate::config::{ControllerConfig, FleetConfig};
-use crate::registry::{Action, AwsSetup, AwsView, Command, Event, EventKind, Finish, Registry};
+use crate::registry::{
+    Action, AwsSetup, AwsView, Command, Event, EventKind, Finish, PROTECT_AFTER_WORK, Registry,
+    TERMINATE_RETRY_AFTER,
+};
 use crate::store::{Store, StoreError};
+use gru_cloud::{GroupLifecycle, InstanceId, LifecycleHook, LifecycleResult};
 pub use gru_core::error_chain;
+use gru_core::plan::Limits;
 
 /// How soon a pass with work under way (a drain, a registration) runs again.
 pub const BUSY_REQUEUE: Duration = Duration::from_millis(200);
@@ -48,21 +52,24 @@ pub struct FleetRuntime {
     pub config: FleetConfig,
     pub group: Arc<dyn CapacityGroup>,
     pub targets: Arc<dyn TargetGroup>,
-    /// The same AWS fleet as `group` and `targets`, for what only AWS has:
-    /// lifecycle hooks, instance health, the target group's settings.
-    /// `None` for other providers.
-    pub aws: Option<Arc<AwsFleet>>,
+    /// What only a group with lifecycle hooks has (AWS): hook actions and
+    /// heartbeats, instance health, protection, the target group's
+    /// settings. `None` for other providers.
+    pub hooks: Option<Arc<dyn GroupLifecycle>>,
 }
 
 impl FleetRuntime {
-    /// An AWS fleet: one [`AwsFleet`] is the group, the targets and the
-    /// AWS-only calls.
-    pub fn aws(config: FleetConfig, fleet: Arc<AwsFleet>) -> Self {
+    /// A fleet whose one provider is the group, the targets and the
+    /// lifecycle calls (the AWS provider's `AwsFleet`).
+    pub fn with_hooks<P>(config: FleetConfig, provider: Arc<P>) -> Self
+    where
+        P: CapacityGroup + TargetGroup + GroupLifecycle,
+    {
         FleetRuntime {
             config,
-            group: fleet.clone(),
-            targets: fleet.clone(),
-            aws: Some(fleet),
+            group: provider.clone(),
+            targets: provider.clone(),
+            hooks: Some(provider),
         }
     }
 }
@@ -192,83 +199,57 @@ impl Controller {
         let Some(rt) = self.fleets.get(fleet) else {
             return Ok(self.config.eval_interval);
         };
-        let (group, view) = match &rt.aws {
-            Some(aws) => {
-                self.aws_setup(fleet, aws).await?;
-                let g = aws
-                    .describe_group()
-                    .await
-                    .map_err(|source| ReconcileError::Describe {
-                        fleet: fleet.to_owned(),
-                        source,
-                    })?;
-                // Only the hooks the config names: the controller cannot
-                // complete an action for a hook it does not know, and the
-                // hook's own timeout ends such a wait.
-                let held = |hook, configured: &Option<String>| {
-                    if configured.is_none() {
-                        return Default::default();
-                    }
-                    g.awaiting(hook).map(|i| i.id.clone()).collect()
-                };
-                let view = AwsView {
-                    pending_wait: held(LifecycleHook::Launching, &aws.config().launching_hook),
-                    terminating_wait: held(
-                        LifecycleHook::Terminating,
-                        &aws.config().terminating_hook,
-                    ),
-                    in_service: g
-                        .instances
-                        .iter()
-                        .filter(|i| i.lifecycle == AwsLifecycle::InService)
-                        .map(|i| i.id.clone())
-                        .collect(),
-                    protected: g
-                        .instances
-                        .iter()
-                        .filter(|i| i.protected_from_scale_in)
-                        .map(|i| i.id.clone())
-                        .collect(),
-                };
-                (g.to_group_state(SystemTime::now()), Some(view))
-            }
-            None => {
-                let g: GroupState =
-                    rt.group
-                        .describe()
-                        .await
-                        .map_err(|source| ReconcileError::Describe {
+        let (group, view) =
+            match &rt.hooks {
+                Some(hooks) => {
+                    self.aws_setup(rt, hooks.as_ref()).await?;
+                    let g = hooks.describe_hooked().await.map_err(|source| {
+                        ReconcileError::Describe {
                             fleet: fleet.to_owned(),
                             source,
-                        })?;
-                (g, None)
-            }
-        };
+                        }
+                    })?;
+                    let view = AwsView {
+                        pending_wait: g.pending_wait,
+                        terminating_wait: g.terminating_wait,
+                        in_service: g.in_service,
+                        protected: g.protected,
+                    };
+                    (g.group, Some(view))
+                }
+                None => {
+                    let g: GroupState =
+                        rt.group
+                            .describe()
+                            .await
+                            .map_err(|source| ReconcileError::Describe {
+                                fleet: fleet.to_owned(),
+                                source,
+                            })?;
+                    (g, None)
+                }
+            };
+        // One clock reading for the whole pass, on both clocks: every age the
+        // planner sees and every time the pass records come from it; the
+        // wall clock is for schedules in time zones.
+        let now = Instant::now();
+        let wall = jiff::Timestamp::now();
+        let limits = self.limits(rt);
         let actions = {
             let mut reg = self.registry();
-            let now = Instant::now();
             if let Some(f) = reg.fleets.get_mut(fleet) {
                 f.aws = view;
             }
-            reg.sync(
-                fleet,
-                &group,
-                self.config.lost_timeout,
-                self.config.join_timeout,
-                self.config.unhealthy_timeout,
-                now,
-            );
-            reg.plan(fleet, self.config.drain_deadline, now)
+            reg.sync(fleet, &group, now);
+            reg.plan(fleet, &limits, now)
         };
         for action in actions {
-            if let Err(e) = self.act(rt, &action).await {
+            if let Err(e) = self.act(rt, &action, now).await {
                 self.registry()
                     .emit(fleet, action.minion(), EventKind::Warning, error_chain(&e));
             }
         }
-        // The wall clock, read here at the edge, for schedules in time zones.
-        let wall = jiff::Timestamp::now();
-        let grow_to = self.registry().decide(fleet, Instant::now(), wall);
+        let grow_to = self.registry().decide(fleet, now, wall);
         if let Some(n) = grow_to {
             match rt.group.set_desired(n).await {
                 Ok(()) => self.registry().emit(
@@ -286,7 +267,7 @@ impl Controller {
             }
         }
         let busy = self.registry().busy(fleet);
-        let busy_requeue = if rt.aws.is_some() {
+        let busy_requeue = if rt.hooks.is_some() {
             AWS_BUSY_REQUEUE
         } else {
             BUSY_REQUEUE
@@ -298,10 +279,32 @@ impl Controller {
         })
     }
 
+    /// The limits a pass of `rt`'s fleet plans by.
+    fn limits(&self, rt: &FleetRuntime) -> Limits {
+        Limits {
+            lost_timeout: self.config.lost_timeout,
+            join_timeout: self.config.join_timeout,
+            unhealthy_timeout: self.config.unhealthy_timeout,
+            drain_deadline: self.config.drain_deadline,
+            heartbeat_every: rt
+                .config
+                .provider
+                .aws()
+                .map_or(Duration::MAX, |a| a.heartbeat_interval),
+            terminate_retry_after: TERMINATE_RETRY_AFTER,
+            protect_after_work: PROTECT_AFTER_WORK,
+        }
+    }
+
     /// Reads what an AWS fleet's passes need once: whether the target group
     /// is attached to the group (warned about once) and its deregistration
     /// delay. Until both are read, the pass stops here and retries.
-    async fn aws_setup(&self, fleet: &str, aws: &AwsFleet) -> Result<AwsSetup, ReconcileError> {
+    async fn aws_setup(
+        &self,
+        rt: &FleetRuntime,
+        hooks: &dyn GroupLifecycle,
+    ) -> Result<AwsSetup, ReconcileError> {
+        let fleet = rt.config.name.as_str();
         if let Some(setup) = self.registry().fleets.get(fleet).and_then(|f| f.aws_setup) {
             return Ok(setup);
         }
@@ -309,25 +312,24 @@ impl Controller {
             fleet: fleet.to_owned(),
             source,
         };
-        let target_group_attached = aws.target_group_attached().await.map_err(err)?;
-        let deregistration_delay = aws.deregistration_delay().await.map_err(err)?;
+        let read = hooks.target_group_setup().await.map_err(err)?;
+        let target_group_attached = read.attached;
         let setup = AwsSetup {
             target_group_attached,
-            deregistration_delay,
+            deregistration_delay: read.deregistration_delay,
         };
         let mut reg = self.registry();
         if let Some(f) = reg.fleets.get_mut(fleet) {
             f.aws_setup = Some(setup);
         }
-        if target_group_attached {
+        if target_group_attached && let Some(aws) = rt.config.provider.aws() {
             reg.emit(
                 fleet,
                 None,
                 EventKind::Warning,
                 format!(
                     "target group {} is attached to group {}: the group registers and deregisters instances itself, so the controller does not (it registers engines before they are ready and waits out the whole deregistration delay; detach it)",
-                    aws.config().target_group_arn,
-                    aws.config().group_name
+                    aws.fleet.target_group_arn, aws.fleet.group_name
                 ),
             );
         }
@@ -344,11 +346,28 @@ impl Controller {
             .is_some_and(|s| s.target_group_attached)
     }
 
-    async fn act(&self, rt: &FleetRuntime, action: &Action) -> Result<(), CloudError> {
+    /// Makes one call of the pass's plan, then records its outcome.
+    async fn act(
+        &self,
+        rt: &FleetRuntime,
+        action: &Action,
+        now: Instant,
+    ) -> Result<(), CloudError> {
         let fleet = rt.config.name.as_str();
         let manages_targets = self.manages_targets(fleet);
+        let (target, instance) = match action.minion() {
+            Some(id) => {
+                let reg = self.registry();
+                (reg.target(id), reg.instance(id))
+            }
+            None => (None, None),
+        };
+        let instance = instance.as_ref();
         match action {
-            Action::Register { minion, target } => {
+            Action::Register { id: minion } => {
+                let Some(target) = &target else {
+                    return Ok(());
+                };
                 let reason = if manages_targets {
                     rt.targets.register(target).await?;
                     format!("registered {} in the load balancer", target.address)
@@ -379,12 +398,11 @@ impl Controller {
                         format!("{reason} again after the controller restarted"),
                     );
                 } else {
-                    let _ =
-                        reg.transition(minion, LifecycleEvent::Registered, &reason, Instant::now());
+                    let _ = reg.transition(minion, LifecycleEvent::Registered, &reason, now);
                 }
             }
-            Action::TakeOut { minion, target } => {
-                if manages_targets {
+            Action::TakeOut { id: minion } => {
+                if manages_targets && let Some(target) = &target {
                     rt.targets.deregister(target).await?;
                 }
                 let mut reg = self.registry();
@@ -399,8 +417,11 @@ impl Controller {
                     );
                 }
             }
-            Action::Deregister { minion, target } => {
-                let target = target.as_ref().filter(|_| manages_targets);
+            Action::Deregister {
+                id: minion,
+                registered,
+            } => {
+                let target = target.as_ref().filter(|_| manages_targets && *registered);
                 if let Some(target) = target {
                     rt.targets.deregister(target).await?;
                     let state = rt.targets.target_state(target).await?;
@@ -412,7 +433,7 @@ impl Controller {
                     if let Some(m) = reg.minions.get_mut(minion)
                         && m.deregistered_at.is_none()
                     {
-                        m.deregistered_at = Some(Instant::now());
+                        m.deregistered_at = Some(now);
                         m.lb_connections_at_deregistration = rt.targets.connections_total(target);
                         let msg = format!(
                             "deregistered from the load balancer: target {state:?}, no new connections"
@@ -421,14 +442,14 @@ impl Controller {
                         reg.emit(fleet, Some(minion), EventKind::Step, msg);
                     }
                 }
-                self.start_flush(rt, minion, target);
+                self.start_flush(rt, minion, target, now);
             }
             Action::AwaitUnused {
-                minion,
-                target,
+                id: minion,
+                registered,
                 waiting_for,
             } => {
-                let why = match target.as_ref().filter(|_| manages_targets) {
+                let why = match target.as_ref().filter(|_| manages_targets && *registered) {
                     None => "not in the load balancer".to_owned(),
                     Some(target) => {
                         rt.targets.deregister(target).await?;
@@ -440,7 +461,8 @@ impl Controller {
                             // for the whole deregistration delay. Wait a short
                             // grace, not the delay.
                             state
-                                if rt.aws.is_some() && *waiting_for >= self.config.unused_grace =>
+                                if rt.hooks.is_some()
+                                    && *waiting_for >= self.config.unused_grace =>
                             {
                                 format!(
                                     "target still {state:?} {} after the engine closed its last connection: going on",
@@ -455,16 +477,18 @@ impl Controller {
                 if let Some(m) = reg.minions.get_mut(minion) {
                     m.registered = false;
                 }
-                let _ = reg.transition(minion, LifecycleEvent::TargetUnused, &why, Instant::now());
+                let _ = reg.transition(minion, LifecycleEvent::TargetUnused, &why, now);
             }
-            Action::Terminate {
-                minion,
-                instance,
-                target,
-                decrement,
+            Action::Finish {
+                id: minion,
                 finish,
+                decrement,
+                take_out,
             } => {
-                if let Some(target) = target.as_ref().filter(|_| manages_targets) {
+                let Some(instance) = instance else {
+                    return Ok(());
+                };
+                if let Some(target) = target.as_ref().filter(|_| manages_targets && *take_out) {
                     // A Lost minion: only once the load balancer is done with it.
                     rt.targets.deregister(target).await?;
                     let state = rt.targets.target_state(target).await?;
@@ -474,7 +498,7 @@ impl Controller {
                         m.deregistered_at.get_or_insert_with(Instant::now);
                     }
                     if state != TargetState::Unused {
-                        if !self.waited_out_delay(fleet, minion) {
+                        if !self.waited_out_delay(fleet, minion, now) {
                             return Ok(());
                         }
                         self.registry().emit(
@@ -495,7 +519,7 @@ impl Controller {
                         let decrementing = *decrement
                             && self
                                 .registry()
-                                .claim_decrement(minion, instance, Instant::now())
+                                .claim_decrement(minion, instance, now)
                                 .map_err(|e| CloudError::Provider {
                                     call: "the decrement ledger",
                                     message: error_chain(&e),
@@ -503,20 +527,12 @@ impl Controller {
                         match rt.group.terminate(instance, decrementing).await {
                             Ok(()) => {
                                 if decrementing {
-                                    self.registry().settle_decrement(
-                                        instance,
-                                        true,
-                                        Instant::now(),
-                                    );
+                                    self.registry().settle_decrement(instance, true, now);
                                 }
                             }
                             Err(e) => {
                                 if decrementing && e.certainly_not_applied() {
-                                    self.registry().settle_decrement(
-                                        instance,
-                                        false,
-                                        Instant::now(),
-                                    );
+                                    self.registry().settle_decrement(instance, false, now);
                                 }
                                 return Err(e);
                             }
@@ -566,24 +582,22 @@ impl Controller {
                     .minions
                     .get(minion)
                     .is_some_and(|m| m.state == MinionState::Terminating);
-                let _ = reg.transition(
-                    minion,
-                    LifecycleEvent::TerminateIssued,
-                    &reason,
-                    Instant::now(),
-                );
+                let _ = reg.transition(minion, LifecycleEvent::TerminateIssued, &reason, now);
                 if already {
                     // No change of state to record the step by.
                     reg.emit(fleet, Some(minion), EventKind::Step, reason);
                 }
             }
-            Action::Heartbeat { minion, instance } => {
+            Action::Heartbeat { id: minion } => {
+                let Some(instance) = instance else {
+                    return Ok(());
+                };
                 aws_only(rt)?
                     .record_lifecycle_heartbeat(instance, LifecycleHook::Terminating)
                     .await?;
                 let mut reg = self.registry();
                 if let Some(m) = reg.minions.get_mut(minion) {
-                    m.hook_heartbeat_at = Some(Instant::now());
+                    m.hook_heartbeat_at = Some(now);
                     reg.persist(minion);
                 }
                 reg.emit(
@@ -597,10 +611,12 @@ impl Controller {
                 instances,
                 protected,
             } => {
+                let ids: Vec<InstanceId> =
+                    instances.iter().map(|i| InstanceId(i.clone())).collect();
                 aws_only(rt)?
-                    .set_scale_in_protection(instances, *protected)
+                    .set_scale_in_protection(&ids, *protected)
                     .await?;
-                let list: Vec<&str> = instances.iter().map(|i| i.0.as_str()).collect();
+                let list: Vec<&str> = instances.iter().map(String::as_str).collect();
                 let message = if *protected {
                     format!(
                         "protected from the group's scale-in (busy): {}",
@@ -611,7 +627,10 @@ impl Controller {
                 };
                 self.registry().emit(fleet, None, EventKind::Step, message);
             }
-            Action::CompleteLaunch { minion, instance } => {
+            Action::CompleteLaunch { id: minion } => {
+                let Some(instance) = instance else {
+                    return Ok(());
+                };
                 aws_only(rt)?
                     .complete_lifecycle_action(
                         instance,
@@ -639,7 +658,7 @@ impl Controller {
     /// it stopped getting new connections: the load balancer has cut its
     /// connections by then, whatever DescribeTargetHealth still says.
     /// Always false for other providers (their `unused` is exact).
-    fn waited_out_delay(&self, fleet: &str, minion: &str) -> bool {
+    fn waited_out_delay(&self, fleet: &str, minion: &str, now: Instant) -> bool {
         let reg = self.registry();
         let Some(delay) = reg
             .fleets
@@ -652,14 +671,19 @@ impl Controller {
         reg.minions
             .get(minion)
             .and_then(|m| m.deregistered_at)
-            .is_some_and(|at| at.elapsed() >= delay)
+            .is_some_and(|at| now.saturating_duration_since(at) >= delay)
     }
 
     /// Sends the Drain command once the load balancer sends no new
     /// connections: Deregistering → Flushing.
-    fn start_flush(&self, rt: &FleetRuntime, minion: &str, target: Option<&gru_cloud::Target>) {
+    fn start_flush(
+        &self,
+        rt: &FleetRuntime,
+        minion: &str,
+        target: Option<&gru_cloud::Target>,
+        now: Instant,
+    ) {
         let deadline = self.config.drain_deadline;
-        let now = Instant::now();
         let mut reg = self.registry();
         let Some(m) = reg.minions.get_mut(minion) else {
             return;
@@ -697,10 +721,11 @@ impl Controller {
     }
 }
 
-/// The AWS fleet behind `rt`; the registry plans AWS-only actions only for
-/// AWS fleets, so this failing is a bug, reported like any failed call.
-fn aws_only(rt: &FleetRuntime) -> Result<&AwsFleet, CloudError> {
-    rt.aws.as_deref().ok_or_else(|| CloudError::NotFound {
-        what: format!("an AWS group for fleet {}", rt.config.name),
+/// The lifecycle calls of `rt`'s group; the planner asks for them only for
+/// a group with hooks, so this failing is a bug, reported like any failed
+/// call.
+fn aws_only(rt: &FleetRuntime) -> Result<&dyn GroupLifecycle, CloudError> {
+    rt.hooks.as_deref().ok_or_else(|| CloudError::NotFound {
+        what: format!("a group with lifecycle hooks for fleet {}", rt.config.name),
     })
 }

@@ -12,11 +12,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gru_cloud::{GroupState, InstanceId, InstanceLifecycle, Target};
 use gru_core::lifecycle::InvalidTransition;
+use gru_core::plan::{
+    Change, CloudView, DrainIntent, GroupSize, HookView, Limits, Listed, MinionSnapshot,
+};
 use gru_core::policy::{
     self, Decision, Explanation, MinionLoad, Observation, Overrides, Pin, PolicyMemory,
     PolicyState, Source,
 };
-use gru_core::scaling::Candidate;
 use gru_core::{DrainPhase, error_chain};
 use gru_core::{LifecycleEvent, Load, MinionState, step};
 use jiff::Timestamp;
@@ -260,93 +262,7 @@ pub struct AwsSetup {
     pub deregistration_delay: Duration,
 }
 
-/// How a Drained (or Lost, or hooked) minion's instance leaves the group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Finish {
-    /// TerminateInstanceInAutoScalingGroup (decrementing per the action).
-    Terminate,
-    /// The terminating hook holds the instance: CompleteLifecycleAction
-    /// CONTINUE. The group decided the termination; nothing is decremented.
-    ContinueTermination,
-    /// Never joined while in service, or Lost (AWS): SetInstanceHealth
-    /// Unhealthy, so the group replaces it.
-    MarkUnhealthy,
-    /// Never joined while the launching hook holds it (AWS):
-    /// CompleteLifecycleAction ABANDON, so the group replaces it.
-    AbandonLaunch,
-}
-
-/// A cloud call the reconcile loop makes outside the lock.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    Register {
-        minion: String,
-        target: Target,
-    },
-    /// Deregister (idempotent), then start the drain once the target takes no
-    /// new connections. `target` is None for minions never registered.
-    Deregister {
-        minion: String,
-        target: Option<Target>,
-    },
-    /// Take an unhealthy engine out of the load balancer; it comes back
-    /// through Ready when healthy again.
-    TakeOut {
-        minion: String,
-        target: Target,
-    },
-    /// The engine is drained: wait for its target to show unused (exact for
-    /// the local load balancer; on AWS bounded by a short grace after the
-    /// engine reported no connections, not the deregistration delay).
-    AwaitUnused {
-        minion: String,
-        target: Option<Target>,
-        /// Since the engine reported drained.
-        waiting_for: Duration,
-    },
-    /// Terminate a Drained (or Lost) minion. A Lost minion's target is taken
-    /// out of the load balancer first.
-    Terminate {
-        minion: String,
-        instance: InstanceId,
-        target: Option<Target>,
-        /// Only for `Finish::Terminate`.
-        decrement: bool,
-        finish: Finish,
-    },
-    /// Record a heartbeat for the terminating hook holding the instance.
-    Heartbeat {
-        minion: String,
-        instance: InstanceId,
-    },
-    /// Complete the launching hook's action with CONTINUE: the minion joined
-    /// and its engine is healthy.
-    CompleteLaunch {
-        minion: String,
-        instance: InstanceId,
-    },
-    /// Protect (or unprotect) instances from the group's own scale-ins.
-    Protect {
-        instances: Vec<InstanceId>,
-        protected: bool,
-    },
-}
-
-impl Action {
-    /// The one minion the action is about, if it is about one.
-    pub fn minion(&self) -> Option<&str> {
-        match self {
-            Action::Register { minion, .. }
-            | Action::TakeOut { minion, .. }
-            | Action::AwaitUnused { minion, .. }
-            | Action::Deregister { minion, .. }
-            | Action::Terminate { minion, .. }
-            | Action::Heartbeat { minion, .. }
-            | Action::CompleteLaunch { minion, .. } => Some(minion),
-            Action::Protect { .. } => None,
-        }
-    }
-}
+pub use gru_core::plan::{Action, Finish};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -555,10 +471,15 @@ impl Registry {
     /// cloud calls are written with [`Registry::claim_decrement`], whose
     /// failure stops the call.
     pub fn persist(&self, id: &str) {
-        let Some(m) = self.minions.get(id) else {
-            return;
-        };
-        let row = MinionRow {
+        if let Some(row) = self.minion_row(id) {
+            self.store_write(|s| s.put_minion(&row));
+        }
+    }
+
+    /// What the store keeps of minion `id`.
+    fn minion_row(&self, id: &str) -> Option<MinionRow> {
+        let m = self.minions.get(id)?;
+        Some(MinionRow {
             id: m.id.clone(),
             fleet: m.fleet.clone(),
             instance: m.instance.0.clone(),
@@ -576,8 +497,7 @@ impl Registry {
             termination_completed: m.termination_completed,
             hook_heartbeat_ms: m.hook_heartbeat_at.map(|t| self.wall_ms(t)),
             deregistered_ms: m.deregistered_at.map(|t| self.wall_ms(t)),
-        };
-        self.store_write(|s| s.put_minion(&row));
+        })
     }
 
     /// Writes fleet `name`'s overrides and policy memory.
@@ -708,6 +628,13 @@ impl Registry {
     }
 
     fn push_event(&mut self, event: Event) {
+        let row = event_row(&event);
+        self.store_write(|s| s.append_events(std::slice::from_ref(&row)).map(drop));
+        self.announce(event);
+    }
+
+    /// Logs an event already in the store and sends it to watchers.
+    fn announce(&self, event: Event) {
         match event.kind {
             EventKind::Warning => {
                 tracing::warn!(fleet = %event.fleet, minion = event.minion.as_deref().unwrap_or("-"), "{}", event.message)
@@ -720,18 +647,6 @@ impl Registry {
                 event.message
             ),
         }
-        let row = EventRow {
-            seq: 0,
-            at_ms: unix_ms(event.at),
-            fleet: event.fleet.clone(),
-            minion: event.minion.clone(),
-            kind: event.kind.as_str().to_owned(),
-            message: event.message.clone(),
-            from: event.transition.map(|(f, _)| f.as_str().to_owned()),
-            to: event.transition.map(|(_, t)| t.as_str().to_owned()),
-            actor: event.actor.clone(),
-        };
-        self.store_write(|s| s.append_events(std::slice::from_ref(&row)).map(drop));
         // No subscriber is fine.
         let _ = self.events.send(event);
     }
@@ -829,8 +744,7 @@ impl Registry {
             m.session = None;
         }
         let fleet = m.fleet.clone();
-        self.persist(id);
-        self.push_event(Event {
+        let event = Event {
             at,
             fleet,
             minion: Some(id.to_owned()),
@@ -838,7 +752,14 @@ impl Registry {
             message: format!("{from} → {to}: {reason}"),
             transition: Some((from, to)),
             actor: None,
-        });
+        };
+        // The new state and the event that records it, in one transaction:
+        // a controller killed in between finds both or neither.
+        if let Some(row) = self.minion_row(id) {
+            let events = [event_row(&event)];
+            self.store_write(|s| s.put_minion_with_events(&row, &events));
+        }
+        self.announce(event);
         Ok(to)
     }
 
@@ -1016,18 +937,9 @@ impl Registry {
         }
     }
 
-    /// Brings the minions of `fleet` in line with what the group reports:
-    /// new instances become Pending minions, vanished ones Gone, silent ones
-    /// Lost.
-    pub fn sync(
-        &mut self,
-        fleet: &str,
-        group: &GroupState,
-        lost_timeout: Duration,
-        join_timeout: Duration,
-        unhealthy_timeout: Duration,
-        now: Instant,
-    ) {
+    /// Takes the group's view for `fleet`: an instance not seen before gets a
+    /// Pending minion. What happens to known ones is [`Registry::plan`]'s.
+    pub fn sync(&mut self, fleet: &str, group: &GroupState, now: Instant) {
         let mut hooked = HashSet::new();
         if let Some(f) = self.fleets.get_mut(fleet) {
             f.group = Some(group.clone());
@@ -1046,34 +958,90 @@ impl Registry {
                 self.ensure_minion(fleet, &i.id, now);
             }
         }
-        let listed: std::collections::HashSet<&InstanceId> =
-            group.instances.iter().map(|i| &i.id).collect();
-        let ids: Vec<String> = self
-            .minions
+    }
+
+    /// The fleet's minions as the planner sees them at `now`.
+    pub fn snapshots(&self, fleet: &str, now: Instant) -> Vec<MinionSnapshot> {
+        let age = |t: Instant| now.saturating_duration_since(t);
+        self.minions
             .values()
-            .filter(|m| m.fleet == fleet && m.state != MinionState::Gone)
-            .map(|m| m.id.clone())
-            .collect();
-        for id in ids {
-            let Some(m) = self.minions.get(&id) else {
-                continue;
-            };
-            let (state, instance) = (m.state, m.instance.clone());
-            let silent_for = now.saturating_duration_since(m.last_seen.unwrap_or(m.created));
-            let in_state_for = now.saturating_duration_since(m.state_since);
-            if hooked.contains(&instance) {
-                self.held_by_terminating_hook(fleet, &id, now);
-            }
-            if !listed.contains(&instance) {
+            .filter(|m| m.fleet == fleet)
+            .map(|m| MinionSnapshot {
+                id: m.id.clone(),
+                instance: m.instance.0.clone(),
+                state: m.state,
+                in_state_for: age(m.state_since),
+                silent_for: age(m.last_seen.unwrap_or(m.created)),
+                joined: m.engine_address.is_some(),
+                registered: m.registered,
+                verify_registration: m.verify_registration,
+                drain: m.drain.as_ref().map(|d| DrainIntent {
+                    decrement: d.decrement,
+                    overdue_reported: d.overdue_reported,
+                }),
+                load: m.load(),
+                since_busy: m.last_busy_at.map(age),
+                since_heartbeat: m.hook_heartbeat_at.map(age),
+                launch_completed: m.launch_completed,
+                termination_completed: m.termination_completed,
+            })
+            .collect()
+    }
+
+    /// What the cloud showed `fleet` at its last sync.
+    fn cloud_view(&self, fleet: &str) -> CloudView {
+        let Some(f) = self.fleets.get(fleet) else {
+            return CloudView::default();
+        };
+        let set = |ids: &HashSet<InstanceId>| ids.iter().map(|i| i.0.clone()).collect();
+        CloudView {
+            instances: f
+                .group
+                .iter()
+                .flat_map(|g| &g.instances)
+                .map(|i| {
+                    let listed = match i.lifecycle {
+                        InstanceLifecycle::Pending => Listed::Pending,
+                        InstanceLifecycle::InService => Listed::InService,
+                        InstanceLifecycle::Terminating => Listed::Terminating,
+                    };
+                    (i.id.0.clone(), listed)
+                })
+                .collect(),
+            hooks: f.aws.as_ref().map(|v| HookView {
+                pending_wait: set(&v.pending_wait),
+                terminating_wait: set(&v.terminating_wait),
+                in_service: set(&v.in_service),
+                protected: set(&v.protected),
+            }),
+        }
+    }
+
+    /// One pass's plan for `fleet` at `now` ([`gru_core::plan::plan`]): its
+    /// changes are applied here, through the step function; its cloud calls
+    /// are returned for the shell to make.
+    pub fn plan(&mut self, fleet: &str, limits: &Limits, now: Instant) -> Vec<Action> {
+        let snapshots = self.snapshots(fleet, now);
+        let cloud = self.cloud_view(fleet);
+        let plan = gru_core::plan::plan(&snapshots, &cloud, limits);
+        for change in plan.changes {
+            self.apply(fleet, change, limits, now);
+        }
+        self.forget_long_gone(fleet, now);
+        plan.actions
+    }
+
+    fn apply(&mut self, fleet: &str, change: Change, limits: &Limits, now: Instant) {
+        match change {
+            Change::Gone { id } => {
                 let _ = self.transition(
                     &id,
                     LifecycleEvent::InstanceGone,
                     "instance no longer in the group",
                     now,
                 );
-                continue;
             }
-            if state.expects_reports() && silent_for > lost_timeout {
+            Change::Lost { id, silent_for } => {
                 let reason = format!(
                     "no report for {}",
                     humantime::format_duration(round(silent_for))
@@ -1085,36 +1053,70 @@ impl Registry {
                     EventKind::Warning,
                     format!("minion lost: {reason}"),
                 );
-            } else if state == MinionState::Pending && silent_for > join_timeout {
-                let reason = format!(
-                    "never joined within {}; replacing it",
-                    humantime::format_duration(join_timeout)
+            }
+            Change::Drain {
+                id,
+                decrement,
+                reason,
+            } => {
+                let _ = self.choose_for_drain(&id, decrement, &reason, now);
+            }
+            Change::NoDecrement { id } => {
+                let Some(m) = self.minions.get_mut(&id) else {
+                    return;
+                };
+                if let Some(d) = m.drain.as_mut() {
+                    d.decrement = false;
+                }
+                // Chosen for scale-in, but the group got there first: its
+                // termination is the only one, and it decrements or not by
+                // itself.
+                let message = format!(
+                    "the group is terminating {} itself (terminating lifecycle hook): no decrement from the controller",
+                    m.instance
                 );
-                let _ = self.choose_for_drain(&id, false, &reason, now);
-            } else if let Some(limit) = match state {
-                MinionState::Joining => Some(join_timeout),
-                MinionState::Unhealthy => Some(unhealthy_timeout),
-                _ => None,
-            } && in_state_for > limit
-            {
-                let reason = format!(
-                    "{} for {}: replacing it",
-                    if state == MinionState::Joining {
-                        "engine never turned healthy"
-                    } else {
-                        "engine unhealthy"
-                    },
-                    humantime::format_duration(limit)
+                self.persist(&id);
+                self.emit(fleet, Some(&id), EventKind::Step, message);
+            }
+            Change::Overdue { id } => {
+                if let Some(d) = self.minions.get_mut(&id).and_then(|m| m.drain.as_mut()) {
+                    d.overdue_reported = true;
+                }
+                self.persist(&id);
+                self.emit(
+                    fleet,
+                    Some(&id),
+                    EventKind::Warning,
+                    format!(
+                        "drain overdue: still working after {}; it will not be terminated while it holds work",
+                        humantime::format_duration(limits.drain_deadline)
+                    ),
                 );
-                let _ = self.choose_for_drain(&id, false, &reason, now);
+            }
+            Change::RetryTerminate { id } => {
+                if let Some(m) = self.minions.get_mut(&id) {
+                    m.state_since = now;
+                }
+                self.persist(&id);
+                self.emit(
+                    fleet,
+                    Some(&id),
+                    EventKind::Warning,
+                    "still running after its terminate: asking again".to_owned(),
+                );
             }
         }
-        // Forget long-gone minions.
+    }
+
+    /// Forgets minions Gone for longer than [`GONE_RETENTION`] (their
+    /// events stay in the log).
+    fn forget_long_gone(&mut self, fleet: &str, now: Instant) {
         let stale: Vec<String> = self
             .minions
             .values()
             .filter(|m| {
-                m.state == MinionState::Gone
+                m.fleet == fleet
+                    && m.state == MinionState::Gone
                     && now.saturating_duration_since(m.state_since) > GONE_RETENTION
             })
             .map(|m| m.id.clone())
@@ -1127,262 +1129,15 @@ impl Registry {
         }
     }
 
-    /// The group (on AWS) started terminating the minion's instance and its
-    /// terminating hook holds it: drain it without decrement (the group
-    /// already decided), then complete the action instead of terminating.
-    fn held_by_terminating_hook(&mut self, fleet: &str, id: &str, now: Instant) {
-        let Some(m) = self.minions.get(id) else {
-            return;
-        };
-        let (state, instance) = (m.state, m.instance.clone());
-        match state {
-            MinionState::Pending
-            | MinionState::Joining
-            | MinionState::Ready
-            | MinionState::InService
-            | MinionState::Unhealthy => {
-                let reason =
-                    format!("the group is terminating {instance} (terminating lifecycle hook)");
-                let _ = self.choose_for_drain(id, false, &reason, now);
-            }
-            MinionState::Draining(_) | MinionState::Drained | MinionState::Lost => {
-                let cleared = self
-                    .minions
-                    .get_mut(id)
-                    .and_then(|m| m.drain.as_mut())
-                    .filter(|plan| plan.decrement)
-                    .map(|plan| plan.decrement = false)
-                    .is_some();
-                if cleared {
-                    // Chosen for scale-in, but the group got there first: its
-                    // termination is the only one, and it decrements or not
-                    // by itself.
-                    let message = format!(
-                        "the group is terminating {instance} itself (terminating lifecycle hook): no decrement from the controller"
-                    );
-                    self.emit(fleet, Some(id), EventKind::Step, message);
-                    self.persist(id);
-                }
-            }
-            MinionState::Terminating | MinionState::Gone => {}
-        }
+    /// The engine address and instance of a minion, as a load balancer
+    /// target.
+    pub fn target(&self, id: &str) -> Option<Target> {
+        self.minions.get(id).and_then(|m| m.target())
     }
 
-    /// The cloud calls the lifecycle of `fleet`'s minions needs next.
-    pub fn plan(&mut self, fleet: &str, drain_deadline: Duration, now: Instant) -> Vec<Action> {
-        let mut actions = Vec::new();
-        let mut overdue = Vec::new();
-        let (view, heartbeat_every) = match self.fleets.get(fleet) {
-            Some(f) => (
-                f.aws.clone(),
-                f.config
-                    .provider
-                    .aws()
-                    .map_or(Duration::MAX, |a| a.heartbeat_interval),
-            ),
-            None => (None, Duration::MAX),
-        };
-        let still_running: HashSet<InstanceId> = self
-            .fleets
-            .get(fleet)
-            .and_then(|f| f.group.as_ref())
-            .map(|g| {
-                g.instances
-                    .iter()
-                    .filter(|i| i.lifecycle != InstanceLifecycle::Terminating)
-                    .map(|i| i.id.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        for m in self.minions.values_mut().filter(|m| m.fleet == fleet) {
-            let hooked = view
-                .as_ref()
-                .is_some_and(|v| v.terminating_wait.contains(&m.instance));
-            let held_at_launch = view
-                .as_ref()
-                .is_some_and(|v| v.pending_wait.contains(&m.instance));
-            if hooked
-                && matches!(
-                    m.state,
-                    MinionState::Draining(_) | MinionState::Drained | MinionState::Lost
-                )
-                && !m.termination_completed
-                && m.hook_heartbeat_at
-                    .is_none_or(|at| now.saturating_duration_since(at) >= heartbeat_every)
-            {
-                actions.push(Action::Heartbeat {
-                    minion: m.id.clone(),
-                    instance: m.instance.clone(),
-                });
-            }
-            if held_at_launch
-                && matches!(m.state, MinionState::Ready | MinionState::InService)
-                && !m.launch_completed
-            {
-                actions.push(Action::CompleteLaunch {
-                    minion: m.id.clone(),
-                    instance: m.instance.clone(),
-                });
-            }
-            let target = if m.registered { m.target() } else { None };
-            match m.state {
-                MinionState::Ready => {
-                    if let Some(target) = m.target() {
-                        actions.push(Action::Register {
-                            minion: m.id.clone(),
-                            target,
-                        });
-                    }
-                }
-                // A restarted controller registers again what it found in
-                // service (idempotent; a local load balancer starts empty).
-                MinionState::InService if m.verify_registration => {
-                    if let Some(target) = m.target() {
-                        actions.push(Action::Register {
-                            minion: m.id.clone(),
-                            target,
-                        });
-                    }
-                }
-                MinionState::Unhealthy => {
-                    if let Some(target) = target {
-                        actions.push(Action::TakeOut {
-                            minion: m.id.clone(),
-                            target,
-                        });
-                    }
-                }
-                MinionState::Draining(DrainPhase::Deregistering) => {
-                    actions.push(Action::Deregister {
-                        minion: m.id.clone(),
-                        target,
-                    });
-                }
-                MinionState::Draining(DrainPhase::Flushing) => {
-                    if let Some(plan) = m.drain.as_mut()
-                        && !plan.overdue_reported
-                        && now.saturating_duration_since(m.state_since) > drain_deadline
-                    {
-                        plan.overdue_reported = true;
-                        overdue.push(m.id.clone());
-                    }
-                }
-                MinionState::Draining(DrainPhase::AwaitingUnused) => {
-                    actions.push(Action::AwaitUnused {
-                        minion: m.id.clone(),
-                        target,
-                        waiting_for: now.saturating_duration_since(m.state_since),
-                    });
-                }
-                MinionState::Drained | MinionState::Lost => {
-                    let decrement = m.drain.as_ref().is_some_and(|d| d.decrement);
-                    let never_joined = m.engine_address.is_none();
-                    let finish = if view.is_none() {
-                        Finish::Terminate
-                    } else if hooked {
-                        Finish::ContinueTermination
-                    } else if never_joined && !decrement && held_at_launch {
-                        Finish::AbandonLaunch
-                    } else if (never_joined || m.state == MinionState::Lost) && !decrement {
-                        // Never joined, or went silent: report it unhealthy
-                        // and let the group replace it (DESIGN.md, Lost).
-                        Finish::MarkUnhealthy
-                    } else {
-                        Finish::Terminate
-                    };
-                    // A Drained minion's target is already unused; a Lost
-                    // one's is taken out here.
-                    let target = if m.state == MinionState::Lost {
-                        target
-                    } else {
-                        None
-                    };
-                    actions.push(Action::Terminate {
-                        minion: m.id.clone(),
-                        instance: m.instance.clone(),
-                        target,
-                        decrement: decrement && finish == Finish::Terminate,
-                        finish,
-                    });
-                }
-                // The controller's own terminate put the instance in
-                // Terminating:Wait: it is drained, so complete at once.
-                MinionState::Terminating if hooked && !m.termination_completed => {
-                    actions.push(Action::Terminate {
-                        minion: m.id.clone(),
-                        instance: m.instance.clone(),
-                        target: None,
-                        decrement: false,
-                        finish: Finish::ContinueTermination,
-                    });
-                }
-                // The terminate call did not take (a controller stopped
-                // between its intent and the call, or the call was lost):
-                // the group still runs the instance. Ask again; the
-                // decrement ledger keeps it to one decrement.
-                MinionState::Terminating
-                    if !hooked
-                        && still_running.contains(&m.instance)
-                        && now.saturating_duration_since(m.state_since) > TERMINATE_RETRY_AFTER =>
-                {
-                    let decrement = m.drain.as_ref().is_some_and(|d| d.decrement);
-                    m.state_since = now;
-                    actions.push(Action::Terminate {
-                        minion: m.id.clone(),
-                        instance: m.instance.clone(),
-                        target: None,
-                        decrement,
-                        finish: Finish::Terminate,
-                    });
-                }
-                _ => {}
-            }
-        }
-        if let Some(view) = &view {
-            actions.extend(self.protection(fleet, view, now));
-        }
-        for id in overdue {
-            self.emit(
-                fleet,
-                Some(&id),
-                EventKind::Warning,
-                format!(
-                    "drain overdue: still working after {}; it will not be terminated while it holds work",
-                    humantime::format_duration(drain_deadline)
-                ),
-            );
-        }
-        actions
-    }
-
-    /// Scale-in protection changes for an AWS fleet: minions in service that
-    /// had work within [`PROTECT_AFTER_WORK`] are protected, the others not.
-    /// Only instances in service in the group are touched, and only when
-    /// their protection differs.
-    fn protection(&self, fleet: &str, view: &AwsView, now: Instant) -> Vec<Action> {
-        let mut protect = Vec::new();
-        let mut unprotect = Vec::new();
-        for m in self.minions.values().filter(|m| m.fleet == fleet) {
-            if !view.in_service.contains(&m.instance) {
-                continue;
-            }
-            let busy = matches!(m.state, MinionState::Ready | MinionState::InService)
-                && m.last_busy_at
-                    .is_some_and(|at| now.saturating_duration_since(at) < PROTECT_AFTER_WORK);
-            match (busy, view.protected.contains(&m.instance)) {
-                (true, false) => protect.push(m.instance.clone()),
-                (false, true) => unprotect.push(m.instance.clone()),
-                _ => {}
-            }
-        }
-        [(protect, true), (unprotect, false)]
-            .into_iter()
-            .filter(|(instances, _)| !instances.is_empty())
-            .map(|(instances, protected)| Action::Protect {
-                instances,
-                protected,
-            })
-            .collect()
+    /// The instance of a minion.
+    pub fn instance(&self, id: &str) -> Option<InstanceId> {
+        self.minions.get(id).map(|m| m.instance.clone())
     }
 
     /// True while some minion of the fleet is between Draining and Gone, so
@@ -1407,14 +1162,12 @@ impl Registry {
     /// for scale-in, and returns the group's desired capacity to set, if it
     /// must grow.
     pub fn decide(&mut self, fleet: &str, now: Instant, wall: Timestamp) -> Option<u32> {
-        let minions: Vec<&MinionRecord> =
-            self.minions.values().filter(|m| m.fleet == fleet).collect();
-        let capacity = minions
-            .iter()
-            .filter(|m| m.state.counts_as_capacity())
-            .count() as u32;
-        let loads: Vec<MinionLoad> = minions
-            .iter()
+        let snapshots = self.snapshots(fleet, now);
+        let capacity = gru_core::plan::capacity(&snapshots);
+        let loads: Vec<MinionLoad> = self
+            .minions
+            .values()
+            .filter(|m| m.fleet == fleet)
             .filter(|m| matches!(m.state, MinionState::Ready | MinionState::InService))
             .map(|m| {
                 let load = m.load();
@@ -1425,27 +1178,6 @@ impl Registry {
                 }
             })
             .collect();
-        // Minions that will lower the group's desired capacity when they are
-        // terminated; the group's desired count includes them until then.
-        let pending_decrements = minions
-            .iter()
-            .filter(|m| {
-                matches!(
-                    m.state,
-                    MinionState::Draining(_) | MinionState::Drained | MinionState::Lost
-                )
-            })
-            .filter(|m| m.drain.as_ref().is_some_and(|d| d.decrement))
-            .count() as u32;
-        let candidates: Vec<Candidate<String>> = minions
-            .iter()
-            .map(|m| Candidate {
-                id: m.id.clone(),
-                state: m.state,
-                load: m.load(),
-            })
-            .collect();
-
         let f = self.fleets.get_mut(fleet)?;
         if f.last_decision.is_none() {
             // A controller that just started has no history: count the
@@ -1475,7 +1207,10 @@ impl Registry {
             .is_none_or(|d| d.desired != decision.desired);
         let desired = decision.desired;
         let applied = decision.applied;
-        let group = f.group.clone();
+        let group = f.group.as_ref().map(|g| GroupSize {
+            desired: g.desired,
+            max: g.max,
+        });
         let line = summary(&decision.explanation);
         f.last_decision = Some(decision);
         if changed {
@@ -1485,30 +1220,22 @@ impl Registry {
         if !applied {
             return None;
         }
-        if capacity > desired {
-            let victims = gru_core::pick_victims(&candidates, (capacity - desired) as usize);
-            for id in victims {
-                let reason = format!("scale-in to {desired}");
-                if let Err(e) = self.choose_for_drain(&id, true, &reason, now) {
-                    tracing::warn!(minion = %id, error = %e, "could not choose for drain");
-                }
+        let scaling = gru_core::plan::scale(&snapshots, desired, group);
+        for id in scaling.victims {
+            let reason = format!("scale-in to {desired}");
+            if let Err(e) = self.choose_for_drain(&id, true, &reason, now) {
+                tracing::warn!(minion = %id, error = %e, "could not choose for drain");
             }
         }
-        let group = group?;
-        let want = desired.saturating_add(pending_decrements);
-        if want > group.desired {
-            let clipped = want.min(group.max);
-            if clipped < want {
-                self.emit(
-                    fleet,
-                    None,
-                    EventKind::Warning,
-                    format!("the group's own max {} clips desired {want}", group.max),
-                );
-            }
-            return (clipped > group.desired).then_some(clipped);
+        if let (Some(want), Some(g)) = (scaling.clipped_by_group_max, group) {
+            self.emit(
+                fleet,
+                None,
+                EventKind::Warning,
+                format!("the group's own max {} clips desired {want}", g.max),
+            );
         }
-        None
+        scaling.grow_to
     }
 }
 
@@ -1553,6 +1280,20 @@ fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+fn event_row(event: &Event) -> EventRow {
+    EventRow {
+        seq: 0,
+        at_ms: unix_ms(event.at),
+        fleet: event.fleet.clone(),
+        minion: event.minion.clone(),
+        kind: event.kind.as_str().to_owned(),
+        message: event.message.clone(),
+        from: event.transition.map(|(f, _)| f.as_str().to_owned()),
+        to: event.transition.map(|(_, t)| t.as_str().to_owned()),
+        actor: event.actor.clone(),
+    }
 }
 
 fn event_from_row(row: EventRow) -> Event {
@@ -1630,6 +1371,24 @@ mod tests {
     const LOST: Duration = Duration::from_secs(10);
     const JOIN: Duration = Duration::from_secs(60);
     const UNHEALTHY: Duration = Duration::from_secs(300);
+
+    fn limits() -> Limits {
+        Limits {
+            lost_timeout: LOST,
+            join_timeout: JOIN,
+            unhealthy_timeout: UNHEALTHY,
+            drain_deadline: Duration::from_secs(60),
+            heartbeat_every: Duration::from_secs(30),
+            terminate_retry_after: TERMINATE_RETRY_AFTER,
+            protect_after_work: PROTECT_AFTER_WORK,
+        }
+    }
+
+    /// One pass's bookkeeping: the group's view, then the plan.
+    fn pass(reg: &mut Registry, g: &GroupState, now: Instant) -> Vec<Action> {
+        reg.sync("f", g, now);
+        reg.plan("f", &limits(), now)
+    }
 
     fn registry(min: u32, max: u32) -> Registry {
         let behaviour = Behaviour {
@@ -1759,7 +1518,7 @@ mod tests {
         let t0 = Instant::now();
         let mut reg = registry(1, 5);
         let g = group(&["a", "b", "c"], 3);
-        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &g, t0);
         let ids: Vec<String> = ["a", "b", "c"]
             .iter()
             .zip(1..)
@@ -1804,15 +1563,15 @@ mod tests {
     fn a_drained_minion_is_terminated_once_with_its_decrement() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         let id = serve(&mut reg, "a", 1, t0);
         reg.choose_for_drain(&id, true, "test", t0).expect("drain");
-        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        let plan = reg.plan("f", &limits(), t0);
         assert!(
             matches!(
                 &plan[..],
                 [Action::Deregister {
-                    target: Some(_),
+                    registered: true,
                     ..
                 }]
             ),
@@ -1837,12 +1596,12 @@ mod tests {
             reg.minions[&id].state,
             MinionState::Draining(DrainPhase::AwaitingUnused)
         );
-        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        let plan = reg.plan("f", &limits(), t0);
         assert!(
             matches!(
                 &plan[..],
                 [Action::AwaitUnused {
-                    target: Some(_),
+                    registered: true,
                     ..
                 }]
             ),
@@ -1850,11 +1609,11 @@ mod tests {
         );
         reg.transition(&id, LifecycleEvent::TargetUnused, "test", t0)
             .expect("drained");
-        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        let plan = reg.plan("f", &limits(), t0);
         assert!(
             matches!(
                 &plan[..],
-                [Action::Terminate {
+                [Action::Finish {
                     decrement: true,
                     ..
                 }]
@@ -1864,7 +1623,7 @@ mod tests {
         reg.transition(&id, LifecycleEvent::TerminateIssued, "test", t0)
             .expect("terminating");
         assert!(
-            reg.plan("f", Duration::from_secs(60), t0).is_empty(),
+            reg.plan("f", &limits(), t0).is_empty(),
             "no second terminate"
         );
     }
@@ -1873,24 +1632,21 @@ mod tests {
     fn a_silent_minion_is_lost_and_replaced_without_decrement() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         let id = serve(&mut reg, "a", 1, t0);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0 + LOST);
+        pass(&mut reg, &group(&["a"], 1), t0 + LOST);
         assert_eq!(reg.minions[&id].state, MinionState::InService, "not yet");
-        reg.sync(
-            "f",
+        pass(
+            &mut reg,
             &group(&["a"], 1),
-            LOST,
-            JOIN,
-            UNHEALTHY,
             t0 + LOST + Duration::from_secs(1),
         );
         assert_eq!(reg.minions[&id].state, MinionState::Lost);
-        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        let plan = reg.plan("f", &limits(), t0);
         assert!(
             matches!(
                 &plan[..],
-                [Action::Terminate {
+                [Action::Finish {
                     decrement: false,
                     ..
                 }]
@@ -1903,14 +1659,11 @@ mod tests {
     fn an_instance_that_never_joins_is_replaced() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         let id = reg.find("a").expect("discovered").id.clone();
-        reg.sync(
-            "f",
+        pass(
+            &mut reg,
             &group(&["a"], 1),
-            LOST,
-            JOIN,
-            UNHEALTHY,
             t0 + JOIN + Duration::from_secs(1),
         );
         let m = &reg.minions[&id];
@@ -1919,9 +1672,15 @@ mod tests {
             m.drain.as_ref().is_some_and(|d| !d.decrement),
             "replaced, not scaled in"
         );
-        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        let plan = reg.plan("f", &limits(), t0);
         assert!(
-            matches!(&plan[..], [Action::Deregister { target: None, .. }]),
+            matches!(
+                &plan[..],
+                [Action::Deregister {
+                    registered: false,
+                    ..
+                }]
+            ),
             "{plan:?}"
         );
     }
@@ -1930,7 +1689,7 @@ mod tests {
     fn a_fresh_controller_waits_a_window_before_scaling_in() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a", "b"], 2), t0);
         serve(&mut reg, "a", 1, t0);
         serve(&mut reg, "b", 2, t0);
         reg.decide("f", t0, wall(t0, t0));
@@ -1956,7 +1715,7 @@ mod tests {
     fn vanished_instances_are_gone_and_stale_reports_ignored() {
         let t0 = Instant::now();
         let mut reg = registry(0, 5);
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         let id = serve(&mut reg, "a", 1, t0);
         load(&mut reg, &id, 5, 7, t0);
         load(&mut reg, &id, 4, 99, t0);
@@ -1965,7 +1724,7 @@ mod tests {
             7,
             "an older report does not overwrite a newer one"
         );
-        reg.sync("f", &group(&[], 0), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&[], 0), t0);
         assert_eq!(reg.minions[&id].state, MinionState::Gone);
     }
 
@@ -1973,7 +1732,7 @@ mod tests {
         let mut reg = registry(0, 5);
         let f = reg.fleets.get_mut("f").expect("fleet");
         f.config.provider = ProviderConfig::Aws(crate::config::AwsProviderConfig {
-            fleet: gru_aws::AwsFleetConfig::new(
+            fleet: gru_cloud::aws::AwsFleetConfig::new(
                 "g",
                 "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/t/0123456789abcdef",
             ),
@@ -2004,7 +1763,7 @@ mod tests {
     fn finishes(plan: &[Action]) -> Vec<(Finish, bool)> {
         plan.iter()
             .filter_map(|a| match a {
-                Action::Terminate {
+                Action::Finish {
                     finish, decrement, ..
                 } => Some((*finish, *decrement)),
                 _ => None,
@@ -2016,28 +1775,28 @@ mod tests {
     fn a_termination_held_by_the_hook_is_drained_heartbeated_and_continued() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         let id = serve(&mut reg, "a", 1, t0);
         view(&mut reg)
             .terminating_wait
             .insert(InstanceId::from("a"));
         let mut g = group(&["a"], 1);
         g.instances[0].lifecycle = InstanceLifecycle::Terminating;
-        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &g, t0);
         let m = &reg.minions[&id];
         assert_eq!(m.state, MinionState::DRAINING);
         assert!(
             m.drain.as_ref().is_some_and(|d| !d.decrement),
             "the group already decided"
         );
-        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        let plan = reg.plan("f", &limits(), t0);
         assert!(
             matches!(
                 &plan[..],
                 [
                     Action::Heartbeat { .. },
                     Action::Deregister {
-                        target: Some(_),
+                        registered: true,
                         ..
                     }
                 ]
@@ -2046,19 +1805,21 @@ mod tests {
         );
         // Recorded: the next one is due only after the interval.
         reg.minions.get_mut(&id).expect("minion").hook_heartbeat_at = Some(t0);
-        let soon = reg.plan("f", Duration::from_secs(60), t0 + Duration::from_secs(1));
+        let soon = reg.plan("f", &limits(), t0 + Duration::from_secs(1));
         assert!(
             !soon.iter().any(|a| matches!(a, Action::Heartbeat { .. })),
             "{soon:?}"
         );
-        let later = reg.plan("f", Duration::from_secs(60), t0 + Duration::from_secs(30));
+        // Still reporting while it drains.
+        load(&mut reg, &id, 2, 0, t0 + Duration::from_secs(30));
+        let later = reg.plan("f", &limits(), t0 + Duration::from_secs(30));
         assert!(
             later.iter().any(|a| matches!(a, Action::Heartbeat { .. })),
             "{later:?}"
         );
 
         drained(&mut reg, &id, t0);
-        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        let plan = reg.plan("f", &limits(), t0);
         assert_eq!(finishes(&plan), [(Finish::ContinueTermination, false)]);
         reg.minions
             .get_mut(&id)
@@ -2066,21 +1827,21 @@ mod tests {
             .termination_completed = true;
         reg.transition(&id, LifecycleEvent::TerminateIssued, "test", t0)
             .expect("terminating");
-        assert!(reg.plan("f", Duration::from_secs(60), t0).is_empty());
+        assert!(reg.plan("f", &limits(), t0).is_empty());
     }
 
     #[test]
     fn a_scale_in_victim_the_group_terminates_itself_is_not_decremented() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         let id = serve(&mut reg, "a", 1, t0);
         reg.choose_for_drain(&id, true, "scale-in", t0)
             .expect("drain");
         view(&mut reg)
             .terminating_wait
             .insert(InstanceId::from("a"));
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         assert!(
             reg.minions[&id]
                 .drain
@@ -2089,7 +1850,7 @@ mod tests {
         );
         drained(&mut reg, &id, t0);
         assert_eq!(
-            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            finishes(&reg.plan("f", &limits(), t0)),
             [(Finish::ContinueTermination, false)]
         );
     }
@@ -2098,13 +1859,13 @@ mod tests {
     fn the_controllers_own_terminate_under_the_hook_is_continued() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         let id = serve(&mut reg, "a", 1, t0);
         reg.choose_for_drain(&id, true, "scale-in", t0)
             .expect("drain");
         drained(&mut reg, &id, t0);
         assert_eq!(
-            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            finishes(&reg.plan("f", &limits(), t0)),
             [(Finish::Terminate, true)]
         );
         reg.transition(&id, LifecycleEvent::TerminateIssued, "test", t0)
@@ -2113,7 +1874,7 @@ mod tests {
             .terminating_wait
             .insert(InstanceId::from("a"));
         assert_eq!(
-            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            finishes(&reg.plan("f", &limits(), t0)),
             [(Finish::ContinueTermination, false)]
         );
     }
@@ -2123,19 +1884,12 @@ mod tests {
         let t0 = Instant::now();
         let mut reg = aws_registry();
         let g = group(&["a"], 1);
-        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &g, t0);
         let id = serve(&mut reg, "a", 1, t0);
-        reg.sync(
-            "f",
-            &g,
-            LOST,
-            JOIN,
-            UNHEALTHY,
-            t0 + LOST + Duration::from_secs(1),
-        );
+        pass(&mut reg, &g, t0 + LOST + Duration::from_secs(1));
         assert_eq!(reg.minions[&id].state, MinionState::Lost);
         assert_eq!(
-            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            finishes(&reg.plan("f", &limits(), t0)),
             [(Finish::MarkUnhealthy, false)]
         );
     }
@@ -2148,13 +1902,13 @@ mod tests {
         let mut g = group(&["held", "running"], 2);
         g.instances[0].lifecycle = InstanceLifecycle::Pending;
         view(&mut reg).pending_wait.insert(InstanceId::from("held"));
-        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
-        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, late);
+        pass(&mut reg, &g, t0);
+        pass(&mut reg, &g, late);
         for i in ["held", "running"] {
             let id = reg.find(i).expect("known").id.clone();
             drained(&mut reg, &id, late);
         }
-        let plan = reg.plan("f", Duration::from_secs(60), late);
+        let plan = reg.plan("f", &limits(), late);
         let mut got = finishes(&plan);
         got.sort_by_key(|(f, _)| format!("{f:?}"));
         assert_eq!(
@@ -2170,13 +1924,13 @@ mod tests {
     fn a_never_joined_scale_in_victim_is_still_terminated_with_decrement() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a"], 1), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a"], 1), t0);
         let id = reg.find("a").expect("known").id.clone();
         reg.choose_for_drain(&id, true, "scale-in", t0)
             .expect("drain");
         drained(&mut reg, &id, t0);
         assert_eq!(
-            finishes(&reg.plan("f", Duration::from_secs(60), t0)),
+            finishes(&reg.plan("f", &limits(), t0)),
             [(Finish::Terminate, true)]
         );
     }
@@ -2188,17 +1942,17 @@ mod tests {
         let mut g = group(&["a"], 1);
         g.instances[0].lifecycle = InstanceLifecycle::Pending;
         view(&mut reg).pending_wait.insert(InstanceId::from("a"));
-        reg.sync("f", &g, LOST, JOIN, UNHEALTHY, t0);
-        assert!(reg.plan("f", Duration::from_secs(60), t0).is_empty());
+        pass(&mut reg, &g, t0);
+        assert!(reg.plan("f", &limits(), t0).is_empty());
         let (id, _) = reg
             .join("f", &InstanceId::from("a"), ([127, 0, 0, 1], 1).into(), t0)
             .expect("join");
         assert!(
-            reg.plan("f", Duration::from_secs(60), t0).is_empty(),
+            reg.plan("f", &limits(), t0).is_empty(),
             "joined, engine not healthy yet"
         );
         let id = serve_joined(&mut reg, &id, t0);
-        let plan = reg.plan("f", Duration::from_secs(60), t0);
+        let plan = reg.plan("f", &limits(), t0);
         assert!(
             matches!(
                 &plan[..],
@@ -2208,7 +1962,7 @@ mod tests {
         );
         reg.minions.get_mut(&id).expect("minion").launch_completed = true;
         assert!(
-            !reg.plan("f", Duration::from_secs(60), t0)
+            !reg.plan("f", &limits(), t0)
                 .iter()
                 .any(|a| matches!(a, Action::CompleteLaunch { .. }))
         );
@@ -2240,29 +1994,34 @@ mod tests {
     fn busy_minions_are_protected_from_the_groups_scale_in_until_idle() {
         let t0 = Instant::now();
         let mut reg = aws_registry();
-        reg.sync("f", &group(&["a", "b"], 2), LOST, JOIN, UNHEALTHY, t0);
+        pass(&mut reg, &group(&["a", "b"], 2), t0);
         let a = serve(&mut reg, "a", 1, t0);
         serve(&mut reg, "b", 2, t0);
         view(&mut reg).in_service = ["a", "b"].into_iter().map(InstanceId::from).collect();
-        assert!(reg.plan("f", Duration::from_secs(60), t0).is_empty());
+        assert!(reg.plan("f", &limits(), t0).is_empty());
         load(&mut reg, &a, 2, 5, t0);
         assert_eq!(
-            reg.plan("f", Duration::from_secs(60), t0),
+            reg.plan("f", &limits(), t0),
             [Action::Protect {
-                instances: vec![InstanceId::from("a")],
+                instances: vec!["a".to_owned()],
                 protected: true
             }]
         );
         view(&mut reg).protected.insert(InstanceId::from("a"));
         assert!(
-            reg.plan("f", Duration::from_secs(60), t0 + Duration::from_secs(1))
+            reg.plan("f", &limits(), t0 + Duration::from_secs(1))
                 .is_empty(),
             "no call while nothing changes"
         );
+        // Both still report, with no work.
+        let later = t0 + PROTECT_AFTER_WORK;
+        load(&mut reg, &a, 3, 0, later);
+        let b = reg.find("b").expect("b").id.clone();
+        load(&mut reg, &b, 3, 0, later);
         assert_eq!(
-            reg.plan("f", Duration::from_secs(60), t0 + PROTECT_AFTER_WORK),
+            reg.plan("f", &limits(), later),
             [Action::Protect {
-                instances: vec![InstanceId::from("a")],
+                instances: vec!["a".to_owned()],
                 protected: false
             }]
         );

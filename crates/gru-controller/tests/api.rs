@@ -127,7 +127,7 @@ async fn start(instances: &[&str]) -> Fixture {
         config: config.fleets[0].clone(),
         group: group.clone(),
         targets: lb.clone(),
-        aws: None,
+        hooks: None,
     };
     let store = SqliteStore::open(&config.state_dir).expect("store");
     let controller = Controller::new(config, vec![fleet], TOKEN.to_owned(), Arc::new(store))

@@ -15,6 +15,7 @@
 pub mod cron;
 pub mod error;
 pub mod lifecycle;
+pub mod plan;
 pub mod policy;
 pub mod scaling;
 pub mod schedule;

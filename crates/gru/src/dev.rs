@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use crate::providers::{self, BuiltFleet};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use gru_controller::pki::{self, DevPki};
-use gru_controller::providers::{self, BuiltFleet};
 use gru_controller::store::{SqliteStore, Store};
 use gru_controller::{Controller, ControllerConfig};
 use gru_engine::bench::{self, SinkConfig, SinkHandle};

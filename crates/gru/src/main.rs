@@ -8,6 +8,7 @@ mod chart;
 mod client;
 mod cloud_init;
 mod dev;
+mod providers;
 mod sim;
 
 use std::path::PathBuf;

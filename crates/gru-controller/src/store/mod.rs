@@ -35,6 +35,10 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self) -> Result<Loaded, StoreError>;
     /// Inserts or replaces one minion row (by id).
     fn put_minion(&self, m: &MinionRow) -> Result<(), StoreError>;
+    /// Inserts or replaces one minion row and appends its events in one
+    /// transaction: a state change and the event that records it land
+    /// together or not at all.
+    fn put_minion_with_events(&self, m: &MinionRow, events: &[EventRow]) -> Result<(), StoreError>;
     /// Forgets a minion (long Gone); its events stay.
     fn delete_minion(&self, id: &str) -> Result<(), StoreError>;
     /// Inserts or replaces one fleet row (by name).

@@ -188,6 +188,64 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// One minion row, on `conn` (a transaction or not).
+    fn write_minion(&self, conn: &rusqlite::Connection, m: &MinionRow) -> Result<(), StoreError> {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO minions (id, fleet, instance, state, state_since_ms,
+                created_ms, engine_address, registered, drain_decrement, drain_reason,
+                drain_overdue_reported, launch_completed, termination_completed,
+                hook_heartbeat_ms, deregistered_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(rusqlite::params![
+                m.id,
+                m.fleet,
+                m.instance,
+                m.state,
+                m.state_since_ms,
+                m.created_ms,
+                m.engine_address,
+                m.registered,
+                m.drain.as_ref().map(|d| d.decrement),
+                m.drain.as_ref().map(|d| d.reason.as_str()),
+                m.drain.as_ref().map(|d| d.overdue_reported),
+                m.launch_completed,
+                m.termination_completed,
+                m.hook_heartbeat_ms,
+                m.deregistered_ms,
+            ])
+        })
+        .map_err(self.sql_err(format!("put minion {}", m.id)))?;
+        Ok(())
+    }
+
+    /// Events appended on `conn`, inside the caller's transaction.
+    fn write_events(
+        &self,
+        conn: &rusqlite::Connection,
+        events: &[EventRow],
+    ) -> Result<Vec<u64>, StoreError> {
+        let op = || format!("append {} events", events.len());
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT INTO events (at_ms, fleet, minion, kind, message, from_state,
+                    to_state, actor)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(self.sql_err(op()))?;
+        let mut seqs = Vec::with_capacity(events.len());
+        for e in events {
+            let seq = stmt
+                .insert(rusqlite::params![
+                    e.at_ms, e.fleet, e.minion, e.kind, e.message, e.from, e.to, e.actor,
+                ])
+                .map_err(self.sql_err(op()))?;
+            seqs.push(self.seq(seq)?);
+        }
+        Ok(seqs)
+    }
+
     /// Opens the store in `dir`, creating the directory (mode 0700 on unix:
     /// the file holds who paused what and the fleet's state) and the
     /// database when missing. A file that is missing or empty is a new
@@ -435,34 +493,18 @@ impl Store for SqliteStore {
     }
 
     fn put_minion(&self, m: &MinionRow) -> Result<(), StoreError> {
-        let conn = self.conn();
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO minions (id, fleet, instance, state, state_since_ms,
-                created_ms, engine_address, registered, drain_decrement, drain_reason,
-                drain_overdue_reported, launch_completed, termination_completed,
-                hook_heartbeat_ms, deregistered_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        )
-        .and_then(|mut stmt| {
-            stmt.execute(rusqlite::params![
-                m.id,
-                m.fleet,
-                m.instance,
-                m.state,
-                m.state_since_ms,
-                m.created_ms,
-                m.engine_address,
-                m.registered,
-                m.drain.as_ref().map(|d| d.decrement),
-                m.drain.as_ref().map(|d| d.reason.as_str()),
-                m.drain.as_ref().map(|d| d.overdue_reported),
-                m.launch_completed,
-                m.termination_completed,
-                m.hook_heartbeat_ms,
-                m.deregistered_ms,
-            ])
-        })
-        .map_err(self.sql_err(format!("put minion {}", m.id)))?;
+        self.write_minion(&self.conn(), m)
+    }
+
+    fn put_minion_with_events(&self, m: &MinionRow, events: &[EventRow]) -> Result<(), StoreError> {
+        let op = || format!("put minion {} with its events", m.id);
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql_err(op()))?;
+        self.write_minion(&tx, m)?;
+        self.write_events(&tx, events)?;
+        tx.commit().map_err(self.sql_err(op()))?;
         Ok(())
     }
 
@@ -552,24 +594,7 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql_err(op()))?;
-        let mut seqs = Vec::with_capacity(events.len());
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO events (at_ms, fleet, minion, kind, message, from_state,
-                        to_state, actor)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )
-                .map_err(self.sql_err(op()))?;
-            for e in events {
-                let seq = stmt
-                    .insert(rusqlite::params![
-                        e.at_ms, e.fleet, e.minion, e.kind, e.message, e.from, e.to, e.actor,
-                    ])
-                    .map_err(self.sql_err(op()))?;
-                seqs.push(self.seq(seq)?);
-            }
-        }
+        let seqs = self.write_events(&tx, events)?;
         tx.commit().map_err(self.sql_err(op()))?;
         Ok(seqs)
     }
@@ -1107,6 +1132,19 @@ mod tests {
             let mode = fs::metadata(&dir).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o700);
         }
+    }
+
+    #[test]
+    fn a_minion_and_its_events_land_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let m = minion("m-1");
+        let e = event(5, &m.fleet, Some("m-1"));
+        store.put_minion_with_events(&m, &[e.clone(), e]).unwrap();
+        drop(store);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().minions, [m]);
+        assert_eq!(store.minion_events("m-1", 10).unwrap().len(), 2);
     }
 
     #[test]

@@ -182,7 +182,7 @@ impl World {
             config: config.fleets[0].clone(),
             group: self.group.clone(),
             targets: self.targets.clone(),
-            aws: None,
+            hooks: None,
         };
         let store = SqliteStore::open(&config.state_dir).expect("store");
         Controller::new(config, vec![fleet], "token".to_owned(), Arc::new(store))

@@ -1,6 +1,7 @@
 //! Builds each fleet's providers from its config: `aws` (an Auto Scaling
 //! group and a target group, through gru-aws) or `local` (what `gru dev`
-//! runs).
+//! runs). The binary ties the providers to the controller: gru-controller
+//! knows only gru-cloud's traits.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -10,8 +11,8 @@ use std::time::Duration;
 use gru_cloud::local::{LaunchSpec, LocalGroup, LocalLoadBalancer};
 use tokio::net::TcpListener;
 
-use crate::config::{FleetConfig, ProviderConfig};
-use crate::reconcile::FleetRuntime;
+use gru_controller::FleetRuntime;
+use gru_controller::config::{FleetConfig, ProviderConfig};
 
 /// Time a local minion gets between SIGTERM and SIGKILL: enough to finish
 /// the message in hand and flush its queue.
@@ -102,7 +103,7 @@ pub async fn build(
                     config: fleet.clone(),
                     group: group.clone(),
                     targets: load_balancer.clone(),
-                    aws: None,
+                    hooks: None,
                 },
                 local: Some(LocalParts {
                     group,
@@ -121,7 +122,7 @@ pub async fn build(
                     source,
                 })?;
             Ok(BuiltFleet {
-                runtime: FleetRuntime::aws(fleet.clone(), Arc::new(connected)),
+                runtime: FleetRuntime::with_hooks(fleet.clone(), Arc::new(connected)),
                 local: None,
             })
         }
