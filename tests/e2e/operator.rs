@@ -231,3 +231,67 @@ fn the_shipped_example_configs_are_valid() {
         assert!(out.status.success(), "{file}: {}", stderr(&out));
     }
 }
+
+/// A store the controller cannot trust stops it before anything starts,
+/// with a message naming the file and what is wrong, and the file is left
+/// byte for byte as it was: garbage, and a database from a newer gru.
+#[test]
+fn a_corrupt_or_newer_store_stops_the_controller_and_is_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\njoin_token_file = \"token\"\nstate_dir = \"state\"\n\
+         [tls]\ncert = \"c.pem\"\nkey = \"c.key\"\nclient_ca = \"ca.pem\"\n\
+         [[fleet]]\nname = \"prod\"\nprovider = \"local\"\nmax = 2\n\
+         [fleet.local]\nlisten = \"127.0.0.1:0\"\nminion_config = \"m.toml\"\n",
+    )
+    .expect("write config");
+    std::fs::write(dir.path().join("token"), "t").expect("token");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    let db = state.join("gru-controller.db");
+    let start = || {
+        Command::new(GRU)
+            .args(["controller", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run")
+    };
+
+    std::fs::write(
+        &db,
+        b"not a database, and long enough to look like one".repeat(100),
+    )
+    .expect("garbage");
+    let before = std::fs::read(&db).expect("read");
+    let out = start();
+    assert!(!out.status.success(), "started on a garbage store");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&db.display().to_string()) && err.contains("refusing"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&db).expect("read"), before, "file changed");
+
+    // A database written by a newer gru (its schema version is ahead).
+    std::fs::remove_file(&db).expect("remove");
+    let python = std::env::var("GRU_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let made = Command::new(python)
+        .args([
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); \
+             c.execute('create table minions (id text)'); \
+             c.execute('pragma user_version = 99'); c.commit(); c.close()",
+        ])
+        .arg(&db)
+        .status()
+        .expect("python3 runs");
+    assert!(made.success(), "python3 made the newer database");
+    let before = std::fs::read(&db).expect("read");
+    let out = start();
+    assert!(!out.status.success(), "started on a newer store");
+    let err = stderr(&out);
+    assert!(err.contains("newer gru") && err.contains("99"), "{err}");
+    assert_eq!(std::fs::read(&db).expect("read"), before, "file changed");
+}
