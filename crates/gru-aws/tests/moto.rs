@@ -845,6 +845,8 @@ mod scenario {
     /// What an operator's `gru scale FLEET N` does.
     pub fn pin_at(controller: &Controller, n: u32) {
         controller
+            .fleet(FLEET)
+            .expect("fleet")
             .registry()
             .fleets
             .get_mut(FLEET)
@@ -917,6 +919,8 @@ mod scenario {
         /// knows it.
         pub fn minion(&self, id: &InstanceId) -> Option<(String, MinionState)> {
             self.controller
+                .fleet(FLEET)
+                .expect("fleet")
                 .registry()
                 .minion_by_instance(id)
                 .map(|m| (m.id.clone(), m.state))
@@ -925,6 +929,8 @@ mod scenario {
         /// Minions the controller has in `state`.
         pub fn in_state(&self, state: MinionState) -> Vec<(String, InstanceId)> {
             self.controller
+                .fleet(FLEET)
+                .expect("fleet")
                 .registry()
                 .minions
                 .values()
@@ -935,7 +941,11 @@ mod scenario {
 
         /// The states a minion went through, in order.
         pub fn path(&self, minion: &str) -> Vec<MinionState> {
-            self.controller.registry().minions[minion]
+            self.controller
+                .fleet(FLEET)
+                .expect("fleet")
+                .registry()
+                .minions[minion]
                 .history
                 .iter()
                 .map(|h| h.to)
@@ -945,7 +955,6 @@ mod scenario {
         /// The controller's events about one minion, oldest first.
         pub fn events(&self, minion: &str) -> Vec<Event> {
             self.controller
-                .registry()
                 .events_since(std::time::UNIX_EPOCH, "", usize::MAX)
                 .expect("events")
                 .into_iter()
@@ -960,7 +969,11 @@ mod scenario {
 
         /// The engine port a minion joined with.
         pub fn engine_port(&self, minion: &str) -> Option<u16> {
-            self.controller.registry().minions[minion]
+            self.controller
+                .fleet(FLEET)
+                .expect("fleet")
+                .registry()
+                .minions[minion]
                 .engine_address
                 .map(|a| a.port())
         }
@@ -1379,7 +1392,6 @@ async fn an_attached_target_group_is_warned_about_once_and_left_to_the_group() {
         assert_eq!(sc.fx.desired().await, 0);
         let warnings = sc
             .controller
-            .registry()
             .events_since(std::time::UNIX_EPOCH, "", usize::MAX)
             .expect("events")
             .into_iter()

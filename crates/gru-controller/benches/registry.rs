@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use gru_cloud::{GroupState, Instance, InstanceId, InstanceLifecycle};
 use gru_controller::ControllerConfig;
 use gru_controller::registry::{Registry, Report};
-use gru_controller::store::SqliteStore;
+use gru_controller::store::{Loaded, SqliteStore, Store};
 use gru_core::plan::Limits;
 use tokio::sync::{broadcast, mpsc};
 
@@ -37,8 +37,14 @@ fn main() {
     let group = group(n);
     let now = Instant::now();
     let store = Arc::new(SqliteStore::open(&config.state_dir).expect("store"));
-    let mut reg =
-        Registry::open(&config.fleets, broadcast::channel(16).0, store, now).expect("registry");
+    let mut reg = Registry::open(
+        &config.fleets,
+        broadcast::channel(16).0,
+        store,
+        Loaded::default(),
+        now,
+    )
+    .expect("registry");
 
     // N minions in service, each with a Session.
     let fill = Instant::now();
@@ -98,10 +104,12 @@ fn main() {
             .map(|_| {
                 let t = Instant::now();
                 let store = Arc::new(SqliteStore::open(&config.state_dir).expect("store"));
+                let loaded = store.load().expect("load");
                 let mut reg = Registry::open(
                     &config.fleets,
                     broadcast::channel(16).0,
                     store,
+                    loaded,
                     Instant::now(),
                 )
                 .expect("registry");

@@ -3,7 +3,7 @@
 //! [`require_client_certificate`]).
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
@@ -13,7 +13,7 @@ use pb::admin_service_server::AdminService;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
-use crate::reconcile::Controller;
+use crate::reconcile::{Controller, Fleet};
 use crate::registry::{Event, MinionRecord, PinOverride, RECENT_EVENTS, Registry, summary};
 use crate::store::Origin;
 
@@ -215,22 +215,37 @@ fn event_to_pb(e: &Event) -> pb::Event {
 impl AdminApi {
     #[allow(clippy::result_large_err)]
     fn fleet(&self, name: &str) -> Result<pb::Fleet, Status> {
-        let provider = self
+        let f = self
             .controller
-            .fleets
-            .get(name)
-            .map(|f| f.config.provider.name())
+            .fleet(name)
             .ok_or_else(|| self.unknown_fleet(name))?;
-        fleet_to_pb(&self.controller.registry(), name, provider)
+        let provider = f.runtime.config.provider.name();
+        fleet_to_pb(&f.registry(), name, provider).ok_or_else(|| self.unknown_fleet(name))
+    }
+
+    /// The registry of fleet `name`, or the error that names the fleets.
+    #[allow(clippy::result_large_err)]
+    fn registry_of(&self, name: &str) -> Result<MutexGuard<'_, Registry>, Status> {
+        self.controller
+            .fleet(name)
+            .map(|f| f.registry())
             .ok_or_else(|| self.unknown_fleet(name))
+    }
+
+    /// The fleet of minion `id` (an id or an instance id).
+    #[allow(clippy::result_large_err)]
+    fn fleet_of(&self, id: &str) -> Result<&Fleet, Status> {
+        self.controller
+            .fleet_of(id)
+            .map(|f| f.as_ref())
+            .ok_or_else(|| Status::not_found(format!("no minion {id:?}")))
     }
 
     fn unknown_fleet(&self, name: &str) -> Status {
         let known: Vec<_> = self
             .controller
-            .fleets
-            .keys()
-            .map(|k| format!("{k:?}"))
+            .fleets()
+            .map(|f| format!("{:?}", f.name()))
             .collect();
         Status::not_found(format!("no fleet {name:?}; fleets: {}", known.join(", ")))
     }
@@ -244,7 +259,11 @@ impl AdminService for AdminApi {
         &self,
         _: Request<pb::ListFleetsRequest>,
     ) -> Result<Response<pb::ListFleetsResponse>, Status> {
-        let names: Vec<String> = self.controller.fleets.keys().cloned().collect();
+        let names: Vec<String> = self
+            .controller
+            .fleets()
+            .map(|f| f.name().to_owned())
+            .collect();
         let fleets = names
             .iter()
             .map(|n| self.fleet(n))
@@ -257,20 +276,27 @@ impl AdminService for AdminApi {
         request: Request<pb::ListMinionsRequest>,
     ) -> Result<Response<pb::ListMinionsResponse>, Status> {
         let req = request.into_inner();
-        if !req.fleet.is_empty() && !self.controller.fleets.contains_key(&req.fleet) {
+        if !req.fleet.is_empty() && self.controller.fleet(&req.fleet).is_none() {
             return Err(self.unknown_fleet(&req.fleet));
         }
         let now = Instant::now();
-        let reg = self.controller.registry();
-        let mut minions: Vec<&MinionRecord> = reg
-            .minions
-            .values()
-            .filter(|m| req.fleet.is_empty() || m.fleet == req.fleet)
-            .filter(|m| req.include_gone || m.state != MinionState::Gone)
-            .collect();
-        minions.sort_by_key(|m| (m.fleet.clone(), m.created));
-        let minions = minions.into_iter().map(|m| minion_to_pb(m, now)).collect();
-        Ok(Response::new(pb::ListMinionsResponse { minions }))
+        let mut listed = Vec::new();
+        // One fleet at a time, each under its own lock.
+        for f in self
+            .controller
+            .fleets()
+            .filter(|f| req.fleet.is_empty() || f.name() == req.fleet)
+        {
+            let reg = f.registry();
+            let mut minions: Vec<&MinionRecord> = reg
+                .minions
+                .values()
+                .filter(|m| req.include_gone || m.state != MinionState::Gone)
+                .collect();
+            minions.sort_by_key(|m| m.created);
+            listed.extend(minions.into_iter().map(|m| minion_to_pb(m, now)));
+        }
+        Ok(Response::new(pb::ListMinionsResponse { minions: listed }))
     }
 
     async fn get_minion(
@@ -278,7 +304,7 @@ impl AdminService for AdminApi {
         request: Request<pb::GetMinionRequest>,
     ) -> Result<Response<pb::Minion>, Status> {
         let id = request.into_inner().id;
-        let reg = self.controller.registry();
+        let reg = self.fleet_of(&id)?.registry();
         let m = reg
             .find(&id)
             .ok_or_else(|| Status::not_found(format!("no minion {id:?}")))?;
@@ -292,7 +318,7 @@ impl AdminService for AdminApi {
         let actor = caller(&request);
         let req = request.into_inner();
         {
-            let mut reg = self.controller.registry();
+            let mut reg = self.registry_of(&req.fleet)?;
             let now_ms = unix_ms(SystemTime::now()) as i64;
             let f = reg
                 .fleets
@@ -360,8 +386,9 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::Minion>, Status> {
         let actor = caller(&request);
         let req = request.into_inner();
+        let owner = self.fleet_of(&req.id)?;
         let fleet = {
-            let mut reg = self.controller.registry();
+            let mut reg = owner.registry();
             let m = reg
                 .find(&req.id)
                 .ok_or_else(|| Status::not_found(format!("no minion {:?}", req.id)))?;
@@ -385,7 +412,7 @@ impl AdminService for AdminApi {
             fleet
         };
         self.controller.wake(&fleet);
-        let reg = self.controller.registry();
+        let reg = owner.registry();
         let m = reg
             .find(&req.id)
             .ok_or_else(|| Status::not_found(format!("no minion {:?}", req.id)))?;
@@ -417,10 +444,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::Decision>, Status> {
         let name = request.into_inner().fleet;
-        if !self.controller.fleets.contains_key(&name) {
-            return Err(self.unknown_fleet(&name));
-        }
-        let reg = self.controller.registry();
+        let reg = self.registry_of(&name)?;
         let f = reg
             .fleets
             .get(&name)
@@ -440,7 +464,7 @@ impl AdminService for AdminApi {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let req = request.into_inner();
-        if !req.fleet.is_empty() && !self.controller.fleets.contains_key(&req.fleet) {
+        if !req.fleet.is_empty() && self.controller.fleet(&req.fleet).is_none() {
             return Err(self.unknown_fleet(&req.fleet));
         }
         // Subscribe before copying the backlog so nothing falls in between.
@@ -455,7 +479,6 @@ impl AdminService for AdminApi {
         };
         let backlog: Vec<pb::Event> = self
             .controller
-            .registry()
             .events_since(since, &req.fleet, limit)
             .map_err(|e| {
                 Status::unavailable(format!(
@@ -502,7 +525,7 @@ impl AdminService for AdminApi {
 impl AdminApi {
     #[allow(clippy::result_large_err)]
     fn set_paused(&self, name: &str, paused: bool, actor: &str) -> Result<(), Status> {
-        let mut reg = self.controller.registry();
+        let mut reg = self.registry_of(name)?;
         let f = reg
             .fleets
             .get_mut(name)

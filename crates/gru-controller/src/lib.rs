@@ -41,7 +41,11 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
-    for fleet in controller.fleets.keys().cloned() {
+    for fleet in controller
+        .fleets()
+        .map(|f| f.name().to_owned())
+        .collect::<Vec<_>>()
+    {
         let mut stop = stop_rx.clone();
         let c = controller.clone();
         loops.push(tokio::spawn(async move {

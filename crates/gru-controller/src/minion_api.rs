@@ -73,17 +73,17 @@ impl MinionService for MinionApi {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = request.into_inner();
         let ctrl = &self.controller;
-        let Some(rt) = ctrl.fleets.get(&req.fleet) else {
+        let Some(fleet) = ctrl.fleet(&req.fleet) else {
             return Err(Status::not_found(format!(
                 "unknown fleet {:?}; this controller runs {}",
                 req.fleet,
-                ctrl.fleets
-                    .keys()
-                    .map(|k| format!("{k:?}"))
+                ctrl.fleets()
+                    .map(|f| format!("{:?}", f.name()))
                     .collect::<Vec<_>>()
                     .join(", ")
             )));
         };
+        let rt = &fleet.runtime;
         match &req.identity {
             Some(pb::join_request::Identity::JoinToken(t))
                 if token_matches(t, &ctrl.join_token) => {}
@@ -102,7 +102,7 @@ impl MinionService for MinionApi {
             ))
         })?;
         let instance = InstanceId(req.instance_id.clone());
-        let known = ctrl.registry().minion_by_instance(&instance).is_some();
+        let known = fleet.registry().minion_by_instance(&instance).is_some();
         if !known {
             let group =
                 rt.group.describe().await.map_err(|e| {
@@ -115,11 +115,11 @@ impl MinionService for MinionApi {
                 )));
             }
         }
-        let (minion_id, session_token) = ctrl
+        let (minion_id, session_token) = fleet
             .registry()
             .join(&req.fleet, &instance, engine_address, Instant::now())
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        ctrl.wake(&req.fleet);
+        fleet.wake();
         Ok(Response::new(pb::JoinResponse {
             minion_id,
             session_token,
@@ -149,8 +149,16 @@ impl MinionService for MinionApi {
             None => return Err(Status::invalid_argument("empty Session message")),
         };
         let ctrl = self.controller.clone();
+        // The minion's fleet, found once: from here on the Session's
+        // reports touch that fleet's state only.
+        let Some(fleet) = ctrl.fleet_of(&hello.minion_id).cloned() else {
+            return Err(Status::not_found(format!(
+                "no minion {:?}; join first",
+                hello.minion_id
+            )));
+        };
         let (tx, rx) = mpsc::channel(SESSION_COMMAND_BUFFER);
-        let attached = ctrl.registry().attach_session(
+        let attached = fleet.registry().attach_session(
             &hello.minion_id,
             &hello.session_token,
             tx.clone(),
@@ -181,11 +189,6 @@ impl MinionService for MinionApi {
             let _ = tx.try_send(Ok(cmd));
         }
         let id = hello.minion_id;
-        let fleet = ctrl
-            .registry()
-            .find(&id)
-            .map(|m| m.fleet.clone())
-            .unwrap_or_default();
         let span = tracing::info_span!("session", minion = %id);
         let reader = async move {
             loop {
@@ -194,10 +197,11 @@ impl MinionService for MinionApi {
                         body: Some(pb::session_message::Body::Report(r)),
                     })) => {
                         let changed =
-                            ctrl.registry()
+                            fleet
+                                .registry()
                                 .report(&id, generation, from_pb(r), Instant::now());
                         if changed {
-                            ctrl.wake(&fleet);
+                            fleet.wake();
                         }
                     }
                     Ok(Some(pb::SessionMessage {
@@ -223,7 +227,7 @@ impl MinionService for MinionApi {
                     }
                 }
             }
-            ctrl.registry().detach_session(&id, generation);
+            fleet.registry().detach_session(&id, generation);
         };
         tokio::spawn(tracing::Instrument::instrument(reader, span));
         let stream = ReceiverStream::new(rx).map(|r| r.map(to_pb));

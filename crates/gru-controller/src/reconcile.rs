@@ -30,9 +30,9 @@ use tokio::sync::{Notify, broadcast};
 use crate::config::{ControllerConfig, FleetConfig};
 use crate::registry::{
     Action, AwsSetup, AwsView, Command, Event, EventKind, Finish, PROTECT_AFTER_WORK, Registry,
-    TERMINATE_RETRY_AFTER,
+    TERMINATE_RETRY_AFTER, unix_ms,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{Loaded, Store, StoreError};
 use gru_cloud::{GroupLifecycle, InstanceId, LifecycleHook, LifecycleResult};
 pub use gru_core::error_chain;
 use gru_core::plan::Limits;
@@ -74,14 +74,42 @@ impl FleetRuntime {
     }
 }
 
+/// One fleet: its providers, what the controller knows of it, and its
+/// loop's wake-up. Fleets share no lock: a report or a pass of one fleet
+/// never waits on another's.
+pub struct Fleet {
+    pub runtime: FleetRuntime,
+    registry: Mutex<Registry>,
+    wake: Notify,
+}
+
+impl Fleet {
+    pub fn name(&self) -> &str {
+        &self.runtime.config.name
+    }
+
+    /// The fleet's registry. Never hold the guard across an `.await`.
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        // A panic while holding the lock would be a bug; the data is still
+        // the best we have, so keep going with it.
+        self.registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes the fleet's loop run now instead of at its next tick.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
 /// The controller's shared state, handed to every server and loop.
 pub struct Controller {
     pub config: ControllerConfig,
-    pub fleets: BTreeMap<String, FleetRuntime>,
-    registry: Mutex<Registry>,
+    fleets: BTreeMap<String, Arc<Fleet>>,
     pub events: broadcast::Sender<Event>,
-    wake: BTreeMap<String, Arc<Notify>>,
     pub join_token: String,
+    store: Arc<dyn Store>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,22 +137,49 @@ impl Controller {
         store: Arc<dyn Store>,
     ) -> Result<Arc<Self>, StoreError> {
         let (events, _) = broadcast::channel(1024);
-        let registry = Registry::open(&config.fleets, events.clone(), store, Instant::now())?;
-        let wake = fleets
-            .iter()
-            .map(|f| (f.config.name.clone(), Arc::new(Notify::new())))
-            .collect();
-        let fleets = fleets
-            .into_iter()
-            .map(|f| (f.config.name.clone(), f))
-            .collect();
+        let mut loaded = store.load()?;
+        for m in &loaded.minions {
+            if !fleets.iter().any(|f| f.config.name == m.fleet) {
+                tracing::warn!(minion = %m.id, fleet = %m.fleet, "the store holds a minion of a fleet no longer configured; leaving it alone");
+            }
+        }
+        let now = Instant::now();
+        let mut built = BTreeMap::new();
+        for runtime in fleets {
+            let name = runtime.config.name.clone();
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                loaded.minions.into_iter().partition(|m| m.fleet == name);
+            loaded.minions = rest;
+            let (fleet_rows, rest): (Vec<_>, Vec<_>) =
+                loaded.fleets.into_iter().partition(|f| f.name == name);
+            loaded.fleets = rest;
+            let part = Loaded {
+                minions: mine,
+                fleets: fleet_rows,
+                ledger: Vec::new(),
+            };
+            let registry = Registry::open(
+                std::slice::from_ref(&runtime.config),
+                events.clone(),
+                store.clone(),
+                part,
+                now,
+            )?;
+            built.insert(
+                name,
+                Arc::new(Fleet {
+                    runtime,
+                    registry: Mutex::new(registry),
+                    wake: Notify::new(),
+                }),
+            );
+        }
         Ok(Arc::new(Controller {
             config,
-            fleets,
-            registry: Mutex::new(registry),
+            fleets: built,
             events,
-            wake,
             join_token,
+            store,
         }))
     }
 
@@ -136,7 +191,7 @@ impl Controller {
             let before = SystemTime::now()
                 .checked_sub(self.config.event_retention)
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            match self.registry().prune_events(before) {
+            match self.store.prune_events(unix_ms(before)) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(events = n, "pruned events past retention"),
                 Err(e) => tracing::warn!(error = %error_chain(&e), "failed to prune events"),
@@ -148,20 +203,46 @@ impl Controller {
         }
     }
 
-    /// The registry. Never hold the guard across an `.await`.
-    pub fn registry(&self) -> MutexGuard<'_, Registry> {
-        // A panic while holding the lock would be a bug; the data is still
-        // the best we have, so keep going with it.
-        self.registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The fleet named `name`.
+    pub fn fleet(&self, name: &str) -> Option<&Arc<Fleet>> {
+        self.fleets.get(name)
+    }
+
+    /// Every fleet, by name.
+    pub fn fleets(&self) -> impl Iterator<Item = &Arc<Fleet>> {
+        self.fleets.values()
+    }
+
+    /// The fleet that has a minion with this id or instance id (looks in
+    /// each fleet in turn: for admin calls and new Sessions, not reports).
+    pub fn fleet_of(&self, id_or_instance: &str) -> Option<&Arc<Fleet>> {
+        self.fleets
+            .values()
+            .find(|f| f.registry().find(id_or_instance).is_some())
     }
 
     /// Makes the fleet's loop run now instead of at its next tick.
     pub fn wake(&self, fleet: &str) {
-        if let Some(n) = self.wake.get(fleet) {
-            n.notify_one();
+        if let Some(f) = self.fleets.get(fleet) {
+            f.wake();
         }
+    }
+
+    /// The event log since `since` (every fleet when `fleet` is empty),
+    /// oldest first, at most `limit`.
+    pub fn events_since(
+        &self,
+        since: SystemTime,
+        fleet: &str,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let fleet = (!fleet.is_empty()).then_some(fleet);
+        Ok(self
+            .store
+            .events_since(unix_ms(since), fleet, limit)?
+            .into_iter()
+            .map(crate::registry::event_from_row)
+            .collect())
     }
 
     /// Runs the fleet's loop until `shutdown` resolves.
@@ -170,7 +251,7 @@ impl Controller {
         fleet: String,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let Some(wake) = self.wake.get(&fleet).cloned() else {
+        let Some(f) = self.fleets.get(&fleet).cloned() else {
             return;
         };
         tokio::pin!(shutdown);
@@ -181,14 +262,13 @@ impl Controller {
                 Ok(next) => next,
                 Err(e) => {
                     let message = format!("reconcile failed: {}", error_chain(&e));
-                    self.registry()
-                        .emit(&fleet, None, EventKind::Warning, message);
+                    f.registry().emit(&fleet, None, EventKind::Warning, message);
                     self.config.eval_interval
                 }
             };
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
-                _ = wake.notified() => {}
+                _ = f.wake.notified() => {}
                 _ = &mut shutdown => return,
             }
         }
@@ -196,13 +276,14 @@ impl Controller {
 
     /// One pass over one fleet.
     pub async fn reconcile(&self, fleet: &str) -> Result<Duration, ReconcileError> {
-        let Some(rt) = self.fleets.get(fleet) else {
+        let Some(f) = self.fleets.get(fleet) else {
             return Ok(self.config.eval_interval);
         };
+        let rt = &f.runtime;
         let (group, view) =
             match &rt.hooks {
                 Some(hooks) => {
-                    self.aws_setup(rt, hooks.as_ref()).await?;
+                    self.aws_setup(f, hooks.as_ref()).await?;
                     let g = hooks.describe_hooked().await.map_err(|source| {
                         ReconcileError::Describe {
                             fleet: fleet.to_owned(),
@@ -236,7 +317,7 @@ impl Controller {
         let wall = jiff::Timestamp::now();
         let limits = self.limits(rt);
         let actions = {
-            let mut reg = self.registry();
+            let mut reg = f.registry();
             if let Some(f) = reg.fleets.get_mut(fleet) {
                 f.aws = view;
             }
@@ -244,21 +325,21 @@ impl Controller {
             reg.plan(fleet, &limits, now)
         };
         for action in actions {
-            if let Err(e) = self.act(rt, &action, now).await {
-                self.registry()
+            if let Err(e) = self.act(f, &action, now).await {
+                f.registry()
                     .emit(fleet, action.minion(), EventKind::Warning, error_chain(&e));
             }
         }
-        let grow_to = self.registry().decide(fleet, now, wall);
+        let grow_to = f.registry().decide(fleet, now, wall);
         if let Some(n) = grow_to {
             match rt.group.set_desired(n).await {
-                Ok(()) => self.registry().emit(
+                Ok(()) => f.registry().emit(
                     fleet,
                     None,
                     EventKind::Step,
                     format!("group desired capacity set to {n}"),
                 ),
-                Err(e) => self.registry().emit(
+                Err(e) => f.registry().emit(
                     fleet,
                     None,
                     EventKind::Warning,
@@ -266,7 +347,7 @@ impl Controller {
                 ),
             }
         }
-        let busy = self.registry().busy(fleet);
+        let busy = f.registry().busy(fleet);
         let busy_requeue = if rt.hooks.is_some() {
             AWS_BUSY_REQUEUE
         } else {
@@ -301,11 +382,12 @@ impl Controller {
     /// delay. Until both are read, the pass stops here and retries.
     async fn aws_setup(
         &self,
-        rt: &FleetRuntime,
+        f: &Fleet,
         hooks: &dyn GroupLifecycle,
     ) -> Result<AwsSetup, ReconcileError> {
+        let rt = &f.runtime;
         let fleet = rt.config.name.as_str();
-        if let Some(setup) = self.registry().fleets.get(fleet).and_then(|f| f.aws_setup) {
+        if let Some(setup) = f.registry().fleets.get(fleet).and_then(|f| f.aws_setup) {
             return Ok(setup);
         }
         let err = |source| ReconcileError::AwsSetup {
@@ -318,7 +400,7 @@ impl Controller {
             target_group_attached,
             deregistration_delay: read.deregistration_delay,
         };
-        let mut reg = self.registry();
+        let mut reg = f.registry();
         if let Some(f) = reg.fleets.get_mut(fleet) {
             f.aws_setup = Some(setup);
         }
@@ -337,9 +419,9 @@ impl Controller {
     }
 
     /// False when the group manages the target group itself (attached).
-    fn manages_targets(&self, fleet: &str) -> bool {
-        !self
-            .registry()
+    fn manages_targets(&self, f: &Fleet) -> bool {
+        let fleet = f.name();
+        !f.registry()
             .fleets
             .get(fleet)
             .and_then(|f| f.aws_setup)
@@ -347,17 +429,13 @@ impl Controller {
     }
 
     /// Makes one call of the pass's plan, then records its outcome.
-    async fn act(
-        &self,
-        rt: &FleetRuntime,
-        action: &Action,
-        now: Instant,
-    ) -> Result<(), CloudError> {
+    async fn act(&self, f: &Fleet, action: &Action, now: Instant) -> Result<(), CloudError> {
+        let rt = &f.runtime;
         let fleet = rt.config.name.as_str();
-        let manages_targets = self.manages_targets(fleet);
+        let manages_targets = self.manages_targets(f);
         let (target, instance) = match action.minion() {
             Some(id) => {
-                let reg = self.registry();
+                let reg = f.registry();
                 (reg.target(id), reg.instance(id))
             }
             None => (None, None),
@@ -374,7 +452,7 @@ impl Controller {
                 } else {
                     "the group registers it (target group attached)".to_owned()
                 };
-                let mut reg = self.registry();
+                let mut reg = f.registry();
                 let Some(m) = reg.minions.get_mut(minion) else {
                     return Ok(());
                 };
@@ -405,7 +483,7 @@ impl Controller {
                 if manages_targets && let Some(target) = &target {
                     rt.targets.deregister(target).await?;
                 }
-                let mut reg = self.registry();
+                let mut reg = f.registry();
                 if let Some(m) = reg.minions.get_mut(minion) {
                     m.registered = false;
                     reg.persist(minion);
@@ -429,7 +507,7 @@ impl Controller {
                         // Still getting new connections; look again next pass.
                         return Ok(());
                     }
-                    let mut reg = self.registry();
+                    let mut reg = f.registry();
                     if let Some(m) = reg.minions.get_mut(minion)
                         && m.deregistered_at.is_none()
                     {
@@ -442,7 +520,7 @@ impl Controller {
                         reg.emit(fleet, Some(minion), EventKind::Step, msg);
                     }
                 }
-                self.start_flush(rt, minion, target, now);
+                self.start_flush(f, minion, target, now);
             }
             Action::AwaitUnused {
                 id: minion,
@@ -473,7 +551,7 @@ impl Controller {
                         }
                     }
                 };
-                let mut reg = self.registry();
+                let mut reg = f.registry();
                 if let Some(m) = reg.minions.get_mut(minion) {
                     m.registered = false;
                 }
@@ -493,15 +571,15 @@ impl Controller {
                     rt.targets.deregister(target).await?;
                     let state = rt.targets.target_state(target).await?;
                     if state.takes_no_new_connections()
-                        && let Some(m) = self.registry().minions.get_mut(minion)
+                        && let Some(m) = f.registry().minions.get_mut(minion)
                     {
                         m.deregistered_at.get_or_insert_with(Instant::now);
                     }
                     if state != TargetState::Unused {
-                        if !self.waited_out_delay(fleet, minion, now) {
+                        if !self.waited_out_delay(f, minion, now) {
                             return Ok(());
                         }
-                        self.registry().emit(
+                        f.registry().emit(
                             fleet,
                             Some(minion),
                             EventKind::Step,
@@ -517,8 +595,7 @@ impl Controller {
                         // allows one decrement per instance across any number
                         // of calls and restarts.
                         let decrementing = *decrement
-                            && self
-                                .registry()
+                            && f.registry()
                                 .claim_decrement(minion, instance, now)
                                 .map_err(|e| CloudError::Provider {
                                     call: "the decrement ledger",
@@ -527,12 +604,12 @@ impl Controller {
                         match rt.group.terminate(instance, decrementing).await {
                             Ok(()) => {
                                 if decrementing {
-                                    self.registry().settle_decrement(instance, true, now);
+                                    f.registry().settle_decrement(instance, true, now);
                                 }
                             }
                             Err(e) => {
                                 if decrementing && e.certainly_not_applied() {
-                                    self.registry().settle_decrement(instance, false, now);
+                                    f.registry().settle_decrement(instance, false, now);
                                 }
                                 return Err(e);
                             }
@@ -553,7 +630,7 @@ impl Controller {
                                 LifecycleResult::Continue,
                             )
                             .await?;
-                        let mut reg = self.registry();
+                        let mut reg = f.registry();
                         if let Some(m) = reg.minions.get_mut(minion) {
                             m.termination_completed = true;
                             reg.persist(minion);
@@ -577,7 +654,7 @@ impl Controller {
                         )
                     }
                 };
-                let mut reg = self.registry();
+                let mut reg = f.registry();
                 let already = reg
                     .minions
                     .get(minion)
@@ -595,7 +672,7 @@ impl Controller {
                 aws_only(rt)?
                     .record_lifecycle_heartbeat(instance, LifecycleHook::Terminating)
                     .await?;
-                let mut reg = self.registry();
+                let mut reg = f.registry();
                 if let Some(m) = reg.minions.get_mut(minion) {
                     m.hook_heartbeat_at = Some(now);
                     reg.persist(minion);
@@ -625,7 +702,7 @@ impl Controller {
                 } else {
                     format!("scale-in protection removed (idle): {}", list.join(", "))
                 };
-                self.registry().emit(fleet, None, EventKind::Step, message);
+                f.registry().emit(fleet, None, EventKind::Step, message);
             }
             Action::CompleteLaunch { id: minion } => {
                 let Some(instance) = instance else {
@@ -638,7 +715,7 @@ impl Controller {
                         LifecycleResult::Continue,
                     )
                     .await?;
-                let mut reg = self.registry();
+                let mut reg = f.registry();
                 if let Some(m) = reg.minions.get_mut(minion) {
                     m.launch_completed = true;
                     reg.persist(minion);
@@ -658,8 +735,9 @@ impl Controller {
     /// it stopped getting new connections: the load balancer has cut its
     /// connections by then, whatever DescribeTargetHealth still says.
     /// Always false for other providers (their `unused` is exact).
-    fn waited_out_delay(&self, fleet: &str, minion: &str, now: Instant) -> bool {
-        let reg = self.registry();
+    fn waited_out_delay(&self, f: &Fleet, minion: &str, now: Instant) -> bool {
+        let fleet = f.name();
+        let reg = f.registry();
         let Some(delay) = reg
             .fleets
             .get(fleet)
@@ -678,13 +756,13 @@ impl Controller {
     /// connections: Deregistering → Flushing.
     fn start_flush(
         &self,
-        rt: &FleetRuntime,
+        f: &Fleet,
         minion: &str,
         target: Option<&gru_cloud::Target>,
         now: Instant,
     ) {
         let deadline = self.config.drain_deadline;
-        let mut reg = self.registry();
+        let mut reg = f.registry();
         let Some(m) = reg.minions.get_mut(minion) else {
             return;
         };
@@ -701,7 +779,7 @@ impl Controller {
                     return;
                 }
                 m.lb_connections_at_drain_start =
-                    target.and_then(|t| rt.targets.connections_total(t));
+                    target.and_then(|t| f.runtime.targets.connections_total(t));
                 let _ =
                     reg.transition(minion, LifecycleEvent::DrainSent, "drain command sent", now);
             }

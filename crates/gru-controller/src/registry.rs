@@ -287,7 +287,8 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The registry of `fleets`, resumed from what `store` holds: minions
+    /// The registry of `fleets`, resumed from `loaded` (what `store` holds
+    /// of these fleets): minions
     /// with their ids, states and drains, each fleet's overrides and policy
     /// memory. Pins that expired while the controller was down are dropped
     /// with an event.
@@ -295,9 +296,9 @@ impl Registry {
         fleets: &[FleetConfig],
         events: broadcast::Sender<Event>,
         store: Arc<dyn Store>,
+        loaded: Loaded,
         now: Instant,
     ) -> Result<Self, StoreError> {
-        let loaded = store.load()?;
         let fleets = fleets
             .iter()
             .map(|c| {
@@ -353,7 +354,6 @@ impl Registry {
     fn resume(&mut self, loaded: Loaded, now: Instant) -> Result<(), StoreError> {
         for row in loaded.minions {
             if !self.fleets.contains_key(&row.fleet) {
-                tracing::warn!(minion = %row.id, fleet = %row.fleet, "the store holds a minion of a fleet no longer configured; leaving it alone");
                 continue;
             }
             let Some(state) = MinionState::parse(&row.state) else {
@@ -578,28 +578,6 @@ impl Registry {
         } else {
             self.store_write(|s| s.release_decrement(&instance.0));
         }
-    }
-
-    /// The store's events since `since` (all fleets when `fleet` is empty),
-    /// oldest first, at most `limit`.
-    pub fn events_since(
-        &self,
-        since: SystemTime,
-        fleet: &str,
-        limit: usize,
-    ) -> Result<Vec<Event>, StoreError> {
-        let fleet = (!fleet.is_empty()).then_some(fleet);
-        Ok(self
-            .store
-            .events_since(unix_ms(since), fleet, limit)?
-            .into_iter()
-            .map(event_from_row)
-            .collect())
-    }
-
-    /// Drops events older than `before`; returns how many.
-    pub fn prune_events(&self, before: SystemTime) -> Result<u64, StoreError> {
-        self.store.prune_events(unix_ms(before))
     }
 
     pub fn emit(&mut self, fleet: &str, minion: Option<&str>, kind: EventKind, message: String) {
@@ -1276,7 +1254,7 @@ fn round(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
 
-fn unix_ms(t: SystemTime) -> i64 {
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
@@ -1296,7 +1274,7 @@ fn event_row(event: &Event) -> EventRow {
     }
 }
 
-fn event_from_row(row: EventRow) -> Event {
+pub(crate) fn event_from_row(row: EventRow) -> Event {
     let transition = match (row.from.as_deref(), row.to.as_deref()) {
         (Some(f), Some(t)) => MinionState::parse(f).zip(MinionState::parse(t)),
         _ => None,
@@ -1425,6 +1403,7 @@ mod tests {
             &[fleet],
             broadcast::channel(64).0,
             Arc::new(store),
+            Loaded::default(),
             Instant::now(),
         )
         .expect("registry")

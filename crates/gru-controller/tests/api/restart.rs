@@ -88,7 +88,7 @@ impl Agent {
     fn connect(&mut self, c: &Controller) {
         let now = Instant::now();
         self.commands = None;
-        let joined = c.registry().join(
+        let joined = c.fleet(FLEET).expect("fleet").registry().join(
             FLEET,
             &self.instance,
             ([127, 0, 0, 1], self.port).into(),
@@ -98,10 +98,13 @@ impl Agent {
             return;
         };
         let (tx, rx) = mpsc::channel(16);
-        let Ok((generation, resend)) =
-            c.registry()
-                .attach_session(&id, &token, tx, Duration::from_secs(60), now)
-        else {
+        let Ok((generation, resend)) = c.fleet(FLEET).expect("fleet").registry().attach_session(
+            &id,
+            &token,
+            tx,
+            Duration::from_secs(60),
+            now,
+        ) else {
             return;
         };
         self.minion = id;
@@ -133,9 +136,12 @@ impl Agent {
             drained: self.draining,
             ..Default::default()
         };
-        let changed = c
-            .registry()
-            .report(&self.minion, self.generation, report, Instant::now());
+        let changed = c.fleet(FLEET).expect("fleet").registry().report(
+            &self.minion,
+            self.generation,
+            report,
+            Instant::now(),
+        );
         if changed {
             c.wake(FLEET);
         }
@@ -200,7 +206,9 @@ impl World {
     }
 
     fn state(&self, c: &Controller, instance: &str) -> MinionState {
-        c.registry()
+        c.fleet(FLEET)
+            .expect("fleet")
+            .registry()
             .minion_by_instance(&InstanceId::from(instance))
             .map(|m| m.state)
             .expect("known minion")
@@ -233,7 +241,7 @@ fn config(dir: &Path) -> ControllerConfig {
 }
 
 fn pin(c: &Controller, desired: u32) {
-    let mut reg = c.registry();
+    let mut reg = c.fleet(FLEET).expect("fleet").registry();
     reg.fleets.get_mut(FLEET).expect("fleet").pin = Some(PinOverride {
         pin: Pin {
             desired,
@@ -353,19 +361,23 @@ async fn ids_history_and_pins_survive_a_restart() {
     let (w, victim, _) = scale_in(None).await;
     let before = w.controller();
     let ids: Vec<(String, String)> = before
+        .fleet(FLEET)
+        .expect("fleet")
         .registry()
         .minions
         .values()
         .map(|m| (m.id.clone(), m.instance.0.clone()))
         .collect();
     let history = before
+        .fleet(FLEET)
+        .expect("fleet")
         .registry()
         .minion_by_instance(&InstanceId::from(victim.as_str()))
         .map(|m| m.history.iter().map(|h| h.to).collect::<Vec<_>>())
         .expect("victim");
     drop(before);
     let after = w.controller();
-    let reg = after.registry();
+    let reg = after.fleet(FLEET).expect("fleet").registry();
     let again: Vec<(String, String)> = reg
         .minions
         .values()
