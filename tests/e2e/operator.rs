@@ -295,3 +295,45 @@ fn a_corrupt_or_newer_store_stops_the_controller_and_is_left_untouched() {
     assert!(err.contains("newer gru") && err.contains("99"), "{err}");
     assert_eq!(std::fs::read(&db).expect("read"), before, "file changed");
 }
+
+/// A sender that holds idle connections open does not hold a drained
+/// minion: the engine closes them, the load balancer closes the sender's
+/// side too, the target shows unused and the minion is terminated long
+/// before the 300 s deregistration delay.
+#[test]
+fn an_idle_sender_does_not_hold_a_drained_minion() {
+    use std::io::Read;
+    let dev = Dev::start(&["--min", "1", "--max", "1", "--deregistration-delay", "300s"]);
+    dev.wait_in_service(1, Duration::from_secs(30));
+    let mut idle: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(dev.load_balancer).expect("connect"))
+        .collect();
+    let minion = wait_until(
+        "the engine to hold the idle connections",
+        Duration::from_secs(30),
+        || {
+            dev.minions(false)
+                .into_iter()
+                .find(|m| m["open_connections"].as_u64() == Some(4))
+        },
+    );
+    let id = minion["id"].as_str().expect("id").to_owned();
+    let out = dev.gru(&["drain", &id, "--wait", "--timeout", "30s"]);
+    assert!(
+        out.status.success(),
+        "drain with idle senders: {}\n{}",
+        stderr(&out),
+        dev.log()
+    );
+    // Each idle sender sees its connection closed (end of stream).
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            other => panic!("expected the connection closed, got {other:?}"),
+        }
+    }
+    dev.stop();
+}
