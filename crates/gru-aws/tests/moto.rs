@@ -848,8 +848,7 @@ mod scenario {
             .fleet(FLEET)
             .expect("fleet")
             .registry()
-            .fleets
-            .get_mut(FLEET)
+            .fleet_state_mut(FLEET)
             .expect("fleet")
             .pin = Some(gru_controller::registry::PinOverride {
             pin: Pin {
@@ -923,7 +922,7 @@ mod scenario {
                 .expect("fleet")
                 .registry()
                 .minion_by_instance(id)
-                .map(|m| (m.id.clone(), m.state))
+                .map(|m| (m.id.clone(), m.state()))
         }
 
         /// Minions the controller has in `state`.
@@ -932,9 +931,8 @@ mod scenario {
                 .fleet(FLEET)
                 .expect("fleet")
                 .registry()
-                .minions
-                .values()
-                .filter(|m| m.state == state)
+                .minions()
+                .filter(|m| m.state() == state)
                 .map(|m| (m.id.clone(), m.instance.clone()))
                 .collect()
         }
@@ -945,7 +943,8 @@ mod scenario {
                 .fleet(FLEET)
                 .expect("fleet")
                 .registry()
-                .minions[minion]
+                .find(minion)
+                .expect("minion")
                 .history
                 .iter()
                 .map(|h| h.to)
@@ -973,7 +972,8 @@ mod scenario {
                 .fleet(FLEET)
                 .expect("fleet")
                 .registry()
-                .minions[minion]
+                .find(minion)
+                .expect("minion")
                 .engine_address
                 .map(|a| a.port())
         }

@@ -50,7 +50,7 @@ fn minion_to_pb(m: &MinionRecord, now: Instant) -> pb::Minion {
         id: m.id.clone(),
         fleet: m.fleet.clone(),
         instance_id: m.instance.0.clone(),
-        state: m.state.as_str().to_owned(),
+        state: m.state().as_str().to_owned(),
         engine_address: m.engine_address.map(|a| a.to_string()).unwrap_or_default(),
         queue_depth: r.queue_depth,
         in_flight: r.in_flight,
@@ -82,7 +82,7 @@ fn minion_to_pb(m: &MinionRecord, now: Instant) -> pb::Minion {
 }
 
 fn fleet_to_pb(reg: &Registry, name: &str, provider: &str) -> Option<pb::Fleet> {
-    let f = reg.fleets.get(name)?;
+    let f = reg.fleet_state(name)?;
     let bounds = f.config.bounds();
     let mut fleet = pb::Fleet {
         name: name.to_owned(),
@@ -119,14 +119,14 @@ fn fleet_to_pb(reg: &Registry, name: &str, provider: &str) -> Option<pb::Fleet> 
         }
         None => fleet.reason = "no decision yet".to_owned(),
     }
-    for m in reg.minions.values().filter(|m| m.fleet == name) {
-        if m.state.counts_as_capacity() {
+    for m in reg.minions().filter(|m| m.fleet == name) {
+        if m.state().counts_as_capacity() {
             fleet.capacity += 1;
             let load = m.load();
             fleet.queue_depth += load.queue_depth;
             fleet.in_flight += load.in_flight;
         }
-        match m.state {
+        match m.state() {
             MinionState::InService => fleet.in_service += 1,
             MinionState::Draining(_) | MinionState::Drained | MinionState::Terminating => {
                 fleet.draining += 1
@@ -289,9 +289,8 @@ impl AdminService for AdminApi {
         {
             let reg = f.registry();
             let mut minions: Vec<&MinionRecord> = reg
-                .minions
-                .values()
-                .filter(|m| req.include_gone || m.state != MinionState::Gone)
+                .minions()
+                .filter(|m| req.include_gone || m.state() != MinionState::Gone)
                 .collect();
             minions.sort_by_key(|m| m.created);
             listed.extend(minions.into_iter().map(|m| minion_to_pb(m, now)));
@@ -321,8 +320,7 @@ impl AdminService for AdminApi {
             let mut reg = self.registry_of(&req.fleet)?;
             let now_ms = unix_ms(SystemTime::now()) as i64;
             let f = reg
-                .fleets
-                .get_mut(&req.fleet)
+                .fleet_state_mut(&req.fleet)
                 .ok_or_else(|| self.unknown_fleet(&req.fleet))?;
             let origin = Origin {
                 by: actor.clone(),
@@ -392,7 +390,7 @@ impl AdminService for AdminApi {
             let m = reg
                 .find(&req.id)
                 .ok_or_else(|| Status::not_found(format!("no minion {:?}", req.id)))?;
-            let (id, fleet, state) = (m.id.clone(), m.fleet.clone(), m.state);
+            let (id, fleet, state) = (m.id.clone(), m.fleet.clone(), m.state());
             if !state.counts_as_capacity()
                 && !state.is_draining()
                 && state != MinionState::Unhealthy
@@ -446,8 +444,7 @@ impl AdminService for AdminApi {
         let name = request.into_inner().fleet;
         let reg = self.registry_of(&name)?;
         let f = reg
-            .fleets
-            .get(&name)
+            .fleet_state(&name)
             .ok_or_else(|| self.unknown_fleet(&name))?;
         let d = f.last_decision.as_ref().ok_or_else(|| {
             Status::unavailable(format!(
@@ -527,8 +524,7 @@ impl AdminApi {
     fn set_paused(&self, name: &str, paused: bool, actor: &str) -> Result<(), Status> {
         let mut reg = self.registry_of(name)?;
         let f = reg
-            .fleets
-            .get_mut(name)
+            .fleet_state_mut(name)
             .ok_or_else(|| self.unknown_fleet(name))?;
         if f.paused.is_some() != paused {
             f.paused = paused.then(|| Origin {

@@ -32,6 +32,34 @@ use tokio::sync::watch;
 /// How long a stopping controller lets in-flight calls finish.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The one production entry point, for `gru controller` and `gru dev`:
+/// reads the minions' join token, resumes the controller from `store` over
+/// `fleets`, and runs it on `listener` until `shutdown` resolves.
+///
+/// The caller opens the store first (a controller that cannot trust its
+/// memory must start nothing, not even a local minion) and builds the
+/// fleets' providers: gru-controller knows them only by gru-cloud's traits.
+pub async fn serve(
+    config: ControllerConfig,
+    store: Arc<dyn store::Store>,
+    fleets: Vec<FleetRuntime>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let token = std::fs::read_to_string(&config.join_token_file)
+        .map_err(|source| ServeError::JoinToken {
+            path: config.join_token_file.clone(),
+            source,
+        })?
+        .trim()
+        .to_owned();
+    let controller = Controller::new(config, fleets, token, store).map_err(ServeError::Store)?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "controller serving");
+    }
+    run(controller, listener, shutdown).await
+}
+
 /// Runs the controller: reconcile loops and the gRPC server on `listener`,
 /// until `shutdown` resolves.
 pub async fn run(

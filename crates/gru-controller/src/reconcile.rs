@@ -29,8 +29,8 @@ use tokio::sync::{Notify, broadcast};
 
 use crate::config::{ControllerConfig, FleetConfig};
 use crate::registry::{
-    Action, AwsSetup, AwsView, Command, Event, EventKind, Finish, PROTECT_AFTER_WORK, Registry,
-    TERMINATE_RETRY_AFTER, unix_ms,
+    Action, AwsSetup, AwsView, Command, DecrementClaim, Event, EventKind, Finish,
+    PROTECT_AFTER_WORK, Registry, TERMINATE_RETRY_AFTER, unix_ms,
 };
 use crate::store::{Loaded, Store, StoreError};
 use gru_cloud::{GroupLifecycle, InstanceId, LifecycleHook, LifecycleResult};
@@ -153,10 +153,13 @@ impl Controller {
             let (fleet_rows, rest): (Vec<_>, Vec<_>) =
                 loaded.fleets.into_iter().partition(|f| f.name == name);
             loaded.fleets = rest;
+            let (ledger, rest): (Vec<_>, Vec<_>) =
+                loaded.ledger.into_iter().partition(|l| l.fleet == name);
+            loaded.ledger = rest;
             let part = Loaded {
                 minions: mine,
                 fleets: fleet_rows,
-                ledger: Vec::new(),
+                ledger,
             };
             let registry = Registry::open(
                 std::slice::from_ref(&runtime.config),
@@ -318,7 +321,7 @@ impl Controller {
         let limits = self.limits(rt);
         let actions = {
             let mut reg = f.registry();
-            if let Some(f) = reg.fleets.get_mut(fleet) {
+            if let Some(f) = reg.fleet_state_mut(fleet) {
                 f.aws = view;
             }
             reg.sync(fleet, &group, now);
@@ -387,7 +390,7 @@ impl Controller {
     ) -> Result<AwsSetup, ReconcileError> {
         let rt = &f.runtime;
         let fleet = rt.config.name.as_str();
-        if let Some(setup) = f.registry().fleets.get(fleet).and_then(|f| f.aws_setup) {
+        if let Some(setup) = f.registry().fleet_state(fleet).and_then(|f| f.aws_setup) {
             return Ok(setup);
         }
         let err = |source| ReconcileError::AwsSetup {
@@ -401,7 +404,7 @@ impl Controller {
             deregistration_delay: read.deregistration_delay,
         };
         let mut reg = f.registry();
-        if let Some(f) = reg.fleets.get_mut(fleet) {
+        if let Some(f) = reg.fleet_state_mut(fleet) {
             f.aws_setup = Some(setup);
         }
         if target_group_attached && let Some(aws) = rt.config.provider.aws() {
@@ -422,8 +425,7 @@ impl Controller {
     fn manages_targets(&self, f: &Fleet) -> bool {
         let fleet = f.name();
         !f.registry()
-            .fleets
-            .get(fleet)
+            .fleet_state(fleet)
             .and_then(|f| f.aws_setup)
             .is_some_and(|s| s.target_group_attached)
     }
@@ -453,14 +455,14 @@ impl Controller {
                     "the group registers it (target group attached)".to_owned()
                 };
                 let mut reg = f.registry();
-                let Some(m) = reg.minions.get_mut(minion) else {
+                let Some(m) = reg.minion_mut(minion) else {
                     return Ok(());
                 };
                 // The pass planned this before a report could move the
                 // minion on (an engine that turned unhealthy, a drain):
                 // only a minion still Ready or InService counts as
                 // registered; a later TakeOut or Deregister undoes the call.
-                if !matches!(m.state, MinionState::Ready | MinionState::InService) {
+                if !matches!(m.state(), MinionState::Ready | MinionState::InService) {
                     m.registered = manages_targets;
                     reg.persist(minion);
                     return Ok(());
@@ -484,7 +486,7 @@ impl Controller {
                     rt.targets.deregister(target).await?;
                 }
                 let mut reg = f.registry();
-                if let Some(m) = reg.minions.get_mut(minion) {
+                if let Some(m) = reg.minion_mut(minion) {
                     m.registered = false;
                     reg.persist(minion);
                     reg.emit(
@@ -508,7 +510,7 @@ impl Controller {
                         return Ok(());
                     }
                     let mut reg = f.registry();
-                    if let Some(m) = reg.minions.get_mut(minion)
+                    if let Some(m) = reg.minion_mut(minion)
                         && m.deregistered_at.is_none()
                     {
                         m.deregistered_at = Some(now);
@@ -552,7 +554,7 @@ impl Controller {
                     }
                 };
                 let mut reg = f.registry();
-                if let Some(m) = reg.minions.get_mut(minion) {
+                if let Some(m) = reg.minion_mut(minion) {
                     m.registered = false;
                 }
                 let _ = reg.transition(minion, LifecycleEvent::TargetUnused, &why, now);
@@ -571,7 +573,7 @@ impl Controller {
                     rt.targets.deregister(target).await?;
                     let state = rt.targets.target_state(target).await?;
                     if state.takes_no_new_connections()
-                        && let Some(m) = f.registry().minions.get_mut(minion)
+                        && let Some(m) = f.registry().minion_mut(minion)
                     {
                         m.deregistered_at.get_or_insert_with(Instant::now);
                     }
@@ -594,13 +596,26 @@ impl Controller {
                         // The intent first: the decrement ledger in the store
                         // allows one decrement per instance across any number
                         // of calls and restarts.
-                        let decrementing = *decrement
-                            && f.registry()
-                                .claim_decrement(minion, instance, now)
+                        let decrementing = if *decrement {
+                            let mut reg = f.registry();
+                            let leaving = reg.instance_leaving(fleet, instance);
+                            let claim = reg
+                                .claim_decrement(minion, instance, leaving, now)
                                 .map_err(|e| CloudError::Provider {
                                     call: "the decrement ledger",
                                     message: error_chain(&e),
                                 })?;
+                            match claim {
+                                DecrementClaim::Claimed => true,
+                                DecrementClaim::Done => false,
+                                DecrementClaim::Wait => {
+                                    tracing::info!(minion, instance = %instance, "an earlier decrementing terminate is unresolved; waiting for the group's view");
+                                    return Ok(());
+                                }
+                            }
+                        } else {
+                            false
+                        };
                         match rt.group.terminate(instance, decrementing).await {
                             Ok(()) => {
                                 if decrementing {
@@ -631,7 +646,7 @@ impl Controller {
                             )
                             .await?;
                         let mut reg = f.registry();
-                        if let Some(m) = reg.minions.get_mut(minion) {
+                        if let Some(m) = reg.minion_mut(minion) {
                             m.termination_completed = true;
                             reg.persist(minion);
                         }
@@ -656,9 +671,8 @@ impl Controller {
                 };
                 let mut reg = f.registry();
                 let already = reg
-                    .minions
-                    .get(minion)
-                    .is_some_and(|m| m.state == MinionState::Terminating);
+                    .find(minion)
+                    .is_some_and(|m| m.state() == MinionState::Terminating);
                 let _ = reg.transition(minion, LifecycleEvent::TerminateIssued, &reason, now);
                 if already {
                     // No change of state to record the step by.
@@ -673,7 +687,7 @@ impl Controller {
                     .record_lifecycle_heartbeat(instance, LifecycleHook::Terminating)
                     .await?;
                 let mut reg = f.registry();
-                if let Some(m) = reg.minions.get_mut(minion) {
+                if let Some(m) = reg.minion_mut(minion) {
                     m.hook_heartbeat_at = Some(now);
                     reg.persist(minion);
                 }
@@ -716,7 +730,7 @@ impl Controller {
                     )
                     .await?;
                 let mut reg = f.registry();
-                if let Some(m) = reg.minions.get_mut(minion) {
+                if let Some(m) = reg.minion_mut(minion) {
                     m.launch_completed = true;
                     reg.persist(minion);
                 }
@@ -739,15 +753,13 @@ impl Controller {
         let fleet = f.name();
         let reg = f.registry();
         let Some(delay) = reg
-            .fleets
-            .get(fleet)
+            .fleet_state(fleet)
             .and_then(|f| f.aws_setup)
             .map(|s| s.deregistration_delay)
         else {
             return false;
         };
-        reg.minions
-            .get(minion)
+        reg.find(minion)
             .and_then(|m| m.deregistered_at)
             .is_some_and(|at| now.saturating_duration_since(at) >= delay)
     }
@@ -763,10 +775,10 @@ impl Controller {
     ) {
         let deadline = self.config.drain_deadline;
         let mut reg = f.registry();
-        let Some(m) = reg.minions.get_mut(minion) else {
+        let Some(m) = reg.minion_mut(minion) else {
             return;
         };
-        if m.state != MinionState::Draining(DrainPhase::Deregistering) {
+        if m.state() != MinionState::Draining(DrainPhase::Deregistering) {
             return;
         }
         let Some(plan) = m.drain.as_ref() else { return };

@@ -43,6 +43,22 @@ pub const GONE_RETENTION: Duration = Duration::from_secs(3600);
 /// protected from the group's own scale-ins (so those pick idle instances);
 /// the window keeps protection from flapping with every report.
 pub const PROTECT_AFTER_WORK: Duration = Duration::from_secs(60);
+/// How long after a decrement claim that was never confirmed the group's
+/// view is trusted to show whether the call took effect (AWS's describe
+/// calls catch up within seconds).
+pub const CLAIM_SETTLE: Duration = Duration::from_secs(60);
+
+/// What the decrement ledger allows a terminate call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecrementClaim {
+    /// Claimed now: the call decrements.
+    Claimed,
+    /// The decrement already happened: the call (if any) must not decrement.
+    Done,
+    /// An earlier claim is unresolved: make no call yet.
+    Wait,
+}
+
 /// A Terminating minion whose instance the group still runs after this is
 /// terminated again (idempotent; the decrement ledger allows one decrement).
 pub const TERMINATE_RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -151,7 +167,8 @@ pub struct MinionRecord {
     pub id: String,
     pub fleet: String,
     pub instance: InstanceId,
-    pub state: MinionState,
+    /// Changed only by [`Registry::transition`], through the step function.
+    state: MinionState,
     pub state_since: Instant,
     pub created: Instant,
     pub engine_address: Option<SocketAddr>,
@@ -189,6 +206,11 @@ pub struct MinionRecord {
 }
 
 impl MinionRecord {
+    /// Where the minion is in its lifecycle.
+    pub fn state(&self) -> MinionState {
+        self.state
+    }
+
     pub fn target(&self) -> Option<Target> {
         self.engine_address.map(|address| Target {
             instance: self.instance.clone(),
@@ -275,12 +297,16 @@ pub enum RegistryError {
 }
 
 pub struct Registry {
-    pub fleets: BTreeMap<String, FleetState>,
-    pub minions: BTreeMap<String, MinionRecord>,
+    fleets: BTreeMap<String, FleetState>,
+    minions: BTreeMap<String, MinionRecord>,
     by_instance: HashMap<InstanceId, String>,
     events: broadcast::Sender<Event>,
     next_generation: u64,
     store: Arc<dyn Store>,
+    /// The decrement ledger of this registry's fleets, as in the store: by
+    /// instance, when the decrement was claimed and whether it was
+    /// confirmed.
+    ledger: HashMap<String, (Instant, bool)>,
     /// The same moment on the monotonic clock and the wall clock: the store
     /// keeps wall-clock milliseconds, the registry `Instant`s.
     anchor: (Instant, SystemTime),
@@ -323,6 +349,7 @@ impl Registry {
             events,
             next_generation: 1,
             store,
+            ledger: HashMap::new(),
             anchor: (now, SystemTime::now()),
         };
         reg.resume(loaded, now)?;
@@ -419,6 +446,11 @@ impl Registry {
             };
             self.by_instance.insert(instance, row.id.clone());
             self.minions.insert(row.id, record);
+        }
+        for row in loaded.ledger {
+            let asked = self.instant_at(row.asked_ms, now);
+            self.ledger
+                .insert(row.instance, (asked, row.confirmed_ms.is_some()));
         }
         let wall_now = jiff::Timestamp::from_millisecond(self.wall_ms(now)).unwrap_or_default();
         let mut expired = Vec::new();
@@ -553,31 +585,90 @@ impl Registry {
     }
 
     /// Claims the one decrement `instance` may have, in the store, before
-    /// the terminate call. False when an earlier call may already have
-    /// decremented for it: the call then goes without decrement.
+    /// the terminate call. `leaving` says whether the group shows the
+    /// instance terminating (or no longer lists it) this pass.
+    ///
+    /// An earlier claim that was never confirmed means a controller stopped
+    /// between its intent and the answer: the call may or may not have gone
+    /// out. The group's view decides, once it can be trusted: an instance
+    /// it shows leaving took that decrement ([`DecrementClaim::Done`]); one
+    /// it still runs [`CLAIM_SETTLE`] after the claim never got the call,
+    /// so the claim is taken again. Until then the caller waits. Each
+    /// instance is decremented at most once, and a crash in between costs a
+    /// wait, not a decrement.
     pub fn claim_decrement(
-        &self,
+        &mut self,
         minion: &str,
         instance: &InstanceId,
+        leaving: bool,
         now: Instant,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<DecrementClaim, StoreError> {
         let fleet = self
             .minions
             .get(minion)
             .map(|m| m.fleet.clone())
             .unwrap_or_default();
-        self.store
-            .claim_decrement(&instance.0, minion, &fleet, self.wall_ms(now))
+        let at = self.wall_ms(now);
+        if self
+            .store
+            .claim_decrement(&instance.0, minion, &fleet, at)?
+        {
+            self.ledger.insert(instance.0.clone(), (now, false));
+            return Ok(DecrementClaim::Claimed);
+        }
+        // Not in memory: claimed by a controller before the store had a
+        // ledger for this fleet; treat it as done.
+        let Some((asked, confirmed)) = self.ledger.get(&instance.0).copied() else {
+            return Ok(DecrementClaim::Done);
+        };
+        if confirmed {
+            return Ok(DecrementClaim::Done);
+        }
+        if leaving {
+            self.store.confirm_decrement(&instance.0, at)?;
+            self.ledger.insert(instance.0.clone(), (asked, true));
+            return Ok(DecrementClaim::Done);
+        }
+        if now.saturating_duration_since(asked) < CLAIM_SETTLE {
+            return Ok(DecrementClaim::Wait);
+        }
+        self.store.release_decrement(&instance.0)?;
+        if self
+            .store
+            .claim_decrement(&instance.0, minion, &fleet, at)?
+        {
+            self.ledger.insert(instance.0.clone(), (now, false));
+            return Ok(DecrementClaim::Claimed);
+        }
+        Ok(DecrementClaim::Done)
     }
 
     /// The outcome of a decrementing terminate: confirmed, or certainly not
     /// applied (the claim is dropped, so a later call may decrement).
-    pub fn settle_decrement(&self, instance: &InstanceId, applied: bool, now: Instant) {
+    pub fn settle_decrement(&mut self, instance: &InstanceId, applied: bool, now: Instant) {
         if applied {
             self.store_write(|s| s.confirm_decrement(&instance.0, self.wall_ms(now)));
+            if let Some(entry) = self.ledger.get_mut(&instance.0) {
+                entry.1 = true;
+            }
         } else {
             self.store_write(|s| s.release_decrement(&instance.0));
+            self.ledger.remove(&instance.0);
         }
+    }
+
+    /// True when the group shows `instance` terminating or no longer lists
+    /// it (as of this pass's sync).
+    pub fn instance_leaving(&self, fleet: &str, instance: &InstanceId) -> bool {
+        self.fleets
+            .get(fleet)
+            .and_then(|f| f.group.as_ref())
+            .is_some_and(|g| {
+                g.instances
+                    .iter()
+                    .find(|i| &i.id == instance)
+                    .is_none_or(|i| i.lifecycle == InstanceLifecycle::Terminating)
+            })
     }
 
     pub fn emit(&mut self, fleet: &str, minion: Option<&str>, kind: EventKind, message: String) {
@@ -627,6 +718,28 @@ impl Registry {
         }
         // No subscriber is fine.
         let _ = self.events.send(event);
+    }
+
+    /// Every minion, by id.
+    pub fn minions(&self) -> impl Iterator<Item = &MinionRecord> {
+        self.minions.values()
+    }
+
+    /// Minion `id`, for the bookkeeping of the calls made for it; its state
+    /// changes only through [`Registry::transition`].
+    pub fn minion_mut(&mut self, id: &str) -> Option<&mut MinionRecord> {
+        self.minions.get_mut(id)
+    }
+
+    /// Fleet `name`'s state.
+    pub fn fleet_state(&self, name: &str) -> Option<&FleetState> {
+        self.fleets.get(name)
+    }
+
+    /// Fleet `name`'s state, to change its overrides or the cloud's view;
+    /// [`Registry::persist_fleet`] writes the overrides.
+    pub fn fleet_state_mut(&mut self, name: &str) -> Option<&mut FleetState> {
+        self.fleets.get_mut(name)
     }
 
     pub fn minion_by_instance(&self, instance: &InstanceId) -> Option<&MinionRecord> {
@@ -2003,6 +2116,44 @@ mod tests {
                 instances: vec!["a".to_owned()],
                 protected: false
             }]
+        );
+    }
+
+    #[test]
+    fn an_unconfirmed_decrement_waits_for_the_groups_view_then_decides() {
+        let t0 = Instant::now();
+        let mut reg = registry(0, 5);
+        pass(&mut reg, &group(&["a"], 1), t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        let a = InstanceId::from("a");
+        assert_eq!(
+            reg.claim_decrement(&id, &a, false, t0).expect("claim"),
+            DecrementClaim::Claimed
+        );
+        // A controller stopped before the answer: the group still runs it.
+        assert_eq!(
+            reg.claim_decrement(&id, &a, false, t0 + Duration::from_secs(5))
+                .expect("claim"),
+            DecrementClaim::Wait,
+            "the group's view may lag the call"
+        );
+        assert_eq!(
+            reg.claim_decrement(&id, &a, false, t0 + CLAIM_SETTLE)
+                .expect("claim"),
+            DecrementClaim::Claimed,
+            "the earlier call never took effect: decrement now"
+        );
+        // The group shows it leaving: that call decremented.
+        assert_eq!(
+            reg.claim_decrement(&id, &a, true, t0 + CLAIM_SETTLE)
+                .expect("claim"),
+            DecrementClaim::Done
+        );
+        assert_eq!(
+            reg.claim_decrement(&id, &a, false, t0 + 3 * CLAIM_SETTLE)
+                .expect("claim"),
+            DecrementClaim::Done,
+            "confirmed for good"
         );
     }
 }

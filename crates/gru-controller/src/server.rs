@@ -31,6 +31,14 @@ pub enum ServeError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("cannot read the join token {path}")]
+    JoinToken {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot resume from the store")]
+    Store(#[source] crate::store::StoreError),
 }
 
 /// Reads the server's TLS identity and the CA that admin clients must be

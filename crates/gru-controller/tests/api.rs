@@ -90,12 +90,9 @@ struct Fixture {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn start(instances: &[&str]) -> Fixture {
-    gru_proto::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = DevPki::in_dir(dir.path());
-    pki.ensure().expect("pki");
-    std::fs::write(dir.path().join("token"), TOKEN).expect("token");
+/// The controller config these tests run: one local fleet, fast intervals,
+/// its files in `dir`.
+fn config(dir: &std::path::Path) -> ControllerConfig {
     let text = r#"
         listen = "127.0.0.1:0"
         report_interval = "200ms"
@@ -116,8 +113,16 @@ async fn start(instances: &[&str]) -> Fixture {
         listen = "127.0.0.1:0"
         minion_config = "unused.toml"
     "#;
-    let config =
-        ControllerConfig::parse(&dir.path().join("controller.toml"), text).expect("config");
+    ControllerConfig::parse(&dir.join("controller.toml"), text).expect("config")
+}
+
+async fn start(instances: &[&str]) -> Fixture {
+    gru_proto::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = DevPki::in_dir(dir.path());
+    pki.ensure().expect("pki");
+    std::fs::write(dir.path().join("token"), TOKEN).expect("token");
+    let config = config(dir.path());
     let lb = LocalLoadBalancer::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         Duration::from_secs(300),

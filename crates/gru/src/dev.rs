@@ -15,9 +15,9 @@ use std::time::Duration;
 use crate::providers::{self, BuiltFleet};
 use anyhow::{Context, anyhow};
 use clap::Args;
+use gru_controller::ControllerConfig;
 use gru_controller::pki::{self, DevPki};
 use gru_controller::store::{SqliteStore, Store};
-use gru_controller::{Controller, ControllerConfig};
 use gru_engine::bench::{self, SinkConfig, SinkHandle};
 use gru_minion::MinionConfig;
 use gru_minion::sd_notify::Notifier;
@@ -175,15 +175,6 @@ type OnReady = Box<dyn FnOnce(&[BuiltFleet], SocketAddr) -> anyhow::Result<()> +
 async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Result<()> {
     let program =
         std::env::current_exe().context("cannot find the gru binary to start minions with")?;
-    let token = std::fs::read_to_string(&config.join_token_file)
-        .with_context(|| {
-            format!(
-                "cannot read the join token {}",
-                config.join_token_file.display()
-            )
-        })?
-        .trim()
-        .to_owned();
     // The store first: a controller that cannot trust its memory must not
     // start (a corrupt file or one from a newer gru is left untouched).
     let store: Arc<dyn Store> = Arc::new(
@@ -201,14 +192,6 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
     if let Some(ready) = ready {
         ready(&built, addr)?;
     }
-    let controller = Controller::new(
-        config,
-        built.iter().map(|b| b.runtime.clone()).collect(),
-        token,
-        store,
-    )
-    .map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))?;
-    tracing::info!(listen = %addr, "controller serving");
     // systemd (Type=notify): the listener is bound and the providers are
     // up, so connections are accepted from here on.
     let interrupt = armed_interrupt().await;
@@ -218,7 +201,8 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         interrupt.await;
         notifier.stopping();
     };
-    let result = gru_controller::run(controller, listener, shutdown).await;
+    let fleets = built.iter().map(|b| b.runtime.clone()).collect();
+    let result = gru_controller::serve(config, store, fleets, listener, shutdown).await;
     for b in &built {
         if let Some(local) = &b.local {
             local.load_balancer.shutdown();

@@ -5,7 +5,6 @@
 //! Session, obey Drain and report, straight against the registry, as the
 //! real agent does over gRPC (the gRPC edge is tested in the parent module).
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,13 +13,13 @@ use gru_cloud::local::LocalLoadBalancer;
 use gru_cloud::{CloudError, InstanceId, Target, TargetGroup, TargetState};
 use gru_controller::registry::{Command, PinOverride, Report};
 use gru_controller::store::{Origin, SqliteStore};
-use gru_controller::{Controller, ControllerConfig, FleetRuntime};
+use gru_controller::{Controller, FleetRuntime};
 use gru_core::MinionState;
 use gru_core::policy::Pin;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::StaticGroup;
+use super::{StaticGroup, config};
 
 const FLEET: &str = "local";
 /// Passes a scale-in may take before the scenario gives up.
@@ -210,7 +209,7 @@ impl World {
             .expect("fleet")
             .registry()
             .minion_by_instance(&InstanceId::from(instance))
-            .map(|m| m.state)
+            .map(|m| m.state())
             .expect("known minion")
     }
 
@@ -219,30 +218,9 @@ impl World {
     }
 }
 
-fn config(dir: &Path) -> ControllerConfig {
-    let text = r#"
-        listen = "127.0.0.1:0"
-        join_token_file = "token"
-        state_dir = "state"
-        [tls]
-        cert = "controller.pem"
-        key = "controller.key"
-        client_ca = "ca.pem"
-        [[fleet]]
-        name = "local"
-        provider = "local"
-        min = 0
-        max = 3
-        [fleet.local]
-        listen = "127.0.0.1:0"
-        minion_config = "unused.toml"
-    "#;
-    ControllerConfig::parse(&dir.join("controller.toml"), text).expect("config")
-}
-
 fn pin(c: &Controller, desired: u32) {
     let mut reg = c.fleet(FLEET).expect("fleet").registry();
-    reg.fleets.get_mut(FLEET).expect("fleet").pin = Some(PinOverride {
+    reg.fleet_state_mut(FLEET).expect("fleet").pin = Some(PinOverride {
         pin: Pin {
             desired,
             until: None,
@@ -364,8 +342,7 @@ async fn ids_history_and_pins_survive_a_restart() {
         .fleet(FLEET)
         .expect("fleet")
         .registry()
-        .minions
-        .values()
+        .minions()
         .map(|m| (m.id.clone(), m.instance.0.clone()))
         .collect();
     let history = before
@@ -379,15 +356,14 @@ async fn ids_history_and_pins_survive_a_restart() {
     let after = w.controller();
     let reg = after.fleet(FLEET).expect("fleet").registry();
     let again: Vec<(String, String)> = reg
-        .minions
-        .values()
+        .minions()
         .map(|m| (m.id.clone(), m.instance.0.clone()))
         .collect();
     assert_eq!(ids, again);
     let victim_after = reg
         .minion_by_instance(&InstanceId::from(victim.as_str()))
         .expect("victim");
-    assert_eq!(victim_after.state, MinionState::Gone);
+    assert_eq!(victim_after.state(), MinionState::Gone);
     assert_eq!(
         victim_after
             .history
@@ -397,7 +373,11 @@ async fn ids_history_and_pins_survive_a_restart() {
         history
     );
     assert_eq!(
-        reg.fleets[FLEET].pin.as_ref().map(|p| p.pin.desired),
+        reg.fleet_state(FLEET)
+            .expect("fleet")
+            .pin
+            .as_ref()
+            .map(|p| p.pin.desired),
         Some(1)
     );
 }
