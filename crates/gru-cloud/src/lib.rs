@@ -20,6 +20,8 @@ use async_trait::async_trait;
 
 pub mod aws;
 pub mod local;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// A provider's name for one instance (`i-0abc…` on AWS, `i-local-0003` locally).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -279,7 +279,7 @@ impl AdminService for AdminApi {
         if !req.fleet.is_empty() && self.controller.fleet(&req.fleet).is_none() {
             return Err(self.unknown_fleet(&req.fleet));
         }
-        let now = Instant::now();
+        let now = crate::now();
         let mut listed = Vec::new();
         // One fleet at a time, each under its own lock.
         for f in self
@@ -307,7 +307,7 @@ impl AdminService for AdminApi {
         let m = reg
             .find(&id)
             .ok_or_else(|| Status::not_found(format!("no minion {id:?}")))?;
-        Ok(Response::new(minion_to_pb(m, Instant::now())))
+        Ok(Response::new(minion_to_pb(m, crate::now())))
     }
 
     async fn scale(
@@ -404,7 +404,7 @@ impl AdminService for AdminApi {
             } else {
                 "drained by an operator"
             };
-            reg.choose_for_drain(&id, !req.replace, reason, Instant::now())
+            reg.choose_for_drain(&id, !req.replace, reason, crate::now())
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
             reg.emit_admin(&fleet, Some(&id), &actor, format!("drain asked: {reason}"));
             fleet
@@ -414,7 +414,7 @@ impl AdminService for AdminApi {
         let m = reg
             .find(&req.id)
             .ok_or_else(|| Status::not_found(format!("no minion {:?}", req.id)))?;
-        Ok(Response::new(minion_to_pb(m, Instant::now())))
+        Ok(Response::new(minion_to_pb(m, crate::now())))
     }
 
     async fn pause(

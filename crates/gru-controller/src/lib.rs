@@ -29,6 +29,14 @@ pub use server::ServeError;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// The controller's clock: tokio's, read as a std `Instant`, so a test that
+/// pauses tokio's time (`tokio::time::pause`, `advance`) moves every age
+/// the controller measures. Read once per reconcile pass and once per
+/// incoming message.
+pub fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// How long a stopping controller lets in-flight calls finish.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 

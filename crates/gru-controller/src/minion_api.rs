@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::Stream;
 use gru_cloud::InstanceId;
@@ -117,7 +117,7 @@ impl MinionService for MinionApi {
         }
         let (minion_id, session_token) = fleet
             .registry()
-            .join(&req.fleet, &instance, engine_address, Instant::now())
+            .join(&req.fleet, &instance, engine_address, crate::now())
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         fleet.wake();
         Ok(Response::new(pb::JoinResponse {
@@ -163,7 +163,7 @@ impl MinionService for MinionApi {
             &hello.session_token,
             tx.clone(),
             ctrl.config.drain_deadline,
-            Instant::now(),
+            crate::now(),
         );
         let (generation, resend) = match attached {
             Ok(a) => a,
@@ -199,7 +199,7 @@ impl MinionService for MinionApi {
                         let changed =
                             fleet
                                 .registry()
-                                .report(&id, generation, from_pb(r), Instant::now());
+                                .report(&id, generation, from_pb(r), crate::now());
                         if changed {
                             fleet.wake();
                         }

@@ -143,7 +143,7 @@ impl Controller {
                 tracing::warn!(minion = %m.id, fleet = %m.fleet, "the store holds a minion of a fleet no longer configured; leaving it alone");
             }
         }
-        let now = Instant::now();
+        let now = crate::now();
         let mut built = BTreeMap::new();
         for runtime in fleets {
             let name = runtime.config.name.clone();
@@ -316,7 +316,7 @@ impl Controller {
         // One clock reading for the whole pass, on both clocks: every age the
         // planner sees and every time the pass records come from it; the
         // wall clock is for schedules in time zones.
-        let now = Instant::now();
+        let now = crate::now();
         let wall = jiff::Timestamp::now();
         let limits = self.limits(rt);
         let actions = {

@@ -22,6 +22,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 #[path = "api/restart.rs"]
 mod restart;
+#[path = "api/scenarios.rs"]
+mod scenarios;
 
 const TOKEN: &str = "test-join-token";
 const TEST_DEADLINE: Duration = Duration::from_secs(30);

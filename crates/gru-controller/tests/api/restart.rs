@@ -6,7 +6,7 @@
 //! real agent does over gRPC (the gRPC edge is tested in the parent module).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use gru_cloud::local::LocalLoadBalancer;
@@ -56,7 +56,8 @@ fn push(log: &Log, line: String) {
 }
 
 /// One scripted agent and its engine.
-struct Agent {
+pub(crate) struct Agent {
+    fleet: &'static str,
     instance: InstanceId,
     port: u16,
     minion: String,
@@ -66,11 +67,15 @@ struct Agent {
     /// The engine was told to drain (it remembers across controller
     /// restarts, as a real engine does).
     draining: bool,
+    /// Reports a draining engine still makes with work in hand before it
+    /// is drained.
+    pub(crate) flush_reports: u32,
 }
 
 impl Agent {
-    fn new(instance: &str, port: u16) -> Self {
+    pub(crate) fn new(fleet: &'static str, instance: &str, port: u16) -> Self {
         Agent {
+            fleet,
             instance: InstanceId::from(instance),
             port,
             minion: String::new(),
@@ -78,17 +83,18 @@ impl Agent {
             commands: None,
             seq: 0,
             draining: false,
+            flush_reports: 0,
         }
     }
 
     /// Join and open a Session, as the agent does whenever its Session
     /// breaks (here: the controller went away). A minion on its way to
     /// termination is refused, as over gRPC; the agent then has no Session.
-    fn connect(&mut self, c: &Controller) {
-        let now = Instant::now();
+    pub(crate) fn connect(&mut self, c: &Controller) {
+        let now = gru_controller::now();
         self.commands = None;
-        let joined = c.fleet(FLEET).expect("fleet").registry().join(
-            FLEET,
+        let joined = c.fleet(self.fleet).expect("fleet").registry().join(
+            self.fleet,
             &self.instance,
             ([127, 0, 0, 1], self.port).into(),
             now,
@@ -97,13 +103,12 @@ impl Agent {
             return;
         };
         let (tx, rx) = mpsc::channel(16);
-        let Ok((generation, resend)) = c.fleet(FLEET).expect("fleet").registry().attach_session(
-            &id,
-            &token,
-            tx,
-            Duration::from_secs(60),
-            now,
-        ) else {
+        let Ok((generation, resend)) = c
+            .fleet(self.fleet)
+            .expect("fleet")
+            .registry()
+            .attach_session(&id, &token, tx, Duration::from_secs(60), now)
+        else {
             return;
         };
         self.minion = id;
@@ -117,7 +122,7 @@ impl Agent {
 
     /// Takes the commands sent so far and reports once. A draining engine
     /// with nothing queued is drained at once.
-    fn tick(&mut self, c: &Controller) {
+    pub(crate) fn tick(&mut self, c: &Controller) {
         if let Some(rx) = self.commands.as_mut() {
             while let Ok(cmd) = rx.try_recv() {
                 match cmd {
@@ -128,21 +133,26 @@ impl Agent {
             }
         }
         self.seq += 1;
+        let flushing = self.draining && self.flush_reports > 0;
+        if flushing {
+            self.flush_reports -= 1;
+        }
         let report = Report {
             seq: self.seq,
+            queue_depth: u64::from(flushing),
             healthy: true,
             draining: self.draining,
-            drained: self.draining,
+            drained: self.draining && !flushing,
             ..Default::default()
         };
-        let changed = c.fleet(FLEET).expect("fleet").registry().report(
+        let changed = c.fleet(self.fleet).expect("fleet").registry().report(
             &self.minion,
             self.generation,
             report,
-            Instant::now(),
+            gru_controller::now(),
         );
         if changed {
-            c.wake(FLEET);
+            c.wake(self.fleet);
         }
     }
 }
@@ -173,7 +183,7 @@ impl World {
             agents: instances
                 .iter()
                 .zip(20_000..)
-                .map(|(i, port)| Agent::new(i, port))
+                .map(|(i, port)| Agent::new(FLEET, i, port))
                 .collect(),
             dir,
         }
