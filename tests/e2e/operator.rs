@@ -59,6 +59,8 @@ fn drain_pause_resume_and_events() {
         "{}",
         stderr(&out)
     );
+    // Its log went to a file: plain text, no colour codes.
+    assert!(!dev.log().contains('\u{1b}'), "colour codes in a log file");
     dev.stop();
 }
 
@@ -336,4 +338,59 @@ fn an_idle_sender_does_not_hold_a_drained_minion() {
         }
     }
     dev.stop();
+}
+
+/// Usage errors of `gru scale` exit 2 with a line that says what was
+/// expected, before any call: a size that is not a number, and a pin that
+/// would end at once (it would scale in at once).
+#[test]
+fn scale_usage_errors_exit_2_before_any_call() {
+    for (args, says) in [
+        (
+            &["scale", "local", "abc"][..],
+            "a number of minions or `auto`",
+        ),
+        (
+            &["scale", "local", "3", "--until", "2020-01-01T00:00:00Z"][..],
+            "is not in the future",
+        ),
+        (
+            &["scale", "local", "3", "--for", "0s"][..],
+            "must last longer than 0s",
+        ),
+    ] {
+        let out = Command::new(GRU)
+            .args(args)
+            .env("GRU_CONFIG", "/nonexistent/client.toml")
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// A client config whose controller address lacks `https://` gets one line
+/// that says what is expected and what was probably meant.
+#[test]
+fn a_controller_address_without_https_gets_a_hint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = dir.path().join("client.toml");
+    std::fs::write(
+        &client,
+        "controller = \"127.0.0.1:7070\"\nca_file = \"ca.pem\"\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n",
+    )
+    .expect("write");
+    let out = Command::new(GRU)
+        .args(["fleet", "ls", "--config"])
+        .arg(&client)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("expected an https:// address")
+            && err.contains("did you mean \"https://127.0.0.1:7070\"")
+            && err.lines().count() == 1,
+        "{err}"
+    );
 }

@@ -40,6 +40,7 @@ pub struct FleetArg {
     pub common: Common,
     /// The fleet's name.
     pub fleet: String,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -54,6 +55,7 @@ pub struct MinionLsArgs {
     /// Include minions that are Gone.
     #[arg(long, short)]
     pub all: bool,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -64,6 +66,7 @@ pub struct MinionGetArgs {
     pub common: Common,
     /// Minion id (m-…) or instance id.
     pub id: String,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -75,12 +78,13 @@ pub struct ScaleArgs {
     /// The fleet's name.
     pub fleet: String,
     /// The number of minions to pin the fleet at, or `auto` to release the pin.
-    pub size: String,
+    #[arg(value_parser = parse_size)]
+    pub size: Size,
     /// Let the pin end by itself after this long (e.g. 30m, 2h).
-    #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "until")]
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_positive_duration, conflicts_with = "until")]
     pub for_: Option<Duration>,
     /// Let the pin end by itself at this time (RFC 3339, e.g. 2026-11-25T18:00:00Z).
-    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    #[arg(long, value_parser = parse_future_time)]
     pub until: Option<std::time::SystemTime>,
     /// Wait until the fleet has exactly that many minions in service and none draining.
     #[arg(long)]
@@ -88,6 +92,7 @@ pub struct ScaleArgs {
     /// Give up waiting after this long.
     #[arg(long, default_value = DEFAULT_WAIT_TIMEOUT, value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -104,8 +109,10 @@ pub struct DrainArgs {
     /// Wait until the minion is Gone.
     #[arg(long)]
     pub wait: bool,
+    /// Give up waiting after this long.
     #[arg(long, default_value = DEFAULT_WAIT_TIMEOUT, value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -128,6 +135,40 @@ pub struct EventsArgs {
     /// One JSON object per line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What `gru scale FLEET SIZE` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    Minions(u32),
+    Auto,
+}
+
+fn parse_size(s: &str) -> Result<Size, String> {
+    if s == "auto" {
+        return Ok(Size::Auto);
+    }
+    s.parse()
+        .map(Size::Minions)
+        .map_err(|_| format!("a number of minions or `auto`, not {s:?}"))
+}
+
+/// `--for`: a pin that ends at once would scale in at once.
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("the pin must last longer than 0s".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--until`: a time still to come.
+fn parse_future_time(s: &str) -> Result<std::time::SystemTime, String> {
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| e.to_string())?;
+    if t <= std::time::SystemTime::now() {
+        return Err(format!("{s} is not in the future"));
+    }
+    Ok(t)
 }
 
 /// `--since`: a duration back from now, or an RFC 3339 time.
@@ -358,16 +399,9 @@ fn spinner(timeout: Duration) -> ProgressBar {
 }
 
 pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
-    let target = if a.size == "auto" {
-        pb::scale_request::Target::Auto(true)
-    } else {
-        let n: u32 = a.size.parse().with_context(|| {
-            format!(
-                "size must be a number of minions or `auto`, not {:?}",
-                a.size
-            )
-        })?;
-        pb::scale_request::Target::Desired(n)
+    let target = match a.size {
+        Size::Auto => pb::scale_request::Target::Auto(true),
+        Size::Minions(n) => pb::scale_request::Target::Desired(n),
     };
     let until = a
         .until

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use gru_proto::v1::admin_service_client::AdminServiceClient;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -56,6 +56,20 @@ impl ClientConfig {
         })?;
         let mut c: ClientConfig = toml::from_str(&text)
             .map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        // gRPC to the controller is always TLS: say so plainly rather than
+        // let the URI parser or the transport fail in its own words.
+        if !c.controller.starts_with("https://") {
+            let hint = if c.controller.contains("://") {
+                String::new()
+            } else {
+                format!(" (did you mean \"https://{}\"?)", c.controller)
+            };
+            bail!(
+                "{}: controller: expected an https:// address like \"https://127.0.0.1:7070\", got {:?}{hint}",
+                path.display(),
+                c.controller
+            );
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut c.ca_file, &mut c.cert_file, &mut c.key_file] {
             if p.is_relative() {
