@@ -393,6 +393,30 @@ heartbeat_interval = "500ms"
         );
     }
 
+    /// Scales the fleet to 2, starts a minion on each instance the group
+    /// launches, and waits until both are in service and in the target
+    /// group. Returns the instance ids and the minion processes.
+    fn two_in_service(&self, sink: &Sink) -> (BTreeSet<String>, Vec<(String, Proc)>) {
+        self.ok(&["scale", FLEET, "2"]);
+        let ids = wait_until("the group to launch two instances", WAIT, || {
+            let (desired, ids) = self.group();
+            (desired == 2 && ids.len() == 2).then_some(ids)
+        });
+        let minions: Vec<(String, Proc)> = ids
+            .iter()
+            .map(|id| (id.clone(), self.minion(id, sink)))
+            .collect();
+        wait_until(
+            "two minions in service and in the target group",
+            WAIT,
+            || {
+                let f = self.fleet_info();
+                (f["in_service"].as_u64() == Some(2) && self.targets() == ids).then_some(())
+            },
+        );
+        (ids, minions)
+    }
+
     /// `gru minion` for instance `id`, as its cloud-init would start it.
     fn minion(&self, id: &str, sink: &Sink) -> Proc {
         let config = self.dir.path().join(format!("minion-{id}.toml"));
@@ -466,23 +490,7 @@ fn an_auto_scaling_group_scales_out_and_in_with_real_minions() {
     let sink = Sink::start();
 
     // Out: 0 → 2. Without --wait: nothing joins until minions are started.
-    cluster.ok(&["scale", FLEET, "2"]);
-    let ids = wait_until("the group to launch two instances", WAIT, || {
-        let (desired, ids) = cluster.group();
-        (desired == 2 && ids.len() == 2).then_some(ids)
-    });
-    let minions: Vec<(String, Proc)> = ids
-        .iter()
-        .map(|id| (id.clone(), cluster.minion(id, &sink)))
-        .collect();
-    wait_until(
-        "two minions in service and in the target group",
-        WAIT,
-        || {
-            let f = cluster.fleet_info();
-            (f["in_service"].as_u64() == Some(2) && cluster.targets() == ids).then_some(())
-        },
-    );
+    let (ids, minions) = cluster.two_in_service(&sink);
     let listed = cluster.minions();
     for id in &ids {
         let m = by_instance(&listed, id);
@@ -769,19 +777,7 @@ fn a_launching_hook_is_completed_only_once_the_minion_has_joined() {
 fn a_controller_killed_at_each_step_of_a_scale_in_finishes_it_after_restart() {
     let mut cluster = Cluster::start();
     let sink = Sink::start();
-    cluster.ok(&["scale", FLEET, "2"]);
-    let ids = wait_until("the group to launch two instances", WAIT, || {
-        let (desired, ids) = cluster.group();
-        (desired == 2 && ids.len() == 2).then_some(ids)
-    });
-    let minions: Vec<(String, Proc)> = ids
-        .iter()
-        .map(|id| (id.clone(), cluster.minion(id, &sink)))
-        .collect();
-    wait_until("two minions in service", WAIT, || {
-        let f = cluster.fleet_info();
-        (f["in_service"].as_u64() == Some(2) && cluster.targets() == ids).then_some(())
-    });
+    let (ids, minions) = cluster.two_in_service(&sink);
 
     cluster.ok(&["scale", FLEET, "1"]);
     let mut killed_at = Vec::new();
@@ -825,7 +821,17 @@ fn a_controller_killed_at_each_step_of_a_scale_in_finishes_it_after_restart() {
             .any(|s| s == "Ready" || s == "InService"),
         "never back in service: {path:?}"
     );
-    assert_eq!(&path[path.len() - 3..], ["Drained", "Terminating", "Gone"]);
+    // Killed after the terminate call but before it was recorded, the
+    // restarted controller finds the instance gone: Drained → Gone, with no
+    // Terminating in between. Either way it was drained before it went.
+    let drained = path.iter().position(|s| s == "Drained").expect("drained");
+    assert_eq!(path.last().map(String::as_str), Some("Gone"), "{path:?}");
+    assert!(
+        path[drained + 1..path.len() - 1]
+            .iter()
+            .all(|s| s == "Terminating"),
+        "{path:?}"
+    );
     let about = cluster.events_about(victim["id"].as_str().expect("id"));
     let decrements = about
         .iter()
