@@ -3,14 +3,17 @@
 //! schema checker and user-data parser; the systemd units with
 //! `systemd-analyze verify` and `security`, and their `Type=notify` with a
 //! real `gru controller` and `gru minion` notifying a socket as systemd's;
-//! the CloudFormation template with cfn-lint. A missing tool fails the test
-//! with how to install it.
+//! the CloudFormation template with cfn-lint; the Prometheus rules, their
+//! unit tests and the scrape example with promtool, and the Grafana
+//! dashboard's queries against docs/metrics.md. A missing tool fails the
+//! test with how to install it.
 //!
 //! Golden files live in tests/e2e/golden/cloud-init/. After an intended
 //! change, rewrite them (and the user-data block in
 //! deploy/cloudformation/gru.yaml) with
 //! `GRU_UPDATE_GOLDEN=1 cargo test -p gru --test e2e deploy` and review the diff.
 
+use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -35,7 +38,7 @@ fn updating() -> bool {
 }
 
 /// `name` on PATH, or a failure saying how to install it.
-fn tool(name: &str, install: &str) -> PathBuf {
+pub(crate) fn tool(name: &str, install: &str) -> PathBuf {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
@@ -874,4 +877,552 @@ json.dump(out, sys.stdout)
 
 fn bin_python(lint: &Path) -> PathBuf {
     lint.with_file_name("python")
+}
+
+// Prometheus and Grafana: deploy/prometheus/ and deploy/grafana/.
+
+pub(crate) fn promtool() -> PathBuf {
+    tool(
+        "promtool",
+        "apt-get install -y --no-install-recommends prometheus (promtool is part of it)",
+    )
+}
+
+pub(crate) fn prometheus_dir() -> PathBuf {
+    root().join("deploy/prometheus")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// The names of the alerts in alerts.yaml, in order (its `- alert: Name` lines).
+pub(crate) fn alert_names() -> Vec<String> {
+    read(&prometheus_dir().join("alerts.yaml"))
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("- alert:"))
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// Every alert of alerts.yaml with its `expr`, a plain scalar or a block
+/// (`expr: |`) whose lines are joined with spaces (the same PromQL).
+fn alert_exprs() -> Vec<(String, String)> {
+    let text = read(&prometheus_dir().join("alerts.yaml"));
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(name) = line.trim_start().strip_prefix("- alert:") else {
+            continue;
+        };
+        let name = name.trim().to_owned();
+        let at = lines[i + 1..]
+            .iter()
+            .take_while(|l| !l.trim_start().starts_with("- alert:"))
+            .position(|l| l.trim_start().starts_with("expr:"))
+            .map(|p| i + 1 + p)
+            .unwrap_or_else(|| panic!("alert {name} has no expr"));
+        let value = lines[at].trim_start()["expr:".len()..].trim();
+        let expr = if value.starts_with('|') || value.starts_with('>') {
+            lines[at + 1..]
+                .iter()
+                .take_while(|l| l.trim().is_empty() || indent(l) > indent(lines[at]))
+                .map(|l| l.trim())
+                .collect::<Vec<_>>()
+                .join(" ")
+        } else {
+            value.trim_matches(|c| c == '"' || c == '\'').to_owned()
+        };
+        out.push((name, expr.trim().to_owned()));
+    }
+    out
+}
+
+/// The metric names docs/metrics.md documents, a histogram as its
+/// `_bucket`, `_sum` and `_count` series.
+fn documented_metrics() -> BTreeSet<String> {
+    let doc = read(&root().join("docs/metrics.md"));
+    let mut names = BTreeSet::new();
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // `| name | type | ...`: cells[0] is what precedes the first `|`.
+        if cells.len() < 4 || !cells[0].is_empty() {
+            continue;
+        }
+        let histogram = cells[2].starts_with("histogram");
+        for name in cells[1].split('`').skip(1).step_by(2) {
+            if !name.starts_with("gru_") {
+                continue;
+            }
+            if histogram {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            } else {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// The metric names a PromQL expression selects: identifiers outside
+/// strings, label matchers (`{..}`), ranges (`[..]`) and label lists
+/// (`by (..)`, `on (..)`, ...) that are neither functions, aggregations nor
+/// keywords.
+fn metric_names(expr: &str) -> Vec<String> {
+    const LABEL_LISTS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    const NOT_METRICS: &[&str] = &[
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "atan2",
+        "inf",
+        "nan",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+    ];
+    let c: Vec<char> = expr.chars().collect();
+    let skip_string = |mut i: usize| {
+        let quote = c[i];
+        i += 1;
+        while i < c.len() && c[i] != quote {
+            i += if c[i] == '\\' { 2 } else { 1 };
+        }
+        i + 1
+    };
+    // The index after the bracket that closes the one at `i`.
+    let skip_group = |mut i: usize| {
+        let (open, close) = (
+            c[i],
+            if c[i] == '{' {
+                '}'
+            } else if c[i] == '[' {
+                ']'
+            } else {
+                ')'
+            },
+        );
+        let mut depth = 0;
+        while i < c.len() {
+            match c[i] {
+                '"' | '\'' | '`' => {
+                    i = skip_string(i);
+                    continue;
+                }
+                x if x == open => depth += 1,
+                x if x == close => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return i + 1;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        i
+    };
+    let next_non_space = |mut i: usize| {
+        while i < c.len() && c[i].is_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        match c[i] {
+            '"' | '\'' | '`' => i = skip_string(i),
+            '{' | '[' => i = skip_group(i),
+            x if x.is_ascii_digit() || x == '.' => {
+                while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '.' || c[i] == '_') {
+                    i += 1;
+                }
+            }
+            x if x.is_ascii_alphabetic() || x == '_' || x == ':' => {
+                let start = i;
+                while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '_' || c[i] == ':') {
+                    i += 1;
+                }
+                let word: String = c[start..i].iter().collect();
+                let next = next_non_space(i);
+                let call = next < c.len() && c[next] == '(';
+                if LABEL_LISTS.contains(&word.as_str()) {
+                    if call {
+                        i = skip_group(next);
+                    }
+                } else if !call && !NOT_METRICS.contains(&word.as_str()) {
+                    names.push(word);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    names
+}
+
+/// Every query of the dashboard, as (panel title, expr), from panels inside
+/// rows too.
+pub(crate) fn dashboard_exprs() -> Vec<(String, String)> {
+    fn walk(panels: &[Value], out: &mut Vec<(String, String)>) {
+        for p in panels {
+            let title = p["title"].as_str().unwrap_or_default().to_owned();
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("panel {title:?} has a target without expr"));
+                out.push((title.clone(), expr.to_owned()));
+            }
+            walk(
+                p["panels"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                out,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    walk(dashboard()["panels"].as_array().expect("panels"), &mut out);
+    out
+}
+
+fn dashboard() -> Value {
+    let path = root().join("deploy/grafana/gru-dashboard.json");
+    serde_json::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A dashboard query as Grafana sends it for one fleet: its variables
+/// replaced (any left over is a failure).
+pub(crate) fn grafana_expand(expr: &str, fleet: &str) -> String {
+    let mut e = expr.to_owned();
+    for (var, value) in [
+        ("${fleet}", fleet),
+        ("$fleet", fleet),
+        ("$__rate_interval", "1m"),
+        ("$__interval", "1m"),
+        ("$__range", "1h"),
+    ] {
+        e = e.replace(var, value);
+    }
+    assert!(
+        !e.contains('$'),
+        "a Grafana variable this test does not know in {expr:?}"
+    );
+    e
+}
+
+/// scrape.example.yaml as the end-to-end test runs it: the controller at
+/// `controller` and everything at 1 s so it sees changes within seconds.
+pub(crate) fn scrape_config_for(controller: &str) -> String {
+    let mut config = read(&prometheus_dir().join("scrape.example.yaml"));
+    for (from, to) in [
+        ("controller.internal:9464", controller),
+        ("scrape_interval: 15s", "scrape_interval: 1s"),
+        ("evaluation_interval: 15s", "evaluation_interval: 1s"),
+        ("refresh_interval: 30s", "refresh_interval: 1s"),
+    ] {
+        assert!(
+            config.contains(from),
+            "scrape.example.yaml no longer has {from:?}: adapt scrape_config_for"
+        );
+        config = config.replace(from, to);
+    }
+    config
+}
+
+fn assert_tool_ok(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn prometheus_alert_rules_pass_promtool_and_their_unit_tests() {
+    let promtool = promtool();
+    let dir = prometheus_dir();
+    let out = run(Command::new(&promtool)
+        .args(["check", "rules", "alerts.yaml"])
+        .current_dir(&dir));
+    assert_tool_ok("promtool check rules deploy/prometheus/alerts.yaml", &out);
+    // promtool counts what it loaded: the `- alert:` lines this file's
+    // other checks read are all of them.
+    let found = format!("SUCCESS: {} rules found", alert_names().len());
+    assert!(
+        text(&out.stdout).contains(&found),
+        "expected {found:?}:\n{}",
+        text(&out.stdout)
+    );
+    let out = run(Command::new(&promtool)
+        .args(["test", "rules", "alerts.test.yaml"])
+        .current_dir(&dir));
+    assert_tool_ok(
+        "promtool test rules deploy/prometheus/alerts.test.yaml",
+        &out,
+    );
+
+    // The unit tests are not a rubber stamp: an alert that no longer waits
+    // out its `for:` fails them.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rules = read(&dir.join("alerts.yaml"));
+    assert!(rules.contains("for: 2m"));
+    std::fs::write(
+        tmp.path().join("alerts.yaml"),
+        rules.replace("for: 2m", "for: 0m"),
+    )
+    .expect("write");
+    std::fs::copy(
+        dir.join("alerts.test.yaml"),
+        tmp.path().join("alerts.test.yaml"),
+    )
+    .expect("copy");
+    let out = run(Command::new(&promtool)
+        .args(["test", "rules", "alerts.test.yaml"])
+        .current_dir(tmp.path()));
+    assert!(
+        !out.status.success(),
+        "promtool test rules passed with every `for: 2m` turned into 0m"
+    );
+}
+
+#[test]
+fn every_alert_has_a_firing_and_a_quiet_unit_test() {
+    let alerts: BTreeSet<String> = alert_names().into_iter().collect();
+    assert!(!alerts.is_empty(), "alerts.yaml has no `- alert:` line");
+    for (name, expr) in alert_exprs() {
+        assert!(!expr.is_empty(), "alert {name} has an empty expr");
+    }
+    let tests = read(&prometheus_dir().join("alerts.test.yaml"));
+    let (mut firing, mut quiet) = (BTreeSet::new(), BTreeSet::new());
+    let mut current: Option<String> = None;
+    for line in tests.lines().map(str::trim) {
+        if let Some(name) = line
+            .strip_prefix("alertname:")
+            .or_else(|| line.strip_prefix("- alertname:"))
+        {
+            current = Some(name.trim().to_owned());
+        } else if let Some(rest) = line.strip_prefix("exp_alerts:") {
+            let name = current
+                .take()
+                .expect("alerts.test.yaml: `alertname:` comes before `exp_alerts:`");
+            if rest.trim() == "[]" {
+                quiet.insert(name);
+            } else {
+                firing.insert(name);
+            }
+        }
+    }
+    let tested: BTreeSet<String> = firing.union(&quiet).cloned().collect();
+    // promtool passes a test of an alert that does not exist with exp_alerts: [].
+    let stale: Vec<&String> = tested.difference(&alerts).collect();
+    assert!(
+        stale.is_empty(),
+        "alerts.test.yaml tests alerts that alerts.yaml does not have: {stale:?}"
+    );
+    let never_fires: Vec<&String> = alerts.difference(&firing).collect();
+    let never_quiet: Vec<&String> = alerts.difference(&quiet).collect();
+    assert!(
+        never_fires.is_empty() && never_quiet.is_empty(),
+        "alerts.test.yaml needs, for every alert, a case where it fires (exp_alerts with its labels \
+         and annotations) and one where it stays quiet (exp_alerts: []); no firing case: \
+         {never_fires:?}; no quiet case: {never_quiet:?}"
+    );
+}
+
+#[test]
+fn prometheus_scrape_example_passes_promtool_check_config() {
+    let promtool = promtool();
+    let dir = prometheus_dir();
+    // In place: check config also loads rule_files (alerts.yaml, beside it).
+    let out = run(Command::new(&promtool)
+        .args(["check", "config", "scrape.example.yaml"])
+        .current_dir(&dir));
+    assert_tool_ok(
+        "promtool check config deploy/prometheus/scrape.example.yaml",
+        &out,
+    );
+    let example = read(&dir.join("scrape.example.yaml"));
+    for needle in [
+        "job_name: gru-controller",
+        "job_name: gru-minions",
+        "http_sd_configs:",
+        "/sd/minions\"",
+        "- alerts.yaml",
+    ] {
+        assert!(
+            example.contains(needle),
+            "scrape.example.yaml has no {needle:?}"
+        );
+    }
+
+    // The commented ec2_sd_configs alternative, uncommented, is valid, and
+    // filters on the tag the CloudFormation template gives the minions.
+    let block: Vec<String> = example
+        .lines()
+        .skip_while(|l| l.trim() != "# - job_name: gru-minions")
+        .take_while(|l| l.trim_start().starts_with('#'))
+        .map(|l| {
+            let l = l.trim_start().strip_prefix('#').unwrap_or_default();
+            format!("  {}", l.strip_prefix(' ').unwrap_or(l))
+        })
+        .collect();
+    assert!(
+        block.len() > 3,
+        "scrape.example.yaml has no commented `# - job_name: gru-minions` ec2_sd_configs block"
+    );
+    let block = block.join("\n");
+    assert!(block.contains("ec2_sd_configs:"), "{block}");
+    let cfn = read(&root().join("deploy/cloudformation/gru.yaml"));
+    let tag = cfn
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- Key: gru:"))
+        .map(|rest| format!("gru:{rest}"))
+        .expect("gru.yaml tags the minions with a gru:… key");
+    assert!(
+        block.contains(&format!("[\"{tag}\"]")),
+        "the ec2_sd_configs alternative does not filter on the tag key {tag:?}:\n{block}"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ec2 = tmp.path().join("ec2.yaml");
+    std::fs::write(&ec2, format!("scrape_configs:\n{block}\n")).expect("write");
+    let out = run(Command::new(&promtool).args(["check", "config"]).arg(&ec2));
+    assert_tool_ok(
+        "promtool check config (the ec2_sd_configs alternative)",
+        &out,
+    );
+
+    // What tests/e2e/observe.rs gives a real Prometheus.
+    let e2e = tmp.path().join("prometheus.yml");
+    std::fs::write(&e2e, scrape_config_for("127.0.0.1:9464")).expect("write");
+    std::fs::copy(dir.join("alerts.yaml"), tmp.path().join("alerts.yaml")).expect("copy");
+    let out = run(Command::new(&promtool).args(["check", "config"]).arg(&e2e));
+    assert_tool_ok("promtool check config (observe.rs's config)", &out);
+}
+
+#[test]
+fn dashboard_and_alerts_query_only_documented_metrics() {
+    let documented = documented_metrics();
+    assert!(
+        documented.contains("gru_fleet_desired")
+            && documented.contains("gru_fleet_active_max")
+            && documented.contains("gru_drain_duration_seconds_bucket")
+            && documented.contains("gru_agent_reports_total")
+            && !documented.contains("gru_drain_duration_seconds"),
+        "reading docs/metrics.md's tables went wrong: {documented:?}"
+    );
+    let known = |m: &str| documented.contains(m) || m == "up" || m == "time";
+    assert_eq!(
+        metric_names(
+            r#"histogram_quantile(0.99, sum by (fleet, le) (rate(gru_x_bucket{fleet=~"$fleet", le!="1"}[$__rate_interval]))) / on (fleet) group_left max without (a) (up offset 5m) and time() - 1e3"#
+        ),
+        ["gru_x_bucket", "up"],
+        "the PromQL reader"
+    );
+
+    let dash = dashboard();
+    assert!(
+        dash["schemaVersion"].as_u64().unwrap_or(0) >= 36,
+        "schemaVersion {}",
+        dash["schemaVersion"]
+    );
+    let vars = dash["templating"]["list"].as_array().expect("templating");
+    let var = |name: &str| {
+        vars.iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("the dashboard has no ${name} variable"))
+    };
+    assert_eq!(var("datasource")["type"], "datasource");
+    assert_eq!(var("datasource")["query"], "prometheus");
+    let fleet = var("fleet");
+    assert_eq!(fleet["type"], "query");
+    let fleet_query = fleet["query"]["query"]
+        .as_str()
+        .or(fleet["query"].as_str())
+        .expect("the fleet variable's query");
+    assert_eq!(fleet_query, "label_values(gru_fleet_desired, fleet)");
+
+    let exprs = dashboard_exprs();
+    assert!(exprs.len() > 10, "{} queries", exprs.len());
+    let mut used = BTreeSet::new();
+    let mut unknown = Vec::new();
+    for (title, expr) in &exprs {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "panel {title:?}: no metric in {expr:?}");
+        for m in names {
+            if !known(&m) {
+                unknown.push(format!("panel {title:?}: {m}"));
+            }
+            used.insert(m);
+        }
+    }
+    for (alert, expr) in alert_exprs() {
+        for m in metric_names(&expr) {
+            if !known(&m) {
+                unknown.push(format!("alert {alert}: {m}"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "metrics that docs/metrics.md does not list (renamed?):\n{}",
+        unknown.join("\n")
+    );
+    // Every documented metric is on the dashboard (a histogram by its buckets).
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|m| !m.ends_with("_sum") && !m.ends_with("_count") && !used.contains(*m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "documented metrics no dashboard panel shows: {missing:?}"
+    );
+    for p in dash["panels"].as_array().expect("panels") {
+        if p["type"] != "row" {
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "panel {} does not use the datasource variable",
+                p["title"]
+            );
+        }
+    }
+
+    // Every query is PromQL that Prometheus parses: promtool checks them as
+    // recording rules.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (_, expr)) in exprs.iter().enumerate() {
+        let expr = serde_json::to_string(&grafana_expand(expr, "hl7")).expect("JSON string");
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {expr}\n"
+        ));
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("dashboard.rules.yaml");
+    std::fs::write(&file, rules).expect("write");
+    let out = run(Command::new(promtool()).args(["check", "rules"]).arg(&file));
+    assert_tool_ok("promtool check rules (the dashboard's queries)", &out);
 }

@@ -111,6 +111,8 @@ pub struct Dev {
     pub dir: tempfile::TempDir,
     pub load_balancer: SocketAddr,
     pub controller: String,
+    /// The controller's metrics URL (`http://…/metrics`), when on.
+    pub metrics: Option<String>,
     /// Kills the minions of this state directory if a test ends without
     /// stopping them (local minions outlive a killed `gru dev`).
     _reaper: Reaper,
@@ -145,6 +147,14 @@ impl Dev {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
+        // Metrics on a free port unless the test chooses (tests run in
+        // parallel; the default port would clash).
+        if !args
+            .iter()
+            .any(|a| *a == "--metrics-listen" || *a == "--no-metrics")
+        {
+            cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
         let mut proc = Proc::spawn("gru dev", &mut cmd);
         let info: Value = wait_until("gru dev to write dev.json", Duration::from_secs(30), || {
             if let Some(status) = proc.child.try_wait().expect("wait") {
@@ -160,7 +170,9 @@ impl Dev {
             .parse()
             .expect("lb addr");
         let controller = info["controller"].as_str().expect("controller").to_owned();
+        let metrics = info["metrics"].as_str().map(str::to_owned);
         Dev {
+            metrics,
             proc,
             _reaper: Reaper {
                 marker: dir.path().join("state/minion.toml"),
@@ -187,6 +199,7 @@ impl Dev {
             load_balancer,
             controller,
             _reaper,
+            ..
         } = self;
         drop(proc);
         std::mem::forget(_reaper);

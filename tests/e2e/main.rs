@@ -8,6 +8,7 @@ mod deploy;
 mod durable;
 mod harness;
 mod interop;
+mod observe;
 mod operator;
 mod restart;
 mod scaling;

@@ -19,7 +19,7 @@ use crate::store::Origin;
 
 /// The most events one `gru events --since` answers with (the newest).
 pub const EVENTS_SINCE_LIMIT: usize = 100_000;
-use gru_core::policy::{PinStatus, Source};
+use gru_core::policy::PinStatus;
 
 pub struct AdminApi {
     pub controller: Arc<Controller>,
@@ -119,34 +119,18 @@ fn fleet_to_pb(reg: &Registry, name: &str, provider: &str) -> Option<pb::Fleet> 
         }
         None => fleet.reason = "no decision yet".to_owned(),
     }
-    for m in reg.minions().filter(|m| m.fleet == name) {
-        if m.state().counts_as_capacity() {
-            fleet.capacity += 1;
-            let load = m.load();
-            fleet.queue_depth += load.queue_depth;
-            fleet.in_flight += load.in_flight;
-        }
-        match m.state() {
-            MinionState::InService => fleet.in_service += 1,
-            MinionState::Draining(_) | MinionState::Drained | MinionState::Terminating => {
-                fleet.draining += 1
-            }
-            _ => {}
-        }
-    }
+    let p = reg.picture(name, crate::now());
+    fleet.capacity = p.capacity as u32;
+    fleet.queue_depth = p.queued;
+    fleet.in_flight = p.in_flight;
+    fleet.in_service = p.in_state("in_service") as u32;
+    fleet.draining =
+        (p.in_state("draining") + p.in_state("drained") + p.in_state("terminating")) as u32;
     Some(fleet)
 }
 
 fn decision_to_pb(fleet: &str, e: &gru_core::policy::Explanation) -> pb::Decision {
-    let source = match &e.source {
-        Source::Rule(i) => e
-            .recommendations
-            .get(*i)
-            .map_or_else(|| "rule".to_owned(), |r| r.rule.clone()),
-        Source::NoRecommendation => "none".to_owned(),
-        Source::Schedule(_) => "schedule".to_owned(),
-        Source::Pin => "pin".to_owned(),
-    };
+    let source = e.source_name();
     let pin = match e.pin {
         PinStatus::None => "none".to_owned(),
         PinStatus::Active(p) => format!("active: {}", p.desired),

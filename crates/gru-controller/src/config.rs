@@ -73,6 +73,9 @@ pub enum ConfigError {
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
     pub listen: SocketAddr,
+    /// Where Prometheus metrics are served over plain HTTP (`/metrics`,
+    /// `/healthz`, `/sd/minions`); off when `None`, the default.
+    pub metrics_listen: Option<SocketAddr>,
     pub report_interval: Duration,
     pub lost_timeout: Duration,
     pub join_timeout: Duration,
@@ -163,6 +166,7 @@ pub struct LocalProviderConfig {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
+    metrics_listen: Option<String>,
     #[serde(default, with = "humantime_serde")]
     report_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -290,6 +294,10 @@ impl ControllerConfig {
             &mut errors,
             v.addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN)),
         );
+        let metrics_listen = match raw.metrics_listen.as_deref() {
+            None => None,
+            Some(a) => keep(&mut errors, v.addr("metrics_listen", a)).map(Some),
+        };
         let report_interval = keep(
             &mut errors,
             v.positive(
@@ -565,6 +573,7 @@ impl ControllerConfig {
                 Some(join_token_file),
             ) if errors.is_empty() => Ok(ControllerConfig {
                 listen,
+                metrics_listen: metrics_listen.flatten(),
                 report_interval,
                 lost_timeout,
                 join_timeout,

@@ -13,6 +13,7 @@
 
 pub mod admin_api;
 pub mod config;
+pub mod metrics;
 pub mod minion_api;
 pub mod pki;
 pub mod reconcile;
@@ -42,7 +43,8 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2
 
 /// The one production entry point, for `gru controller` and `gru dev`:
 /// reads the minions' join token, resumes the controller from `store` over
-/// `fleets`, and runs it on `listener` until `shutdown` resolves.
+/// `fleets`, and runs it on `listener` until `shutdown` resolves; with
+/// `metrics`, serves Prometheus metrics there too (see docs/metrics.md).
 ///
 /// The caller opens the store first (a controller that cannot trust its
 /// memory must start nothing, not even a local minion) and builds the
@@ -52,6 +54,7 @@ pub async fn serve(
     store: Arc<dyn store::Store>,
     fleets: Vec<FleetRuntime>,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let token = std::fs::read_to_string(&config.join_token_file)
@@ -65,7 +68,20 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "controller serving");
     }
-    run(controller, listener, shutdown).await
+    let (stop_metrics, metrics_stopped) = watch::channel(false);
+    if let Some(metrics) = metrics {
+        if let Ok(addr) = metrics.local_addr() {
+            tracing::info!(listen = %addr, "metrics served at http://{addr}/metrics");
+        }
+        let site = controller.metrics_site();
+        let mut stopped = metrics_stopped;
+        tokio::spawn(gru_proto::metrics::serve(metrics, site, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+    }
+    let result = run(controller, listener, shutdown).await;
+    let _ = stop_metrics.send(true);
+    result
 }
 
 /// Runs the controller: reconcile loops and the gRPC server on `listener`,

@@ -101,6 +101,14 @@ impl MinionService for MinionApi {
                 req.engine_address
             ))
         })?;
+        let metrics_address = match req.metrics_address.as_str() {
+            "" => None,
+            a => Some(a.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "metrics_address {a:?} is not an address like 10.0.0.5:9465"
+                ))
+            })?),
+        };
         let instance = InstanceId(req.instance_id.clone());
         let known = fleet.registry().minion_by_instance(&instance).is_some();
         if !known {
@@ -115,10 +123,16 @@ impl MinionService for MinionApi {
                 )));
             }
         }
-        let (minion_id, session_token) = fleet
-            .registry()
-            .join(&req.fleet, &instance, engine_address, crate::now())
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let (minion_id, session_token) = {
+            let mut reg = fleet.registry();
+            let joined = reg
+                .join(&req.fleet, &instance, engine_address, crate::now())
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            if let Some(m) = reg.minion_mut(&joined.0) {
+                m.metrics_address = metrics_address;
+            }
+            joined
+        };
         fleet.wake();
         Ok(Response::new(pb::JoinResponse {
             minion_id,

@@ -19,6 +19,7 @@
 //! deregistration delay, which bounds the wait for a drained target to show
 //! `unused`.
 
+use crate::metrics::{FleetCollector, FleetMetrics, Metered, Metrics};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -59,6 +60,18 @@ pub struct FleetRuntime {
 }
 
 impl FleetRuntime {
+    /// The same providers, each call counted and timed in `metrics`.
+    fn metered(self, metrics: &FleetMetrics) -> Self {
+        FleetRuntime {
+            config: self.config,
+            group: Arc::new(Metered::new(self.group, metrics.cloud.clone())),
+            targets: Arc::new(Metered::new(self.targets, metrics.cloud.clone())),
+            hooks: self.hooks.map(|h| {
+                Arc::new(Metered::new(h, metrics.cloud.clone())) as Arc<dyn GroupLifecycle>
+            }),
+        }
+    }
+
     /// A fleet whose one provider is the group, the targets and the
     /// lifecycle calls (the AWS provider's `AwsFleet`).
     pub fn with_hooks<P>(config: FleetConfig, provider: Arc<P>) -> Self
@@ -81,6 +94,7 @@ pub struct Fleet {
     pub runtime: FleetRuntime,
     registry: Mutex<Registry>,
     wake: Notify,
+    metrics: FleetMetrics,
 }
 
 impl Fleet {
@@ -110,6 +124,7 @@ pub struct Controller {
     pub events: broadcast::Sender<Event>,
     pub join_token: String,
     store: Arc<dyn Store>,
+    metrics: Metrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,9 +159,12 @@ impl Controller {
             }
         }
         let now = crate::now();
+        let metrics = Metrics::default();
         let mut built = BTreeMap::new();
         for runtime in fleets {
             let name = runtime.config.name.clone();
+            let fleet_metrics = metrics.fleet(&name);
+            let runtime = runtime.metered(&fleet_metrics);
             let (mine, rest): (Vec<_>, Vec<_>) =
                 loaded.minions.into_iter().partition(|m| m.fleet == name);
             loaded.minions = rest;
@@ -161,19 +179,23 @@ impl Controller {
                 fleets: fleet_rows,
                 ledger,
             };
-            let registry = Registry::open(
+            let mut registry = Registry::open(
                 std::slice::from_ref(&runtime.config),
                 events.clone(),
                 store.clone(),
                 part,
                 now,
             )?;
+            if let Some(f) = registry.fleet_state_mut(&name) {
+                f.metrics = fleet_metrics.clone();
+            }
             built.insert(
                 name,
                 Arc::new(Fleet {
                     runtime,
                     registry: Mutex::new(registry),
                     wake: Notify::new(),
+                    metrics: fleet_metrics,
                 }),
             );
         }
@@ -183,6 +205,7 @@ impl Controller {
             events,
             join_token,
             store,
+            metrics,
         }))
     }
 
@@ -204,6 +227,29 @@ impl Controller {
                 _ = &mut shutdown => return,
             }
         }
+    }
+
+    /// What the metrics listener serves: the controller's metrics and
+    /// `/sd/minions`, Prometheus HTTP service discovery for the agents.
+    pub fn metrics_site(self: &Arc<Self>) -> gru_proto::metrics::Site {
+        let mut prom = prometheus_client::registry::Registry::default();
+        gru_proto::metrics::register_build_info(&mut prom, "controller");
+        self.metrics.register(&mut prom);
+        prom.register_collector(Box::new(FleetCollector {
+            fleets: self.fleets.values().cloned().collect(),
+        }));
+        let me = self.clone();
+        gru_proto::metrics::Site::new(prom).route(
+            "/sd/minions",
+            Box::new(move || {
+                let groups: Vec<serde_json::Value> = me
+                    .fleets
+                    .values()
+                    .flat_map(|f| f.registry().metrics_targets(f.name()))
+                    .collect();
+                gru_proto::metrics::Reply::json(serde_json::Value::from(groups).to_string())
+            }),
+        )
     }
 
     /// The fleet named `name`.
@@ -261,9 +307,22 @@ impl Controller {
         let span = tracing::info_span!("reconcile", fleet = %fleet);
         loop {
             let pass = tracing::Instrument::instrument(self.reconcile(&fleet), span.clone());
-            let next = match pass.await {
-                Ok(next) => next,
+            let started = std::time::Instant::now();
+            let result = pass.await;
+            f.metrics
+                .pass_duration
+                .observe(started.elapsed().as_secs_f64());
+            let next = match result {
+                Ok(next) => {
+                    f.metrics.passes.inc();
+                    let wall = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    f.metrics.last_pass.set(wall.as_secs_f64());
+                    next
+                }
                 Err(e) => {
+                    f.metrics.pass_errors.inc();
                     let message = format!("reconcile failed: {}", error_chain(&e));
                     f.registry().emit(&fleet, None, EventKind::Warning, message);
                     self.config.eval_interval

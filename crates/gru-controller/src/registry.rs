@@ -26,6 +26,7 @@ use rand::Rng;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::config::FleetConfig;
+use crate::metrics::{FleetMetrics, FleetPicture};
 use crate::store::{
     DrainRow, EventRow, FleetRow, Loaded, MinionRow, Origin, PinRow, Store, StoreError,
 };
@@ -172,6 +173,9 @@ pub struct MinionRecord {
     pub state_since: Instant,
     pub created: Instant,
     pub engine_address: Option<SocketAddr>,
+    /// Where the agent serves its metrics, as it said at its last join (not
+    /// stored: an agent joins again after any reconnect).
+    pub metrics_address: Option<SocketAddr>,
     pub session_token: Option<String>,
     pub session: Option<SessionLink>,
     pub last_report: Option<Report>,
@@ -246,6 +250,8 @@ pub struct FleetState {
     pub aws: Option<AwsView>,
     /// What the controller learnt about an AWS fleet at its first pass.
     pub aws_setup: Option<AwsSetup>,
+    /// The fleet's counters; detached until a controller hands its own.
+    pub metrics: FleetMetrics,
 }
 
 /// An operator's pin and who set it.
@@ -338,6 +344,7 @@ impl Registry {
                     group: None,
                     aws: None,
                     aws_setup: None,
+                    metrics: FleetMetrics::detached(&c.name),
                 };
                 (c.name.clone(), state)
             })
@@ -420,6 +427,7 @@ impl Registry {
                 state_since: self.instant_at(row.state_since_ms, now),
                 created: self.instant_at(row.created_ms, now),
                 engine_address: row.engine_address.as_deref().and_then(|a| a.parse().ok()),
+                metrics_address: None,
                 session_token: None,
                 session: None,
                 last_report: None,
@@ -775,6 +783,7 @@ impl Registry {
                 state_since: now,
                 created: now,
                 engine_address: None,
+                metrics_address: None,
                 session_token: None,
                 session: None,
                 last_report: None,
@@ -822,9 +831,12 @@ impl Registry {
         if to == from {
             return Ok(to);
         }
+        let at = SystemTime::now();
+        if let Some(metrics) = self.fleets.get(&m.fleet).map(|f| &f.metrics) {
+            observe_transition(metrics, m, to, now, at);
+        }
         m.state = to;
         m.state_since = now;
-        let at = SystemTime::now();
         m.history.push(HistoryEntry {
             from,
             to,
@@ -956,6 +968,9 @@ impl Registry {
             return false;
         }
         link.last_seq = r.seq;
+        if let Some(f) = self.fleets.get(&m.fleet) {
+            count_report(&f.metrics, m.last_report.as_ref(), &r);
+        }
         if let (Some(prev), Some(at)) = (m.last_report, m.last_report_at) {
             let secs = now.saturating_duration_since(at).as_secs_f64();
             if secs > 0.0 && r.processed_total >= prev.processed_total {
@@ -1199,6 +1214,62 @@ impl Registry {
         }
     }
 
+    /// The fleet as the metrics show it now: one pass over its minions.
+    pub fn picture(&self, fleet: &str, now: Instant) -> FleetPicture {
+        let _ = now;
+        let mut p = FleetPicture::default();
+        let Some(f) = self.fleets.get(fleet) else {
+            return p;
+        };
+        let window = f
+            .last_decision
+            .as_ref()
+            .and_then(|d| d.explanation.window.as_ref());
+        let bounds = gru_core::policy::effective_bounds(f.config.bounds(), window);
+        p.active_min = bounds.min;
+        p.active_max = bounds.max;
+        p.desired = f.last_decision.as_ref().map(|d| d.desired);
+        p.group_desired = f.group.as_ref().map(|g| g.desired);
+        p.paused = f.paused.is_some();
+        p.pinned = f.pin.is_some();
+        for m in self.minions.values().filter(|m| m.fleet == fleet) {
+            p.count(m.state);
+            if m.state.counts_as_capacity() {
+                p.capacity += 1;
+                let load = m.load();
+                p.queued += load.queue_depth;
+                p.in_flight += load.in_flight;
+            }
+            if m.session.is_some() {
+                p.sessions += 1;
+            }
+            if m.state.is_draining() && m.drain.as_ref().is_some_and(|d| d.overdue_reported) {
+                p.drains_overdue += 1;
+            }
+        }
+        p
+    }
+
+    /// Prometheus HTTP service discovery: one target group per minion of
+    /// `fleet` that advertised a metrics address and is not gone.
+    pub fn metrics_targets(&self, fleet: &str) -> Vec<serde_json::Value> {
+        self.minions
+            .values()
+            .filter(|m| m.fleet == fleet && m.state != MinionState::Gone)
+            .filter_map(|m| {
+                let addr = m.metrics_address?;
+                Some(serde_json::json!({
+                    "targets": [addr.to_string()],
+                    "labels": {
+                        "fleet": m.fleet,
+                        "minion": m.id,
+                        "instance_id": m.instance.0,
+                    },
+                }))
+            })
+            .collect()
+    }
+
     /// Forgets minions Gone for longer than [`GONE_RETENTION`] (their
     /// events stay in the log).
     fn forget_long_gone(&mut self, fleet: &str, now: Instant) {
@@ -1292,10 +1363,23 @@ impl Registry {
             &overrides,
             wall,
         );
+        let before = f
+            .last_decision
+            .as_ref()
+            .map_or(decision.explanation.capacity, |d| d.desired);
         let changed = f
             .last_decision
             .as_ref()
             .is_none_or(|d| d.desired != decision.desired);
+        if decision.applied && decision.desired != before {
+            let direction = if decision.desired > before {
+                "up"
+            } else {
+                "down"
+            };
+            f.metrics
+                .decision(&decision.explanation.source_name(), direction);
+        }
         let desired = decision.desired;
         let applied = decision.applied;
         let group = f.group.as_ref().map(|g| GroupSize {
@@ -1327,6 +1411,59 @@ impl Registry {
             );
         }
         scaling.grow_to
+    }
+}
+
+/// Counts what a report adds to the fleet's totals since the minion's
+/// previous one. A total that went down (the engine restarted) counts from
+/// zero; a minion's first report sets its baseline and counts nothing.
+fn count_report(metrics: &FleetMetrics, prev: Option<&Report>, r: &Report) {
+    metrics.reports.inc();
+    let Some(prev) = prev else {
+        return;
+    };
+    let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
+    metrics
+        .processed
+        .inc_by(delta(r.processed_total, prev.processed_total));
+    metrics
+        .failed
+        .inc_by(delta(r.failed_total, prev.failed_total));
+    // Every accepted message is queued, in flight, processed or failed.
+    let received = |r: &Report| r.processed_total + r.failed_total + r.queue_depth + r.in_flight;
+    metrics
+        .received
+        .inc_by(received(r).saturating_sub(received(prev)));
+}
+
+/// Counts and times what a change of state ends: a drain, a
+/// deregistration, a minion lost.
+fn observe_transition(
+    metrics: &FleetMetrics,
+    m: &MinionRecord,
+    to: MinionState,
+    now: Instant,
+    at: SystemTime,
+) {
+    let from = m.state;
+    if from == MinionState::Draining(DrainPhase::Deregistering) && to != from {
+        metrics
+            .deregistration
+            .observe(now.saturating_duration_since(m.state_since).as_secs_f64());
+    }
+    if to == MinionState::Drained && from.is_draining() {
+        let started = m
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.to.is_draining() && !h.from.is_draining())
+            .map(|h| h.at);
+        if let Some(d) = started.and_then(|s| at.duration_since(s).ok()) {
+            metrics.drain.observe(d.as_secs_f64());
+        }
+    }
+    if to == MinionState::Lost {
+        metrics.lost.inc();
     }
 }
 

@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+#[path = "api/metrics.rs"]
+mod metrics;
 #[path = "api/restart.rs"]
 mod restart;
 #[path = "api/scenarios.rs"]
@@ -89,12 +91,19 @@ struct Fixture {
     pki: DevPki,
     group: Arc<StaticGroup>,
     lb: Arc<LocalLoadBalancer>,
+    /// Where the controller serves its Prometheus metrics.
+    metrics: std::net::SocketAddr,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// The controller config these tests run: one local fleet, fast intervals,
 /// its files in `dir`.
 fn config(dir: &std::path::Path) -> ControllerConfig {
+    config_sized(dir, 0, 3)
+}
+
+/// [`config`] with the fleet's bounds.
+fn config_sized(dir: &std::path::Path, min: u32, max: u32) -> ControllerConfig {
     let text = r#"
         listen = "127.0.0.1:0"
         report_interval = "200ms"
@@ -109,22 +118,29 @@ fn config(dir: &std::path::Path) -> ControllerConfig {
         [[fleet]]
         name = "local"
         provider = "local"
-        min = 0
-        max = 3
+        min = MIN
+        max = MAX
         [fleet.local]
         listen = "127.0.0.1:0"
         minion_config = "unused.toml"
-    "#;
-    ControllerConfig::parse(&dir.join("controller.toml"), text).expect("config")
+    "#
+    .replace("MIN", &min.to_string())
+    .replace("MAX", &max.to_string());
+    ControllerConfig::parse(&dir.join("controller.toml"), &text).expect("config")
 }
 
 async fn start(instances: &[&str]) -> Fixture {
+    start_sized(instances, 0, 3).await
+}
+
+/// [`start`] with the fleet's bounds.
+async fn start_sized(instances: &[&str], min: u32, max: u32) -> Fixture {
     gru_proto::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = DevPki::in_dir(dir.path());
     pki.ensure().expect("pki");
     std::fs::write(dir.path().join("token"), TOKEN).expect("token");
-    let config = config(dir.path());
+    let config = config_sized(dir.path(), min, max);
     let lb = LocalLoadBalancer::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         Duration::from_secs(300),
@@ -141,6 +157,13 @@ async fn start(instances: &[&str]) -> Fixture {
         .expect("controller");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let metrics = metrics_listener.local_addr().expect("addr");
+    tokio::spawn(gru_proto::metrics::serve(
+        metrics_listener,
+        controller.metrics_site(),
+        std::future::pending(),
+    ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gru_controller::run(controller, listener, async {
         let _ = stopped.await;
@@ -151,6 +174,7 @@ async fn start(instances: &[&str]) -> Fixture {
         pki,
         group,
         lb,
+        metrics,
         _stop: stop,
     }
 }
@@ -193,6 +217,7 @@ fn join_request(fleet: &str, instance: &str, token: &str) -> pb::JoinRequest {
         engine_address: "127.0.0.1:9".to_owned(),
         identity: Some(pb::join_request::Identity::JoinToken(token.to_owned())),
         agent_version: "test".to_owned(),
+        metrics_address: String::new(),
     }
 }
 

@@ -602,6 +602,22 @@ pub struct Explanation {
     pub applied: bool,
 }
 
+impl Explanation {
+    /// What decided, in a word: the winning rule's name, `schedule`, `pin`
+    /// or `none`.
+    pub fn source_name(&self) -> String {
+        match &self.source {
+            Source::Rule(i) => self
+                .recommendations
+                .get(*i)
+                .map_or_else(|| "rule".to_owned(), |r| r.rule.clone()),
+            Source::NoRecommendation => "none".to_owned(),
+            Source::Schedule(_) => "schedule".to_owned(),
+            Source::Pin => "pin".to_owned(),
+        }
+    }
+}
+
 /// The outcome of one evaluation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
@@ -667,6 +683,16 @@ fn active_bounds(fleet: Bounds, window: Option<&ActiveWindow>) -> ActiveBounds {
         ),
     };
     ActiveBounds { min, max }
+}
+
+/// The bounds in force: the fleet's own, narrowed by the active schedule
+/// window's (a window's max never raises the fleet's).
+pub fn effective_bounds(fleet: Bounds, window: Option<&ActiveWindow>) -> Bounds {
+    let b = active_bounds(fleet, window);
+    Bounds {
+        min: b.min.0,
+        max: b.max.0,
+    }
 }
 
 /// Applies `policy` to the fleet as observed at `now`.

@@ -235,6 +235,8 @@ struct Shared {
     processed: AtomicU64,
     failed: AtomicU64,
     open_connections: AtomicU64,
+    /// Last byte of a message read to its ACK written.
+    ack_latency: crate::latency::Latency,
     healthy: AtomicBool,
     /// Whether intake is draining; connections watch it to close when idle.
     draining: watch::Sender<bool>,
@@ -393,6 +395,7 @@ pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         processed: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         open_connections: AtomicU64::new(0),
+        ack_latency: Default::default(),
         healthy: AtomicBool::new(true),
         draining: watch::Sender::new(false),
         changed: watch::Sender::new(0),
@@ -491,6 +494,11 @@ impl EngineHandle {
     /// The current counters.
     pub fn status(&self) -> EngineStatus {
         self.shared.status()
+    }
+
+    /// How long ACKs took since the engine started.
+    pub fn ack_latency(&self) -> crate::latency::LatencySnapshot {
+        self.shared.ack_latency.snapshot()
     }
 
     /// Starts draining: idle connections close now, busy ones after their
@@ -699,6 +707,7 @@ async fn connection(
                 break CloseReason::Error;
             }
         };
+        let received = Instant::now();
         let ack = match Msh::parse(&payload) {
             Err(e) => {
                 warn!(error = %e, bytes = payload.len(), "rejecting message without a readable msh");
@@ -722,6 +731,9 @@ async fn connection(
         {
             warn!(error = %e, "failed to write ack");
             break CloseReason::Error;
+        }
+        if shared.ack_mode != AckMode::None {
+            shared.ack_latency.observe(received.elapsed());
         }
         messages += 1;
     };

@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod engine;
 pub mod hl7;
+pub mod latency;
 pub mod mllp;
 pub mod routes;
 pub mod synth;

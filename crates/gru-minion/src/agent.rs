@@ -15,6 +15,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use crate::config::MinionConfig;
 use crate::engine::{Engine, EngineStatus, Health};
 use crate::imds::{self, Imds};
+use crate::metrics::AgentMetrics;
 
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -49,6 +50,12 @@ pub enum AgentError {
     Identity(#[source] imds::ImdsError),
     #[error("no instance id: none was given and [aws] imds is off")]
     NoInstanceId,
+    #[error("cannot serve metrics on {at}")]
+    Metrics {
+        at: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Exponential backoff with jitter, so minions that lost the controller
@@ -89,6 +96,11 @@ pub struct Agent {
     /// With `[aws] imds = true`: the instance may be in a warm pool, and
     /// the agent joins only once the Auto Scaling group puts it in service.
     warm_pool: Option<WarmPoolGate>,
+    metrics: AgentMetrics,
+    /// Told to the controller at Join, for its `/sd/minions`.
+    metrics_address: Option<std::net::SocketAddr>,
+    /// A Session was open before: the next one is a reconnect.
+    was_connected: std::sync::atomic::AtomicBool,
 }
 
 struct WarmPoolGate {
@@ -135,7 +147,21 @@ impl Agent {
             engine,
             tls,
             warm_pool,
+            metrics: AgentMetrics::default(),
+            metrics_address: None,
+            was_connected: Default::default(),
         })
+    }
+
+    /// Says at Join where this agent serves its metrics.
+    pub fn with_metrics_address(mut self, address: std::net::SocketAddr) -> Self {
+        self.metrics_address = Some(address);
+        self
+    }
+
+    /// The agent's own counters (Session, reconnects, reports).
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.metrics
     }
 
     fn endpoint(&self) -> Result<Endpoint, AgentError> {
@@ -209,11 +235,15 @@ impl Agent {
                     self.join_token.clone(),
                 )),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                metrics_address: self
+                    .metrics_address
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
             })
             .await
             .map_err(AgentError::Refused)?
             .into_inner();
-        let mut interval = joined
+        let interval = joined
             .settings
             .map(|s| Duration::from_millis(u64::from(s.report_interval_ms)))
             .filter(|d| !d.is_zero())
@@ -229,13 +259,31 @@ impl Agent {
         };
         // The channel was just made with room: this cannot fail.
         let _ = tx.try_send(hello);
-        let mut commands = client
+        let commands = client
             .session(ReceiverStream::new(rx))
             .await
             .map_err(AgentError::Refused)?
             .into_inner();
         backoff.reset();
+        if self
+            .was_connected
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.metrics.reconnects.inc();
+        }
+        self.metrics.connected.set(1);
+        let result = self.in_session(tx, commands, interval).await;
+        self.metrics.connected.set(0);
+        result
+    }
 
+    /// Reports every interval and obeys commands until the Session ends.
+    async fn in_session(
+        &self,
+        tx: mpsc::Sender<pb::SessionMessage>,
+        mut commands: tonic::Streaming<pb::ControllerCommand>,
+        mut interval: Duration,
+    ) -> Result<(), AgentError> {
         let mut seq = 0u64;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -246,6 +294,7 @@ impl Agent {
                     if tx.send(report(seq, self.engine.status())).await.is_err() {
                         return Ok(());
                     }
+                    self.metrics.reports.inc();
                 }
                 cmd = commands.message() => {
                     let Some(cmd) = cmd.map_err(AgentError::Refused)? else { return Ok(()) };

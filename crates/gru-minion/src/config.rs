@@ -59,6 +59,9 @@ pub struct MinionConfig {
     pub fleet: String,
     pub join_token_file: PathBuf,
     pub stop_grace: Duration,
+    /// Where the agent serves Prometheus metrics (`/metrics`, `/healthz`);
+    /// off when `None`, the default.
+    pub metrics_listen: Option<SocketAddr>,
     pub engine: EngineSection,
     /// `[aws] imds = true`: the minion runs on EC2. `None` for `gru dev`
     /// and the local provider, which pass `--instance-id` and have no warm
@@ -247,6 +250,7 @@ struct Raw {
     join_token_file: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     stop_grace: Option<Duration>,
+    metrics_listen: Option<String>,
     engine: Option<RawEngine>,
     aws: Option<RawAws>,
 }
@@ -450,7 +454,27 @@ impl MinionConfig {
             }
         };
         let aws = keep(&mut errors, aws());
-        match (controller, ca_file, fleet, join_token_file, engine, aws) {
+        let metrics_listen = match raw.metrics_listen.as_deref() {
+            None => Some(None),
+            Some(a) => keep(
+                &mut errors,
+                a.parse().map(Some).map_err(|_| {
+                    invalid(
+                        "metrics_listen",
+                        &format!("an address like 0.0.0.0:9465, got {a:?}"),
+                    )
+                }),
+            ),
+        };
+        match (
+            controller,
+            ca_file,
+            fleet,
+            join_token_file,
+            engine,
+            aws,
+            metrics_listen,
+        ) {
             (
                 Some(controller),
                 Some(ca_file),
@@ -458,6 +482,7 @@ impl MinionConfig {
                 Some(join_token_file),
                 Some(engine),
                 Some(aws),
+                Some(metrics_listen),
             ) if errors.is_empty() => Ok(MinionConfig {
                 controller,
                 ca_file,
@@ -467,6 +492,7 @@ impl MinionConfig {
                 fleet,
                 join_token_file,
                 stop_grace: raw.stop_grace.unwrap_or(DEFAULT_STOP_GRACE),
+                metrics_listen,
                 engine,
                 aws,
             }),

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod config;
 pub mod engine;
 pub mod imds;
+pub mod metrics;
 pub mod sd_notify;
 
 use std::future::Future;
@@ -100,13 +101,42 @@ async fn serve(
     };
     tracing::info!(engine = %engine.address(), "engine listening");
     let grace = config.stop_grace;
-    let agent = Agent::new(config, instance_id, engine.clone())?;
+    let metrics_listen = config.metrics_listen;
+    let mut agent = Agent::new(config, instance_id, engine.clone())?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+    if let Some(at) = metrics_listen {
+        let listener = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|source| AgentError::Metrics { at, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| AgentError::Metrics { at, source })?;
+        let advertised = metrics_advertise(bound, engine.address());
+        tracing::info!(listen = %bound, advertised = %advertised, "metrics served at http://{bound}/metrics");
+        agent = agent.with_metrics_address(advertised);
+        let site = metrics::site(engine.clone(), agent.metrics());
+        let mut stopped = metrics_stopped;
+        tokio::spawn(gru_proto::metrics::serve(listener, site, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+    }
     notifier.ready();
     agent.run(shutdown).await;
+    let _ = stop_metrics.send(true);
     notifier.stopping();
     tracing::info!(grace = ?grace, "stopping: draining the engine");
     engine.shutdown(grace).await;
     Ok(())
+}
+
+/// Where Prometheus reaches the metrics listener bound at `bound`: that
+/// address, or the engine's host when the listener takes every interface.
+fn metrics_advertise(bound: SocketAddr, engine: SocketAddr) -> SocketAddr {
+    if bound.ip().is_unspecified() {
+        SocketAddr::new(engine.ip(), bound.port())
+    } else {
+        bound
+    }
 }
 
 /// The address the load balancer should reach the engine on, given the

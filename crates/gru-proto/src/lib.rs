@@ -5,6 +5,7 @@
 //! agent and the CLI convert to their own types at their edge.
 
 pub mod codec;
+pub mod metrics;
 
 /// Types and services of the `gru.v1` package.
 pub mod v1 {

@@ -40,6 +40,14 @@ pub struct DevArgs {
     /// Where the fleet's load balancer takes MLLP connections.
     #[arg(long, default_value = "127.0.0.1:2575")]
     lb_listen: SocketAddr,
+    /// Where the controller serves Prometheus metrics (/metrics, /healthz,
+    /// /sd/minions); each local minion serves its own on a free loopback
+    /// port, listed by /sd/minions.
+    #[arg(long, default_value = "127.0.0.1:9464", conflicts_with = "no_metrics")]
+    metrics_listen: SocketAddr,
+    /// Serve no metrics.
+    #[arg(long)]
+    no_metrics: bool,
     /// Where minions deliver messages; default: a built-in sink that ACKs and counts.
     #[arg(long)]
     downstream: Option<SocketAddr>,
@@ -90,6 +98,8 @@ struct DevInfo {
     client_config: PathBuf,
     state_dir: PathBuf,
     pid: u32,
+    /// The controller's metrics, when on.
+    metrics: Option<String>,
 }
 
 pub async fn run_controller(config: &Path, check_only: bool) -> ExitCode {
@@ -168,7 +178,9 @@ pub async fn run_minion(
 
 /// Called once the controller's listeners are bound, with the fleets and
 /// the controller's address.
-type OnReady = Box<dyn FnOnce(&[BuiltFleet], SocketAddr) -> anyhow::Result<()> + Send>;
+/// The metrics address is there when the config turns metrics on.
+type OnReady =
+    Box<dyn FnOnce(&[BuiltFleet], SocketAddr, Option<SocketAddr>) -> anyhow::Result<()> + Send>;
 
 /// Builds the providers and runs the controller until Ctrl-C or SIGTERM.
 /// With `ready`, calls it once everything listens.
@@ -185,12 +197,21 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let metrics = match config.metrics_listen {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {at}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
     let mut built = Vec::new();
     for f in &config.fleets {
         built.push(providers::build(f, &program, &config.state_dir).await?);
     }
     if let Some(ready) = ready {
-        ready(&built, addr)?;
+        ready(&built, addr, metrics_addr)?;
     }
     // systemd (Type=notify): the listener is bound and the providers are
     // up, so connections are accepted from here on.
@@ -202,7 +223,7 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         notifier.stopping();
     };
     let fleets = built.iter().map(|b| b.runtime.clone()).collect();
-    let result = gru_controller::serve(config, store, fleets, listener, shutdown).await;
+    let result = gru_controller::serve(config, store, fleets, listener, metrics, shutdown).await;
     for b in &built {
         if let Some(local) = &b.local {
             local.load_balancer.shutdown();
@@ -302,11 +323,18 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
          fleet = \"local\"\n\
          join_token_file = \"join-token\"\n\
          \n\
+         {metrics}\
+         \n\
          [engine]\n\
          listen = \"127.0.0.1:0\"\n\
          downstream = \"{downstream}\"\n\
          max_connection_age = \"{}\"\n",
-        humantime::format_duration(a.max_connection_age)
+        humantime::format_duration(a.max_connection_age),
+        metrics = if a.no_metrics {
+            ""
+        } else {
+            "metrics_listen = \"127.0.0.1:0\"\n"
+        },
     );
     write(&state.join("minion.toml"), &minion_toml)?;
     MinionConfig::load(&state.join("minion.toml"))
@@ -315,6 +343,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let controller_toml = format!(
         "# Written by `gru dev`; `gru controller --config` takes the same file.\n\
          listen = \"{controller_addr}\"\n\
+         {metrics}\
          join_token_file = \"join-token\"\n\
          # The store (minions, drains, pins, events) lives beside this file.\n\
          state_dir = \".\"\n\
@@ -345,6 +374,11 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         humantime::format_duration(a.scale_in_cooldown),
         a.lb_listen,
         humantime::format_duration(a.deregistration_delay),
+        metrics = if a.no_metrics {
+            String::new()
+        } else {
+            format!("metrics_listen = \"{}\"\n", a.metrics_listen)
+        },
     );
     let mut controller_toml = controller_toml;
     if let Some(path) = &a.schedules {
@@ -374,7 +408,10 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let load = a.load.map(|rate| (rate, a.load_connections));
     let state_for_ready = state.clone();
     let ready = Box::new(
-        move |built: &[BuiltFleet], addr: SocketAddr| -> anyhow::Result<()> {
+        move |built: &[BuiltFleet],
+              addr: SocketAddr,
+              metrics: Option<SocketAddr>|
+              -> anyhow::Result<()> {
             let lb = built
                 .iter()
                 .find_map(|b| b.local.as_ref())
@@ -382,6 +419,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
                 .context("the local fleet has no load balancer")?;
             let info = DevInfo {
                 controller: format!("https://{addr}"),
+                metrics: metrics.map(|m| format!("http://{m}/metrics")),
                 load_balancer: lb,
                 downstream,
                 client_config: state_for_ready.join("client.toml"),
@@ -398,7 +436,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             }
             Ok(())
         },
-    ) as Box<dyn FnOnce(&[BuiltFleet], SocketAddr) -> anyhow::Result<()> + Send>;
+    ) as OnReady;
 
     let result = serve(config, Some(ready)).await;
     let _ = std::fs::remove_file(state.join("dev.json"));
@@ -420,6 +458,11 @@ fn banner(info: &DevInfo) {
     } else {
         format!("  export GRU_CONFIG={}\n", info.client_config.display())
     };
+    if let Some(m) = &info.metrics {
+        // One line, for people and for scripts that look for it.
+        let sd = m.replace("/metrics", "/sd/minions");
+        eprintln!("metrics: {m} (minions: {sd})");
+    }
     eprintln!(
         "\ngru dev is running (Ctrl-C stops it and every minion)\n\
          \n  controller     {}\n  load balancer  {}  (send HL7 over MLLP here)\n  downstream     {}\n  state          {}\n\

@@ -49,4 +49,9 @@ pub trait Engine: Send + Sync + 'static {
     fn resume(&self);
     /// Drains, waits up to `grace` for it to finish, and stops.
     async fn shutdown(&self, grace: Duration);
+    /// How long the engine took to ACK messages, where it can tell (gru's
+    /// reference engine can; engines watched from outside cannot).
+    fn ack_latency(&self) -> Option<gru_engine::latency::LatencySnapshot> {
+        None
+    }
 }

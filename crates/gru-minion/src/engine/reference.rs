@@ -83,4 +83,8 @@ impl Engine for ReferenceEngine {
     async fn shutdown(&self, grace: Duration) {
         self.handle.shutdown(grace).await;
     }
+
+    fn ack_latency(&self) -> Option<gru_engine::latency::LatencySnapshot> {
+        Some(self.handle.ack_latency())
+    }
 }
