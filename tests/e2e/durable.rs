@@ -5,7 +5,9 @@ use std::io::BufReader;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{Proc, Sink, bench_engine, drive, drive_summary, free_port, read_lines};
+use crate::harness::{
+    Proc, Sink, bench_engine, drive, drive_summary, free_port, read_lines, wait_until,
+};
 
 fn engine(downstream: &str, queue: &Path) -> (Proc, String, BufReader<std::process::ChildStdout>) {
     let queue = queue.to_str().expect("utf-8 path");
@@ -17,6 +19,20 @@ fn engine(downstream: &str, queue: &Path) -> (Proc, String, BufReader<std::proce
         "--queue-dir",
         queue,
     ])
+}
+
+/// Bytes in the log's segment files (`*.wal`) under `queue`, 0 before the
+/// engine created it.
+fn wal_bytes(queue: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(queue) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "wal"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 #[test]
@@ -31,10 +47,15 @@ fn a_durable_engine_killed_mid_load_delivers_every_acked_message_after_restart()
     let driver = drive(
         addr.parse().expect("addr"),
         &acked_file,
-        &["--rate", "400", "--duration", "2s", "--connections", "4"],
+        &["--rate", "400", "--duration", "5s", "--connections", "4"],
     );
-    // Mid-load: the driver sends for 2 s; SIGKILL after about one.
-    std::thread::sleep(Duration::from_secs(1));
+    // Mid-load: SIGKILL once the log holds at least 120 messages' worth of
+    // records (the engine ACKs only after writing them), while the driver is
+    // still sending.
+    let wanted = 120 * gru_engine::bench::DEFAULT_MESSAGE_BYTES as u64;
+    wait_until("the durable log to grow", Duration::from_secs(4), || {
+        (wal_bytes(&queue) >= wanted).then_some(())
+    });
     first.child.kill().expect("kill -9");
     let _ = first.child.wait();
     let summary = drive_summary(driver, Duration::from_secs(30));
