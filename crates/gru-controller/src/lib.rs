@@ -13,6 +13,7 @@
 
 pub mod admin_api;
 pub mod config;
+pub mod front_door;
 pub mod metrics;
 pub mod minion_api;
 pub mod pki;

@@ -7,13 +7,11 @@ use std::sync::Arc;
 use gru_proto::v1::admin_service_server::AdminServiceServer;
 use gru_proto::v1::minion_service_server::MinionServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::admin_api::{AdminApi, require_client_certificate};
-use crate::config::{
-    HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, TlsFiles,
-};
+use crate::config::{HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS};
+use crate::front_door;
 use crate::minion_api::MinionApi;
 use crate::reconcile::Controller;
 
@@ -25,8 +23,12 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid TLS configuration")]
-    Tls(#[source] tonic::transport::Error),
+    #[error("{path}: expected {what}: {detail}")]
+    TlsPem {
+        path: std::path::PathBuf,
+        what: &'static str,
+        detail: String,
+    },
     #[error("invalid reflection descriptors")]
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("the gRPC server failed")]
@@ -41,30 +43,13 @@ pub enum ServeError {
     Store(#[source] crate::store::StoreError),
 }
 
-/// Reads the server's TLS identity and the CA that admin clients must be
-/// signed by. Client certificates are optional at the TLS layer (minions
-/// prove themselves in Join instead) and required for AdminService.
-pub fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, ServeError> {
-    gru_proto::install_crypto_provider();
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| ServeError::TlsFile {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
-        .client_ca_root(Certificate::from_pem(read(&files.client_ca)?))
-        .client_auth_optional(true))
-}
-
 /// Serves the controller's gRPC API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     controller: Arc<Controller>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let tls = server_tls(&controller.config.tls)?;
+    let tls = front_door::tls_config(&controller.config.tls)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MinionServiceServer<MinionApi>>().await;
     health.set_serving::<AdminServiceServer<AdminApi>>().await;
@@ -87,19 +72,18 @@ pub async fn serve(
         },
         require_client_certificate,
     );
+    // TLS is the front door's: tonic gets finished TLS streams (and reads
+    // the admin's client certificate from them).
     Server::builder()
-        .tls_config(tls)
-        .map_err(ServeError::Tls)?
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(minion)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(front_door::incoming(listener, tls), shutdown)
         .await
         .map_err(ServeError::Serve)
 }
