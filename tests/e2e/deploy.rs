@@ -248,8 +248,20 @@ fn check_minion_user_data(name: &str, user_data: &str, ca: bool) {
         "{name}: creates the gru user: {users}"
     );
 
-    // The files cloud-init writes work with the tools that use them.
-    let minion_toml = i.file("/etc/gru/minion.toml");
+    // The files cloud-init writes work with the tools that use them. The
+    // bootstrap checks the config once the CA is in place (written by
+    // cloud-init or baked into the image) and before the join token may
+    // be: check it the same way, its /etc/gru paths moved to a directory
+    // standing for the host's.
+    let host = tempfile::tempdir().expect("tempdir");
+    let ca_pem = std::fs::read(i.file("/etc/gru/ca.pem"))
+        .unwrap_or_else(|_| b"baked into the image".to_vec());
+    std::fs::write(host.path().join("ca.pem"), ca_pem).expect("write ca.pem");
+    let moved = i
+        .read("/etc/gru/minion.toml")
+        .replace("\"/etc/gru/", &format!("\"{}/", host.path().display()));
+    let minion_toml = host.path().join("minion.toml");
+    std::fs::write(&minion_toml, moved).expect("write");
     let out = run(Command::new(GRU)
         .args(["minion", "--check-config", "--config"])
         .arg(&minion_toml));

@@ -4,6 +4,7 @@
 
 mod aws;
 mod bench;
+mod config;
 mod deploy;
 mod durable;
 mod harness;

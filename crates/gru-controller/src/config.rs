@@ -661,6 +661,79 @@ fn keep<T>(errors: &mut Vec<ConfigError>, r: Result<T, ConfigError>) -> Option<T
     r.map_err(|e| errors.push(e)).ok()
 }
 
+impl ControllerConfig {
+    /// What `--check-config` adds to reading `file`: the files the
+    /// controller will read can be read, the directories it writes can be
+    /// made, and no two listeners want one address. Starts and creates
+    /// nothing. Every problem is reported, each with its key.
+    pub fn check_environment(&self, file: &Path) -> Result<(), ConfigError> {
+        use gru_proto::preflight;
+        let v = Validator { file };
+        let mut errors = Vec::new();
+        let mut read = |key: &str, path: &Path, what: &str| {
+            if let Err(why) = preflight::readable(path) {
+                errors.push(v.invalid(key, format!("{what}; {why}")));
+            }
+        };
+        read(
+            "tls.cert",
+            &self.tls.cert,
+            "the controller's certificate (PEM)",
+        );
+        read("tls.key", &self.tls.key, "its private key (PEM)");
+        read(
+            "tls.client_ca",
+            &self.tls.client_ca,
+            "the CA that signs admin certificates (PEM)",
+        );
+        read(
+            "join_token_file",
+            &self.join_token_file,
+            "the minions' join token",
+        );
+        for (i, f) in self.fleets.iter().enumerate() {
+            if let ProviderConfig::Local(l) = &f.provider {
+                read(
+                    &format!("fleet[{i}].local.minion_config"),
+                    &l.minion_config,
+                    "the config local minions start with",
+                );
+            }
+        }
+        let mut dirs = vec![("state_dir".to_owned(), self.state_dir.clone())];
+        let mut listeners = vec![("listen".to_owned(), self.listen)];
+        if let Some(m) = self.metrics_listen {
+            listeners.push(("metrics_listen".to_owned(), m));
+        }
+        for (i, f) in self.fleets.iter().enumerate() {
+            if let ProviderConfig::Local(l) = &f.provider {
+                listeners.push((format!("fleet[{i}].local.listen"), l.listen));
+                if let Some(d) = &l.log_dir {
+                    dirs.push((format!("fleet[{i}].local.log_dir"), d.clone()));
+                }
+            }
+        }
+        for (key, dir) in &dirs {
+            if let Err(why) = preflight::directory(dir) {
+                errors.push(v.invalid(key, format!("a directory; {why}")));
+            }
+        }
+        let named: Vec<(&str, SocketAddr)> =
+            listeners.iter().map(|(k, a)| (k.as_str(), *a)).collect();
+        for (key, other, addr) in preflight::clashes(&named) {
+            errors.push(v.invalid(
+                key,
+                format!("an address of its own; {addr} is also {other}'s"),
+            ));
+        }
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
+    }
+}
+
 struct Validator<'a> {
     file: &'a Path,
 }

@@ -502,6 +502,76 @@ impl MinionConfig {
     }
 }
 
+impl MinionConfig {
+    /// What `--check-config` adds to reading `file`: the files the agent
+    /// will read can be read, the engine's queue directory can be made, and
+    /// the engine and the metrics listener do not want one address. Starts
+    /// and creates nothing. Every problem is reported, each with its key.
+    ///
+    /// A join token not there yet is a note, not a problem: on EC2 it may
+    /// be provisioned after boot, and the agent (restarted by systemd) joins
+    /// once it is.
+    pub fn check_environment(&self, file: &Path) -> Result<Vec<String>, ConfigError> {
+        use gru_proto::preflight;
+        let invalid = |key: &str, expected: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            expected,
+        };
+        let mut errors = Vec::new();
+        let mut read = |key: &str, path: &Path, what: &str| {
+            if let Err(why) = preflight::readable(path) {
+                errors.push(invalid(key, format!("{what}; {why}")));
+            }
+        };
+        read(
+            "ca_file",
+            &self.ca_file,
+            "the CA that signed the controller's certificate (PEM)",
+        );
+        let mut notes = Vec::new();
+        if let Err(why) = preflight::readable(&self.join_token_file) {
+            notes.push(format!(
+                "{}: join_token_file: {why}; the agent cannot join until it is there",
+                file.display()
+            ));
+        }
+        let engine_listen = match &self.engine {
+            EngineSection::Reference(r) => {
+                if let Some(dir) = &r.queue_dir
+                    && let Err(why) = preflight::directory(dir)
+                {
+                    errors.push(invalid("engine.queue_dir", format!("a directory; {why}")));
+                }
+                Some(r.listen)
+            }
+            EngineSection::Http(h) => {
+                if let Some(p) = &h.adapter.password_file {
+                    read("engine.http.password_file", p, "the engine API's password");
+                }
+                if let Some(p) = &h.adapter.ca_file {
+                    read("engine.http.ca_file", p, "the engine API's CA (PEM)");
+                }
+                None
+            }
+            EngineSection::Exec(_) => None,
+        };
+        if let (Some(engine), Some(metrics)) = (engine_listen, self.metrics_listen)
+            && preflight::clash(engine, metrics)
+        {
+            errors.push(invalid(
+                "metrics_listen",
+                format!("an address of its own; {metrics} is also engine.listen's"),
+            ));
+        }
+        match errors.len() {
+            0 => Ok(notes),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
+    }
+}
+
 /// The value, or None with its error kept for the report.
 fn keep<T>(errors: &mut Vec<ConfigError>, r: Result<T, ConfigError>) -> Option<T> {
     r.map_err(|e| errors.push(e)).ok()

@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod metrics;
+pub mod preflight;
 
 /// Types and services of the `gru.v1` package.
 pub mod v1 {

@@ -102,8 +102,13 @@ struct DevInfo {
     metrics: Option<String>,
 }
 
-pub async fn run_controller(config: &Path, check_only: bool) -> ExitCode {
-    let config = match ControllerConfig::load(config) {
+pub async fn run_controller(path: &Path, check_only: bool) -> ExitCode {
+    // The files, directories and addresses are checked before anything
+    // starts, with --check-config or without.
+    let config = match ControllerConfig::load(path).and_then(|c| {
+        c.check_environment(path)?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
@@ -141,7 +146,12 @@ pub async fn run_minion(
         );
         return ExitCode::from(EXIT_CONFIG);
     };
-    let config = match MinionConfig::load(&path) {
+    let config = match MinionConfig::load(&path).and_then(|c| {
+        for note in c.check_environment(&path)? {
+            eprintln!("note: {note}");
+        }
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("invalid configuration: {}", gru_minion::error_chain(&e));
