@@ -215,14 +215,19 @@ impl Dev {
         std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
     }
 
+    /// `gru ARGS` against this controller, for a test to add to (an
+    /// environment variable, piped output) before it runs it.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(GRU);
+        cmd.args(args)
+            .env("GRU_CONFIG", self.state_dir().join("client.toml"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// Runs `gru ARGS` against this controller.
     pub fn gru(&self, args: &[&str]) -> Output {
-        Command::new(GRU)
-            .args(args)
-            .env("GRU_CONFIG", self.state_dir().join("client.toml"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run gru")
+        self.command(args).output().expect("run gru")
     }
 
     /// Runs `gru ARGS --json`, insists on success, and parses the output.

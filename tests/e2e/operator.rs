@@ -1,12 +1,33 @@
 //! The operator's commands and what they say when something is wrong.
 
-use std::process::Command;
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use crate::harness::{Dev, GRU, free_port, wait_until};
+use serde_json::Value;
+
+use crate::harness::{Dev, GRU, Proc, free_port, wait_until};
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A client config in `dir` for a controller at `controller`, with a CA and
+/// an admin certificate of a throwaway PKI made there.
+fn client_config(dir: &Path, controller: &str) -> PathBuf {
+    let client = dir.join("client.toml");
+    std::fs::write(
+        &client,
+        format!("controller = \"{controller}\"\nca_file = \"ca.pem\"\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n"),
+    )
+    .expect("write");
+    let pki = gru_controller::pki::DevPki::in_dir(dir);
+    pki.ensure().expect("pki");
+    std::fs::copy(&pki.admin_cert, dir.join("a.pem")).expect("copy");
+    std::fs::copy(&pki.admin_key, dir.join("a.key")).expect("copy");
+    client
 }
 
 #[test]
@@ -69,16 +90,7 @@ fn unreachable_controller_gets_one_clear_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A port that was free a moment ago: nothing listens there.
     let port = free_port();
-    let client = dir.path().join("client.toml");
-    std::fs::write(
-        &client,
-        format!("controller = \"https://127.0.0.1:{port}\"\nca_file = \"ca.pem\"\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\n"),
-    )
-    .expect("write");
-    let pki = gru_controller::pki::DevPki::in_dir(dir.path());
-    pki.ensure().expect("pki");
-    std::fs::copy(&pki.admin_cert, dir.path().join("a.pem")).expect("copy");
-    std::fs::copy(&pki.admin_key, dir.path().join("a.key")).expect("copy");
+    let client = client_config(dir.path(), &format!("https://127.0.0.1:{port}"));
     let out = Command::new(GRU)
         .args(["fleet", "ls"])
         .env("GRU_CONFIG", &client)
@@ -379,4 +391,294 @@ fn a_controller_address_without_https_gets_a_hint() {
             && err.lines().count() == 1,
         "{err}"
     );
+}
+
+/// A port that accepts TCP and never says a word (not a TLS server, or a
+/// controller wedged before its handshake): `gru fleet ls --timeout 2s`
+/// gives up after 2 s with one line that names the address and what it
+/// waited for, instead of sitting silent for minutes.
+#[test]
+fn a_port_that_never_answers_times_out_saying_what_it_waited_for() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    silent.set_nonblocking(true).expect("nonblocking");
+    let stop = Arc::new(AtomicBool::new(false));
+    // Accepts every connection and holds it open, answering nothing.
+    let holder = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match silent.accept() {
+                    Ok((conn, _)) => held.push(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            held.len()
+        })
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let controller = format!("https://{addr}");
+    let client = client_config(dir.path(), &controller);
+    let started = Instant::now();
+    let out = Command::new(GRU)
+        .args(["fleet", "ls", "--timeout", "2s"])
+        .env("GRU_CONFIG", &client)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let accepted = holder.join().expect("holder");
+    assert!(accepted >= 1, "the CLI never connected");
+    assert!(!out.status.success());
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "gave up after {took:?}"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "no answer from the controller at {controller} within 2s"
+        )) && err.contains("TCP connected; the TLS handshake never completed"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+/// A client config whose server_name is not a name in the controller's
+/// certificate is told exactly that, and which names the certificate has;
+/// not that the certificate is from another CA.
+#[test]
+fn a_wrong_server_name_is_reported_as_the_name_not_the_ca() {
+    let dev = Dev::start(&["--min", "1", "--max", "1"]);
+    let original = std::fs::read_to_string(dev.state_dir().join("client.toml")).expect("read");
+    let mut text: String = original
+        .lines()
+        .filter(|l| !l.starts_with("server_name"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str("server_name = \"wrong.example\"\n");
+    // Beside the original, so its relative certificate paths still hold.
+    let client = dev.state_dir().join("wrong-name.toml");
+    std::fs::write(&client, text).expect("write");
+    let out = dev
+        .command(&["fleet", "ls"])
+        .env("GRU_CONFIG", &client)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("certificate that is not valid for the name \"wrong.example\"")
+            && err.contains(&format!("(server_name in {})", client.display()))
+            && err.contains("it is valid for: localhost"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not signed by the CA"),
+        "blames the CA: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    dev.stop();
+}
+
+/// Reads a child's output line by line onto a channel, so a test can wait
+/// for a line with a deadline.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Every line from `rx` until one for which `f` holds (included), or a
+/// panic naming `what` at the deadline.
+fn lines_until(
+    rx: &mpsc::Receiver<String>,
+    what: &str,
+    deadline: Duration,
+    f: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let end = Instant::now() + deadline;
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let done = f(&line);
+                seen.push(line);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!(
+                "no line {what} within {deadline:?}; saw:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+/// `gru events -f` outlives a controller restart: killed, the controller
+/// closes the stream, the CLI says so on stderr and reconnects, and events
+/// from after the restart arrive, with none printed twice. With --no-retry
+/// it exits non-zero instead, saying the controller closed the stream.
+#[test]
+fn events_follow_reconnects_after_a_controller_restart_printing_nothing_twice() {
+    let args = ["--min", "1", "--max", "1"];
+    let mut dev = Dev::start(&args);
+    let follow = |extra: &[&str]| {
+        let mut cmd = dev.command(&[&["events", "-f", "--json"][..], extra].concat());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut proc = Proc::spawn("gru events -f", &mut cmd);
+        let out = lines_of(proc.child.stdout.take().expect("stdout"));
+        let err = lines_of(proc.child.stderr.take().expect("stderr"));
+        (proc, out, err)
+    };
+    let (follower, out, err) = follow(&[]);
+    let (mut quitter, _quitter_out, quitter_err) = follow(&["--no-retry"]);
+    let admin_event = |says: &'static str| {
+        move |line: &str| {
+            serde_json::from_str::<Value>(line).is_ok_and(|e| {
+                e["kind"] == "admin" && e["message"].as_str().is_some_and(|m| m.contains(says))
+            })
+        }
+    };
+    let wait = Duration::from_secs(30);
+    assert!(dev.gru(&["pause", "local"]).status.success());
+    let mut printed = lines_until(&out, "saying the fleet paused", wait, admin_event("paused"));
+
+    dev.kill();
+    lines_until(&err, "saying the stream closed", wait, |l| {
+        l.contains("closed the event stream; reconnecting in 1s")
+    });
+    let status = quitter.wait_exit(wait);
+    assert!(!status.success(), "--no-retry exited with {status}");
+    let prefix = format!(
+        "error: the controller at {} closed the event stream",
+        dev.controller
+    );
+    lines_until(&quitter_err, "from --no-retry", wait, |l| {
+        l.starts_with(&prefix)
+    });
+
+    let dev = dev.restart(&args);
+    assert!(dev.gru(&["resume", "local"]).status.success());
+    lines_until(
+        &err,
+        "saying it reconnected",
+        Duration::from_secs(60),
+        |l| l.starts_with("reconnected to the controller"),
+    );
+    printed.extend(lines_until(
+        &out,
+        "saying the fleet resumed, after the restart",
+        wait,
+        admin_event("resumed"),
+    ));
+    let mut unique = printed.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        printed.len(),
+        "events printed twice:\n{}",
+        printed.join("\n")
+    );
+    drop(follower);
+    dev.stop();
+}
+
+/// `gru fleet ls` and `gru minion ls` fit 80 columns (COLUMNS, as a
+/// terminal of that width would), pinned fleet and all; `-o wide` shows
+/// the columns the narrow tables leave out, on one line per row.
+#[test]
+fn tables_fit_80_columns_and_wide_shows_every_column() {
+    let dev = Dev::start(&["--min", "1", "--max", "2"]);
+    dev.wait_in_service(1, Duration::from_secs(30));
+    // A pin with an end makes the longest MODE cell.
+    assert!(
+        dev.gru(&["scale", "local", "1", "--for", "2h"])
+            .status
+            .success()
+    );
+    let run = |args: &[&str]| {
+        let out = dev
+            .command(args)
+            .env("COLUMNS", "80")
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "gru {args:?}: {}", stderr(&out));
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    for args in [&["fleet", "ls"][..], &["minion", "ls"][..]] {
+        let table = run(args);
+        for line in table.lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "gru {args:?}: {} chars:\n{table}",
+                line.chars().count()
+            );
+        }
+        for left_out in ["PROVIDER", "CAPACITY", "ENGINE", "INSTANCE"] {
+            assert!(!table.contains(left_out), "{left_out} in\n{table}");
+        }
+    }
+    assert!(run(&["fleet", "ls"]).contains("pinned 1 until"));
+
+    let fleets = run(&["fleet", "ls", "-o", "wide"]);
+    for column in [
+        "PROVIDER",
+        "MIN",
+        "MAX",
+        "DESIRED",
+        "CAPACITY",
+        "IN FLIGHT",
+        "WHY",
+    ] {
+        assert!(fleets.contains(column), "{column} missing in\n{fleets}");
+    }
+    let minions = run(&["minion", "ls", "--output", "wide"]);
+    for column in [
+        "INSTANCE",
+        "ENGINE",
+        "PROCESSED",
+        "FAILED",
+        "REPORTED",
+        "i-local-",
+    ] {
+        assert!(minions.contains(column), "{column} missing in\n{minions}");
+    }
+    assert!(
+        fleets.lines().any(|l| l.chars().count() > 80),
+        "-o wide is not squeezed:\n{fleets}"
+    );
+    dev.stop();
+}
+
+/// `gru scale --help` says what releasing a pin does: no stabilization
+/// window, the step limit and the cooldown.
+#[test]
+fn scale_help_says_what_releasing_a_pin_does() {
+    let out = Command::new(GRU)
+        .args(["scale", "--help"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout).replace('\n', " ");
+    for says in [
+        "Releasing a pin",
+        "scale_in_stabilization",
+        "max_step_in",
+        "scale_in_cooldown",
+    ] {
+        assert!(help.contains(says), "{says} missing in {help}");
+    }
 }

@@ -16,7 +16,7 @@ use gru_core::plan::{
     Change, CloudView, DrainIntent, GroupSize, HookView, Limits, Listed, MinionSnapshot,
 };
 use gru_core::policy::{
-    self, Decision, Explanation, MinionLoad, Observation, Overrides, Pin, PolicyMemory,
+    self, Decision, Explanation, MinionLoad, Observation, Overrides, Pin, PinStatus, PolicyMemory,
     PolicyState, Source,
 };
 use gru_core::{DrainPhase, error_chain};
@@ -1341,10 +1341,20 @@ impl Registry {
             })
             .collect();
         let f = self.fleets.get_mut(fleet)?;
-        if f.last_decision.is_none() {
-            // A controller that just started has no history: count the
-            // capacity it found as recommended now, so it does not scale in
-            // before a whole stabilization window has passed.
+        let pinned_before = f
+            .last_decision
+            .as_ref()
+            .is_some_and(|d| matches!(d.explanation.pin, PinStatus::Active(_)));
+        let pinned_now = f
+            .pin
+            .as_ref()
+            .is_some_and(|p| p.pin.until.is_none_or(|until| until > wall));
+        if f.last_decision.is_none() || (pinned_before && !pinned_now) {
+            // A controller that just started has no history, and during a
+            // pin the policy's history followed the load, not the pin: count
+            // the capacity there is as recommended now, so the fleet does not
+            // scale in before a whole stabilization window has passed (after
+            // a start, or after a pin is released or expires).
             f.policy_state.record_recommendation(wall, capacity);
         }
         let obs = Observation {
@@ -1938,6 +1948,54 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    #[test]
+    fn a_released_or_expired_pin_holds_the_size_for_a_window_before_scaling_in() {
+        let draining = |reg: &Registry| {
+            reg.minions
+                .values()
+                .filter(|m| m.state.is_draining())
+                .count()
+        };
+        for expire in [false, true] {
+            let t0 = Instant::now();
+            let mut reg = registry(0, 5);
+            pass(&mut reg, &group(&["a", "b", "c"], 3), t0);
+            for (i, id) in ["a", "b", "c"].iter().enumerate() {
+                serve(&mut reg, id, i as u16 + 1, t0);
+            }
+            pin(&mut reg, 3);
+            if expire {
+                let until = wall(t0, t0 + Duration::from_secs(60));
+                reg.fleets
+                    .get_mut("f")
+                    .expect("fleet")
+                    .pin
+                    .as_mut()
+                    .expect("pin")
+                    .pin
+                    .until = Some(until);
+            }
+            // Pinned, with no load, well past the window: the pin holds 3.
+            let t1 = t0 + Duration::from_secs(45);
+            reg.decide("f", t0, wall(t0, t0));
+            reg.decide("f", t1, wall(t0, t1));
+            assert_eq!(draining(&reg), 0, "expire={expire}: pinned");
+            // Released (`gru scale f auto`), or the pin's end passed.
+            let t2 = t0 + Duration::from_secs(61);
+            if !expire {
+                reg.fleets.get_mut("f").expect("fleet").pin = None;
+            }
+            reg.decide("f", t2, wall(t0, t2));
+            assert_eq!(draining(&reg), 0, "expire={expire}: held at release");
+            let t3 = t2 + Duration::from_secs(29);
+            reg.decide("f", t3, wall(t0, t3));
+            assert_eq!(draining(&reg), 0, "expire={expire}: held within the window");
+            let t4 = t2 + Duration::from_secs(31);
+            reg.decide("f", t4, wall(t0, t4));
+            assert_eq!(draining(&reg), 3, "expire={expire}: after the window");
+        }
     }
 
     #[test]

@@ -1,37 +1,87 @@
-//! The admin commands: one gRPC call each, a table for people and `--json`
-//! for scripts, and a progress line while `--wait` waits.
+//! The admin commands: one gRPC call each within a deadline (`--timeout`),
+//! a table that fits the terminal for people (`-o wide` for every column)
+//! and `--json` for scripts, a progress line while `--wait` waits, and an
+//! `events -f` that outlives a controller restart.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use clap::Args;
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use clap::{Args, ValueEnum};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use gru_proto::v1 as pb;
 use gru_proto::v1::admin_service_client::AdminServiceClient;
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
-use crate::client;
+use crate::client::{self, Admin, Controller, Deadline};
 
 /// Poll interval while waiting.
 const WAIT_POLL: Duration = Duration::from_millis(250);
-const DEFAULT_WAIT_TIMEOUT: &str = "5m";
+/// How long `--wait` waits unless `--timeout` says otherwise.
+const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// `events -f` reconnects this long after the controller closed the stream,
+/// then waits twice as long after each failed attempt, up to
+/// [`RECONNECT_MAX`]. One operator's CLI needs no jitter.
+const RECONNECT_FIRST: Duration = Duration::from_secs(1);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// A reconnect asks for the events from this long before the newest one
+/// printed, and skips those already printed: events of the same moment can
+/// reach a watcher out of order, and the log answers "at or after".
+const RESUME_OVERLAP_MS: u64 = 5_000;
+
+const TIMEOUT_HELP: &str =
+    "Give up after this long: connecting, the TLS handshake and the call together [default: 10s]";
+const WAIT_TIMEOUT_HELP: &str = "Give up after this long [default: 10s; with --wait: 5m, the whole wait]. \
+Connecting and each call are bounded by 10s in any case";
+const EVENTS_TIMEOUT_HELP: &str = "Give up after this long [default: 10s]: connecting, the TLS handshake and \
+opening the stream, and without -f reading the events too; with -f an open stream runs as long as it lasts";
 
 #[derive(Args)]
 pub struct Common {
     /// The client config (default: $GRU_CONFIG, else the one `gru dev` writes).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout, help = TIMEOUT_HELP)]
+    pub timeout: Option<Duration>,
 }
 
+impl Common {
+    /// The deadline of a command that makes one call.
+    fn deadline(&self) -> Deadline {
+        Deadline::after(self.timeout.unwrap_or(client::DEFAULT_TIMEOUT))
+    }
+
+    async fn connect(&self, deadline: Deadline) -> anyhow::Result<Admin> {
+        client::connect(self.config.as_deref(), deadline).await
+    }
+}
+
+/// How a listing is printed besides the default table that fits the terminal.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Every column, each row on one line however long (as `kubectl -o wide`).
+    Wide,
+    /// The same as --json.
+    Json,
+}
+
+const TABLE_HELP: &str = "Tables fit $COLUMNS if it is set, else the terminal's width (long cells wrap), \
+and leave out the less used columns; -o wide shows every column on one line per row. \
+When stdout is not a terminal and COLUMNS is not set, rows are not wrapped. \
+Scripts should use --json, whose fields do not change with the width.";
+
 #[derive(Args)]
-pub struct JsonArg {
+#[command(after_help = TABLE_HELP)]
+pub struct FleetLsArgs {
     #[command(flatten)]
     pub common: Common,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// `wide`: also PROVIDER, MIN, MAX, DESIRED, CAPACITY and IN FLIGHT; `json`: as --json.
+    #[arg(long, short, value_enum, value_name = "FORMAT")]
+    pub output: Option<Output>,
 }
 
 #[derive(Args)]
@@ -46,6 +96,7 @@ pub struct FleetArg {
 }
 
 #[derive(Args)]
+#[command(after_help = TABLE_HELP)]
 pub struct MinionLsArgs {
     #[command(flatten)]
     pub common: Common,
@@ -58,6 +109,9 @@ pub struct MinionLsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// `wide`: also INSTANCE, ENGINE, PROCESSED, FAILED and REPORTED; `json`: as --json.
+    #[arg(long, short, value_enum, value_name = "FORMAT")]
+    pub output: Option<Output>,
 }
 
 #[derive(Args)]
@@ -71,13 +125,23 @@ pub struct MinionGetArgs {
     pub json: bool,
 }
 
+const SCALE_AFTER_HELP: &str = "\
+Releasing a pin (`gru scale FLEET auto`, or the end of --for/--until) hands the size back to \
+the policy, but not as an instant scale-in: the fleet keeps the size it has for one \
+scale_in_stabilization window from the release (as after a controller start), then shrinks \
+as the policy says, by at most max_step_in minions per decision with scale_in_cooldown after \
+each step. Each minion leaves the load balancer and drains before it is terminated. If the \
+policy wants more, it scales out at once. `gru explain FLEET` shows each decision and what \
+held it.";
+
 #[derive(Args)]
+#[command(after_long_help = SCALE_AFTER_HELP, mut_arg("timeout", |a| a.help(WAIT_TIMEOUT_HELP)))]
 pub struct ScaleArgs {
     #[command(flatten)]
     pub common: Common,
     /// The fleet's name.
     pub fleet: String,
-    /// The number of minions to pin the fleet at, or `auto` to release the pin.
+    /// The number of minions to pin the fleet at, or `auto` to release the pin (see --help for what follows).
     #[arg(value_parser = parse_size)]
     pub size: Size,
     /// Let the pin end by itself after this long (e.g. 30m, 2h).
@@ -89,15 +153,13 @@ pub struct ScaleArgs {
     /// Wait until the fleet has exactly that many minions in service and none draining.
     #[arg(long)]
     pub wait: bool,
-    /// Give up waiting after this long.
-    #[arg(long, default_value = DEFAULT_WAIT_TIMEOUT, value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Args)]
+#[command(mut_arg("timeout", |a| a.help(WAIT_TIMEOUT_HELP)))]
 pub struct DrainArgs {
     #[command(flatten)]
     pub common: Common,
@@ -109,21 +171,24 @@ pub struct DrainArgs {
     /// Wait until the minion is Gone.
     #[arg(long)]
     pub wait: bool,
-    /// Give up waiting after this long.
-    #[arg(long, default_value = DEFAULT_WAIT_TIMEOUT, value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Args)]
+#[command(mut_arg("timeout", |a| a.help(EVENTS_TIMEOUT_HELP)))]
 pub struct EventsArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Keep printing new events.
+    /// Keep printing new events. When the controller closes the stream (it
+    /// stopped or restarted), say so on stderr, reconnect with backoff (1s,
+    /// 2s, 4s, … 30s) and carry on where it stopped, printing no event twice.
     #[arg(long, short)]
     pub follow: bool,
+    /// With -f: exit (non-zero) when the controller closes the stream instead of reconnecting.
+    #[arg(long, requires = "follow")]
+    pub no_retry: bool,
     /// Only this fleet's events.
     #[arg(long)]
     pub fleet: Option<String>,
@@ -171,6 +236,15 @@ fn parse_future_time(s: &str) -> Result<std::time::SystemTime, String> {
     Ok(t)
 }
 
+/// `--timeout`: a deadline of 0s would fail every call.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("the timeout must be longer than 0s".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// `--since`: a duration back from now, or an RFC 3339 time.
 fn parse_since(s: &str) -> Result<std::time::SystemTime, String> {
     if let Ok(d) = humantime::parse_duration(s) {
@@ -183,10 +257,30 @@ fn parse_since(s: &str) -> Result<std::time::SystemTime, String> {
     })
 }
 
-fn table(header: &[&str]) -> Table {
+/// How wide a table may be: `$COLUMNS` when it is a number, else the
+/// terminal's width; `None` (no limit, one line per row) when neither is
+/// known, e.g. stdout is a pipe and COLUMNS is not set.
+fn table_width(columns: Option<&str>, terminal: Option<u16>) -> Option<u16> {
+    columns
+        .and_then(|c| c.trim().parse::<u16>().ok())
+        .filter(|&w| w > 0)
+        .or(terminal)
+}
+
+/// A table with `header`; unless `wide`, it fits [`table_width`] by
+/// wrapping its longest cells.
+fn table(header: &[&str], wide: bool) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY)
         .set_header(header.iter().copied());
+    if !wide {
+        let columns = std::env::var("COLUMNS").ok();
+        // `Table::width` is the terminal's width when stdout is one.
+        if let Some(w) = table_width(columns.as_deref(), t.width()) {
+            t.set_width(w)
+                .set_content_arrangement(ContentArrangement::Dynamic);
+        }
+    }
     t
 }
 
@@ -195,8 +289,11 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A duration to its two largest units (`1h 2m`, not `1h 2m 3s`): enough
+/// to read, and short enough for a narrow column.
 fn age(ms: u64) -> String {
-    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+    let full = humantime::format_duration(Duration::from_secs(ms / 1000)).to_string();
+    full.split(' ').take(2).collect::<Vec<_>>().join(" ")
 }
 
 fn clock(unix_ms: u64) -> String {
@@ -212,21 +309,31 @@ fn when(unix_ms: u64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn fleet_table(fleets: &[pb::Fleet]) -> Table {
-    let mut t = table(&[
-        "FLEET",
-        "PROVIDER",
-        "MIN",
-        "MAX",
-        "DESIRED",
-        "CAPACITY",
-        "IN SERVICE",
-        "DRAINING",
-        "QUEUED",
-        "IN FLIGHT",
-        "MODE",
-        "WHY",
-    ]);
+fn fleet_table(fleets: &[pb::Fleet], wide: bool) -> Table {
+    let mut t = if wide {
+        table(
+            &[
+                "FLEET",
+                "PROVIDER",
+                "MIN",
+                "MAX",
+                "DESIRED",
+                "CAPACITY",
+                "IN SERVICE",
+                "DRAINING",
+                "QUEUED",
+                "IN FLIGHT",
+                "MODE",
+                "WHY",
+            ],
+            true,
+        )
+    } else {
+        table(
+            &["FLEET", "IN SERVICE", "DRAINING", "QUEUED", "MODE", "WHY"],
+            false,
+        )
+    };
     for f in fleets {
         let by = |who: &str| {
             if who.is_empty() {
@@ -235,13 +342,24 @@ fn fleet_table(fleets: &[pb::Fleet]) -> Table {
                 format!(" by {who}")
             }
         };
+        // The narrow table leaves out who and since when (`-o wide`,
+        // `--json` and the events have them), and breaks the pin's end at a
+        // space so a narrow column wraps it there.
         let mode = match (f.paused, f.pinned) {
+            (true, _) if !wide => "paused".to_owned(),
             (true, _) => {
                 let since = f
                     .paused_at_unix_ms
                     .map(|ms| format!(" since {}", when(ms)))
                     .unwrap_or_default();
                 format!("paused{since}{}", by(&f.paused_by))
+            }
+            (false, Some(n)) if !wide => {
+                let until = f
+                    .pinned_until_unix_ms
+                    .map(|ms| format!(" until {}", when(ms).replacen('T', " ", 1)))
+                    .unwrap_or_default();
+                format!("pinned {n}{until}")
             }
             (false, Some(n)) => {
                 let until = f
@@ -252,83 +370,130 @@ fn fleet_table(fleets: &[pb::Fleet]) -> Table {
             }
             (false, None) => "auto".to_owned(),
         };
-        t.add_row(vec![
-            f.name.clone(),
-            f.provider.clone(),
-            f.min.to_string(),
-            f.max.to_string(),
-            f.desired.to_string(),
-            f.capacity.to_string(),
-            f.in_service.to_string(),
-            f.draining.to_string(),
-            f.queue_depth.to_string(),
-            f.in_flight.to_string(),
-            mode,
-            f.reason.clone(),
-        ]);
+        if wide {
+            t.add_row(vec![
+                f.name.clone(),
+                f.provider.clone(),
+                f.min.to_string(),
+                f.max.to_string(),
+                f.desired.to_string(),
+                f.capacity.to_string(),
+                f.in_service.to_string(),
+                f.draining.to_string(),
+                f.queue_depth.to_string(),
+                f.in_flight.to_string(),
+                mode,
+                f.reason.clone(),
+            ]);
+        } else {
+            t.add_row(vec![
+                f.name.clone(),
+                // Of the size it should have, as kubectl's READY 2/3.
+                format!("{}/{}", f.in_service, f.desired),
+                f.draining.to_string(),
+                f.queue_depth.to_string(),
+                mode,
+                f.reason.clone(),
+            ]);
+        }
     }
     t
 }
 
-pub async fn fleet_ls(a: JsonArg) -> anyhow::Result<()> {
-    let mut admin = client::connect(a.common.config.as_deref()).await?;
-    let fleets = call(
-        &admin.address,
-        admin.client.list_fleets(pb::ListFleetsRequest {}).await,
-    )?
+/// `--json` or `-o json`.
+fn wants_json(json: bool, output: Option<Output>) -> bool {
+    json || output == Some(Output::Json)
+}
+
+pub async fn fleet_ls(a: FleetLsArgs) -> anyhow::Result<()> {
+    let mut admin = a.common.connect(a.common.deadline()).await?;
+    let fleets = client::call(
+        &admin.to,
+        "ListFleets",
+        admin.client.list_fleets(pb::ListFleetsRequest {}),
+    )
+    .await?
     .fleets;
-    if a.json {
+    if wants_json(a.json, a.output) {
         return print_json(&fleets);
     }
-    println!("{}", fleet_table(&fleets));
+    println!("{}", fleet_table(&fleets, a.output == Some(Output::Wide)));
     Ok(())
 }
 
-fn call<T>(address: &str, r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
-    r.map(tonic::Response::into_inner)
-        .map_err(|s| client::explain(address, s))
-}
-
 pub async fn minion_ls(a: MinionLsArgs) -> anyhow::Result<()> {
-    let mut admin = client::connect(a.common.config.as_deref()).await?;
+    let mut admin = a.common.connect(a.common.deadline()).await?;
     let req = pb::ListMinionsRequest {
         fleet: a.fleet.unwrap_or_default(),
         include_gone: a.all,
     };
-    let minions = call(&admin.address, admin.client.list_minions(req).await)?.minions;
-    if a.json {
+    let minions = client::call(&admin.to, "ListMinions", admin.client.list_minions(req))
+        .await?
+        .minions;
+    if wants_json(a.json, a.output) {
         return print_json(&minions);
     }
-    let mut t = table(&[
-        "ID",
-        "FLEET",
-        "INSTANCE",
-        "STATE",
-        "FOR",
-        "ENGINE",
-        "QUEUED",
-        "IN FLIGHT",
-        "CONNS",
-        "PROCESSED",
-        "FAILED",
-        "REPORTED",
-    ]);
+    let wide = a.output == Some(Output::Wide);
+    let mut t = if wide {
+        table(
+            &[
+                "ID",
+                "FLEET",
+                "INSTANCE",
+                "STATE",
+                "FOR",
+                "ENGINE",
+                "QUEUED",
+                "IN FLIGHT",
+                "CONNS",
+                "PROCESSED",
+                "FAILED",
+                "REPORTED",
+            ],
+            true,
+        )
+    } else {
+        table(
+            &[
+                "ID",
+                "FLEET",
+                "STATE",
+                "FOR",
+                "QUEUED",
+                "IN FLIGHT",
+                "CONNS",
+            ],
+            false,
+        )
+    };
     for m in &minions {
-        t.add_row(vec![
-            m.id.clone(),
-            m.fleet.clone(),
-            m.instance_id.clone(),
-            m.state.clone(),
-            age(m.state_age_ms),
-            m.engine_address.clone(),
-            m.queue_depth.to_string(),
-            m.in_flight.to_string(),
-            m.open_connections.to_string(),
-            m.processed_total.to_string(),
-            m.failed_total.to_string(),
-            m.last_report_age_ms
-                .map_or("never".to_owned(), |ms| format!("{} ago", age(ms))),
-        ]);
+        if wide {
+            t.add_row(vec![
+                m.id.clone(),
+                m.fleet.clone(),
+                m.instance_id.clone(),
+                m.state.clone(),
+                age(m.state_age_ms),
+                m.engine_address.clone(),
+                m.queue_depth.to_string(),
+                m.in_flight.to_string(),
+                m.open_connections.to_string(),
+                m.processed_total.to_string(),
+                m.failed_total.to_string(),
+                m.last_report_age_ms
+                    .map_or("never".to_owned(), |ms| format!("{} ago", age(ms))),
+            ]);
+        } else {
+            t.add_row(vec![
+                m.id.clone(),
+                m.fleet.clone(),
+                m.state.clone(),
+                age(m.state_age_ms),
+                m.queue_depth.to_string(),
+                m.in_flight.to_string(),
+                m.open_connections.to_string(),
+            ]);
+        }
     }
     println!("{t}");
     if minions.is_empty() {
@@ -356,7 +521,7 @@ fn print_minion(m: &pb::Minion) {
     if !m.drain_reason.is_empty() {
         println!("leaving   {}", m.drain_reason);
     }
-    let mut t = table(&["AT", "FROM", "TO", "WHY"]);
+    let mut t = table(&["AT", "FROM", "TO", "WHY"], false);
     for h in &m.history {
         t.add_row(vec![
             clock(h.at_unix_ms),
@@ -369,14 +534,13 @@ fn print_minion(m: &pb::Minion) {
 }
 
 pub async fn minion_get(a: MinionGetArgs) -> anyhow::Result<()> {
-    let mut admin = client::connect(a.common.config.as_deref()).await?;
-    let m = call(
-        &admin.address,
-        admin
-            .client
-            .get_minion(pb::GetMinionRequest { id: a.id })
-            .await,
-    )?;
+    let mut admin = a.common.connect(a.common.deadline()).await?;
+    let m = client::call(
+        &admin.to,
+        "GetMinion",
+        admin.client.get_minion(pb::GetMinionRequest { id: a.id }),
+    )
+    .await?;
     if a.json {
         return print_json(&m);
     }
@@ -398,6 +562,41 @@ fn spinner(timeout: Duration) -> ProgressBar {
     pb
 }
 
+/// The deadlines of a command that may `--wait`: the whole command's, and
+/// one step's (connecting, or one call), which with --wait is also bounded by
+/// the default timeout, so a silent controller is noticed in seconds, not at
+/// the end of the wait.
+#[derive(Clone, Copy)]
+struct WaitDeadlines {
+    whole: Deadline,
+    wait: bool,
+}
+
+impl WaitDeadlines {
+    fn new(common: &Common, wait: bool) -> (WaitDeadlines, Duration) {
+        let budget = common.timeout.unwrap_or(if wait {
+            DEFAULT_WAIT_TIMEOUT
+        } else {
+            client::DEFAULT_TIMEOUT
+        });
+        (
+            WaitDeadlines {
+                whole: Deadline::after(budget),
+                wait,
+            },
+            budget,
+        )
+    }
+
+    fn step(&self) -> Deadline {
+        if self.wait {
+            Deadline::after(client::DEFAULT_TIMEOUT).min(self.whole)
+        } else {
+            self.whole
+        }
+    }
+}
+
 pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
     let target = match a.size {
         Size::Auto => pb::scale_request::Target::Auto(true),
@@ -413,13 +612,14 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
         t.duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
     });
-    let mut admin = client::connect(a.common.config.as_deref()).await?;
+    let (deadlines, timeout) = WaitDeadlines::new(&a.common, a.wait);
+    let mut admin = a.common.connect(deadlines.step()).await?;
     let req = pb::ScaleRequest {
         fleet: a.fleet.clone(),
         target: Some(target),
         until_unix_ms,
     };
-    let fleet = call(&admin.address, admin.client.scale(req).await)?;
+    let fleet = client::call(&admin.to, "Scale", admin.client.scale(req)).await?;
     if !a.wait {
         if a.json {
             return print_json(&fleet);
@@ -447,12 +647,16 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
         pb::scale_request::Target::Auto(_) => None,
     };
     let client = admin.client.clone();
-    let address = admin.address.clone();
+    let address = admin.to.address.clone();
     let name = a.fleet.clone();
-    let (fleet, took) = wait_with_progress(a.timeout, move || {
-        let (client, address, name) = (client.clone(), address.clone(), name.clone());
+    let (fleet, took) = wait_with_progress(timeout, move || {
+        let to = Controller {
+            address: address.clone(),
+            deadline: deadlines.step(),
+        };
+        let (client, name) = (client.clone(), name.clone());
         async move {
-            let f = get_fleet(client, &address, &name).await?;
+            let f = get_fleet(client, &to, &name).await?;
             let goal = want.unwrap_or(f.desired);
             let status = format!(
                 "fleet {}: {}/{goal} in service, {} starting, {} draining",
@@ -484,10 +688,16 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
 
 async fn get_fleet(
     mut client: AdminServiceClient<Channel>,
-    address: &str,
+    to: &Controller,
     name: &str,
 ) -> anyhow::Result<pb::Fleet> {
-    let fleets = call(address, client.list_fleets(pb::ListFleetsRequest {}).await)?.fleets;
+    let fleets = client::call(
+        to,
+        "ListFleets",
+        client.list_fleets(pb::ListFleetsRequest {}),
+    )
+    .await?
+    .fleets;
     fleets
         .into_iter()
         .find(|f| f.name == name)
@@ -515,7 +725,13 @@ where
     let started = Instant::now();
     let bar = spinner(timeout);
     loop {
-        let p = poll().await?;
+        let p = match poll().await {
+            Ok(p) => p,
+            Err(e) => {
+                bar.abandon();
+                return Err(e);
+            }
+        };
         bar.set_message(p.status.clone());
         if p.done {
             bar.finish_and_clear();
@@ -534,12 +750,13 @@ where
 }
 
 pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
-    let mut admin = client::connect(a.common.config.as_deref()).await?;
+    let (deadlines, timeout) = WaitDeadlines::new(&a.common, a.wait);
+    let mut admin = a.common.connect(deadlines.step()).await?;
     let req = pb::DrainRequest {
         id: a.id.clone(),
         replace: a.replace,
     };
-    let m = call(&admin.address, admin.client.drain(req).await)?;
+    let m = client::call(&admin.to, "Drain", admin.client.drain(req)).await?;
     if !a.wait {
         if a.json {
             return print_json(&m);
@@ -551,15 +768,21 @@ pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let client = admin.client.clone();
-    let address = admin.address.clone();
+    let address = admin.to.address.clone();
     let id = m.id.clone();
-    let (m, took) = wait_with_progress(a.timeout, move || {
-        let (mut client, address, id) = (client.clone(), address.clone(), id.clone());
+    let (m, took) = wait_with_progress(timeout, move || {
+        let to = Controller {
+            address: address.clone(),
+            deadline: deadlines.step(),
+        };
+        let (mut client, id) = (client.clone(), id.clone());
         async move {
-            let m = call(
-                &address,
-                client.get_minion(pb::GetMinionRequest { id }).await,
-            )?;
+            let m = client::call(
+                &to,
+                "GetMinion",
+                client.get_minion(pb::GetMinionRequest { id }),
+            )
+            .await?;
             let status = format!(
                 "minion {}: {} (queued {}, in flight {}, connections {})",
                 m.id, m.state, m.queue_depth, m.in_flight, m.open_connections
@@ -585,23 +808,21 @@ pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
 }
 
 pub async fn pause(a: FleetArg, paused: bool) -> anyhow::Result<()> {
-    let mut admin = client::connect(a.common.config.as_deref()).await?;
+    let mut admin = a.common.connect(a.common.deadline()).await?;
     let fleet = if paused {
-        call(
-            &admin.address,
-            admin
-                .client
-                .pause(pb::PauseRequest { fleet: a.fleet })
-                .await,
-        )?
+        client::call(
+            &admin.to,
+            "Pause",
+            admin.client.pause(pb::PauseRequest { fleet: a.fleet }),
+        )
+        .await?
     } else {
-        call(
-            &admin.address,
-            admin
-                .client
-                .resume(pb::ResumeRequest { fleet: a.fleet })
-                .await,
-        )?
+        client::call(
+            &admin.to,
+            "Resume",
+            admin.client.resume(pb::ResumeRequest { fleet: a.fleet }),
+        )
+        .await?
     };
     if a.json {
         return print_json(&fleet);
@@ -618,14 +839,13 @@ pub async fn pause(a: FleetArg, paused: bool) -> anyhow::Result<()> {
 }
 
 pub async fn explain(a: FleetArg) -> anyhow::Result<()> {
-    let mut admin = client::connect(a.common.config.as_deref()).await?;
-    let d = call(
-        &admin.address,
-        admin
-            .client
-            .explain(pb::ExplainRequest { fleet: a.fleet })
-            .await,
-    )?;
+    let mut admin = a.common.connect(a.common.deadline()).await?;
+    let d = client::call(
+        &admin.to,
+        "Explain",
+        admin.client.explain(pb::ExplainRequest { fleet: a.fleet }),
+    )
+    .await?;
     if a.json {
         return print_json(&d);
     }
@@ -634,38 +854,211 @@ pub async fn explain(a: FleetArg) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints one event: a JSON object, or a line with the time of day (the
+/// full date with --since, which may reach back days).
+fn print_event(e: &pb::Event, json: bool, full_time: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(e)?);
+    } else {
+        let who = if e.minion_id.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", e.minion_id)
+        };
+        let at = if full_time {
+            when(e.at_unix_ms)
+        } else {
+            clock(e.at_unix_ms)
+        };
+        println!("{} {:<10} {}{}  {}", at, e.kind, e.fleet, who, e.message);
+    }
+    Ok(())
+}
+
+/// Connects and opens the event stream, both within `deadline`. The
+/// [`Admin`] comes back too: its channel carries the stream.
+async fn open_events(
+    a: &EventsArgs,
+    deadline: Deadline,
+    since_unix_ms: Option<u64>,
+) -> anyhow::Result<(Admin, tonic::Streaming<pb::Event>)> {
+    let mut admin = a.common.connect(deadline).await?;
+    let req = pb::WatchEventsRequest {
+        fleet: a.fleet.clone().unwrap_or_default(),
+        follow: a.follow,
+        since_unix_ms,
+    };
+    let stream = client::call(&admin.to, "WatchEvents", admin.client.watch_events(req)).await?;
+    Ok((admin, stream))
+}
+
+/// What `events -f` printed lately, so that a reconnect, which asks for a
+/// little more than it missed, prints nothing twice.
+#[derive(Default)]
+struct Printed {
+    /// The newest event time printed.
+    newest_ms: Option<u64>,
+    /// Every event printed within [`RESUME_OVERLAP_MS`] of the newest.
+    recent: Vec<pb::Event>,
+}
+
+impl Printed {
+    /// True the first time `e` comes, which it then remembers.
+    fn first_time(&mut self, e: &pb::Event) -> bool {
+        if self.recent.contains(e) {
+            return false;
+        }
+        let newest = self.newest_ms.unwrap_or(0).max(e.at_unix_ms);
+        self.newest_ms = Some(newest);
+        let floor = newest.saturating_sub(RESUME_OVERLAP_MS);
+        self.recent.retain(|r| r.at_unix_ms >= floor);
+        if e.at_unix_ms >= floor {
+            self.recent.push(e.clone());
+        }
+        true
+    }
+
+    /// Where a reconnect resumes: a little before the newest event printed;
+    /// with none printed, where the first stream started (every event of
+    /// the log when it had none: the first stream would have shown them).
+    fn resume_since(&self, first: Option<u64>) -> u64 {
+        match self.newest_ms {
+            Some(newest) => newest.saturating_sub(RESUME_OVERLAP_MS),
+            None => first.unwrap_or(0),
+        }
+    }
+}
+
+/// A follow stream that broke because the connection did (the controller
+/// stopped, was killed, or restarted), rather than a refusal of the call.
+fn stream_lost(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        s.code(),
+        Code::Unknown
+            | Code::Unavailable
+            | Code::Internal
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::DeadlineExceeded
+    )
+}
+
 pub async fn events(a: EventsArgs) -> anyhow::Result<()> {
-    let mut admin = client::connect(a.common.config.as_deref()).await?;
     let since_unix_ms = a.since.map(|t| {
         t.duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
     });
-    let req = pb::WatchEventsRequest {
-        fleet: a.fleet.unwrap_or_default(),
-        follow: a.follow,
-        since_unix_ms,
-    };
-    let mut stream = call(&admin.address, admin.client.watch_events(req).await)?;
-    while let Some(e) = stream
-        .message()
-        .await
-        .map_err(|s| client::explain(&admin.address, s))?
-    {
-        if a.json {
-            println!("{}", serde_json::to_string(&e)?);
-        } else {
-            let who = if e.minion_id.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", e.minion_id)
-            };
-            let at = if since_unix_ms.is_some() {
-                when(e.at_unix_ms)
-            } else {
-                clock(e.at_unix_ms)
-            };
-            println!("{} {:<10} {}{}  {}", at, e.kind, e.fleet, who, e.message);
+    let full_time = since_unix_ms.is_some();
+    let deadline = a.common.deadline();
+    let (admin, mut stream) = open_events(&a, deadline, since_unix_ms).await?;
+    if !a.follow {
+        return client::within(&admin.to, "WatchEvents", async {
+            while let Some(e) = stream
+                .message()
+                .await
+                .map_err(|s| client::explain(&admin.to.address, s))?
+            {
+                print_event(&e, a.json, full_time)?;
+            }
+            Ok(())
+        })
+        .await;
+    }
+    let mut admin = admin;
+    let mut printed = Printed::default();
+    loop {
+        // Read until the controller closes the stream.
+        let lost = loop {
+            match stream.message().await {
+                Ok(Some(e)) => {
+                    if printed.first_time(&e) {
+                        print_event(&e, a.json, full_time)?;
+                    }
+                }
+                Ok(None) => break "it ended the stream",
+                Err(s) if stream_lost(&s) => break "the connection was lost",
+                Err(s) => return Err(client::explain(&admin.to.address, s)),
+            }
+        };
+        let address = admin.to.address.clone();
+        if a.no_retry {
+            bail!("the controller at {address} closed the event stream ({lost})");
+        }
+        let mut delay = RECONNECT_FIRST;
+        eprintln!(
+            "the controller at {address} closed the event stream; reconnecting in {}…",
+            humantime::format_duration(delay)
+        );
+        (admin, stream) = loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RECONNECT_MAX);
+            let since = printed.resume_since(since_unix_ms);
+            match open_events(&a, a.common.deadline(), Some(since)).await {
+                Ok(opened) => break opened,
+                Err(e) if client::is_transient(&e) => {
+                    eprintln!("{e:#}; retrying in {}…", humantime::format_duration(delay))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        eprintln!(
+            "reconnected to the controller at {}; following its events again",
+            admin.to.address
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(at: u64, message: &str) -> pb::Event {
+        pb::Event {
+            at_unix_ms: at,
+            fleet: "local".to_owned(),
+            kind: "admin".to_owned(),
+            message: message.to_owned(),
+            ..Default::default()
         }
     }
-    Ok(())
+
+    #[test]
+    fn a_resumed_stream_prints_no_event_twice() {
+        let mut p = Printed::default();
+        assert_eq!(p.resume_since(None), 0, "nothing printed: the whole log");
+        assert_eq!(p.resume_since(Some(7)), 7, "nothing printed: from --since");
+        assert!(p.first_time(&event(10_000, "a")));
+        assert!(p.first_time(&event(12_000, "b")));
+        assert!(
+            p.first_time(&event(12_000, "c")),
+            "same moment, another event"
+        );
+        assert_eq!(p.resume_since(None), 7_000);
+        // The reconnect's backlog repeats what was printed, then goes on.
+        assert!(!p.first_time(&event(10_000, "a")));
+        assert!(!p.first_time(&event(12_000, "b")));
+        assert!(!p.first_time(&event(12_000, "c")));
+        assert!(p.first_time(&event(12_500, "d")));
+        // Events older than the overlap are forgotten; the set stays small.
+        assert!(p.first_time(&event(20_000, "e")));
+        assert_eq!(p.recent.len(), 1);
+        assert_eq!(p.resume_since(None), 15_000);
+    }
+
+    #[test]
+    fn tables_fit_columns_else_the_terminal_else_no_limit() {
+        assert_eq!(table_width(Some("80"), Some(200)), Some(80));
+        assert_eq!(table_width(None, Some(120)), Some(120));
+        assert_eq!(table_width(Some("wide"), Some(120)), Some(120));
+        assert_eq!(table_width(Some("0"), None), None);
+        assert_eq!(table_width(None, None), None);
+    }
+
+    #[test]
+    fn ages_keep_their_two_largest_units() {
+        assert_eq!(age(7_000), "7s");
+        assert_eq!(age(67_000), "1m 7s");
+        assert_eq!(age(3_723_000), "1h 2m");
+    }
 }

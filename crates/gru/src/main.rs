@@ -127,7 +127,7 @@ enum MinionCommand {
 #[derive(Subcommand)]
 enum FleetCommand {
     /// List fleets with their size, load and latest decision.
-    Ls(admin::JsonArg),
+    Ls(admin::FleetLsArgs),
 }
 
 fn init_tracing(format: LogFormat) {
