@@ -14,3 +14,4 @@ mod operator;
 mod restart;
 mod scaling;
 mod sim;
+mod soak;

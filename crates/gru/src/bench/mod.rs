@@ -2,6 +2,7 @@
 //! suite`: the origin's DRIVER, SINK and system under test over HL7/MLLP,
 //! with a live progress line and a summary (table or JSON).
 
+mod soak;
 mod suite;
 
 use std::net::SocketAddr;
@@ -32,6 +33,10 @@ pub enum BenchCommand {
     /// process, the engine in a child process. Prints a table; fails if any
     /// SINK misses a message it should have.
     Suite(suite::SuiteArgs),
+    /// Many messages through a `gru dev` fleet while it is scaled, its
+    /// minions are killed and its controller is killed mid-drain; fails if
+    /// an ACKed message never reached the downstream.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -166,6 +171,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Drive(a) => drive(a).await,
         BenchCommand::Engine(a) => engine(a).await,
         BenchCommand::Suite(a) => suite::run(a).await,
+        BenchCommand::Soak(a) => soak::run(a).await,
     }
 }
 
