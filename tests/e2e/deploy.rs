@@ -416,6 +416,33 @@ fn cloud_init_user_data_variants() {
     );
 }
 
+/// Values the CLI takes that TOML must escape come back from minion.toml
+/// as given, after cloud-init's own parser wrote the file.
+#[test]
+fn cloud_init_minion_toml_keeps_quotes_and_backslashes() {
+    let server_name = r#"gru\ctl"1'"#;
+    let token = r#"/etc/gru/the "join" token\x"#;
+    let user_data = render(&[
+        "--fleet",
+        "hl7",
+        "--controller",
+        "10.0.0.10",
+        "--server-name",
+        server_name,
+        "--package",
+        "/usr/local/bin/gru",
+        "--downstream",
+        "10.0.2.5:2576",
+        "--join-token-file",
+        token,
+    ]);
+    check_minion_user_data("quoted values", &user_data, false);
+    let written: toml::Table =
+        toml::from_str(&inspect(&user_data).read("/etc/gru/minion.toml")).expect("minion.toml");
+    assert_eq!(written["server_name"].as_str(), Some(server_name));
+    assert_eq!(written["join_token_file"].as_str(), Some(token));
+}
+
 #[test]
 fn cloud_init_render_refuses_what_would_not_work() {
     let dir = tempfile::tempdir().expect("tempdir");

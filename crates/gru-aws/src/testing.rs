@@ -317,6 +317,7 @@ pub fn clients(url: &str, account: &str, extra: impl Intercept + Clone + 'static
             $sdk::Client::from_conf(
                 $sdk::Config::builder()
                     .behavior_version(BehaviorVersion::latest())
+                    .http_client(crate::config::https_client())
                     .region(Region::new(REGION))
                     .credentials_provider(credentials.clone())
                     .endpoint_url(url)

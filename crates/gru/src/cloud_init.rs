@@ -3,10 +3,11 @@
 //! parts of their own, wraps everything in a multipart MIME message.
 //!
 //! The template has `{{name}}` placeholders and no logic. Every value is
-//! escaped here for the one place it goes (a shell word, a TOML string, a
-//! YAML block), so no value can break out of it. A placeholder alone on its
-//! line takes a block of lines, each indented like the placeholder (an empty
-//! block removes the line); any other placeholder takes one line.
+//! escaped for the one place it goes (a shell word here, minion.toml by the
+//! toml crate, a YAML block), so no value can break out of it. A placeholder
+//! alone on its line takes a block of lines, each indented like the
+//! placeholder (an empty block removes the line); any other placeholder
+//! takes one line.
 //!
 //! Multipart order: the operator's parts first, in the order given, gru's
 //! cloud-config last. cloud-init merges cloud-config parts in order, and
@@ -23,6 +24,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail, ensure};
 use base64::Engine as _;
 use clap::{Args, Subcommand};
+
+use crate::config_files::{self, MinionAws, MinionEngine, MinionFile};
 
 const TEMPLATE: &str = include_str!("../../../cloud-init/minion.yaml.tmpl");
 const MINION_UNIT: &str = include_str!("../../../deploy/systemd/gru-minion.service");
@@ -127,7 +130,7 @@ pub fn run(command: CloudInitCommand) -> anyhow::Result<()> {
 /// The values that go into the template, each already escaped for its place.
 fn render(args: &RenderArgs) -> anyhow::Result<String> {
     let vars = if args.cloudformation {
-        cloudformation_vars(args)
+        cloudformation_vars(args)?
     } else {
         values(args)?
     };
@@ -188,11 +191,7 @@ fn values(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
         )
     })?;
     ensure!(args.engine_port != 0, "--engine-port: 1..=65535");
-    ensure!(
-        args.join_token_file.starts_with('/'),
-        "--join-token-file: an absolute path, got {:?}",
-        args.join_token_file
-    );
+    check_join_token_file(&args.join_token_file)?;
     if let Some(sha) = &args.binary_sha256 {
         ensure!(
             sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()),
@@ -231,7 +230,7 @@ fn values(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
         engine_port: &args.engine_port.to_string(),
         downstream,
         max_connection_age: &args.max_connection_age,
-    });
+    })?;
     // Whatever is rendered must load as the agent loads it.
     gru_minion::MinionConfig::parse(Path::new("/etc/gru/minion.toml"), &toml)
         .map_err(|e| anyhow::anyhow!("{}", gru_minion::error_chain(&e)))
@@ -289,7 +288,8 @@ fn values(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
 
 /// The same template with CloudFormation parameters where the values go
 /// (their AllowedPattern in gru.yaml keeps quotes and newlines out).
-fn cloudformation_vars(args: &RenderArgs) -> BTreeMap<&'static str, String> {
+fn cloudformation_vars(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
+    check_join_token_file(&args.join_token_file)?;
     let toml = minion_toml(&MinionToml {
         controller: &format!("https://${{Controller.PrivateIp}}:{DEFAULT_CONTROLLER_PORT}"),
         server_name: "${ControllerServerName}",
@@ -298,8 +298,8 @@ fn cloudformation_vars(args: &RenderArgs) -> BTreeMap<&'static str, String> {
         engine_port: "${EnginePort}",
         downstream: "${Downstream}",
         max_connection_age: &args.max_connection_age,
-    });
-    BTreeMap::from([
+    })?;
+    Ok(BTreeMap::from([
         ("minion_toml", toml),
         (
             "ca_file_entry",
@@ -315,7 +315,17 @@ fn cloudformation_vars(args: &RenderArgs) -> BTreeMap<&'static str, String> {
             "'${JoinTokenParameter}'".to_owned(),
         ),
         ("engine_port", "${EnginePort}".to_owned()),
-    ])
+    ]))
+}
+
+/// The join token's path goes into the bootstrap as a shell word inside a
+/// YAML block, where a line break (`\n`, and `\r` for YAML) would end it.
+fn check_join_token_file(path: &str) -> anyhow::Result<()> {
+    ensure!(
+        path.starts_with('/') && !path.chars().any(char::is_control),
+        "--join-token-file: an absolute path on one line, got {path:?}"
+    );
+    Ok(())
 }
 
 /// `Fn::Sub` reads every `${…}`: keep the ones that are ours, turn any other
@@ -353,6 +363,19 @@ fn ca_entry(base64_pem: &str) -> String {
     )
 }
 
+const MINION_TOML_HEADER: &str = "\
+gru minion agent config, written by `gru cloud-init render` into EC2
+user-data; gru's deploy/minion.example.toml documents the keys.
+identity: instance identity document (AWS)
+join_token_file is not in user-data: until the controller checks instance
+identity documents, the token is provisioned out of band (an SSM
+SecureString read with the instance role at boot, see
+--join-token-ssm-parameter).
+stop_grace: gru-minion.service's TimeoutStopSec leaves this plus a margin.
+[aws] imds: the instance id comes from the instance metadata (IMDSv2); in
+a warm pool the engine starts but the agent joins only once the instance
+is put in service.";
+
 struct MinionToml<'a> {
     controller: &'a str,
     server_name: &'a str,
@@ -363,43 +386,26 @@ struct MinionToml<'a> {
     max_connection_age: &'a str,
 }
 
-fn minion_toml(m: &MinionToml<'_>) -> String {
-    let q = toml_string;
-    format!(
-        "# gru minion agent config, written by gru's cloud-init user-data.\n\
-         # identity: instance identity document (AWS)\n\
-         controller = {controller}\n\
-         server_name = {server_name}\n\
-         ca_file = {ca}\n\
-         fleet = {fleet}\n\
-         # Not in user-data: until the controller checks instance identity\n\
-         # documents, the token is provisioned out of band (an SSM SecureString\n\
-         # read with the instance role at boot, see --join-token-ssm-parameter).\n\
-         join_token_file = {token}\n\
-         # gru-minion.service's TimeoutStopSec leaves this plus a margin.\n\
-         stop_grace = {grace}\n\
-         \n\
-         [engine]\n\
-         kind = \"reference\"\n\
-         listen = {listen}\n\
-         downstream = {downstream}\n\
-         max_connection_age = {age}\n\
-         \n\
-         # The instance id comes from the instance metadata (IMDSv2); in a\n\
-         # warm pool the engine starts but the agent joins only once the\n\
-         # instance is put in service.\n\
-         [aws]\n\
-         imds = true",
-        controller = q(m.controller),
-        server_name = q(m.server_name),
-        ca = q(CA_PATH),
-        fleet = q(m.fleet),
-        token = q(m.join_token_file),
-        grace = q(STOP_GRACE),
-        listen = q(&format!("0.0.0.0:{}", m.engine_port)),
-        downstream = q(m.downstream),
-        age = q(m.max_connection_age),
-    )
+/// The agent's config. The toml crate writes the values; what the file's
+/// comments said beside their keys is in its header.
+fn minion_toml(m: &MinionToml<'_>) -> anyhow::Result<String> {
+    let file = MinionFile {
+        controller: m.controller.to_owned(),
+        server_name: Some(m.server_name.to_owned()),
+        ca_file: CA_PATH.to_owned(),
+        fleet: m.fleet.to_owned(),
+        join_token_file: m.join_token_file.to_owned(),
+        stop_grace: Some(STOP_GRACE.to_owned()),
+        metrics_listen: None,
+        engine: MinionEngine {
+            kind: Some("reference"),
+            listen: format!("0.0.0.0:{}", m.engine_port),
+            downstream: m.downstream.to_owned(),
+            max_connection_age: m.max_connection_age.to_owned(),
+        },
+        aws: Some(MinionAws { imds: true }),
+    };
+    config_files::to_toml(MINION_TOML_HEADER, &file).context("cannot write the minion config")
 }
 
 /// `https://host:port` from `host`, `host:port` or `https://host[:port]`,
@@ -449,24 +455,6 @@ fn controller_url(s: &str) -> anyhow::Result<(String, String)> {
 /// A POSIX shell word that stays one word and expands nothing.
 fn shell_word(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// A TOML basic string.
-fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Fills `{{name}}` placeholders. Unknown or unused names are errors, so the
@@ -605,10 +593,114 @@ mod tests {
         assert_eq!(shell_word("it's $(x)"), r"'it'\''s $(x)'");
     }
 
+    /// `gru cloud-init render` with these arguments.
+    fn render_with(args: &[&str]) -> anyhow::Result<String> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            render: RenderArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("render").chain(args.iter().copied()),
+        )?;
+        render(&cli.render)
+    }
+
+    const BAKED: [&str; 8] = [
+        "--fleet",
+        "hl7",
+        "--controller",
+        "10.0.0.10",
+        "--package",
+        "/usr/local/bin/gru",
+        "--downstream",
+        "10.0.2.5:2576",
+    ];
+
+    /// /etc/gru/minion.toml as cloud-init writes it from the user-data: the
+    /// block under its `content: |`, without the block's indentation.
+    fn written_minion_toml(user_data: &str) -> String {
+        let entry = &user_data[user_data.find("path: /etc/gru/minion.toml").unwrap()..];
+        let block = &entry[entry.find("content: |\n").unwrap() + "content: |\n".len()..];
+        let mut out = String::new();
+        for line in block.lines() {
+            if line.is_empty() {
+                out.push('\n');
+            } else if let Some(l) = line.strip_prefix("      ") {
+                out.push_str(l);
+                out.push('\n');
+            } else {
+                break;
+            }
+        }
+        out
+    }
+
     #[test]
-    fn toml_strings_are_escaped() {
-        assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
-        assert_eq!(toml_string("x\ny"), r#""x\u000Ay""#);
+    fn minion_toml_keeps_quotes_backslashes_and_newlines() {
+        let odd = "a\"b\\c\nd'e\u{7}f";
+        let text = minion_toml(&MinionToml {
+            controller: odd,
+            server_name: odd,
+            fleet: odd,
+            join_token_file: odd,
+            engine_port: odd,
+            downstream: odd,
+            max_connection_age: odd,
+        })
+        .unwrap();
+        let back: toml::Table = toml::from_str(&text).unwrap();
+        for key in ["controller", "server_name", "fleet", "join_token_file"] {
+            assert_eq!(back[key].as_str(), Some(odd), "{key}");
+        }
+        let engine = &back["engine"];
+        assert_eq!(engine["listen"].as_str(), Some(&*format!("0.0.0.0:{odd}")));
+        assert_eq!(engine["downstream"].as_str(), Some(odd));
+        assert_eq!(engine["max_connection_age"].as_str(), Some(odd));
+        assert_eq!(back["aws"]["imds"].as_bool(), Some(true));
+        assert!(text.starts_with("# gru minion agent config"), "{text}");
+    }
+
+    #[test]
+    fn rendered_minion_toml_keeps_the_quotes_and_backslashes_the_cli_takes() {
+        // --server-name takes any printable ASCII and --join-token-file any
+        // absolute path on one line.
+        let server_name = r#"gru\ctl"1'"#;
+        let token = r#"/etc/gru/the "join" token\x"#;
+        let mut args = BAKED.to_vec();
+        args.extend(["--server-name", server_name, "--join-token-file", token]);
+        let user_data = render_with(&args).unwrap();
+
+        let text = written_minion_toml(&user_data);
+        let back: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(back["server_name"].as_str(), Some(server_name));
+        assert_eq!(back["join_token_file"].as_str(), Some(token));
+        assert_eq!(back["fleet"].as_str(), Some("hl7"));
+        let config =
+            gru_minion::MinionConfig::parse(Path::new("/etc/gru/minion.toml"), &text).unwrap();
+        assert_eq!(config.server_name, server_name);
+        assert_eq!(config.join_token_file, Path::new(token));
+        assert!(
+            user_data.contains(&format!("JOIN_TOKEN_FILE={}\n", shell_word(token))),
+            "{user_data}"
+        );
+    }
+
+    #[test]
+    fn a_join_token_file_must_be_one_line() {
+        for path in ["/etc/gru/join\ntoken", "/etc/gru/join\rtoken"] {
+            let mut args = BAKED.to_vec();
+            args.extend(["--join-token-file", path]);
+            let e = render_with(&args).unwrap_err().to_string();
+            assert!(
+                e.contains("--join-token-file: an absolute path on one line"),
+                "{e}"
+            );
+            let e = render_with(&["--cloudformation", "--join-token-file", path])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--join-token-file"), "{e}");
+        }
     }
 
     #[test]

@@ -22,12 +22,18 @@ use gru_engine::bench::{self, SinkConfig, SinkHandle};
 use gru_minion::MinionConfig;
 use gru_minion::sd_notify::Notifier;
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::EXIT_CONFIG;
 use crate::bench::interrupted;
 use crate::client::{self, ClientConfig};
+use crate::config_files::{
+    self, ControllerFile, ControllerTls, LocalFleet, LocalProvider, MinionEngine, MinionFile,
+};
+
+/// The one fleet `gru dev` runs.
+const LOCAL_FLEET: &str = "local";
 
 #[derive(Args)]
 pub struct DevArgs {
@@ -273,6 +279,15 @@ pub async fn run(a: DevArgs) -> ExitCode {
 }
 
 async fn dev(a: DevArgs) -> anyhow::Result<()> {
+    // Read before anything is made: a bad file stops gru dev here.
+    let schedule_tables = match &a.schedules {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the schedules file {}", path.display()))?;
+            Some((path.as_path(), schedules(path, &text)?))
+        }
+        None => None,
+    };
     let state = a
         .state_dir
         .clone()
@@ -326,78 +341,16 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     drop(probe);
     let controller_url = format!("https://{controller_addr}");
 
-    let minion_toml = format!(
-        "# Written by `gru dev`; each local minion runs with it.\n\
-         controller = \"{controller_url}\"\n\
-         ca_file = \"ca.pem\"\n\
-         fleet = \"local\"\n\
-         join_token_file = \"join-token\"\n\
-         \n\
-         {metrics}\
-         \n\
-         [engine]\n\
-         listen = \"127.0.0.1:0\"\n\
-         downstream = \"{downstream}\"\n\
-         max_connection_age = \"{}\"\n",
-        humantime::format_duration(a.max_connection_age),
-        metrics = if a.no_metrics {
-            ""
-        } else {
-            "metrics_listen = \"127.0.0.1:0\"\n"
-        },
-    );
-    write(&state.join("minion.toml"), &minion_toml)?;
+    write(
+        &state.join("minion.toml"),
+        &minion_toml(&a, &controller_url, downstream)?,
+    )?;
     MinionConfig::load(&state.join("minion.toml"))
         .context("the generated minion config is invalid")?;
 
-    let controller_toml = format!(
-        "# Written by `gru dev`; `gru controller --config` takes the same file.\n\
-         listen = \"{controller_addr}\"\n\
-         {metrics}\
-         join_token_file = \"join-token\"\n\
-         # The store (minions, drains, pins, events) lives beside this file.\n\
-         state_dir = \".\"\n\
-         \n\
-         [tls]\n\
-         cert = \"controller.pem\"\n\
-         key = \"controller.key\"\n\
-         client_ca = \"ca.pem\"\n\
-         \n\
-         [[fleet]]\n\
-         name = \"local\"\n\
-         provider = \"local\"\n\
-         min = {}\n\
-         max = {}\n\
-         target_queue_per_minion = {}\n\
-         scale_in_stabilization = \"{}\"\n\
-         scale_in_cooldown = \"{}\"\n\
-         \n\
-         [fleet.local]\n\
-         listen = \"{}\"\n\
-         minion_config = \"minion.toml\"\n\
-         deregistration_delay = \"{}\"\n\
-         log_dir = \"minions\"\n",
-        a.min,
-        a.max,
-        a.target_queue,
-        humantime::format_duration(a.scale_in_stabilization),
-        humantime::format_duration(a.scale_in_cooldown),
-        a.lb_listen,
-        humantime::format_duration(a.deregistration_delay),
-        metrics = if a.no_metrics {
-            String::new()
-        } else {
-            format!("metrics_listen = \"{}\"\n", a.metrics_listen)
-        },
-    );
-    let mut controller_toml = controller_toml;
-    if let Some(path) = &a.schedules {
-        let extra = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the schedules file {}", path.display()))?;
-        controller_toml.push_str(&format!("\n# From {}\n{extra}", path.display()));
-    }
+    let controller_text = controller_toml(&a, controller_addr, schedule_tables)?;
     let controller_path = state.join("controller.toml");
-    write(&controller_path, &controller_toml)?;
+    write(&controller_path, &controller_text)?;
     let config = ControllerConfig::load(&controller_path).map_err(|e| {
         anyhow!(
             "invalid configuration: {}",
@@ -456,6 +409,129 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     result
 }
 
+/// The config `gru dev`'s local minions run with. Its paths are relative:
+/// it lives in the state directory beside the CA and the join token.
+fn minion_toml(
+    a: &DevArgs,
+    controller_url: &str,
+    downstream: SocketAddr,
+) -> anyhow::Result<String> {
+    let file = MinionFile {
+        controller: controller_url.to_owned(),
+        server_name: None,
+        ca_file: "ca.pem".to_owned(),
+        fleet: LOCAL_FLEET.to_owned(),
+        join_token_file: "join-token".to_owned(),
+        stop_grace: None,
+        metrics_listen: (!a.no_metrics).then(|| "127.0.0.1:0".to_owned()),
+        engine: MinionEngine {
+            kind: None,
+            listen: "127.0.0.1:0".to_owned(),
+            downstream: downstream.to_string(),
+            max_connection_age: humantime::format_duration(a.max_connection_age).to_string(),
+        },
+        aws: None,
+    };
+    let header = "\
+Written by `gru dev`; each local minion runs with it.
+deploy/minion.example.toml documents the keys; paths are relative to this file.";
+    config_files::to_toml(header, &file).context("cannot write the minion config")
+}
+
+/// The config `gru dev` runs the controller with (`gru controller --config`
+/// takes the same file): one local fleet, with the `[[fleet.schedule]]`
+/// tables of the `--schedules` file (its path and [`schedules`]) if any.
+/// Its paths are relative: the store and the minions' logs live in the
+/// state directory beside it.
+fn controller_toml(
+    a: &DevArgs,
+    listen: SocketAddr,
+    schedules: Option<(&Path, Vec<toml::Table>)>,
+) -> anyhow::Result<String> {
+    let mut header = "\
+Written by `gru dev`; `gru controller --config` takes the same file.
+deploy/controller.example.toml documents the keys; paths are relative to this
+file, and state_dir = \".\" keeps the store (minions, drains, pins, events)
+beside it."
+        .to_owned();
+    let schedule = match schedules {
+        Some((path, tables)) => {
+            // {:?}: a path is any bytes, a comment is one line.
+            header.push_str(&format!(
+                "\nThe [[fleet.schedule]] tables are from {:?}.",
+                path.display().to_string()
+            ));
+            tables
+        }
+        None => Vec::new(),
+    };
+    let file = ControllerFile {
+        listen,
+        metrics_listen: (!a.no_metrics).then_some(a.metrics_listen),
+        join_token_file: "join-token".to_owned(),
+        state_dir: ".".to_owned(),
+        tls: ControllerTls {
+            cert: "controller.pem".to_owned(),
+            key: "controller.key".to_owned(),
+            client_ca: "ca.pem".to_owned(),
+        },
+        fleet: vec![LocalFleet {
+            name: LOCAL_FLEET.to_owned(),
+            provider: "local",
+            min: a.min,
+            max: a.max,
+            target_queue_per_minion: a.target_queue,
+            scale_in_stabilization: a.scale_in_stabilization,
+            scale_in_cooldown: a.scale_in_cooldown,
+            schedule,
+            local: LocalProvider {
+                listen: a.lb_listen,
+                minion_config: "minion.toml".to_owned(),
+                deregistration_delay: a.deregistration_delay,
+                log_dir: "minions".to_owned(),
+            },
+        }],
+    };
+    config_files::to_toml(&header, &file).context("cannot write the controller config")
+}
+
+/// A `--schedules` file: `[[fleet.schedule]]` tables and nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchedulesFile {
+    #[serde(default)]
+    fleet: SchedulesFleet,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchedulesFleet {
+    #[serde(default)]
+    schedule: Vec<toml::Table>,
+}
+
+/// The `[[fleet.schedule]]` tables of a `--schedules` file (`text`, read
+/// from `path`), which go into the local fleet of the controller config.
+///
+/// Parsed and merged, not appended as text: the generated file is then one
+/// serialization and always well formed, the tables land in the local fleet
+/// however the file spells them (`[[fleet.schedule]]`, `[fleet]` with
+/// `schedule = [..]`), and anything else in the file (a `[[fleet]]`, a key
+/// before the first table, which appended text would slip into
+/// `[fleet.local]`) is refused here with this file's line and column. The
+/// tables' contents are checked when the controller config is loaded. Their
+/// comments stay in the operator's file, which the generated header names,
+/// and the toml crate writes their keys in sorted order.
+fn schedules(path: &Path, text: &str) -> anyhow::Result<Vec<toml::Table>> {
+    let file: SchedulesFile = toml::from_str(text).with_context(|| {
+        format!(
+            "invalid schedules file {} (it holds [[fleet.schedule]] tables only)",
+            path.display()
+        )
+    })?;
+    Ok(file.fleet.schedule)
+}
+
 fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
     pki::write_file(path, contents, false)
         .map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))
@@ -502,4 +578,184 @@ fn start_load(target: SocketAddr, rate: f64, connections: usize) {
             tracing::error!(error = %e, "built-in load failed");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use gru_controller::config::ProviderConfig;
+    use gru_minion::config::EngineSection;
+
+    /// `gru dev` with these arguments.
+    fn args(args: &[&str]) -> DevArgs {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            dev: DevArgs,
+        }
+        Cli::try_parse_from(std::iter::once("dev").chain(args.iter().copied()))
+            .unwrap()
+            .dev
+    }
+
+    /// A state directory that TOML would have to escape. gru dev's configs
+    /// name their files relative to it, so its name is never in them.
+    const STATE: &str = r#"/tmp/gru's "dev" \state"#;
+
+    #[test]
+    fn the_configs_load_in_a_state_directory_with_quotes_in_its_name() {
+        let a = args(&[
+            "--min",
+            "2",
+            "--max",
+            "7",
+            "--scale-in-stabilization",
+            "90s",
+            "--lb-listen",
+            "127.0.0.1:2599",
+            "--max-connection-age",
+            "2m",
+        ]);
+        let state = Path::new(STATE);
+        let listen: SocketAddr = "127.0.0.1:7171".parse().unwrap();
+        let downstream: SocketAddr = "127.0.0.1:2576".parse().unwrap();
+
+        let text = controller_toml(&a, listen, None).unwrap();
+        assert!(text.starts_with("# Written by `gru dev`"), "{text}");
+        let c = ControllerConfig::parse(&state.join("controller.toml"), &text).unwrap();
+        assert_eq!(c.listen, listen);
+        assert_eq!(c.metrics_listen, Some(a.metrics_listen));
+        assert_eq!(c.state_dir, state);
+        assert_eq!(c.join_token_file, state.join("join-token"));
+        assert_eq!(c.tls.cert, state.join("controller.pem"));
+        assert_eq!(c.tls.client_ca, state.join("ca.pem"));
+        let [f] = &c.fleets[..] else {
+            panic!("one fleet: {text}")
+        };
+        assert_eq!(f.name, LOCAL_FLEET);
+        assert_eq!((f.bounds().min, f.bounds().max), (2, 7));
+        let behaviour = f.policy.behaviour();
+        assert_eq!(behaviour.scale_in_stabilization, Duration::from_secs(90));
+        assert_eq!(behaviour.scale_in_cooldown, Duration::ZERO);
+        assert!(f.policy.schedules().is_empty());
+        let ProviderConfig::Local(l) = &f.provider else {
+            panic!("a local fleet: {text}")
+        };
+        assert_eq!(l.listen, a.lb_listen);
+        assert_eq!(l.minion_config, state.join("minion.toml"));
+        assert_eq!(l.deregistration_delay, Duration::from_secs(300));
+        assert_eq!(l.log_dir.as_deref(), Some(&*state.join("minions")));
+
+        let text = minion_toml(&a, &format!("https://{listen}"), downstream).unwrap();
+        let m = MinionConfig::parse(&state.join("minion.toml"), &text).unwrap();
+        assert_eq!(m.controller, format!("https://{listen}"));
+        assert_eq!(m.fleet, LOCAL_FLEET);
+        assert_eq!(m.ca_file, state.join("ca.pem"));
+        assert_eq!(m.join_token_file, state.join("join-token"));
+        assert!(m.metrics_listen.is_some());
+        assert!(m.aws.is_none());
+        let EngineSection::Reference(engine) = &m.engine else {
+            panic!("the reference engine: {text}")
+        };
+        assert_eq!(engine.downstream, Some(downstream));
+        assert_eq!(engine.max_connection_age, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn no_metrics_leaves_metrics_off_in_both() {
+        let a = args(&["--no-metrics"]);
+        let listen = "127.0.0.1:7070".parse().unwrap();
+        let text = controller_toml(&a, listen, None).unwrap();
+        let c = ControllerConfig::parse(Path::new("/x/controller.toml"), &text).unwrap();
+        assert_eq!(c.metrics_listen, None);
+        let text = minion_toml(&a, "https://127.0.0.1:7070", listen).unwrap();
+        let m = MinionConfig::parse(Path::new("/x/minion.toml"), &text).unwrap();
+        assert_eq!(m.metrics_listen, None);
+    }
+
+    #[test]
+    fn schedules_go_into_the_local_fleet_with_quotes_backslashes_and_newlines() {
+        let text = r#"
+# Quiet nights.
+[[fleet.schedule]]
+name = "night \"shift\" C:\\gru\nsecond line"
+timezone = "Europe/Berlin"
+days = "*"
+from = "19:00"
+to = "07:00"
+max = 1
+
+[[fleet.schedule]]
+name = 'weekend'
+timezone = "Europe/Berlin"
+days = "sat,sun"
+from = "00:00"
+to = "00:00"
+max = 2
+priority = 10
+"#;
+        // A path on two lines stays in its comment.
+        let path = Path::new("/tmp/my \"windows\"\nlisten = 1.toml");
+        let tables = schedules(path, text).unwrap();
+        let a = args(&[]);
+        let out =
+            controller_toml(&a, "127.0.0.1:7070".parse().unwrap(), Some((path, tables))).unwrap();
+        assert!(
+            out.contains(
+                "\n# The [[fleet.schedule]] tables are from \"/tmp/my \\\"windows\\\"\\nlisten = 1.toml\".\n"
+            ),
+            "{out}"
+        );
+        let c = ControllerConfig::parse(Path::new("/tmp/controller.toml"), &out).unwrap();
+        let names: Vec<&str> = c.fleets[0]
+            .policy
+            .schedules()
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(
+            names,
+            ["night \"shift\" C:\\gru\nsecond line", "weekend"],
+            "{out}"
+        );
+        assert_eq!(c.fleets[0].policy.schedules()[1].max(), Some(2));
+    }
+
+    #[test]
+    fn schedules_may_be_written_as_an_array() {
+        let text = "[fleet]\nschedule = [{ name = \"all\", timezone = \"UTC\", days = \"*\", from = \"00:00\", to = \"00:00\", min = 2 }]\n";
+        let tables = schedules(Path::new("/tmp/s.toml"), text).unwrap();
+        let out = controller_toml(
+            &args(&["--max", "3"]),
+            "127.0.0.1:7070".parse().unwrap(),
+            Some((Path::new("/tmp/s.toml"), tables)),
+        )
+        .unwrap();
+        let c = ControllerConfig::parse(Path::new("/tmp/controller.toml"), &out).unwrap();
+        assert_eq!(c.fleets[0].policy.schedules()[0].min(), Some(2));
+    }
+
+    #[test]
+    fn a_schedules_file_holds_schedules_only() {
+        let path = Path::new("/tmp/s.toml");
+        assert!(schedules(path, "# none yet\n").unwrap().is_empty());
+        for (text, cause) in [
+            // Appended as text, this key would have landed in [fleet.local].
+            ("log_dir = \"/\"\n", "unknown field `log_dir`"),
+            ("[[fleet]]\nname = \"other\"\n", "line 1"),
+            ("[fleet.local]\nlog_dir = \"/\"\n", "unknown field `local`"),
+            ("[tls]\ncert = \"x.pem\"\n", "unknown field `tls`"),
+            ("[[fleet.schedule]\n", "line 1"),
+        ] {
+            let e = format!("{:#}", schedules(path, text).unwrap_err());
+            assert!(
+                e.starts_with(
+                    "invalid schedules file /tmp/s.toml (it holds [[fleet.schedule]] tables only): "
+                ),
+                "{e}"
+            );
+            assert!(e.contains(cause), "{text:?}: {e}");
+        }
+    }
 }

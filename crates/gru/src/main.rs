@@ -7,6 +7,7 @@ mod bench;
 mod chart;
 mod client;
 mod cloud_init;
+mod config_files;
 mod dev;
 mod providers;
 mod sim;

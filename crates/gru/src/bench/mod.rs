@@ -2,6 +2,7 @@
 //! suite`: the origin's DRIVER, SINK and system under test over HL7/MLLP,
 //! with a live progress line and a summary (table or JSON).
 
+mod agent;
 mod soak;
 mod suite;
 
@@ -37,6 +38,10 @@ pub enum BenchCommand {
     /// minions are killed and its controller is killed mid-drain; fails if
     /// an ACKed message never reached the downstream.
     Soak(soak::SoakArgs),
+    /// What an idle minion agent costs its instance: CPU share and memory
+    /// at a 1 s report interval, with the reference engine and with the
+    /// exec adapter polling a stub engine.
+    Agent(agent::AgentArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -172,6 +177,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Engine(a) => engine(a).await,
         BenchCommand::Suite(a) => suite::run(a).await,
         BenchCommand::Soak(a) => soak::run(a).await,
+        BenchCommand::Agent(a) => agent::run(a).await,
     }
 }
 
