@@ -3,6 +3,7 @@
 //! with a live progress line and a summary (table or JSON).
 
 mod agent;
+mod breach;
 mod soak;
 mod suite;
 
@@ -42,6 +43,10 @@ pub enum BenchCommand {
     /// at a 1 s report interval, with the reference engine and with the
     /// exec adapter polling a stub engine.
     Agent(agent::AgentArgs),
+    /// How long from a queue crossing its target on a minion to the
+    /// controller's set-desired call: the real controller and agent in this
+    /// process, over TLS on loopback, with a recording group.
+    Breach(breach::BreachArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -178,6 +183,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Suite(a) => suite::run(a).await,
         BenchCommand::Soak(a) => soak::run(a).await,
         BenchCommand::Agent(a) => agent::run(a).await,
+        BenchCommand::Breach(a) => breach::run(a).await,
     }
 }
 
