@@ -9,6 +9,7 @@ mod deploy;
 mod durable;
 mod harness;
 mod interop;
+mod measure;
 mod observe;
 mod operator;
 mod restart;
