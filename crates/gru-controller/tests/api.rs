@@ -397,10 +397,9 @@ async fn admin_calls_need_a_client_certificate() {
     assert_eq!(fleets.fleets[0].name, "local");
 }
 
-#[tokio::test]
-async fn a_minion_joins_serves_and_is_drained_before_it_is_terminated() {
-    let fx = start(&["i-1"]).await;
-    // The engine's downstream: a real MLLP sink.
+/// A minion config for `fx`'s controller, with `extra` top-level keys and
+/// the reference engine, whose downstream is a real MLLP sink started here.
+async fn minion_config(fx: &Fixture, extra: &str) -> gru_minion::MinionConfig {
     let sink_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let sink_addr = sink_listener.local_addr().expect("addr");
     tokio::spawn(gru_engine::bench::run_sink(
@@ -411,11 +410,17 @@ async fn a_minion_joins_serves_and_is_drained_before_it_is_terminated() {
     ));
     let minion_toml = format!(
         "controller = \"https://{}\"\nca_file = \"ca.pem\"\nfleet = \"local\"\njoin_token_file = \"token\"\n\
-         [engine]\nlisten = \"127.0.0.1:0\"\ndownstream = \"{sink_addr}\"\n",
+         {extra}[engine]\nlisten = \"127.0.0.1:0\"\ndownstream = \"{sink_addr}\"\n",
         fx.addr
     );
-    let config = gru_minion::MinionConfig::parse(&fx.dir.path().join("minion.toml"), &minion_toml)
-        .expect("minion config");
+    gru_minion::MinionConfig::parse(&fx.dir.path().join("minion.toml"), &minion_toml)
+        .expect("minion config")
+}
+
+#[tokio::test]
+async fn a_minion_joins_serves_and_is_drained_before_it_is_terminated() {
+    let fx = start(&["i-1"]).await;
+    let config = minion_config(&fx, "").await;
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(gru_minion::run(config, "i-1".to_owned(), async {
         let _ = agent_stopped.await;

@@ -203,22 +203,7 @@ async fn a_bad_metrics_address_is_refused() {
 #[tokio::test]
 async fn an_agent_serves_its_engine_and_session_and_the_controller_lists_it() {
     let fx = start(&["i-1"]).await;
-    let sink_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let sink_addr = sink_listener.local_addr().expect("addr");
-    tokio::spawn(gru_engine::bench::run_sink(
-        sink_listener,
-        Default::default(),
-        gru_engine::bench::SinkHandle::new(),
-        std::future::pending(),
-    ));
-    let minion_toml = format!(
-        "controller = \"https://{}\"\nca_file = \"ca.pem\"\nfleet = \"local\"\njoin_token_file = \"token\"\n\
-         metrics_listen = \"127.0.0.1:0\"\n\
-         [engine]\nlisten = \"127.0.0.1:0\"\ndownstream = \"{sink_addr}\"\n",
-        fx.addr
-    );
-    let config = gru_minion::MinionConfig::parse(&fx.dir.path().join("minion.toml"), &minion_toml)
-        .expect("minion config");
+    let config = minion_config(&fx, "metrics_listen = \"127.0.0.1:0\"\n").await;
     let (_stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gru_minion::run(config, "i-1".to_owned(), async {
         let _ = agent_stopped.await;
