@@ -1,4 +1,4 @@
-//! `gru bench agent` and `gru bench breach` run end to end and report what
+//! `gru bench agent`, `gru bench breach` and `gru bench controller` run end to end and report what
 //! they say they measure. Their figures are read by people (README,
 //! closing notes), never asserted against a speed: these check that every
 //! field is there and means something.
@@ -59,4 +59,58 @@ fn the_breach_bench_times_each_breach_to_the_set_desired_call() {
     assert_eq!(r["max_ms"].as_f64(), Some(max), "{r}");
     assert!(r["p50_ms"].as_f64() <= r["p99_ms"].as_f64(), "{r}");
     assert_eq!(r["report_interval_ms"], 1000);
+}
+
+#[test]
+fn the_controller_bench_ramps_both_servers_and_compares_them() {
+    let r = bench(&["controller", "--minions", "20,60", "--window", "3s"]);
+    let steps = r["steps"].as_array().expect("steps");
+    let seen: Vec<(&str, u64)> = steps
+        .iter()
+        .map(|s| {
+            (
+                s["target"].as_str().unwrap_or("?"),
+                s["minions"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("controller", 20),
+            ("controller", 60),
+            ("bare", 20),
+            ("bare", 60)
+        ],
+        "{r}"
+    );
+    for s in steps {
+        let n = s["minions"].as_f64().expect("minions");
+        // Every minion reports once a second: over a 3 s window the server
+        // counts about 3n reports (the window's edges cut some).
+        let counted = s["reports_per_sec"].as_f64().expect("reports") * 3.0;
+        assert!(counted > 1.5 * n && counted < 4.5 * n, "{s}");
+        assert!(s["cpu_us_per_report"].as_f64() > Some(0.0), "{s}");
+        assert!(s["rss_mib"].as_f64() > Some(1.0), "{s}");
+        assert!(s["joins_per_sec"].as_f64() > Some(0.0), "{s}");
+        assert_eq!(s["sessions_ended"], 0, "no Session may end: {s}");
+        if s["target"] == "controller" {
+            // Measured by the controller, from the driver's stamp.
+            let (p50, p99) = (s["p50_ms"].as_f64(), s["p99_ms"].as_f64());
+            assert!(p50 > Some(0.0) && p50 <= p99, "{s}");
+        } else {
+            assert!(
+                s["p50_ms"].is_null(),
+                "the bare server measures no latency: {s}"
+            );
+        }
+    }
+    let ratios = r["ratios"].as_array().expect("ratios");
+    assert_eq!(ratios.len(), 2, "{r}");
+    assert!(
+        ratios
+            .iter()
+            .all(|x| x["controller_over_bare"].as_f64() > Some(0.0)),
+        "{r}"
+    );
 }

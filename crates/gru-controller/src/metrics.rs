@@ -66,12 +66,21 @@ fn call_histogram() -> Histogram {
     ])
 }
 
+/// Report delays: a tenth of a millisecond to five seconds.
+fn delay_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0,
+    ])
+}
+
 /// The controller's metric families, before they are split per fleet.
 pub struct Metrics {
     received: Family<FleetLabel, Counter>,
     processed: Family<FleetLabel, Counter>,
     failed: Family<FleetLabel, Counter>,
     reports: Family<FleetLabel, Counter>,
+    report_delay: Histograms<FleetLabel>,
     lost: Family<FleetLabel, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     drain: Histograms<FleetLabel>,
@@ -92,6 +101,7 @@ impl Default for Metrics {
             processed: Family::default(),
             failed: Family::default(),
             reports: Family::default(),
+            report_delay: Family::new_with_constructor(delay_histogram),
             lost: Family::default(),
             decisions: Family::default(),
             drain: Family::new_with_constructor(drain_histogram),
@@ -129,6 +139,11 @@ impl Metrics {
             "gru_minion_reports",
             "Reports received from the fleet's minions",
             self.reports.clone(),
+        );
+        prom.register(
+            "gru_minion_report_delay_seconds",
+            "From a minion sending a report to the controller having applied it (includes clock skew between their hosts)",
+            self.report_delay.clone(),
         );
         prom.register(
             "gru_minions_lost",
@@ -199,6 +214,7 @@ impl Metrics {
             processed: self.processed.get_or_create_owned(&label),
             failed: self.failed.get_or_create_owned(&label),
             reports: self.reports.get_or_create_owned(&label),
+            report_delay: self.report_delay.get_or_create_owned(&label),
             lost: self.lost.get_or_create_owned(&label),
             decisions: self.decisions.clone(),
             drain: self.drain.get_or_create_owned(&label),
@@ -225,6 +241,7 @@ pub struct FleetMetrics {
     pub processed: Counter,
     pub failed: Counter,
     pub reports: Counter,
+    pub report_delay: Histogram,
     pub lost: Counter,
     decisions: Family<DecisionLabels, Counter>,
     pub drain: Histogram,

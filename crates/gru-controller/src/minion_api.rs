@@ -210,10 +210,14 @@ impl MinionService for MinionApi {
                     Ok(Some(pb::SessionMessage {
                         body: Some(pb::session_message::Body::Report(r)),
                     })) => {
+                        let sent_at = r.sent_at_unix_us;
                         let changed =
                             fleet
                                 .registry()
                                 .report(&id, generation, from_pb(r), crate::now());
+                        if sent_at > 0 {
+                            fleet.observe_report_delay(sent_at);
+                        }
                         if changed {
                             fleet.wake();
                         }

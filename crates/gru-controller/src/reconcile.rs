@@ -44,6 +44,24 @@ pub const BUSY_REQUEUE: Duration = Duration::from_millis(200);
 /// instances, and AWS throttles Describe calls per account. Reports that
 /// change a minion's state still wake the loop at once.
 pub const AWS_BUSY_REQUEUE: Duration = Duration::from_secs(2);
+/// A pass woken early (by a Join or a report that changed a minion) waits
+/// until this many times the last pass's bookkeeping (its time under the
+/// fleet's lock) has gone by since that pass, so that a large fleet's loop
+/// holds the lock at most a fifth of the time while Joins and reports
+/// stream in, instead of running back to back.
+pub const WAKE_GAP_FACTOR: u32 = 4;
+/// Below this the gap is not worth waiting for: small fleets react at once.
+pub const WAKE_GAP_MIN: Duration = Duration::from_millis(10);
+/// How long a woken loop waits after a pass whose bookkeeping took `held`.
+pub fn wake_gap(held: Duration) -> Duration {
+    let gap = held * WAKE_GAP_FACTOR;
+    if gap < WAKE_GAP_MIN {
+        Duration::ZERO
+    } else {
+        gap
+    }
+}
+
 /// How often the event log is pruned to its retention.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -95,6 +113,8 @@ pub struct Fleet {
     registry: Mutex<Registry>,
     wake: Notify,
     metrics: FleetMetrics,
+    /// The last pass's bookkeeping under the lock, in nanoseconds.
+    bookkeeping_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Fleet {
@@ -114,6 +134,18 @@ impl Fleet {
     /// Makes the fleet's loop run now instead of at its next tick.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// Counts how long a report took from its minion's `sent_at` (Unix
+    /// microseconds, the minion's clock) to now, just after it was applied.
+    /// A report from the future (a clock ahead of ours) counts as no delay.
+    pub fn observe_report_delay(&self, sent_at_unix_us: u64) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        let delay = now.saturating_sub(sent_at_unix_us);
+        self.metrics.report_delay.observe(delay as f64 / 1e6);
     }
 }
 
@@ -196,6 +228,7 @@ impl Controller {
                     registry: Mutex::new(registry),
                     wake: Notify::new(),
                     metrics: fleet_metrics,
+                    bookkeeping_ns: Default::default(),
                 }),
             );
         }
@@ -328,9 +361,21 @@ impl Controller {
                     self.config.eval_interval
                 }
             };
+            let ended = tokio::time::Instant::now();
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
-                _ = f.wake.notified() => {}
+                _ = f.wake.notified() => {
+                    let held = Duration::from_nanos(
+                        f.bookkeeping_ns.load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                    let gap = wake_gap(held).min(next);
+                    if !gap.is_zero() {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(ended + gap) => {}
+                            _ = &mut shutdown => return,
+                        }
+                    }
+                }
                 _ = &mut shutdown => return,
             }
         }
@@ -378,6 +423,7 @@ impl Controller {
         let now = crate::now();
         let wall = jiff::Timestamp::now();
         let limits = self.limits(rt);
+        let held = std::time::Instant::now();
         let actions = {
             let mut reg = f.registry();
             if let Some(f) = reg.fleet_state_mut(fleet) {
@@ -386,13 +432,20 @@ impl Controller {
             reg.sync(fleet, &group, now);
             reg.plan(fleet, &limits, now)
         };
+        let mut bookkeeping = held.elapsed();
         for action in actions {
             if let Err(e) = self.act(f, &action, now).await {
                 f.registry()
                     .emit(fleet, action.minion(), EventKind::Warning, error_chain(&e));
             }
         }
+        let held = std::time::Instant::now();
         let grow_to = f.registry().decide(fleet, now, wall);
+        bookkeeping += held.elapsed();
+        f.bookkeeping_ns.store(
+            bookkeeping.as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let Some(n) = grow_to {
             match rt.group.set_desired(n).await {
                 Ok(()) => f.registry().emit(
@@ -877,4 +930,23 @@ fn aws_only(rt: &FleetRuntime) -> Result<&dyn GroupLifecycle, CloudError> {
     rt.hooks.as_deref().ok_or_else(|| CloudError::NotFound {
         what: format!("a group with lifecycle hooks for fleet {}", rt.config.name),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_costly_pass_makes_a_woken_loop_wait() {
+        assert_eq!(wake_gap(Duration::from_micros(300)), Duration::ZERO);
+        assert_eq!(wake_gap(Duration::from_micros(2_400)), Duration::ZERO);
+        assert_eq!(
+            wake_gap(Duration::from_millis(3)),
+            Duration::from_millis(12)
+        );
+        assert_eq!(
+            wake_gap(Duration::from_millis(50)),
+            Duration::from_millis(200)
+        );
+    }
 }

@@ -115,12 +115,19 @@ async fn the_series_count_does_not_grow_with_the_minions() {
 async fn reports_count_messages_and_cloud_calls_are_timed() {
     let fx = start(&["i-1"]).await;
     let joined = join(&fx, "i-1", 9600).await;
+    // Reports 1 and 2 say when they were sent (a second ago), report 3
+    // does not (an agent from before the field): only two delays count.
+    let a_second_ago = (std::time::SystemTime::now() - Duration::from_secs(1))
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as u64;
     let report = |seq, processed, queue_depth| pb::SessionMessage {
         body: Some(pb::session_message::Body::Report(pb::MinionReport {
             seq,
             processed_total: processed,
             queue_depth,
             health: pb::EngineHealth::Healthy as i32,
+            sent_at_unix_us: if seq < 3 { a_second_ago } else { 0 },
             ..Default::default()
         })),
     };
@@ -163,6 +170,23 @@ async fn reports_count_messages_and_cloud_calls_are_timed() {
     assert_eq!(
         value(&body, r#"gru_fleet_sessions{fleet="local"}"#),
         Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &body,
+            r#"gru_minion_report_delay_seconds_count{fleet="local"}"#
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    // Both took at least the second they were stamped in the past.
+    assert_eq!(
+        value(
+            &body,
+            r#"gru_minion_report_delay_seconds_bucket{fleet="local",le="0.5"}"#
+        ),
+        Some(0.0),
         "{body}"
     );
     // The join of an unknown instance described the group; the loop does

@@ -24,7 +24,7 @@ use super::{end_progress, progress};
 
 /// Linux's USER_HZ: the unit of /proc/<pid>/stat's CPU times on every
 /// mainstream kernel configuration (sysconf would need unsafe code).
-const TICKS_PER_SEC: f64 = 100.0;
+pub(super) const TICKS_PER_SEC: f64 = 100.0;
 /// How long the minion may take to come into service.
 const START: Duration = Duration::from_secs(60);
 
@@ -68,14 +68,14 @@ pub struct AgentRow {
 }
 
 /// CPU ticks and memory of a process, from /proc.
-struct Sample {
-    own_ticks: u64,
-    child_ticks: u64,
-    rss_kib: u64,
-    peak_kib: u64,
+pub(super) struct Sample {
+    pub own_ticks: u64,
+    pub child_ticks: u64,
+    pub rss_kib: u64,
+    pub peak_kib: u64,
 }
 
-fn sample(pid: u32) -> anyhow::Result<Sample> {
+pub(super) fn sample(pid: u32) -> anyhow::Result<Sample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("process {pid} is gone"))?;
     // Fields after the command name (which may hold spaces) in parentheses.

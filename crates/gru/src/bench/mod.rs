@@ -4,6 +4,7 @@
 
 mod agent;
 mod breach;
+mod controller;
 mod soak;
 mod suite;
 
@@ -47,6 +48,14 @@ pub enum BenchCommand {
     /// controller's set-desired call: the real controller and agent in this
     /// process, over TLS on loopback, with a recording group.
     Breach(breach::BreachArgs),
+    /// How many minions one controller holds: simulated agents (each its
+    /// own TLS connection, Join and Session) ramp through the given counts
+    /// against the real controller and against a bare gRPC server; prints
+    /// CPU, memory, CPU per report and report-to-registry latency per step.
+    Controller(controller::ControllerArgs),
+    /// The server under test of `gru bench controller`, in its own process.
+    #[command(hide = true)]
+    ControllerTarget(controller::TargetArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -184,6 +193,8 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Soak(a) => soak::run(a).await,
         BenchCommand::Agent(a) => agent::run(a).await,
         BenchCommand::Breach(a) => breach::run(a).await,
+        BenchCommand::Controller(a) => controller::run(a).await,
+        BenchCommand::ControllerTarget(a) => controller::target(a).await,
     }
 }
 
