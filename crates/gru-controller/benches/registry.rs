@@ -48,7 +48,7 @@ fn main() {
 
     // N minions in service, each with a Session.
     let fill = Instant::now();
-    reg.sync("f", &group, now);
+    reg.sync("f", group.clone(), now);
     let mut sessions = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
     for (k, i) in group.instances.iter().enumerate() {
@@ -90,7 +90,7 @@ fn main() {
     let per_pass = median((0..ROUNDS).map(|_| {
         let t = Instant::now();
         let now = Instant::now();
-        reg.sync("f", &group, now);
+        reg.sync("f", group.clone(), now);
         let actions = reg.plan("f", &LIMITS, now);
         std::hint::black_box(actions);
         std::hint::black_box(reg.decide("f", now, wall));
@@ -115,7 +115,7 @@ fn main() {
                 .expect("registry");
                 let opened = t.elapsed();
                 let now = Instant::now();
-                reg.sync("f", &group, now);
+                reg.sync("f", group.clone(), now);
                 std::hint::black_box(reg.plan("f", &LIMITS, now));
                 std::hint::black_box(reg.decide("f", now, wall));
                 (

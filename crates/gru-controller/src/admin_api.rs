@@ -3,7 +3,7 @@
 //! [`require_client_certificate`]).
 
 use std::pin::Pin;
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
@@ -13,7 +13,7 @@ use pb::admin_service_server::AdminService;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
-use crate::reconcile::{Controller, Fleet};
+use crate::reconcile::{Controller, Fleet, RegistryGuard};
 use crate::registry::{Event, MinionRecord, PinOverride, RECENT_EVENTS, Registry, summary};
 use crate::store::Origin;
 
@@ -209,7 +209,7 @@ impl AdminApi {
 
     /// The registry of fleet `name`, or the error that names the fleets.
     #[allow(clippy::result_large_err)]
-    fn registry_of(&self, name: &str) -> Result<MutexGuard<'_, Registry>, Status> {
+    fn registry_of(&self, name: &str) -> Result<RegistryGuard<'_>, Status> {
         self.controller
             .fleet(name)
             .map(|f| f.registry())

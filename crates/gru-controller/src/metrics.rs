@@ -67,7 +67,7 @@ fn call_histogram() -> Histogram {
 }
 
 /// Report delays: a tenth of a millisecond to five seconds.
-fn delay_histogram() -> Histogram {
+pub fn delay_histogram() -> Histogram {
     Histogram::new([
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0,

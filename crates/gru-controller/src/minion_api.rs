@@ -202,7 +202,7 @@ impl MinionService for MinionApi {
         if let Some(cmd) = resend {
             let _ = tx.try_send(Ok(cmd));
         }
-        let id = hello.minion_id;
+        let id: Arc<str> = hello.minion_id.into();
         let span = tracing::info_span!("session", minion = %id);
         let reader = async move {
             loop {
@@ -211,16 +211,7 @@ impl MinionService for MinionApi {
                         body: Some(pb::session_message::Body::Report(r)),
                     })) => {
                         let sent_at = r.sent_at_unix_us;
-                        let changed =
-                            fleet
-                                .registry()
-                                .report(&id, generation, from_pb(r), crate::now());
-                        if sent_at > 0 {
-                            fleet.observe_report_delay(sent_at);
-                        }
-                        if changed {
-                            fleet.wake();
-                        }
+                        fleet.report(&id, generation, from_pb(r), crate::now(), sent_at);
                     }
                     Ok(Some(pb::SessionMessage {
                         body: Some(pb::session_message::Body::Hello(_)),

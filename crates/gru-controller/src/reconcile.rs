@@ -21,7 +21,7 @@
 
 use crate::metrics::{FleetCollector, FleetMetrics, Metered, Metrics};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant, SystemTime};
 
 use gru_cloud::{CapacityGroup, CloudError, GroupState, TargetGroup, TargetState};
@@ -31,7 +31,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::config::{ControllerConfig, FleetConfig};
 use crate::registry::{
     Action, AwsSetup, AwsView, Command, DecrementClaim, Event, EventKind, Finish,
-    PROTECT_AFTER_WORK, Registry, TERMINATE_RETRY_AFTER, unix_ms,
+    PROTECT_AFTER_WORK, Registry, Report, TERMINATE_RETRY_AFTER, unix_ms,
 };
 use crate::store::{Loaded, Store, StoreError};
 use gru_cloud::{GroupLifecycle, InstanceId, LifecycleHook, LifecycleResult};
@@ -111,10 +111,73 @@ impl FleetRuntime {
 pub struct Fleet {
     pub runtime: FleetRuntime,
     registry: Mutex<Registry>,
+    /// Reports read from Sessions and not applied yet. A Session never
+    /// waits for the registry's lock: it queues its report here and applies
+    /// the queue only if the lock is free. Whoever holds the lock applies
+    /// the queue when it takes the lock and again when it lets it go, so a
+    /// long pass holds reports up but no Session, and no runtime thread.
+    inbox: Mutex<Vec<Inbound>>,
     wake: Notify,
     metrics: FleetMetrics,
     /// The last pass's bookkeeping under the lock, in nanoseconds.
     bookkeeping_ns: std::sync::atomic::AtomicU64,
+}
+
+/// A report waiting in a fleet's inbox.
+struct Inbound {
+    minion: Arc<str>,
+    generation: u64,
+    report: Report,
+    /// When the Session read it.
+    at: Instant,
+    /// The minion's stamp (Unix microseconds), 0 if none.
+    sent_at_unix_us: u64,
+}
+
+/// The fleet's registry, locked. Letting it go applies the reports that
+/// queued up meanwhile.
+pub struct RegistryGuard<'a> {
+    fleet: &'a Fleet,
+    guard: Option<MutexGuard<'a, Registry>>,
+}
+
+impl std::ops::Deref for RegistryGuard<'_> {
+    type Target = Registry;
+    fn deref(&self) -> &Registry {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for RegistryGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Registry {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for RegistryGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // A report queued after the last look at the inbox but before the
+        // lock was free found the lock taken: look again once it is free,
+        // and take it back if nobody else did.
+        let mut guard = self.guard.take();
+        while let Some(mut reg) = guard {
+            self.fleet.apply_inbox(&mut reg);
+            drop(reg);
+            if lock(&self.fleet.inbox).is_empty() {
+                break;
+            }
+            guard = self.fleet.try_lock_registry();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock would be a bug; the data is still the
+    // best we have, so keep going with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Fleet {
@@ -122,13 +185,65 @@ impl Fleet {
         &self.runtime.config.name
     }
 
-    /// The fleet's registry. Never hold the guard across an `.await`.
-    pub fn registry(&self) -> MutexGuard<'_, Registry> {
-        // A panic while holding the lock would be a bug; the data is still
-        // the best we have, so keep going with it.
-        self.registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The fleet's registry, with every report read so far applied. Never
+    /// hold the guard across an `.await`.
+    pub fn registry(&self) -> RegistryGuard<'_> {
+        let mut reg = lock(&self.registry);
+        self.apply_inbox(&mut reg);
+        RegistryGuard {
+            fleet: self,
+            guard: Some(reg),
+        }
+    }
+
+    fn try_lock_registry(&self) -> Option<MutexGuard<'_, Registry>> {
+        match self.registry.try_lock() {
+            Ok(reg) => Some(reg),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Takes a report read from minion `minion`'s Session `generation` at
+    /// `at`: applied now if the registry is free, else by whoever holds it
+    /// as it lets it go. Wakes the loop if the report changed the minion's
+    /// state.
+    pub fn report(
+        &self,
+        minion: &Arc<str>,
+        generation: u64,
+        report: Report,
+        at: Instant,
+        sent_at_unix_us: u64,
+    ) {
+        lock(&self.inbox).push(Inbound {
+            minion: minion.clone(),
+            generation,
+            report,
+            at,
+            sent_at_unix_us,
+        });
+        if let Some(reg) = self.try_lock_registry() {
+            drop(RegistryGuard {
+                fleet: self,
+                guard: Some(reg),
+            });
+        }
+    }
+
+    /// Applies the queued reports, in the order they were read.
+    fn apply_inbox(&self, reg: &mut Registry) {
+        let queued = std::mem::take(&mut *lock(&self.inbox));
+        let mut changed = false;
+        for r in queued {
+            changed |= reg.report(&r.minion, r.generation, r.report, r.at);
+            if r.sent_at_unix_us > 0 {
+                self.observe_report_delay(r.sent_at_unix_us);
+            }
+        }
+        if changed {
+            self.wake();
+        }
     }
 
     /// Makes the fleet's loop run now instead of at its next tick.
@@ -226,6 +341,7 @@ impl Controller {
                 Arc::new(Fleet {
                     runtime,
                     registry: Mutex::new(registry),
+                    inbox: Mutex::default(),
                     wake: Notify::new(),
                     metrics: fleet_metrics,
                     bookkeeping_ns: Default::default(),
@@ -429,7 +545,7 @@ impl Controller {
             if let Some(f) = reg.fleet_state_mut(fleet) {
                 f.aws = view;
             }
-            reg.sync(fleet, &group, now);
+            reg.sync(fleet, group, now);
             reg.plan(fleet, &limits, now)
         };
         let mut bookkeeping = held.elapsed();

@@ -5,6 +5,7 @@
 //! cloud calls without the lock, and comes back to record what happened.
 //! Every state change goes through [`gru_core::step`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -1045,61 +1046,41 @@ impl Registry {
 
     /// Takes the group's view for `fleet`: an instance not seen before gets a
     /// Pending minion. What happens to known ones is [`Registry::plan`]'s.
-    pub fn sync(&mut self, fleet: &str, group: &GroupState, now: Instant) {
-        let mut hooked = HashSet::new();
-        if let Some(f) = self.fleets.get_mut(fleet) {
-            f.group = Some(group.clone());
-            if let Some(view) = &f.aws {
-                hooked = view.terminating_wait.clone();
-            }
-        }
+    pub fn sync(&mut self, fleet: &str, group: GroupState, now: Instant) {
+        let hooked = self
+            .fleets
+            .get(fleet)
+            .and_then(|f| f.aws.as_ref())
+            .map(|view| view.terminating_wait.clone())
+            .unwrap_or_default();
         for i in &group.instances {
             // An instance held by the terminating hook needs its action
             // completed even if its minion never joined (or the controller
             // restarted): it gets a record too.
-            if i.lifecycle != InstanceLifecycle::Terminating
-                || self.by_instance.contains_key(&i.id)
-                || hooked.contains(&i.id)
+            if !self.by_instance.contains_key(&i.id)
+                && (i.lifecycle != InstanceLifecycle::Terminating || hooked.contains(&i.id))
             {
                 self.ensure_minion(fleet, &i.id, now);
             }
         }
+        if let Some(f) = self.fleets.get_mut(fleet) {
+            f.group = Some(group);
+        }
     }
 
     /// The fleet's minions as the planner sees them at `now`.
-    pub fn snapshots(&self, fleet: &str, now: Instant) -> Vec<MinionSnapshot> {
-        let age = |t: Instant| now.saturating_duration_since(t);
-        self.minions
-            .values()
-            .filter(|m| m.fleet == fleet)
-            .map(|m| MinionSnapshot {
-                id: m.id.clone(),
-                instance: m.instance.0.clone(),
-                state: m.state,
-                in_state_for: age(m.state_since),
-                silent_for: age(m.last_seen.unwrap_or(m.created)),
-                joined: m.engine_address.is_some(),
-                registered: m.registered,
-                verify_registration: m.verify_registration,
-                drain: m.drain.as_ref().map(|d| DrainIntent {
-                    decrement: d.decrement,
-                    overdue_reported: d.overdue_reported,
-                }),
-                load: m.load(),
-                since_busy: m.last_busy_at.map(age),
-                since_heartbeat: m.hook_heartbeat_at.map(age),
-                launch_completed: m.launch_completed,
-                termination_completed: m.termination_completed,
-            })
-            .collect()
+    pub fn snapshots(&self, fleet: &str, now: Instant) -> Vec<MinionSnapshot<'_>> {
+        snapshots_of(&self.minions, fleet, now)
     }
 
     /// What the cloud showed `fleet` at its last sync.
-    fn cloud_view(&self, fleet: &str) -> CloudView {
+    fn cloud_view(&self, fleet: &str) -> CloudView<'_> {
         let Some(f) = self.fleets.get(fleet) else {
             return CloudView::default();
         };
-        let set = |ids: &HashSet<InstanceId>| ids.iter().map(|i| i.0.clone()).collect();
+        fn set(ids: &HashSet<InstanceId>) -> std::collections::BTreeSet<Cow<'_, str>> {
+            ids.iter().map(|i| Cow::from(i.0.as_str())).collect()
+        }
         CloudView {
             instances: f
                 .group
@@ -1111,7 +1092,7 @@ impl Registry {
                         InstanceLifecycle::InService => Listed::InService,
                         InstanceLifecycle::Terminating => Listed::Terminating,
                     };
-                    (i.id.0.clone(), listed)
+                    (Cow::from(i.id.0.as_str()), listed)
                 })
                 .collect(),
             hooks: f.aws.as_ref().map(|v| HookView {
@@ -1122,14 +1103,15 @@ impl Registry {
             }),
         }
     }
-
     /// One pass's plan for `fleet` at `now` ([`gru_core::plan::plan`]): its
     /// changes are applied here, through the step function; its cloud calls
     /// are returned for the shell to make.
     pub fn plan(&mut self, fleet: &str, limits: &Limits, now: Instant) -> Vec<Action> {
-        let snapshots = self.snapshots(fleet, now);
-        let cloud = self.cloud_view(fleet);
-        let plan = gru_core::plan::plan(&snapshots, &cloud, limits);
+        let plan = {
+            let snapshots = self.snapshots(fleet, now);
+            let cloud = self.cloud_view(fleet);
+            gru_core::plan::plan(&snapshots, &cloud, limits)
+        };
         for change in plan.changes {
             self.apply(fleet, change, limits, now);
         }
@@ -1324,7 +1306,8 @@ impl Registry {
     /// for scale-in, and returns the group's desired capacity to set, if it
     /// must grow.
     pub fn decide(&mut self, fleet: &str, now: Instant, wall: Timestamp) -> Option<u32> {
-        let snapshots = self.snapshots(fleet, now);
+        // Borrows the minions only, so the fleet's state can change below.
+        let snapshots = snapshots_of(&self.minions, fleet, now);
         let capacity = gru_core::plan::capacity(&snapshots);
         let loads: Vec<MinionLoad> = self
             .minions
@@ -1398,14 +1381,13 @@ impl Registry {
         });
         let line = summary(&decision.explanation);
         f.last_decision = Some(decision);
+        let scaling = applied.then(|| gru_core::plan::scale(&snapshots, desired, group));
+        drop(snapshots);
         if changed {
             self.emit(fleet, None, EventKind::Decision, line);
         }
         self.maybe_persist_policy(fleet, now);
-        if !applied {
-            return None;
-        }
-        let scaling = gru_core::plan::scale(&snapshots, desired, group);
+        let scaling = scaling?;
         for id in scaling.victims {
             let reason = format!("scale-in to {desired}");
             if let Err(e) = self.choose_for_drain(&id, true, &reason, now) {
@@ -1422,6 +1404,39 @@ impl Registry {
         }
         scaling.grow_to
     }
+}
+
+/// The minions of `fleet` as the planner sees them at `now`, borrowing their
+/// ids from the records (a pass copies no string).
+fn snapshots_of<'a>(
+    minions: &'a BTreeMap<String, MinionRecord>,
+    fleet: &str,
+    now: Instant,
+) -> Vec<MinionSnapshot<'a>> {
+    let age = |t: Instant| now.saturating_duration_since(t);
+    minions
+        .values()
+        .filter(|m| m.fleet == fleet)
+        .map(|m| MinionSnapshot {
+            id: Cow::from(m.id.as_str()),
+            instance: Cow::from(m.instance.0.as_str()),
+            state: m.state,
+            in_state_for: age(m.state_since),
+            silent_for: age(m.last_seen.unwrap_or(m.created)),
+            joined: m.engine_address.is_some(),
+            registered: m.registered,
+            verify_registration: m.verify_registration,
+            drain: m.drain.as_ref().map(|d| DrainIntent {
+                decrement: d.decrement,
+                overdue_reported: d.overdue_reported,
+            }),
+            load: m.load(),
+            since_busy: m.last_busy_at.map(age),
+            since_heartbeat: m.hook_heartbeat_at.map(age),
+            launch_completed: m.launch_completed,
+            termination_completed: m.termination_completed,
+        })
+        .collect()
 }
 
 /// Counts what a report adds to the fleet's totals since the minion's
@@ -1624,7 +1639,7 @@ mod tests {
 
     /// One pass's bookkeeping: the group's view, then the plan.
     fn pass(reg: &mut Registry, g: &GroupState, now: Instant) -> Vec<Action> {
-        reg.sync("f", g, now);
+        reg.sync("f", g.clone(), now);
         reg.plan("f", &limits(), now)
     }
 

@@ -15,6 +15,7 @@
 //! draining minions never count as capacity; the size asked of the group
 //! never exceeds its max.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
@@ -35,24 +36,24 @@ pub enum Listed {
 
 /// What the cloud shows this pass.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CloudView {
+pub struct CloudView<'a> {
     /// Every instance the group lists, by instance id.
-    pub instances: BTreeMap<String, Listed>,
+    pub instances: BTreeMap<Cow<'a, str>, Listed>,
     /// What only a group with lifecycle hooks shows (AWS); `None` otherwise.
-    pub hooks: Option<HookView>,
+    pub hooks: Option<HookView<'a>>,
 }
 
 /// Lifecycle hook wait states and protection of an AWS group's instances.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HookView {
+pub struct HookView<'a> {
     /// Held in `Pending:Wait` by the launching hook.
-    pub pending_wait: BTreeSet<String>,
+    pub pending_wait: BTreeSet<Cow<'a, str>>,
     /// Held in `Terminating:Wait` by the terminating hook.
-    pub terminating_wait: BTreeSet<String>,
+    pub terminating_wait: BTreeSet<Cow<'a, str>>,
     /// In service in the group.
-    pub in_service: BTreeSet<String>,
+    pub in_service: BTreeSet<Cow<'a, str>>,
     /// Protected from the group's own scale-ins.
-    pub protected: BTreeSet<String>,
+    pub protected: BTreeSet<Cow<'a, str>>,
 }
 
 /// The drain on record for a minion.
@@ -67,9 +68,9 @@ pub struct DrainIntent {
 /// One minion as the planner sees it. Every time is an age at `now`,
 /// measured by the shell with the one clock reading of the pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MinionSnapshot {
-    pub id: String,
-    pub instance: String,
+pub struct MinionSnapshot<'a> {
+    pub id: Cow<'a, str>,
+    pub instance: Cow<'a, str>,
     pub state: MinionState,
     pub in_state_for: Duration,
     /// Since the last sign of life (join, Session, report), or since the
@@ -248,7 +249,7 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
                 | MinionState::InService
                 | MinionState::Unhealthy => {
                     p.changes.push(Change::Drain {
-                        id: m.id.clone(),
+                        id: m.id.to_string(),
                         decrement: false,
                         reason: format!(
                             "the group is terminating {} (terminating lifecycle hook)",
@@ -265,21 +266,25 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
                 MinionState::Draining(_) | MinionState::Drained | MinionState::Lost => {
                     if let Some(d) = m.drain.as_mut().filter(|d| d.decrement) {
                         d.decrement = false;
-                        p.changes.push(Change::NoDecrement { id: m.id.clone() });
+                        p.changes.push(Change::NoDecrement {
+                            id: m.id.to_string(),
+                        });
                     }
                 }
                 MinionState::Terminating | MinionState::Gone => {}
             }
         }
         if !cloud.instances.contains_key(&m.instance) {
-            p.changes.push(Change::Gone { id: m.id.clone() });
+            p.changes.push(Change::Gone {
+                id: m.id.to_string(),
+            });
             m.state = MinionState::Gone;
             after.push(m);
             continue;
         }
         if m.state.expects_reports() && m.silent_for > limits.lost_timeout {
             p.changes.push(Change::Lost {
-                id: m.id.clone(),
+                id: m.id.to_string(),
                 silent_for: m.silent_for,
             });
             m.state = MinionState::Lost;
@@ -303,7 +308,7 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
             };
             if let Some(reason) = timed_out {
                 p.changes.push(Change::Drain {
-                    id: m.id.clone(),
+                    id: m.id.to_string(),
                     decrement: false,
                     reason,
                 });
@@ -331,28 +336,36 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
             && m.since_heartbeat
                 .is_none_or(|d| d >= limits.heartbeat_every)
         {
-            p.actions.push(Action::Heartbeat { id: m.id.clone() });
+            p.actions.push(Action::Heartbeat {
+                id: m.id.to_string(),
+            });
         }
         if held_at_launch
             && matches!(m.state, MinionState::Ready | MinionState::InService)
             && !m.launch_completed
         {
-            p.actions.push(Action::CompleteLaunch { id: m.id.clone() });
+            p.actions.push(Action::CompleteLaunch {
+                id: m.id.to_string(),
+            });
         }
         let decrement = m.drain.is_some_and(|d| d.decrement);
         match m.state {
-            MinionState::Ready if m.joined => p.actions.push(Action::Register { id: m.id.clone() }),
+            MinionState::Ready if m.joined => p.actions.push(Action::Register {
+                id: m.id.to_string(),
+            }),
             // A restarted controller registers again what it found in
             // service (idempotent; a local load balancer starts empty).
             MinionState::InService if m.verify_registration && m.joined => {
-                p.actions.push(Action::Register { id: m.id.clone() })
+                p.actions.push(Action::Register {
+                    id: m.id.to_string(),
+                })
             }
-            MinionState::Unhealthy if m.registered => {
-                p.actions.push(Action::TakeOut { id: m.id.clone() })
-            }
+            MinionState::Unhealthy if m.registered => p.actions.push(Action::TakeOut {
+                id: m.id.to_string(),
+            }),
             MinionState::Draining(DrainPhase::Deregistering) => {
                 p.actions.push(Action::Deregister {
-                    id: m.id.clone(),
+                    id: m.id.to_string(),
                     registered: m.registered,
                 })
             }
@@ -361,12 +374,14 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
                     && !d.overdue_reported
                     && m.in_state_for > limits.drain_deadline
                 {
-                    p.changes.push(Change::Overdue { id: m.id.clone() });
+                    p.changes.push(Change::Overdue {
+                        id: m.id.to_string(),
+                    });
                 }
             }
             MinionState::Draining(DrainPhase::AwaitingUnused) => {
                 p.actions.push(Action::AwaitUnused {
-                    id: m.id.clone(),
+                    id: m.id.to_string(),
                     registered: m.registered,
                     waiting_for: m.in_state_for,
                 })
@@ -386,7 +401,7 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
                     Finish::Terminate
                 };
                 p.actions.push(Action::Finish {
-                    id: m.id.clone(),
+                    id: m.id.to_string(),
                     finish,
                     decrement: decrement && finish == Finish::Terminate,
                     // A Drained minion's target is already unused.
@@ -397,7 +412,7 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
             // Terminating:Wait: it is drained, so complete at once.
             MinionState::Terminating if hooked && !m.termination_completed => {
                 p.actions.push(Action::Finish {
-                    id: m.id.clone(),
+                    id: m.id.to_string(),
                     finish: Finish::ContinueTermination,
                     decrement: false,
                     take_out: false,
@@ -414,9 +429,11 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
                         .is_some_and(|l| *l != Listed::Terminating)
                     && m.in_state_for > limits.terminate_retry_after =>
             {
-                p.changes.push(Change::RetryTerminate { id: m.id.clone() });
+                p.changes.push(Change::RetryTerminate {
+                    id: m.id.to_string(),
+                });
                 p.actions.push(Action::Finish {
-                    id: m.id.clone(),
+                    id: m.id.to_string(),
                     finish: Finish::Terminate,
                     decrement,
                     take_out: false,
@@ -444,8 +461,8 @@ fn protection(minions: &[MinionSnapshot], hooks: &HookView, limits: &Limits) -> 
         let busy = matches!(m.state, MinionState::Ready | MinionState::InService)
             && m.since_busy.is_some_and(|d| d < limits.protect_after_work);
         match (busy, hooks.protected.contains(&m.instance)) {
-            (true, false) => protect.push(m.instance.clone()),
-            (false, true) => unprotect.push(m.instance.clone()),
+            (true, false) => protect.push(m.instance.to_string()),
+            (false, true) => unprotect.push(m.instance.to_string()),
             _ => {}
         }
     }
@@ -514,7 +531,7 @@ pub fn scale(minions: &[MinionSnapshot], desired: u32, group: Option<GroupSize>)
         let candidates: Vec<Candidate<String>> = minions
             .iter()
             .map(|m| Candidate {
-                id: m.id.clone(),
+                id: m.id.to_string(),
                 state: m.state,
                 load: m.load,
             })
@@ -554,10 +571,10 @@ mod tests {
         }
     }
 
-    fn minion(id: &str, state: MinionState) -> MinionSnapshot {
+    fn minion(id: &str, state: MinionState) -> MinionSnapshot<'static> {
         MinionSnapshot {
-            id: id.to_owned(),
-            instance: format!("i-{id}"),
+            id: id.to_owned().into(),
+            instance: format!("i-{id}").into(),
             state,
             in_state_for: Duration::ZERO,
             silent_for: Duration::ZERO,
@@ -576,7 +593,7 @@ mod tests {
         }
     }
 
-    fn listing(minions: &[MinionSnapshot]) -> CloudView {
+    fn listing<'a>(minions: &[MinionSnapshot<'a>]) -> CloudView<'a> {
         CloudView {
             instances: minions
                 .iter()
@@ -678,7 +695,7 @@ mod tests {
         let ms = [victim];
         let mut cloud = listing(&ms);
         cloud.hooks = Some(HookView {
-            terminating_wait: ["i-a".to_owned()].into(),
+            terminating_wait: [Cow::from("i-a")].into(),
             ..Default::default()
         });
         let p = plan(&ms, &cloud, &limits());
@@ -756,10 +773,10 @@ mod tests {
             heartbeat in proptest::option::of(0u64..60),
             launch_completed in any::<bool>(),
             termination_completed in any::<bool>(),
-        ) -> MinionSnapshot {
+        ) -> MinionSnapshot<'static> {
             MinionSnapshot {
-                id: format!("m-{k}"),
-                instance: format!("i-{k}"),
+                id: format!("m-{k}").into(),
+                instance: format!("i-{k}").into(),
                 state,
                 in_state_for: Duration::from_secs(in_state),
                 silent_for: Duration::from_secs(silent),
@@ -776,7 +793,7 @@ mod tests {
         }
     }
 
-    fn any_fleet() -> impl Strategy<Value = (Vec<MinionSnapshot>, CloudView)> {
+    fn any_fleet() -> impl Strategy<Value = (Vec<MinionSnapshot<'static>>, CloudView<'static>)> {
         (0usize..8)
             .prop_flat_map(|n| {
                 let minions: Vec<_> = (0..n).map(any_minion).collect();
@@ -896,7 +913,7 @@ mod tests {
         n: usize,
         victims: usize,
         ops: &[u8],
-    ) -> (BTreeMap<String, u32>, Vec<MinionSnapshot>) {
+    ) -> (BTreeMap<String, u32>, Vec<MinionSnapshot<'static>>) {
         use crate::lifecycle::{LifecycleEvent as E, step};
         let mut minions: Vec<MinionSnapshot> = (0..n)
             .map(|k| {
@@ -972,7 +989,7 @@ mod tests {
                                 if op != 2 && cloud.instances.contains_key(&m.instance) {
                                     applied.insert(m.instance.clone());
                                     if claimed {
-                                        *decrements.entry(m.instance.clone()).or_default() += 1;
+                                        *decrements.entry(m.instance.to_string()).or_default() += 1;
                                     }
                                 }
                                 if op == 0 {

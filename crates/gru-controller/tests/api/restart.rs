@@ -120,6 +120,11 @@ impl Agent {
         }
     }
 
+    /// The minion's id and its Session's generation.
+    pub(crate) fn session(&self) -> (&str, u64) {
+        (&self.minion, self.generation)
+    }
+
     /// Takes the commands sent so far and reports once. A draining engine
     /// with nothing queued is drained at once.
     pub(crate) fn tick(&mut self, c: &Controller) {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gru_cloud::testing::ScriptedGroup;
+use gru_controller::registry::Report;
 use gru_controller::store::SqliteStore;
 use gru_controller::{Controller, ControllerConfig, FleetRuntime};
 use gru_core::MinionState;
@@ -139,6 +140,46 @@ async fn a_termination_held_by_the_hook_is_drained_heartbeated_and_continued() {
     })
     .await
     .expect("scenario within its bound");
+}
+
+/// A report read while the registry is held (by a long pass, an admin
+/// call) does not wait for the lock: it is queued, and applied as the holder
+/// lets the registry go.
+#[tokio::test(start_paused = true)]
+async fn a_report_read_while_the_registry_is_held_waits_in_the_inbox_not_on_the_lock() {
+    let s = Scenario::start().await;
+    let fleet = s.controller.fleet(FLEET).expect("fleet").clone();
+    let (minion, generation) = s.agents[0].session();
+    let minion: Arc<str> = minion.into();
+    let now = gru_controller::now();
+    let held = fleet.registry();
+    let (returned, returned_rx) = std::sync::mpsc::channel();
+    let reporter = {
+        let fleet = fleet.clone();
+        std::thread::spawn(move || {
+            let report = Report {
+                seq: 1_000,
+                queue_depth: 7,
+                healthy: true,
+                ..Default::default()
+            };
+            fleet.report(&minion, generation, report, now, 0);
+            let _ = returned.send(());
+        })
+    };
+    returned_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the Session's report returns while another holds the registry");
+    let queued =
+        |reg: &gru_controller::registry::Registry| reg.find("i-1").expect("i-1").load().queue_depth;
+    assert_eq!(queued(&held), 0, "not applied under another's lock");
+    drop(held);
+    reporter.join().expect("reporter");
+    assert_eq!(
+        queued(&fleet.registry()),
+        7,
+        "applied as the lock was let go"
+    );
 }
 
 /// A minion that stops reporting is Lost once the lost timeout has passed,

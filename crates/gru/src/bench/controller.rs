@@ -20,7 +20,9 @@
 //! `gru_minion_report_delay_seconds`: from the moment the driver stamps a
 //! report (`sent_at_unix_us`, just before the report is queued on its
 //! Session) to the moment the controller has applied it to the fleet's
-//! registry. Both clocks are this machine's. The quantiles are interpolated
+//! registry. The bare server keeps the same histogram up to the moment it
+//! has decoded the report, so the difference is the controller's own. Both
+//! clocks are this machine's. The quantiles are interpolated
 //! within the histogram's buckets, as Prometheus's `histogram_quantile`
 //! does, from the difference of two scrapes around the window.
 
@@ -162,9 +164,12 @@ pub struct Step {
     sent_per_sec: f64,
     /// The server's CPU per report it counted, all its work included.
     cpu_us_per_report: f64,
-    /// Report-to-registry latency (controller only).
+    /// Report-to-registry latency (to decoded, for the bare server).
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
+    /// The controller's reconcile pass over the window, mean (none for the
+    /// bare server).
+    pass_ms: Option<f64>,
     /// The driver's own CPU over the window, in cores.
     driver_cpu_cores: f64,
     /// Sessions the server ended during the step (should be 0).
@@ -237,8 +242,11 @@ fn fit_connections(connections: u32) -> anyhow::Result<u64> {
     Ok(got)
 }
 
-/// A group of N instances that starts and stops nothing: the fleet's
-/// bounds are N..N, so the controller never resizes it.
+/// A group that starts and stops nothing: it lists the instances of the
+/// step the driver is at (`grow`, told on the target's stdin), so each
+/// step's passes see that step's fleet, not the largest one. The fleet's
+/// bounds are the largest step's size: the policy asks for it at once,
+/// which sets the desired size and starts nothing.
 struct StaticGroup {
     state: std::sync::Mutex<GroupState>,
     registered: std::sync::Mutex<std::collections::HashSet<InstanceId>>,
@@ -249,23 +257,29 @@ fn instance_id(k: u32) -> String {
 }
 
 impl StaticGroup {
-    fn new(n: u32) -> Self {
-        let launched_at = SystemTime::now();
+    fn new(max: u32) -> Self {
         StaticGroup {
             state: std::sync::Mutex::new(GroupState {
-                desired: n,
+                desired: 0,
                 min: 0,
-                max: n,
-                instances: (0..n)
-                    .map(|k| Instance {
-                        id: InstanceId(instance_id(k)),
-                        lifecycle: InstanceLifecycle::InService,
-                        launched_at,
-                    })
-                    .collect(),
+                max,
+                instances: Vec::new(),
             }),
             registered: Default::default(),
         }
+    }
+
+    /// Lists instances up to `n` in service, as a scale-out would.
+    fn grow(&self, n: u32) {
+        let launched_at = SystemTime::now();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let have = s.instances.len() as u32;
+        let to = n.min(s.max);
+        s.instances.extend((have..to).map(|k| Instance {
+            id: InstanceId(instance_id(k)),
+            lifecycle: InstanceLifecycle::InService,
+            launched_at,
+        }));
     }
 }
 
@@ -318,9 +332,8 @@ impl TargetGroup for StaticGroup {
     }
 }
 
-/// The group lists every instance of the largest step from the start while
-/// the driver joins them step by step: the join timeout is long, or the
-/// controller would replace the instances still waiting, as it should.
+/// The join timeout is long: the driver joins a step's minions over a while,
+/// and the controller would replace those still waiting, as it should.
 fn controller_toml(listen: SocketAddr, report_interval: Duration, n: u32) -> String {
     format!(
         "listen = \"{listen}\"\nreport_interval = \"{}\"\n\
@@ -336,6 +349,8 @@ fn controller_toml(listen: SocketAddr, report_interval: Duration, n: u32) -> Str
 /// The bare baseline: Join answered, Sessions read, reports counted.
 struct Bare {
     reports: prometheus_client::metrics::counter::Counter,
+    /// From the report's stamp to its decoding here.
+    delay: prometheus_client::metrics::histogram::Histogram,
     report_interval_ms: u32,
 }
 
@@ -367,10 +382,17 @@ impl MinionService for Bare {
         let mut inbound = request.into_inner();
         inbound.message().await?;
         let (tx, rx) = mpsc::channel(1);
-        let reports = self.reports.clone();
+        let (reports, delay) = (self.reports.clone(), self.delay.clone());
         tokio::spawn(async move {
-            while let Ok(Some(_)) = inbound.message().await {
+            while let Ok(Some(m)) = inbound.message().await {
                 reports.inc();
+                if let Some(pb::session_message::Body::Report(r)) = m.body {
+                    let now = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_micros() as u64;
+                    delay.observe(now.saturating_sub(r.sent_at_unix_us) as f64 / 1e6);
+                }
             }
             drop(tx);
         });
@@ -391,13 +413,18 @@ pub async fn target(a: TargetArgs) -> anyhow::Result<()> {
         &controller_toml(grpc, a.report_interval, a.instances),
     )
     .map_err(|e| anyhow!("{e}"))?;
-    // The driver closes our stdin when it is done (or dies).
-    let stop = async {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 64];
-        while let Ok(n) = stdin.read(&mut buf).await {
-            if n == 0 {
-                break;
+    // The driver says `instances N` on our stdin before each step, and
+    // closes it when it is done (or dies).
+    let group = Arc::new(StaticGroup::new(a.instances));
+    let grow = group.clone();
+    let stop = async move {
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(n) = line
+                .strip_prefix("instances ")
+                .and_then(|n| n.trim().parse().ok())
+            {
+                grow.grow(n);
             }
         }
     };
@@ -407,7 +434,6 @@ pub async fn target(a: TargetArgs) -> anyhow::Result<()> {
     );
     match a.kind {
         TargetKind::Controller => {
-            let group = Arc::new(StaticGroup::new(a.instances));
             let fleet = FleetRuntime {
                 config: config.fleets[0].clone(),
                 group: group.clone(),
@@ -430,12 +456,18 @@ pub async fn target(a: TargetArgs) -> anyhow::Result<()> {
             let mut prom = prometheus_client::registry::Registry::default();
             let bare = Bare {
                 reports: Default::default(),
+                delay: gru_controller::metrics::delay_histogram(),
                 report_interval_ms: a.report_interval.as_millis() as u32,
             };
             prom.register(
                 "gru_minion_reports",
                 "Reports the bare server read",
                 bare.reports.clone(),
+            );
+            prom.register(
+                DELAY,
+                "From the report's stamp to its decoding",
+                bare.delay.clone(),
             );
             let site = gru_proto::metrics::Site::new(prom);
             let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -842,6 +874,8 @@ async fn in_service(metrics: SocketAddr, n: u32) -> anyhow::Result<()> {
 
 const DELAY: &str = "gru_minion_report_delay_seconds";
 const REPORTS: &str = "gru_minion_reports_total";
+const PASS_SUM: &str = "gru_reconcile_duration_seconds_sum";
+const PASS_COUNT: &str = "gru_reconcile_duration_seconds_count";
 
 async fn run_target(
     kind: TargetKind,
@@ -876,6 +910,14 @@ async fn run_target(
         progress(&format!("{kind:?}: ramping to {n} minions"));
         let retries0 = driver.retries.load(Ordering::Relaxed);
         let ended0 = driver.ended.load(Ordering::Relaxed);
+        if let Some(stdin) = server.child.stdin.as_mut() {
+            use tokio::io::AsyncWriteExt;
+            stdin
+                .write_all(format!("instances {n}\n").as_bytes())
+                .await
+                .context("the server under test stopped")?;
+            stdin.flush().await?;
+        }
         let ramp = Instant::now();
         driver.ramp(have, n, a.join_concurrency).await?;
         let joins_per_sec = f64::from(n - have) / ramp.elapsed().as_secs_f64();
@@ -906,15 +948,14 @@ async fn run_target(
         let secs = t0.elapsed().as_secs_f64();
         let cpu = (s1.own_ticks - s0.own_ticks) as f64 / TICKS_PER_SEC;
         let reports = value(&m1, REPORTS) - value(&m0, REPORTS);
-        let (p50, p99) = if kind == TargetKind::Controller {
-            let (b0, b1) = (buckets(&m0, DELAY), buckets(&m1, DELAY));
-            (
-                quantile(&b0, &b1, 0.50).map(|s| s * 1000.0),
-                quantile(&b0, &b1, 0.99).map(|s| s * 1000.0),
-            )
-        } else {
-            (None, None)
-        };
+        let (b0, b1) = (buckets(&m0, DELAY), buckets(&m1, DELAY));
+        let (p50, p99) = (
+            quantile(&b0, &b1, 0.50).map(|s| s * 1000.0),
+            quantile(&b0, &b1, 0.99).map(|s| s * 1000.0),
+        );
+        let delta = |name: &str| value(&m1, name) - value(&m0, name);
+        let passes = delta(PASS_COUNT);
+        let pass_ms = (passes > 0.0).then(|| delta(PASS_SUM) / passes * 1000.0);
         steps.push(Step {
             target: kind,
             minions: n,
@@ -932,9 +973,21 @@ async fn run_target(
             },
             p50_ms: p50,
             p99_ms: p99,
+            pass_ms,
             driver_cpu_cores: (d1.own_ticks - d0.own_ticks) as f64 / TICKS_PER_SEC / secs,
             sessions_ended: driver.ended.load(Ordering::Relaxed) - ended0,
         });
+        // Each step as it ends, so a long run that is stopped keeps them.
+        if let Some(s) = steps.last() {
+            end_progress();
+            eprintln!(
+                "{kind:?} at {n} minions: {:.3} cores, {:.1} µs/report, p99 {} ms, RSS {:.0} MiB",
+                s.cpu_cores,
+                s.cpu_us_per_report,
+                s.p99_ms.map_or("-".to_owned(), |v| format!("{v:.2}")),
+                s.rss_mib,
+            );
+        }
     }
     progress(&format!("{kind:?}: stopping {have} minions"));
     driver.stop().await;
@@ -1021,7 +1074,7 @@ fn print_table(r: &ControllerReport) {
         r.cpus, r.report_interval_ms, r.window_secs, r.sessions_per_connection
     );
     println!(
-        "{:<10} {:>7} {:>8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7}",
+        "{:<10} {:>7} {:>8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7}",
         "server",
         "minions",
         "joins/s",
@@ -1032,12 +1085,13 @@ fn print_table(r: &ControllerReport) {
         "µs/report",
         "p50 ms",
         "p99 ms",
+        "pass ms",
         "driver",
     );
     let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
     for s in &r.steps {
         println!(
-            "{:<10} {:>7} {:>8.0} {:>7.3} {:>8.1} {:>8.1} {:>9.0} {:>9.1} {:>8} {:>8} {:>7.3}",
+            "{:<10} {:>7} {:>8.0} {:>7.3} {:>8.1} {:>8.1} {:>9.0} {:>9.1} {:>8} {:>8} {:>8} {:>7.3}",
             format!("{:?}", s.target).to_lowercase(),
             s.minions,
             s.joins_per_sec,
@@ -1048,6 +1102,7 @@ fn print_table(r: &ControllerReport) {
             s.cpu_us_per_report,
             ms(s.p50_ms),
             ms(s.p99_ms),
+            ms(s.pass_ms),
             s.driver_cpu_cores,
         );
         if s.sessions_ended > 0 || s.join_retries > 0 {
