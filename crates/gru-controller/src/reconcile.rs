@@ -90,6 +90,20 @@ impl FleetRuntime {
         }
     }
 
+    /// A fleet whose group has no lifecycle hooks (the local provider).
+    pub fn new(
+        config: FleetConfig,
+        group: Arc<dyn CapacityGroup>,
+        targets: Arc<dyn TargetGroup>,
+    ) -> Self {
+        FleetRuntime {
+            config,
+            group,
+            targets,
+            hooks: None,
+        }
+    }
+
     /// A fleet whose one provider is the group, the targets and the
     /// lifecycle calls (the AWS provider's `AwsFleet`).
     pub fn with_hooks<P>(config: FleetConfig, provider: Arc<P>) -> Self

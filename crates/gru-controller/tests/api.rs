@@ -148,12 +148,7 @@ async fn start_sized(instances: &[&str], min: u32, max: u32) -> Fixture {
         Duration::from_secs(300),
     );
     let group = StaticGroup::new(instances);
-    let fleet = FleetRuntime {
-        config: config.fleets[0].clone(),
-        group: group.clone(),
-        targets: lb.clone(),
-        hooks: None,
-    };
+    let fleet = FleetRuntime::new(config.fleets[0].clone(), group.clone(), lb.clone());
     let store = SqliteStore::open(&config.state_dir).expect("store");
     let controller = Controller::new(config, vec![fleet], TOKEN.to_owned(), Arc::new(store))
         .expect("controller");

@@ -99,12 +99,7 @@ pub async fn build(
                         source,
                     })?;
             Ok(BuiltFleet {
-                runtime: FleetRuntime {
-                    config: fleet.clone(),
-                    group: group.clone(),
-                    targets: load_balancer.clone(),
-                    hooks: None,
-                },
+                runtime: FleetRuntime::new(fleet.clone(), group.clone(), load_balancer.clone()),
                 local: Some(LocalParts {
                     group,
                     load_balancer,

@@ -198,12 +198,11 @@ impl World {
     /// first one, or the one that replaces a controller that died.
     fn controller(&self) -> Arc<Controller> {
         let config = config(self.dir.path());
-        let fleet = FleetRuntime {
-            config: config.fleets[0].clone(),
-            group: self.group.clone(),
-            targets: self.targets.clone(),
-            hooks: None,
-        };
+        let fleet = FleetRuntime::new(
+            config.fleets[0].clone(),
+            self.group.clone(),
+            self.targets.clone(),
+        );
         let store = SqliteStore::open(&config.state_dir).expect("store");
         Controller::new(config, vec![fleet], "token".to_owned(), Arc::new(store))
             .expect("controller")

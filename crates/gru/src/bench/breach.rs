@@ -165,12 +165,7 @@ async fn one(a: &BreachArgs, dir: &std::path::Path) -> anyhow::Result<Duration> 
         }),
         calls,
     });
-    let fleet = FleetRuntime {
-        config: config.fleets[0].clone(),
-        group: group.clone(),
-        targets: group,
-        hooks: None,
-    };
+    let fleet = FleetRuntime::new(config.fleets[0].clone(), group.clone(), group);
     let store = SqliteStore::open(&config.state_dir).map_err(|e| anyhow!("{e}"))?;
     let controller = Controller::new(config, vec![fleet], TOKEN.to_owned(), Arc::new(store))
         .map_err(|e| anyhow!("{e}"))?;

@@ -434,12 +434,7 @@ pub async fn target(a: TargetArgs) -> anyhow::Result<()> {
     );
     match a.kind {
         TargetKind::Controller => {
-            let fleet = FleetRuntime {
-                config: config.fleets[0].clone(),
-                group: group.clone(),
-                targets: group,
-                hooks: None,
-            };
+            let fleet = FleetRuntime::new(config.fleets[0].clone(), group.clone(), group);
             let store = SqliteStore::open(&config.state_dir).map_err(|e| anyhow!("{e}"))?;
             gru_controller::serve(
                 config,
