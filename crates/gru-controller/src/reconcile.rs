@@ -251,8 +251,9 @@ impl Fleet {
         let mut changed = false;
         for r in queued {
             changed |= reg.report(&r.minion, r.generation, r.report, r.at);
-            if r.sent_at_unix_us > 0 {
-                self.observe_report_delay(r.sent_at_unix_us);
+            // From the minion's stamp to applied, on two hosts' clocks.
+            if let Some(delay) = gru_proto::since_stamp(r.sent_at_unix_us) {
+                self.metrics.report_delay.observe(delay.as_secs_f64());
             }
         }
         if changed {
@@ -263,18 +264,6 @@ impl Fleet {
     /// Makes the fleet's loop run now instead of at its next tick.
     pub fn wake(&self) {
         self.wake.notify_one();
-    }
-
-    /// Counts how long a report took from its minion's `sent_at` (Unix
-    /// microseconds, the minion's clock) to now, just after it was applied.
-    /// A report from the future (a clock ahead of ours) counts as no delay.
-    pub fn observe_report_delay(&self, sent_at_unix_us: u64) {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as u64;
-        let delay = now.saturating_sub(sent_at_unix_us);
-        self.metrics.report_delay.observe(delay as f64 / 1e6);
     }
 }
 

@@ -339,10 +339,7 @@ fn report(seq: u64, s: EngineStatus) -> pb::SessionMessage {
             open_connections: s.open_connections,
             draining: s.draining,
             drained: s.drained,
-            sent_at_unix_us: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_micros() as u64,
+            sent_at_unix_us: gru_proto::report_stamp(),
         })),
     }
 }

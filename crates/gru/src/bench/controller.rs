@@ -386,12 +386,10 @@ impl MinionService for Bare {
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 reports.inc();
-                if let Some(pb::session_message::Body::Report(r)) = m.body {
-                    let now = SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_micros() as u64;
-                    delay.observe(now.saturating_sub(r.sent_at_unix_us) as f64 / 1e6);
+                if let Some(pb::session_message::Body::Report(r)) = m.body
+                    && let Some(d) = gru_proto::since_stamp(r.sent_at_unix_us)
+                {
+                    delay.observe(d.as_secs_f64());
                 }
             }
             drop(tx);
@@ -647,9 +645,6 @@ struct Driver {
 type Connection = Arc<tokio::sync::OnceCell<Channel>>;
 
 fn report(seq: u64) -> pb::SessionMessage {
-    let sent_at = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
     pb::SessionMessage {
         body: Some(pb::session_message::Body::Report(pb::MinionReport {
             seq,
@@ -661,7 +656,7 @@ fn report(seq: u64) -> pb::SessionMessage {
             open_connections: 0,
             draining: false,
             drained: false,
-            sent_at_unix_us: sent_at.as_micros() as u64,
+            sent_at_unix_us: gru_proto::report_stamp(),
         })),
     }
 }
