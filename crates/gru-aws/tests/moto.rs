@@ -1437,7 +1437,19 @@ async fn a_terminate_whose_answer_is_lost_decrements_once_and_orphans_nothing() 
         assert!(
             !events[lost..]
                 .iter()
-                .any(|e| e.message.contains("desired capacity decremented")),
+                .any(|e| e.message.starts_with("terminating i-")),
+            "no second terminate: {:#?}",
+            messages(&events)
+        );
+        // The decrement the lost answer would have confirmed is on record
+        // once, from the group's view.
+        let seen: Vec<_> = events[lost..]
+            .iter()
+            .filter(|e| e.message.contains("desired capacity decremented"))
+            .collect();
+        assert_eq!(seen.len(), 1, "{:#?}", messages(&events));
+        assert!(
+            seen[0].message.contains("took effect"),
             "{:#?}",
             messages(&events)
         );

@@ -636,6 +636,7 @@ impl Registry {
         if leaving {
             self.store.confirm_decrement(&instance.0, at)?;
             self.ledger.insert(instance.0.clone(), (asked, true));
+            self.emit_decrement_seen(&fleet, minion, instance);
             return Ok(DecrementClaim::Done);
         }
         if now.saturating_duration_since(asked) < CLAIM_SETTLE {
@@ -650,6 +651,33 @@ impl Registry {
             return Ok(DecrementClaim::Claimed);
         }
         Ok(DecrementClaim::Done)
+    }
+
+    /// An unconfirmed claim for `minion`'s instance, settled by the group no
+    /// longer listing it: the earlier call took effect. Confirmed in the
+    /// store and said in the event log, so a terminate whose answer a
+    /// restart lost is still on record with its decrement.
+    fn confirm_gone(&mut self, fleet: &str, minion: &str, now: Instant) {
+        let Some(instance) = self.minions.get(minion).map(|m| m.instance.clone()) else {
+            return;
+        };
+        let Some(entry) = self.ledger.get_mut(&instance.0).filter(|e| !e.1) else {
+            return;
+        };
+        entry.1 = true;
+        self.store_write(|s| s.confirm_decrement(&instance.0, self.wall_ms(now)));
+        self.emit_decrement_seen(fleet, minion, &instance);
+    }
+
+    fn emit_decrement_seen(&mut self, fleet: &str, minion: &str, instance: &InstanceId) {
+        self.emit(
+            fleet,
+            Some(minion),
+            EventKind::Step,
+            format!(
+                "the group shows {instance} leaving: an earlier terminate call whose answer was not recorded took effect, desired capacity decremented"
+            ),
+        );
     }
 
     /// The outcome of a decrementing terminate: confirmed, or certainly not
@@ -1122,6 +1150,7 @@ impl Registry {
     fn apply(&mut self, fleet: &str, change: Change, limits: &Limits, now: Instant) {
         match change {
             Change::Gone { id } => {
+                self.confirm_gone(fleet, &id, now);
                 let _ = self.transition(
                     &id,
                     LifecycleEvent::InstanceGone,
@@ -2326,6 +2355,42 @@ mod tests {
                 instances: vec!["a".to_owned()],
                 protected: false
             }]
+        );
+    }
+
+    #[test]
+    fn a_claim_whose_answer_was_lost_is_recorded_as_a_decrement_once_the_instance_is_gone() {
+        let t0 = Instant::now();
+        let mut reg = registry(0, 5);
+        let mut events = reg.events.subscribe();
+        pass(&mut reg, &group(&["a", "b"], 2), t0);
+        let id = serve(&mut reg, "a", 1, t0);
+        let a = InstanceId::from("a");
+        assert_eq!(
+            reg.claim_decrement(&id, &a, false, t0).expect("claim"),
+            DecrementClaim::Claimed
+        );
+        // The terminate call went out; its answer never came back (a
+        // controller killed in between). The group no longer lists it.
+        let t1 = t0 + Duration::from_secs(2);
+        pass(&mut reg, &group(&["b"], 1), t1);
+        let said: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
+            .filter(|e| e.minion.as_deref() == Some(id.as_str()))
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(
+            said.iter()
+                .filter(|m| m.contains("desired capacity decremented"))
+                .count(),
+            1,
+            "{said:#?}"
+        );
+        assert_eq!(reg.minions[&id].state, MinionState::Gone, "{said:#?}");
+        assert_eq!(
+            reg.claim_decrement(&id, &a, false, t1 + 3 * CLAIM_SETTLE)
+                .expect("claim"),
+            DecrementClaim::Done,
+            "confirmed: never decremented again"
         );
     }
 
