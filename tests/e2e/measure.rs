@@ -62,6 +62,46 @@ fn the_breach_bench_times_each_breach_to_the_set_desired_call() {
 }
 
 #[test]
+fn the_rebalance_bench_times_new_minions_to_their_share_with_and_without_it() {
+    // Connections never age out: only rebalancing gives the new minion its
+    // share within the window.
+    let r = bench(&[
+        "rebalance",
+        "--scale-outs",
+        "1",
+        "--window",
+        "8s",
+        "--connections",
+        "4",
+        "--to",
+        "2",
+        "--max-connection-age",
+        "0s",
+    ]);
+    let modes = r["modes"].as_array().expect("modes");
+    let mode = |name: &str| {
+        modes
+            .iter()
+            .find(|m| m["mode"] == name)
+            .unwrap_or_else(|| panic!("no {name} mode: {r}"))
+    };
+    let on = mode("rebalance");
+    assert_eq!(on["new_minions"], 1, "{r}");
+    assert_eq!(on["reached_share"], 1, "{r}");
+    let t = on["time_to_share_p50_secs"].as_f64().expect("a time");
+    assert!((0.0..=10.0).contains(&t), "{r}");
+    assert_eq!(on["time_to_share_max_secs"].as_f64(), Some(t), "{r}");
+    let off = mode("age");
+    assert_eq!(off["reached_share"], 0, "nothing moves senders: {r}");
+    assert!(off["time_to_share_p50_secs"].is_null(), "{r}");
+    for m in modes {
+        assert!(m["window_msgs_per_sec"].as_f64() > Some(0.0), "{r}");
+        assert!(m["before_msgs_per_sec"].as_f64() > Some(0.0), "{r}");
+        assert_eq!(m["nacked"], 0, "{r}");
+    }
+}
+
+#[test]
 fn the_controller_bench_ramps_both_servers_and_compares_them() {
     let r = bench(&["controller", "--minions", "20,60", "--window", "3s"]);
     let steps = r["steps"].as_array().expect("steps");

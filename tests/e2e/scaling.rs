@@ -191,6 +191,114 @@ fn after_a_scale_out_new_minions_get_traffic_within_max_connection_age() {
 }
 
 #[test]
+fn after_a_scale_out_connections_are_shed_onto_the_new_minions_within_seconds() {
+    let sink = Sink::start();
+    let downstream = sink.addr.to_string();
+    // Connections never age out: only rebalancing can move them.
+    let dev = Dev::start(&[
+        "--downstream",
+        &downstream,
+        "--min",
+        "1",
+        "--max",
+        "4",
+        "--max-connection-age",
+        "0s",
+    ]);
+    dev.wait_in_service(1, Duration::from_secs(30));
+    let acked_file = dev.dir.path().join("acked.txt");
+    let driver = drive(
+        dev.load_balancer,
+        &acked_file,
+        &["--rate", "200", "--duration", "25s", "--connections", "16"],
+    );
+    let first = wait_until(
+        "16 connections on the first minion",
+        Duration::from_secs(15),
+        || {
+            let m = dev.minions(false);
+            m.first()
+                .filter(|m| m["open_connections"].as_u64() == Some(16))
+                .map(|m| m["id"].clone())
+        },
+    );
+
+    let out = dev.gru(&["scale", "local", "4", "--wait", "--timeout", "60s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each new minion: its share of the connections (16 / 4, give or take
+    // the tolerance) and messages processed.
+    let in_service = Instant::now();
+    let spread = wait_until(
+        "every minion to hold at least 2 connections and process messages",
+        Duration::from_secs(15),
+        || {
+            let m = dev.minions(false);
+            (m.len() == 4
+                && m.iter().all(|m| {
+                    m["open_connections"].as_u64().unwrap_or(0) >= 2
+                        && m["processed_total"].as_u64().unwrap_or(0) > 0
+                }))
+            .then_some(m)
+        },
+    );
+    eprintln!(
+        "connections spread {:?} after the scale-out's --wait returned",
+        in_service.elapsed()
+    );
+    let held: u64 = spread
+        .iter()
+        .map(|m| m["open_connections"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(held, 16, "every sender reconnected: {spread:?}");
+    let out = dev.gru(&["events", "--fleet", "local", "--json"]);
+    assert!(out.status.success());
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        events.iter().any(|e| e["minion_id"] == first
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("asked to shed"))),
+        "the first minion was asked to shed: {events:#?}"
+    );
+
+    let summary = drive_summary(driver, Duration::from_secs(60));
+    assert_eq!(summary["nacked"], 0, "{summary}");
+    assert_eq!(summary["errors"], 0, "{summary}");
+    // At least two senders moved onto each of the three new minions.
+    assert!(
+        summary["reconnects"].as_u64().unwrap_or(0) >= 6,
+        "{summary}"
+    );
+    let acked = read_lines(&acked_file);
+    assert_eq!(acked.len() as u64, summary["acked"].as_u64().unwrap_or(0));
+    let minion_logs: String = std::fs::read_dir(dev.state_dir().join("minions"))
+        .expect("minion logs")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .collect();
+    assert!(!minion_logs.is_empty(), "no minion log under the state dir");
+    dev.stop();
+    let received = sink.stop();
+    let lost: Vec<&String> = acked.iter().filter(|id| !received.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} ACKed messages never reached the sink, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert!(
+        !minion_logs.contains("rest of a frame"),
+        "a connection was closed inside a frame:\n{minion_logs}"
+    );
+}
+
+#[test]
 fn queue_depth_drives_scale_out_and_idle_scales_back_in() {
     // A slow downstream (20 ms per ACK) makes messages queue on the minions.
     let dev = Dev::start(&[

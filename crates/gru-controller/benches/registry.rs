@@ -149,6 +149,7 @@ const LIMITS: Limits = Limits {
     heartbeat_every: Duration::from_secs(30),
     terminate_retry_after: Duration::from_secs(30),
     protect_after_work: Duration::from_secs(60),
+    rebalance: Some(gru_core::rebalance::DEFAULT_REBALANCE),
 };
 
 fn report(seq: u64, healthy: bool) -> Report {

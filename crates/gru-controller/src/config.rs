@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use gru_core::Bounds;
 use gru_core::policy::{Behaviour, Policy, PolicyError, Rule};
+use gru_core::rebalance::{DEFAULT_REBALANCE, RebalanceLimits};
 use gru_core::schedule::{Schedule, ScheduleSpec, WindowSpec};
 use serde::Deserialize;
 
@@ -109,6 +110,9 @@ pub struct FleetConfig {
     /// Bounds, rules, behaviour and schedules, validated.
     pub policy: Policy,
     pub provider: ProviderConfig,
+    /// How in-service minions' long-lived connections are spread onto new
+    /// ones (`[fleet.rebalance]`); `None` when `enabled = false`.
+    pub rebalance: Option<RebalanceLimits>,
 }
 
 impl FleetConfig {
@@ -221,6 +225,17 @@ struct RawFleet {
     schedule: Vec<RawSchedule>,
     local: Option<RawLocal>,
     aws: Option<RawAws>,
+    rebalance: Option<RawRebalance>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRebalance {
+    enabled: Option<bool>,
+    tolerance: Option<u64>,
+    max_fraction: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    cooldown: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -538,10 +553,12 @@ impl ControllerConfig {
                         return Err(v.invalid(&key("provider"), "a provider, \"local\" or \"aws\""));
                     }
                 };
+                let rebalance = rebalance(&v, &key, f.rebalance)?;
                 Ok(FleetConfig {
                     name,
                     policy,
                     provider,
+                    rebalance,
                 })
             };
             match parse_fleet() {
@@ -732,6 +749,34 @@ impl ControllerConfig {
             _ => Err(ConfigError::Many(errors)),
         }
     }
+}
+
+/// `[fleet.rebalance]`: on by default with [`DEFAULT_REBALANCE`].
+fn rebalance(
+    v: &Validator,
+    key: &dyn Fn(&str) -> String,
+    raw: Option<RawRebalance>,
+) -> Result<Option<RebalanceLimits>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Some(DEFAULT_REBALANCE));
+    };
+    if raw.enabled == Some(false) {
+        return Ok(None);
+    }
+    let max_fraction = raw.max_fraction.unwrap_or(DEFAULT_REBALANCE.max_fraction);
+    if !(max_fraction > 0.0 && max_fraction <= 1.0) {
+        return Err(v.invalid(
+            &key("rebalance.max_fraction"),
+            format!(
+                "a fraction of the fleet's connections above 0 and at most 1, got {max_fraction}"
+            ),
+        ));
+    }
+    Ok(Some(RebalanceLimits {
+        tolerance: raw.tolerance.unwrap_or(DEFAULT_REBALANCE.tolerance),
+        max_fraction,
+        cooldown: raw.cooldown.unwrap_or(DEFAULT_REBALANCE.cooldown),
+    }))
 }
 
 struct Validator<'a> {

@@ -82,6 +82,7 @@ pub struct Metrics {
     reports: Family<FleetLabel, Counter>,
     report_delay: Histograms<FleetLabel>,
     lost: Family<FleetLabel, Counter>,
+    shed: Family<FleetLabel, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     drain: Histograms<FleetLabel>,
     deregistration: Histograms<FleetLabel>,
@@ -103,6 +104,7 @@ impl Default for Metrics {
             reports: Family::default(),
             report_delay: Family::new_with_constructor(delay_histogram),
             lost: Family::default(),
+            shed: Family::default(),
             decisions: Family::default(),
             drain: Family::new_with_constructor(drain_histogram),
             deregistration: Family::new_with_constructor(drain_histogram),
@@ -149,6 +151,11 @@ impl Metrics {
             "gru_minions_lost",
             "Minions that went silent past the lost timeout",
             self.lost.clone(),
+        );
+        prom.register(
+            "gru_connections_shed",
+            "Connections in-service minions were asked to close so their senders reconnect onto minions below their share",
+            self.shed.clone(),
         );
         prom.register(
             "gru_scaling_decisions",
@@ -216,6 +223,7 @@ impl Metrics {
             reports: self.reports.get_or_create_owned(&label),
             report_delay: self.report_delay.get_or_create_owned(&label),
             lost: self.lost.get_or_create_owned(&label),
+            shed: self.shed.get_or_create_owned(&label),
             decisions: self.decisions.clone(),
             drain: self.drain.get_or_create_owned(&label),
             deregistration: self.deregistration.get_or_create_owned(&label),
@@ -243,6 +251,8 @@ pub struct FleetMetrics {
     pub reports: Counter,
     pub report_delay: Histogram,
     pub lost: Counter,
+    /// Connections minions were asked to shed (rebalancing).
+    pub shed: Counter,
     decisions: Family<DecisionLabels, Counter>,
     pub drain: Histogram,
     pub deregistration: Histogram,

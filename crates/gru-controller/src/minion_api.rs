@@ -36,6 +36,7 @@ fn to_pb(c: Command) -> pb::ControllerCommand {
             reason,
         }),
         Command::Resume => C::Resume(pb::Resume {}),
+        Command::Shed { count, reason } => C::Shed(pb::ShedConnections { count, reason }),
     };
     pb::ControllerCommand {
         command: Some(command),
@@ -53,6 +54,7 @@ fn from_pb(r: pb::MinionReport) -> Report {
         healthy: r.health == pb::EngineHealth::Healthy as i32,
         draining: r.draining,
         drained: r.drained,
+        can_shed: r.can_shed,
     }
 }
 

@@ -608,6 +608,7 @@ impl Controller {
                 .map_or(Duration::MAX, |a| a.heartbeat_interval),
             terminate_retry_after: TERMINATE_RETRY_AFTER,
             protect_after_work: PROTECT_AFTER_WORK,
+            rebalance: rt.config.rebalance,
         }
     }
 
@@ -948,6 +949,15 @@ impl Controller {
                     format!("scale-in protection removed (idle): {}", list.join(", "))
                 };
                 f.registry().emit(fleet, None, EventKind::Step, message);
+            }
+            Action::Shed {
+                id: minion,
+                count,
+                reason,
+            } => {
+                if f.registry().ask_to_shed(fleet, minion, *count, reason, now) {
+                    f.metrics.shed.inc_by(*count);
+                }
             }
             Action::CompleteLaunch { id: minion } => {
                 let Some(instance) = instance else {

@@ -68,8 +68,16 @@ pub const TERMINATE_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// A command for a minion's agent, sent down its Session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    Drain { deadline: Duration, reason: String },
+    Drain {
+        deadline: Duration,
+        reason: String,
+    },
     Resume,
+    /// Close this many connections at message boundaries (rebalancing).
+    Shed {
+        count: u64,
+        reason: String,
+    },
 }
 
 pub type CommandSender = mpsc::Sender<Result<Command, tonic::Status>>;
@@ -86,6 +94,8 @@ pub struct Report {
     pub healthy: bool,
     pub draining: bool,
     pub drained: bool,
+    /// The engine closes connections when asked ([`Command::Shed`]).
+    pub can_shed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +218,9 @@ pub struct MinionRecord {
     /// (idempotent) in case the load balancer lost it (a local one starts
     /// empty).
     pub verify_registration: bool,
+    /// Last asked to shed connections (rebalancing); not kept across a
+    /// restart (the worst is one ask a cooldown early).
+    pub shed_at: Option<Instant>,
 }
 
 impl MinionRecord {
@@ -452,6 +465,7 @@ impl Registry {
                 termination_completed: row.termination_completed,
                 last_busy_at: None,
                 verify_registration: state == MinionState::InService && row.registered,
+                shed_at: None,
             };
             self.by_instance.insert(instance, row.id.clone());
             self.minions.insert(row.id, record);
@@ -830,6 +844,7 @@ impl Registry {
                 termination_completed: false,
                 last_busy_at: None,
                 verify_registration: false,
+                shed_at: None,
             },
         );
         self.by_instance.insert(instance.clone(), id.clone());
@@ -981,6 +996,44 @@ impl Registry {
         {
             m.session = None;
         }
+    }
+
+    /// Asks an in-service minion over its Session to close `count` of its
+    /// connections (rebalancing), and records the ask. False when it is no
+    /// longer in service or its Session is gone or full (the next pass
+    /// decides again).
+    pub fn ask_to_shed(
+        &mut self,
+        fleet: &str,
+        id: &str,
+        count: u64,
+        reason: &str,
+        now: Instant,
+    ) -> bool {
+        let Some(m) = self.minions.get_mut(id) else {
+            return false;
+        };
+        if m.state != MinionState::InService {
+            return false;
+        }
+        let Some(link) = &m.session else {
+            return false;
+        };
+        let cmd = Command::Shed {
+            count,
+            reason: reason.to_owned(),
+        };
+        if link.tx.try_send(Ok(cmd)).is_err() {
+            return false;
+        }
+        m.shed_at = Some(now);
+        self.emit(
+            fleet,
+            Some(id),
+            EventKind::Step,
+            format!("asked to shed {count} connections: {reason}"),
+        );
+        true
     }
 
     /// Takes a report from a Session. Returns true when it changed a state
@@ -1464,6 +1517,9 @@ fn snapshots_of<'a>(
             since_heartbeat: m.hook_heartbeat_at.map(age),
             launch_completed: m.launch_completed,
             termination_completed: m.termination_completed,
+            connections: m.last_report.map_or(0, |r| r.open_connections),
+            can_shed: m.last_report.is_some_and(|r| r.can_shed),
+            since_shed: m.shed_at.map(age),
         })
         .collect()
 }
@@ -1663,6 +1719,7 @@ mod tests {
             heartbeat_every: Duration::from_secs(30),
             terminate_retry_after: TERMINATE_RETRY_AFTER,
             protect_after_work: PROTECT_AFTER_WORK,
+            rebalance: Some(gru_core::rebalance::DEFAULT_REBALANCE),
         }
     }
 
@@ -1698,6 +1755,7 @@ mod tests {
                 deregistration_delay: Duration::from_secs(300),
                 log_dir: None,
             }),
+            rebalance: Some(gru_core::rebalance::DEFAULT_REBALANCE),
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::SqliteStore::open(dir.path()).expect("store");
@@ -2356,6 +2414,77 @@ mod tests {
                 protected: false
             }]
         );
+    }
+
+    #[test]
+    fn connections_are_shed_onto_a_new_minion_over_its_session_once_per_cooldown() {
+        let t0 = Instant::now();
+        let mut reg = registry(0, 5);
+        let mut events = reg.events.subscribe();
+        let g = group(&["a", "b"], 2);
+        pass(&mut reg, &g, t0);
+        let a = serve(&mut reg, "a", 1, t0);
+        let b = serve(&mut reg, "b", 2, t0);
+        let (tx, mut commands) = mpsc::channel(4);
+        reg.minions
+            .get_mut(&a)
+            .and_then(|m| m.session.as_mut())
+            .expect("a's session")
+            .tx = tx;
+        let held = |seq, connections| Report {
+            seq,
+            healthy: true,
+            open_connections: connections,
+            can_shed: true,
+            ..Default::default()
+        };
+        let ga = generation(&reg, &a);
+        reg.report(&a, ga, held(2, 16), t0);
+        let gb = generation(&reg, &b);
+        reg.report(&b, gb, held(2, 0), t0);
+
+        let shed = |actions: Vec<Action>| -> Vec<(String, u64, String)> {
+            actions
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Shed { id, count, reason } => Some((id, count, reason)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let asked = shed(pass(&mut reg, &g, t0));
+        assert_eq!(
+            asked
+                .iter()
+                .map(|(id, n, _)| (id.as_str(), *n))
+                .collect::<Vec<_>>(),
+            [(a.as_str(), 8)]
+        );
+        let (id, count, reason) = &asked[0];
+        assert!(reg.ask_to_shed("f", id, *count, reason, t0));
+        match commands.try_recv() {
+            Ok(Ok(Command::Shed { count, .. })) => assert_eq!(count, 8),
+            other => panic!("expected a Shed command, got {other:?}"),
+        }
+        let said: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| e.message)
+            .collect();
+        assert!(
+            said.contains(&"asked to shed 8 connections: holds 16 connections, fair share 8 over 2 in-service minions".to_owned()),
+            "{said:#?}"
+        );
+        // Its next reports still show 16: not asked again within the
+        // cooldown, asked again after it.
+        let t1 = t0 + Duration::from_secs(2);
+        reg.report(&a, ga, held(3, 16), t1);
+        assert_eq!(shed(pass(&mut reg, &g, t1)), []);
+        let t2 = t0 + gru_core::rebalance::DEFAULT_REBALANCE.cooldown;
+        reg.report(&a, ga, held(4, 16), t2);
+        assert_eq!(shed(pass(&mut reg, &g, t2)).len(), 1);
+        // Spread: nothing to do.
+        reg.report(&a, ga, held(5, 8), t2);
+        reg.report(&b, gb, held(3, 8), t2);
+        assert_eq!(shed(pass(&mut reg, &g, t2 + Duration::from_secs(60))), []);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! days-and-hours, DST rules), [`cron`] the 5-field expressions they use.
 //! [`scaling`] holds the bounds and the choice of victims both share, and
 //! [`sim`] replays a traffic trace against a policy on a virtual clock.
+//! [`rebalance`] spreads long-lived connections onto new minions.
 //!
 //! Invariants: no I/O, no async, no clock. Time comes in as an argument
 //! (`now`), so every decision can be replayed and tested exactly. Time zones
@@ -17,6 +18,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod plan;
 pub mod policy;
+pub mod rebalance;
 pub mod scaling;
 pub mod schedule;
 pub mod sim;

@@ -21,6 +21,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::lifecycle::{DrainPhase, MinionState};
+use crate::rebalance::{Holder, RebalanceLimits, rebalance};
 use crate::scaling::{Candidate, Load, pick_victims};
 
 /// An instance as the capacity group lists it.
@@ -89,10 +90,16 @@ pub struct MinionSnapshot<'a> {
     pub since_heartbeat: Option<Duration>,
     pub launch_completed: bool,
     pub termination_completed: bool,
+    /// Open connections, as last reported.
+    pub connections: u64,
+    /// Its engine closes connections when asked ([`Action::Shed`]).
+    pub can_shed: bool,
+    /// Since it was last asked to shed connections.
+    pub since_shed: Option<Duration>,
 }
 
 /// The limits a pass plans by, from the controller's config.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     pub lost_timeout: Duration,
     pub join_timeout: Duration,
@@ -105,6 +112,9 @@ pub struct Limits {
     /// A minion with work within this is protected from the group's own
     /// scale-ins (AWS).
     pub protect_after_work: Duration,
+    /// How in-service minions' connections are spread; `None`: they are
+    /// not (only the engines' `max_connection_age` moves them).
+    pub rebalance: Option<RebalanceLimits>,
 }
 
 /// A change to one minion's record that the pass decided.
@@ -177,6 +187,15 @@ pub enum Action {
         instances: Vec<String>,
         protected: bool,
     },
+    /// Ask the minion's engine to close `count` of its connections at
+    /// message boundaries, so their senders reconnect onto minions below
+    /// their share ([`crate::rebalance`]).
+    Shed {
+        id: String,
+        count: u64,
+        /// Why, for the event log.
+        reason: String,
+    },
 }
 
 impl Action {
@@ -189,7 +208,8 @@ impl Action {
             | Action::AwaitUnused { id, .. }
             | Action::Finish { id, .. }
             | Action::Heartbeat { id }
-            | Action::CompleteLaunch { id } => Some(id),
+            | Action::CompleteLaunch { id }
+            | Action::Shed { id, .. } => Some(id),
             Action::Protect { .. } => None,
         }
     }
@@ -445,7 +465,43 @@ pub fn plan(minions: &[MinionSnapshot], cloud: &CloudView, limits: &Limits) -> P
     if let Some(hooks) = &cloud.hooks {
         p.actions.extend(protection(&after, hooks, limits));
     }
+    if let Some(rebalance) = &limits.rebalance {
+        p.actions.extend(spread(&after, rebalance));
+    }
     p
+}
+
+/// Connections to shed this pass: among in-service minions, and only while
+/// no minion is draining (a drain already moves connections, and the
+/// planner would count them twice).
+fn spread(minions: &[MinionSnapshot], limits: &RebalanceLimits) -> Vec<Action> {
+    if minions
+        .iter()
+        .any(|m| matches!(m.state, MinionState::Draining(_)))
+    {
+        return Vec::new();
+    }
+    let holders: Vec<Holder> = minions
+        .iter()
+        .filter(|m| m.state == MinionState::InService)
+        .map(|m| Holder {
+            id: &m.id,
+            connections: m.connections,
+            can_shed: m.can_shed,
+            since_shed: m.since_shed,
+        })
+        .collect();
+    rebalance(&holders, limits)
+        .into_iter()
+        .map(|s| Action::Shed {
+            reason: format!(
+                "holds {} connections, fair share {} over {} in-service minions",
+                s.connections, s.share, s.holders
+            ),
+            id: s.id,
+            count: s.count,
+        })
+        .collect()
 }
 
 /// Scale-in protection changes (AWS): minions in service that had work
@@ -568,6 +624,7 @@ mod tests {
             heartbeat_every: 30 * S,
             terminate_retry_after: 30 * S,
             protect_after_work: 60 * S,
+            rebalance: Some(crate::rebalance::DEFAULT_REBALANCE),
         }
     }
 
@@ -590,6 +647,9 @@ mod tests {
             since_heartbeat: None,
             launch_completed: false,
             termination_completed: false,
+            connections: 0,
+            can_shed: true,
+            since_shed: None,
         }
     }
 
@@ -734,6 +794,45 @@ mod tests {
     }
 
     #[test]
+    fn a_new_minion_gets_connections_shed_onto_it_unless_a_drain_moves_them() {
+        let mut old = minion("a", MinionState::InService);
+        old.connections = 16;
+        let new = minion("b", MinionState::InService);
+        let fleet = [old.clone(), new.clone()];
+        let p = plan(&fleet, &listing(&fleet), &limits());
+        assert_eq!(
+            p.actions,
+            [Action::Shed {
+                id: "a".to_owned(),
+                count: 8,
+                reason: "holds 16 connections, fair share 8 over 2 in-service minions".to_owned(),
+            }]
+        );
+        // Still booting, draining, or with rebalancing off: nothing.
+        let booting = [old.clone(), minion("b", MinionState::Ready)];
+        let p = plan(&booting, &listing(&booting), &limits());
+        assert!(
+            !p.actions.iter().any(|a| matches!(a, Action::Shed { .. })),
+            "{p:?}"
+        );
+        let draining = [
+            old.clone(),
+            new.clone(),
+            minion("c", MinionState::Draining(DrainPhase::Flushing)),
+        ];
+        let p = plan(&draining, &listing(&draining), &limits());
+        assert!(
+            !p.actions.iter().any(|a| matches!(a, Action::Shed { .. })),
+            "{p:?}"
+        );
+        let off = Limits {
+            rebalance: None,
+            ..limits()
+        };
+        assert_eq!(plan(&fleet, &listing(&fleet), &off).actions, []);
+    }
+
+    #[test]
     fn scaling_in_picks_victims_and_never_lowers_the_group() {
         let mut ms: Vec<MinionSnapshot> = ["a", "b", "c"]
             .iter()
@@ -773,6 +872,9 @@ mod tests {
             heartbeat in proptest::option::of(0u64..60),
             launch_completed in any::<bool>(),
             termination_completed in any::<bool>(),
+            connections in 0u64..40,
+            can_shed in any::<bool>(),
+            shed in proptest::option::of(0u64..10),
         ) -> MinionSnapshot<'static> {
             MinionSnapshot {
                 id: format!("m-{k}").into(),
@@ -789,6 +891,9 @@ mod tests {
                 since_heartbeat: heartbeat.map(Duration::from_secs),
                 launch_completed,
                 termination_completed,
+                connections,
+                can_shed,
+                since_shed: shed.map(Duration::from_secs),
             }
         }
     }
@@ -861,6 +966,16 @@ mod tests {
                         prop_assert!(!m.state.is_leaving(), "registered a {} minion", m.state);
                         let chosen = p.changes.iter().any(|c| matches!(c, Change::Drain { id: d, .. } | Change::Lost { id: d, .. } | Change::Gone { id: d } if d == id));
                         prop_assert!(!chosen, "registered a minion this pass took out of service");
+                    }
+                    Action::Shed { id, count, .. } => {
+                        let m = before(id);
+                        prop_assert!(m.state == MinionState::InService && m.can_shed, "asked a {} minion to shed", m.state);
+                        prop_assert!(*count > 0 && *count <= m.connections);
+                        let chosen = p.changes.iter().any(|c| matches!(c, Change::Drain { id: d, .. } | Change::Lost { id: d, .. } | Change::Gone { id: d } if d == id));
+                        prop_assert!(!chosen, "asked a minion this pass took out of service to shed");
+                        let draining = minions.iter().any(|m| matches!(m.state, MinionState::Draining(_)))
+                            || p.changes.iter().any(|c| matches!(c, Change::Drain { .. }));
+                        prop_assert!(!draining, "shed while a drain moves connections");
                     }
                     _ => {}
                 }

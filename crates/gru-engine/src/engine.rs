@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -81,6 +81,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const PARTIAL_FRAME_GRACE: Duration = Duration::from_secs(30);
 /// Pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How long a [`EngineHandle::shed`] request stands: connections that
+/// reach a message boundary within it close; what is left is forgotten
+/// (the senders it was meant for may have gone by themselves).
+pub const SHED_WINDOW: Duration = Duration::from_secs(10);
 
 /// Engine settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,6 +244,10 @@ struct Shared {
     healthy: AtomicBool,
     /// Whether intake is draining; connections watch it to close when idle.
     draining: watch::Sender<bool>,
+    /// Connections still to close for a shed request, and until when.
+    shed: std::sync::Mutex<(u64, Instant)>,
+    /// Bumped on each shed request, to wake idle connections.
+    shedding: watch::Sender<u64>,
     /// Bumped whenever a counter that `drained` depends on goes down.
     changed: watch::Sender<u64>,
     /// Stops every task, queued messages or not.
@@ -291,6 +299,16 @@ impl Shared {
 
     fn is_draining(&self) -> bool {
         *self.draining.borrow()
+    }
+
+    /// Takes one connection of a standing shed request: the caller closes.
+    fn take_shed(&self) -> bool {
+        let mut shed = lock(&self.shed);
+        if shed.0 == 0 || Instant::now() >= shed.1 {
+            return false;
+        }
+        shed.0 -= 1;
+        true
     }
 
     fn next_ack_id(&self) -> String {
@@ -398,6 +416,8 @@ pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         ack_latency: Default::default(),
         healthy: AtomicBool::new(true),
         draining: watch::Sender::new(false),
+        shed: std::sync::Mutex::new((0, Instant::now())),
+        shedding: watch::Sender::new(0),
         changed: watch::Sender::new(0),
         stop: CancellationToken::new(),
         ack_ids: AtomicU64::new(0),
@@ -510,6 +530,23 @@ impl EngineHandle {
             info!(listen = %self.shared.local_addr, "draining");
         }
         self.shared.bump();
+    }
+
+    /// Asks `count` inbound connections to close at their next message
+    /// boundary (idle ones at once, busy ones right after their ACK), so
+    /// their senders reconnect through the load balancer, onto another
+    /// minion. Replaces any earlier request; what no connection took within
+    /// [`SHED_WINDOW`] is forgotten. Returns how many will close: at most
+    /// the connections open now.
+    pub fn shed(&self, count: u64) -> u64 {
+        let open = self.shared.open_connections.load(Ordering::SeqCst);
+        let n = count.min(open);
+        *lock(&self.shared.shed) = (n, Instant::now() + SHED_WINDOW);
+        if n > 0 {
+            info!(count = n, open, "shedding connections");
+            self.shared.shedding.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        n
     }
 
     /// Stops draining: new connections are served again.
@@ -648,6 +685,8 @@ enum CloseReason {
     Peer,
     Draining,
     MaxAge,
+    /// Asked to shed ([`EngineHandle::shed`]).
+    Shed,
     Stopped,
     Error,
 }
@@ -660,6 +699,7 @@ async fn connection(
 ) {
     let mut framed = Framed::new(socket, MllpCodec::new(config.max_frame_bytes));
     let mut draining = shared.draining.subscribe();
+    let mut shedding = shared.shedding.subscribe();
     let age_deadline = connection_deadline(config.max_connection_age);
     let mut messages = 0u64;
     let closed = loop {
@@ -667,6 +707,14 @@ async fn connection(
             Some(CloseReason::Draining)
         } else if age_deadline.is_some_and(|d| Instant::now() >= d) {
             Some(CloseReason::MaxAge)
+        } else if framed.read_buffer().is_empty()
+            && !input_waiting(framed.get_ref())
+            && shared.take_shed()
+        {
+            // Only at a boundary with nothing sent to it yet: a connection
+            // with (part of) a message in hand reads it first and asks again
+            // after its ACK, so its sender does not have to resend it.
+            Some(CloseReason::Shed)
         } else {
             None
         };
@@ -680,6 +728,12 @@ async fn connection(
             _ = shared.stop.cancelled() => break CloseReason::Stopped,
             frame = framed.next() => frame,
             r = draining.changed(), if closing.is_none() => {
+                if r.is_err() {
+                    break CloseReason::Stopped;
+                }
+                continue;
+            }
+            r = shedding.changed(), if closing.is_none() => {
                 if r.is_err() {
                     break CloseReason::Stopped;
                 }
@@ -738,6 +792,13 @@ async fn connection(
         messages += 1;
     };
     debug!(reason = ?closed, messages, "connection closed");
+}
+
+/// Whether the peer has sent bytes not read yet (or closed), without
+/// waiting.
+fn input_waiting(socket: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    socket.peek(&mut byte).now_or_never().is_some()
 }
 
 /// What to answer a sender.

@@ -345,6 +345,122 @@ async fn drain_with_partial_frame_in_hand_finishes_it() {
     .await;
 }
 
+/// Sends one message; `None` when the server closed the connection first.
+async fn try_exchange(client: &mut Client, message: Bytes) -> Option<AckCode> {
+    client.send(message).await.ok()?;
+    let reply = client.next().await?.ok()?;
+    parse_ack(&reply).ok().map(|(code, _)| code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shed_closes_idle_connections_first_and_busy_ones_only_after_their_ack() {
+    within(async {
+        // A slow downstream, so a message is reliably mid-delivery.
+        let sink = Sink::start(Duration::from_millis(300)).await;
+        let engine = gru_engine::start(engine_config(sink.addr))
+            .await
+            .expect("start engine");
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(client(engine.local_addr()).await);
+        }
+        let mut busy = client(engine.local_addr()).await;
+        wait_until("four connections", Duration::from_secs(10), || {
+            engine.status().open_connections == 4
+        })
+        .await;
+        busy.send(adt("MID-1")).await.expect("send");
+        wait_until("MID-1 at the sink", Duration::from_secs(10), || {
+            sink.stats.contains("MID-1")
+        })
+        .await;
+
+        assert_eq!(engine.shed(2), 2);
+        wait_until("two idle connections shed", Duration::from_secs(10), || {
+            engine.status().open_connections == 2
+        })
+        .await;
+        // The busy one finished its message and stays: the idle ones went
+        // first.
+        let reply = busy.next().await.expect("ack").expect("read ack");
+        assert_eq!(
+            parse_ack(&reply).expect("ack"),
+            (AckCode::AA, "MID-1".to_owned())
+        );
+        assert_eq!(
+            try_exchange(&mut busy, adt("AFTER-1")).await,
+            Some(AckCode::AA),
+            "the busy connection was not shed"
+        );
+        let mut served = 0;
+        for (i, c) in idle.iter_mut().enumerate() {
+            if try_exchange(c, adt(&format!("IDLE-{i}"))).await.is_some() {
+                served += 1;
+            }
+        }
+        assert_eq!(served, 1, "two of the three idle connections were closed");
+        assert!(!engine.status().draining, "shedding is not draining");
+
+        // More than are open: each open one closes, the busy one only after
+        // its ACK, and new connections are served as before.
+        busy.send(adt("MID-2")).await.expect("send");
+        wait_until("MID-2 at the sink", Duration::from_secs(10), || {
+            sink.stats.contains("MID-2")
+        })
+        .await;
+        assert_eq!(engine.shed(10), 2);
+        let reply = busy.next().await.expect("ack").expect("read ack");
+        assert_eq!(
+            parse_ack(&reply).expect("ack"),
+            (AckCode::AA, "MID-2".to_owned()),
+            "the message in hand was finished, not cut"
+        );
+        assert!(closed_by_server(&mut busy).await, "closed after its ack");
+        wait_until("every connection shed", Duration::from_secs(10), || {
+            engine.status().open_connections == 0
+        })
+        .await;
+        let mut fresh = client(engine.local_addr()).await;
+        assert_eq!(
+            try_exchange(&mut fresh, adt("FRESH")).await,
+            Some(AckCode::AA),
+            "a request is for the connections open when it came"
+        );
+        drop(fresh);
+        stop_engine(&engine).await;
+        sink.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shedding_under_load_reconnects_without_loss() {
+    within(async {
+        let sink = Sink::start(Duration::ZERO).await;
+        let engine = gru_engine::start(engine_config(sink.addr))
+            .await
+            .expect("start engine");
+        let drive = Drive::start(engine.local_addr(), 4, Duration::from_secs(30));
+        wait_until("driver traffic", Duration::from_secs(10), || {
+            drive.live.acked() >= 20 && engine.status().open_connections == 4
+        })
+        .await;
+        let before = drive.live.acked();
+        assert_eq!(engine.shed(3), 3);
+        wait_until("traffic after the shed", Duration::from_secs(10), || {
+            drive.live.acked() >= before + 100
+        })
+        .await;
+        let summary = drive.stop().await;
+        assert!(summary.reconnects >= 3, "{summary:?}");
+        assert_eq!(summary.nacked, 0, "{summary:?}");
+        assert_no_loss(&summary, &sink.stats);
+        stop_engine(&engine).await;
+        sink.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connection_age_reconnects_without_loss() {
     within(async {

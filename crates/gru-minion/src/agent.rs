@@ -291,7 +291,8 @@ impl Agent {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    if tx.send(report(seq, self.engine.status())).await.is_err() {
+                    let report = report(seq, self.engine.status(), self.engine.can_shed());
+                    if tx.send(report).await.is_err() {
                         return Ok(());
                     }
                     self.metrics.reports.inc();
@@ -306,6 +307,10 @@ impl Agent {
                         Some(pb::controller_command::Command::Resume(_)) => {
                             tracing::info!("resuming intake");
                             self.engine.resume();
+                        }
+                        Some(pb::controller_command::Command::Shed(s)) => {
+                            let closing = self.engine.shed(s.count);
+                            tracing::info!(asked = s.count, closing, reason = %s.reason, "shedding connections");
                         }
                         Some(pb::controller_command::Command::Settings(s)) => {
                             let d = Duration::from_millis(u64::from(s.report_interval_ms));
@@ -322,7 +327,7 @@ impl Agent {
     }
 }
 
-fn report(seq: u64, s: EngineStatus) -> pb::SessionMessage {
+fn report(seq: u64, s: EngineStatus, can_shed: bool) -> pb::SessionMessage {
     let health = match s.health {
         Health::Starting => pb::EngineHealth::Starting,
         Health::Healthy => pb::EngineHealth::Healthy,
@@ -340,6 +345,7 @@ fn report(seq: u64, s: EngineStatus) -> pb::SessionMessage {
             draining: s.draining,
             drained: s.drained,
             sent_at_unix_us: gru_proto::report_stamp(),
+            can_shed,
         })),
     }
 }

@@ -87,6 +87,15 @@ pub struct LocalFleet {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub schedule: Vec<toml::Table>,
     pub local: LocalProvider,
+    /// `[fleet.rebalance]`; left out, the controller's defaults (on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<Rebalance>,
+}
+
+/// `[fleet.rebalance]` of a controller config.
+#[derive(Serialize)]
+pub struct Rebalance {
+    pub enabled: bool,
 }
 
 /// `[fleet.local]` of a controller config.

@@ -80,6 +80,11 @@ pub struct DevArgs {
     /// (jittered up to twice it), so load spreads to new minions; 0s = never.
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
     max_connection_age: Duration,
+    /// Do not ask minions to shed connections onto new ones after a
+    /// scale-out (rebalancing, on by default); only --max-connection-age
+    /// then moves long-lived senders.
+    #[arg(long)]
+    no_rebalance: bool,
     /// The load balancer cuts connections this long after deregistration.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     deregistration_delay: Duration,
@@ -490,6 +495,9 @@ beside it."
                 deregistration_delay: a.deregistration_delay,
                 log_dir: "minions".to_owned(),
             },
+            rebalance: a
+                .no_rebalance
+                .then_some(config_files::Rebalance { enabled: false }),
         }],
     };
     config_files::to_toml(&header, &file).context("cannot write the controller config")
@@ -672,6 +680,16 @@ mod tests {
         let text = minion_toml(&a, "https://127.0.0.1:7070", listen).unwrap();
         let m = MinionConfig::parse(Path::new("/x/minion.toml"), &text).unwrap();
         assert_eq!(m.metrics_listen, None);
+    }
+
+    #[test]
+    fn rebalancing_is_on_unless_turned_off() {
+        let listen = "127.0.0.1:7070".parse().unwrap();
+        for (flags, on) in [(&[][..], true), (&["--no-rebalance"][..], false)] {
+            let text = controller_toml(&args(flags), listen, None).unwrap();
+            let c = ControllerConfig::parse(Path::new("/x/controller.toml"), &text).unwrap();
+            assert_eq!(c.fleets[0].rebalance.is_some(), on, "{flags:?}:\n{text}");
+        }
     }
 
     #[test]

@@ -133,7 +133,8 @@ impl Agent {
                 match cmd {
                     Ok(Command::Drain { .. }) => self.draining = true,
                     Ok(Command::Resume) => self.draining = false,
-                    Err(_) => {}
+                    // It reports no connections: never asked.
+                    Ok(Command::Shed { .. }) | Err(_) => {}
                 }
             }
         }

@@ -47,6 +47,18 @@ pub trait Engine: Send + Sync + 'static {
     fn drain(&self);
     /// Takes work again after a drain.
     fn resume(&self);
+    /// Whether [`Engine::shed`] closes connections; engines that cannot shed
+    /// leave rebalancing to their own max connection age.
+    fn can_shed(&self) -> bool {
+        false
+    }
+    /// Closes `count` inbound connections at message boundaries (idle ones
+    /// first, busy ones right after their ACK) so their senders reconnect
+    /// elsewhere; replaces any earlier request. Returns how many will close.
+    fn shed(&self, count: u64) -> u64 {
+        let _ = count;
+        0
+    }
     /// Drains, waits up to `grace` for it to finish, and stops.
     async fn shutdown(&self, grace: Duration);
     /// How long the engine took to ACK messages, where it can tell (gru's

@@ -80,6 +80,14 @@ impl Engine for ReferenceEngine {
         self.handle.resume();
     }
 
+    fn can_shed(&self) -> bool {
+        true
+    }
+
+    fn shed(&self, count: u64) -> u64 {
+        self.handle.shed(count)
+    }
+
     async fn shutdown(&self, grace: Duration) {
         self.handle.shutdown(grace).await;
     }

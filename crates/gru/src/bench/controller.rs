@@ -657,6 +657,7 @@ fn report(seq: u64) -> pb::SessionMessage {
             draining: false,
             drained: false,
             sent_at_unix_us: gru_proto::report_stamp(),
+            can_shed: false,
         })),
     }
 }

@@ -5,6 +5,7 @@
 mod agent;
 mod breach;
 mod controller;
+mod rebalance;
 mod soak;
 mod suite;
 
@@ -53,6 +54,11 @@ pub enum BenchCommand {
     /// against the real controller and against a bare gRPC server; prints
     /// CPU, memory, CPU per report and report-to-registry latency per step.
     Controller(controller::ControllerArgs),
+    /// How soon a scale-out's new minions carry their share of long-lived
+    /// connections, with the controller's rebalancing and with only the
+    /// engines' max connection age: `gru dev` scaled from 1 minion out,
+    /// again and again, under senders that keep their connections.
+    Rebalance(rebalance::RebalanceArgs),
     /// The server under test of `gru bench controller`, in its own process.
     #[command(hide = true)]
     ControllerTarget(controller::TargetArgs),
@@ -193,6 +199,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Soak(a) => soak::run(a).await,
         BenchCommand::Agent(a) => agent::run(a).await,
         BenchCommand::Breach(a) => breach::run(a).await,
+        BenchCommand::Rebalance(a) => rebalance::run(a).await,
         BenchCommand::Controller(a) => controller::run(a).await,
         BenchCommand::ControllerTarget(a) => controller::target(a).await,
     }

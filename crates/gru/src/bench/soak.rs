@@ -155,21 +155,26 @@ fn timeline(a: &SoakArgs, duration: Duration) -> anyhow::Result<Vec<(Duration, S
 }
 
 /// `gru dev` as a child, and how to reach it.
-struct Dev {
+pub(super) struct Dev {
     child: Child,
     state: PathBuf,
     args: Vec<String>,
     listen: String,
-    lb: String,
+    pub(super) lb: String,
     client_config: PathBuf,
 }
 
 impl Dev {
-    async fn start(state: &Path, args: Vec<String>, listen: &str, lb: &str) -> anyhow::Result<Dev> {
+    pub(super) async fn start(
+        state: &Path,
+        args: Vec<String>,
+        listen: &str,
+        lb: &str,
+    ) -> anyhow::Result<Dev> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(state.join("soak-dev.log"))
+            .open(state.join("gru-dev.log"))
             .context("cannot open the gru dev log")?;
         let info = state.join("state/dev.json");
         let _ = std::fs::remove_file(&info);
@@ -190,7 +195,7 @@ impl Dev {
             if let Some(status) = child.try_wait()? {
                 bail!(
                     "gru dev exited with {status}; see {}",
-                    state.join("soak-dev.log").display()
+                    state.join("gru-dev.log").display()
                 );
             }
             if let Some(v) = std::fs::read_to_string(&info)
@@ -235,7 +240,7 @@ impl Dev {
     }
 
     /// SIGTERM, and its exit: it stops every minion.
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub(super) async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {
             // A pid of our own child, not yet reaped.
             let _ = std::process::Command::new("kill")
@@ -275,7 +280,7 @@ impl Dev {
     }
 
     /// `cli`, tried again for a while (the controller may be coming back).
-    async fn cli_retrying(&self, args: &[&str]) -> anyhow::Result<Value> {
+    pub(super) async fn cli_retrying(&self, args: &[&str]) -> anyhow::Result<Value> {
         let started = Instant::now();
         loop {
             match self.cli(args).await {
@@ -287,7 +292,7 @@ impl Dev {
     }
 
     /// The minions' states by id.
-    async fn minions(&self) -> anyhow::Result<Vec<Value>> {
+    pub(super) async fn minions(&self) -> anyhow::Result<Vec<Value>> {
         let v = self.cli_retrying(&["minion", "ls"]).await?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
