@@ -2475,7 +2475,7 @@ mod tests {
         );
         // Its next reports still show 16: not asked again within the
         // cooldown, asked again after it.
-        let t1 = t0 + Duration::from_secs(2);
+        let t1 = t0 + Duration::from_secs(1);
         reg.report(&a, ga, held(3, 16), t1);
         assert_eq!(shed(pass(&mut reg, &g, t1)), []);
         let t2 = t0 + gru_core::rebalance::DEFAULT_REBALANCE.cooldown;

@@ -10,7 +10,8 @@
 //! command.
 //!
 //! Bounds, property-tested below: a minion is never asked to drop below its
-//! fair share (the total divided by the holders, rounded up); no more than
+//! fair share in whole connections (the total divided by the holders,
+//! rounded down); no more than
 //! `max_fraction` of the fleet's connections, and no more than the holders
 //! below their share can take, are shed in one pass; a minion asked
 //! recently (within `cooldown`, long enough for its reports to show the
@@ -21,8 +22,8 @@ use std::time::Duration;
 /// How eagerly a fleet's connections are spread.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RebalanceLimits {
-    /// Connections above the fair share (rounded up) a minion may hold, and
-    /// below it (rounded down) one may hold, before anything is shed.
+    /// Imbalance left alone: a minion sheds onto the emptiest one only when
+    /// they differ by more than one connection plus this.
     pub tolerance: u64,
     /// The largest part of the fleet's connections shed in one pass, in
     /// `(0, 1]`; at least one connection when anything is to be shed.
@@ -32,12 +33,12 @@ pub struct RebalanceLimits {
 }
 
 /// The defaults: one connection of slack, at most half the fleet's
-/// connections per pass, 5 s between asks of the same minion (a few report
-/// intervals, so the next ask sees what the last one did).
+/// connections per pass, 2 s between asks of the same minion (two report
+/// intervals: the next ask sees what the last one did).
 pub const DEFAULT_REBALANCE: RebalanceLimits = RebalanceLimits {
     tolerance: 1,
     max_fraction: 0.5,
-    cooldown: Duration::from_secs(5),
+    cooldown: Duration::from_secs(2),
 };
 
 /// An in-service minion as the rebalancer sees it.
@@ -58,15 +59,15 @@ pub struct Shed {
     pub id: String,
     pub count: u64,
     pub connections: u64,
-    /// The fair share (rounded up) it keeps.
+    /// The fair share (rounded down) it keeps at least.
     pub share: u64,
     /// In-service minions the share is over.
     pub holders: usize,
 }
 
 /// Which holders shed how many connections this pass. Nothing when fewer
-/// than two minions are in service, or when no minion is below its share
-/// by more than the tolerance.
+/// than two minions are in service, or when none is below its share (the
+/// total over the holders, rounded down).
 pub fn rebalance(holders: &[Holder], limits: &RebalanceLimits) -> Vec<Shed> {
     let n = holders.len() as u64;
     if n < 2 {
@@ -74,11 +75,11 @@ pub fn rebalance(holders: &[Holder], limits: &RebalanceLimits) -> Vec<Shed> {
     }
     let total: u64 = holders.iter().map(|h| h.connections).sum();
     let floor = total / n;
-    let ceil = total.div_ceil(n);
-    // What the minions below their share can take.
+    // What the minions below their share can take, and the emptiest.
+    let emptiest = holders.iter().map(|h| h.connections).min().unwrap_or(0);
     let room: u64 = holders
         .iter()
-        .filter(|h| h.connections.saturating_add(limits.tolerance) < floor)
+        .filter(|h| h.connections < floor)
         .map(|h| floor - h.connections)
         .sum();
     if room == 0 {
@@ -90,7 +91,8 @@ pub fn rebalance(holders: &[Holder], limits: &RebalanceLimits) -> Vec<Shed> {
         .iter()
         .filter(|h| {
             h.can_shed
-                && h.connections > ceil.saturating_add(limits.tolerance)
+                && h.connections > floor
+                && h.connections - emptiest > 1 + limits.tolerance
                 && h.since_shed.is_none_or(|d| d >= limits.cooldown)
         })
         .collect();
@@ -105,13 +107,13 @@ pub fn rebalance(holders: &[Holder], limits: &RebalanceLimits) -> Vec<Shed> {
         if budget == 0 {
             break;
         }
-        let count = (h.connections - ceil).min(budget);
+        let count = (h.connections - floor).min(budget);
         budget -= count;
         sheds.push(Shed {
             id: h.id.to_owned(),
             count,
             connections: h.connections,
-            share: ceil,
+            share: floor,
             holders: holders.len(),
         });
     }
@@ -159,18 +161,28 @@ mod tests {
         let sheds = rebalance(&holders(&[16, 0, 0, 0, 0]), &DEFAULT_REBALANCE);
         assert_eq!(sheds.len(), 1);
         assert_eq!(sheds[0].count, 8);
-        // The next pass, once the first ask's effect shows: 8 left, 8 spread.
-        let mut next = holders(&[8, 2, 2, 2, 2]);
-        next[0].since_shed = Some(Duration::from_secs(5));
+        // Every minion at 4 but a new one: three of them give one each.
+        let sheds = rebalance(&holders(&[4, 4, 4, 4, 0]), &DEFAULT_REBALANCE);
         assert_eq!(
-            rebalance(&next, &DEFAULT_REBALANCE),
-            Vec::new(),
-            "no one is below 3 - 1"
+            sheds.iter().map(|s| s.count).collect::<Vec<_>>(),
+            [1, 1, 1],
+            "{sheds:?}"
         );
-        let mut next = holders(&[8, 4, 4, 0, 0]);
-        next[0].since_shed = Some(Duration::from_secs(5));
+        // The next pass, once the first ask's effect shows: 8 left, 8 spread;
+        // the four below 3 take one each.
+        let mut next = holders(&[8, 2, 2, 2, 2]);
+        next[0].since_shed = Some(DEFAULT_REBALANCE.cooldown);
         let sheds = rebalance(&next, &DEFAULT_REBALANCE);
-        assert_eq!(sheds[0].count, 4, "down to the share of 4: {sheds:?}");
+        assert_eq!(sheds[0].count, 4, "4 of the room of 4: {sheds:?}");
+        let mut next = holders(&[8, 4, 4, 0, 0]);
+        next[0].since_shed = Some(DEFAULT_REBALANCE.cooldown);
+        let sheds = rebalance(&next, &DEFAULT_REBALANCE);
+        assert_eq!(sheds[0].count, 5, "down to the share of 3: {sheds:?}");
+        // Within the tolerance: left alone.
+        assert_eq!(
+            rebalance(&holders(&[5, 4, 4, 3]), &DEFAULT_REBALANCE),
+            Vec::new()
+        );
     }
 
     #[test]
@@ -187,7 +199,7 @@ mod tests {
     #[test]
     fn a_minion_in_its_cooldown_or_that_cannot_shed_is_left_alone() {
         let mut h = holders(&[16, 0]);
-        h[0].since_shed = Some(Duration::from_secs(2));
+        h[0].since_shed = Some(Duration::from_secs(1));
         assert_eq!(rebalance(&h, &DEFAULT_REBALANCE), Vec::new());
         let mut h = holders(&[16, 0]);
         h[0].can_shed = false;
@@ -220,7 +232,7 @@ mod tests {
             if !sheds.is_empty() {
                 let room: u64 = connections
                     .iter()
-                    .filter(|&&c| c + tolerance < total / n)
+                    .filter(|&&c| c < total / n)
                     .map(|&c| total / n - c)
                     .sum();
                 prop_assert!(shed <= ((total as f64 * max_fraction) as u64).max(1));
@@ -231,9 +243,12 @@ mod tests {
                 prop_assert!(s.count > 0);
                 prop_assert!(holder.can_shed);
                 prop_assert!(holder.since_shed.is_none_or(|d| d >= limits.cooldown));
-                // Never below its share: what it keeps is at least total / n.
+                // Never below its share: it keeps at least total / n,
+                // rounded down.
                 let kept = holder.connections - s.count;
-                prop_assert!(kept * n >= total, "{kept} kept of {total} over {n}");
+                prop_assert!(kept >= total / n, "{kept} kept of {total} over {n}");
+                let emptiest = connections.iter().min().copied().unwrap_or(0);
+                prop_assert!(holder.connections - emptiest > 1 + tolerance, "within the tolerance");
             }
             let ids: std::collections::BTreeSet<_> = sheds.iter().map(|s| &s.id).collect();
             prop_assert_eq!(ids.len(), sheds.len(), "one ask per minion");

@@ -8,6 +8,17 @@
 //! for `drain_time` more. The scaler sees what minions would report at each
 //! evaluation: capacity, queued and in-flight work, processing rate.
 //!
+//! With [`Model::connections`] set, senders hold that many long-lived
+//! connections, and a minion serves only through the connections it holds:
+//! up to `service_rate` once it holds `slots_per_minion` of them, in
+//! proportion below that. A minion that goes in service holds none; senders
+//! move onto it as the load balancer (least connections) places their
+//! reconnects: after `max_connection_age` (jittered, 1.5× on average), after
+//! a drain, and, for a scaler that rebalances ([`Scaler::rebalance`]), when
+//! gru's own rebalancing ([`crate::rebalance`]) asks minions above their
+//! share to shed. Each result says how long new minions took to hold their
+//! share.
+//!
 //! Baselines beside gru's policy: [`StaticPeak`], [`TargetTracking`] (a model
 //! of EC2 target tracking) and [`Oracle`] (knows the future).
 
@@ -17,6 +28,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::policy::{MinionLoad, Observation, Overrides, Policy, PolicyState, evaluate};
+use crate::rebalance::{Holder, RebalanceLimits, rebalance};
 
 /// One row of a trace: from `at` on, messages arrive at this rate.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -124,6 +136,13 @@ pub struct Model {
     /// A second in which queued work would wait longer than this counts
     /// toward SLO-breach minutes.
     pub slo_wait: Duration,
+    /// Long-lived sender connections across the fleet; `None`: none (work
+    /// is spread over in-service minions as it arrives, so a minion serves
+    /// as soon as it is in service).
+    pub connections: Option<u32>,
+    /// Engines close a connection after this age (jittered up to twice
+    /// it); ZERO = never. Only with `connections`.
+    pub max_connection_age: Duration,
 }
 
 impl Default for Model {
@@ -136,6 +155,8 @@ impl Default for Model {
             report_interval: Duration::from_secs(1),
             eval_interval: Duration::from_secs(10),
             slo_wait: Duration::from_secs(30),
+            connections: None,
+            max_connection_age: Duration::from_secs(300),
         }
     }
 }
@@ -163,6 +184,11 @@ pub trait Scaler {
     /// The desired capacity at this evaluation. `trace` is there for the
     /// oracle only; a real scaler must not look at it.
     fn desired(&mut self, view: &View, trace: &Trace, model: &Model) -> u32;
+    /// How it spreads long-lived connections onto new minions; `None`: it
+    /// does not (as EC2 Auto Scaling, KEDA and Nomad Autoscaler do not).
+    fn rebalance(&self) -> Option<RebalanceLimits> {
+        None
+    }
 }
 
 /// One sample of the timeline, every [`TIMELINE_STEP`].
@@ -189,7 +215,184 @@ pub struct SimResult {
     pub max_queue: f64,
     /// Messages still queued when the trace ended.
     pub final_queue: f64,
+    /// With [`Model::connections`]: for each minion that went in service
+    /// during the run and came to hold its share of the connections (the
+    /// total over the in-service minions, rounded down), how long that took.
+    pub times_to_share: Vec<Duration>,
+    /// Minions that left service before they held their share.
+    pub never_shared: u32,
     pub timeline: Vec<TimelineRow>,
+}
+
+impl SimResult {
+    /// The median and the longest time to share, when any was measured.
+    pub fn time_to_share(&self) -> Option<(Duration, Duration)> {
+        let mut t = self.times_to_share.clone();
+        t.sort();
+        Some((*t.get((t.len().saturating_sub(1)) / 2)?, *t.last()?))
+    }
+}
+
+/// One in-service minion's connections (with [`Model::connections`]).
+#[derive(Clone, Copy, Debug)]
+struct Holding {
+    connections: u32,
+    since: Timestamp,
+    /// It was in service when the run began, or has held its share.
+    shared: bool,
+    shed_at: Option<Timestamp>,
+}
+
+/// The fleet's connections and where they are.
+struct Connections {
+    holdings: Vec<Holding>,
+    /// Reconnects owed to max connection age, carried over between steps.
+    aging: f64,
+    times_to_share: Vec<Duration>,
+    never_shared: u32,
+    /// Senders waiting for a minion while none is in service.
+    parked: u32,
+}
+
+impl Connections {
+    fn new(total: u32, in_service: u32, t: Timestamp) -> Self {
+        let n = in_service.max(1);
+        let holdings = (0..in_service)
+            .map(|i| Holding {
+                connections: total / n + u32::from(i < total % n),
+                since: t,
+                shared: true,
+                shed_at: None,
+            })
+            .collect();
+        Connections {
+            holdings,
+            aging: 0.0,
+            times_to_share: Vec::new(),
+            never_shared: 0,
+            parked: if in_service == 0 { total } else { 0 },
+        }
+    }
+
+    fn total(&self) -> u32 {
+        self.holdings.iter().map(|h| h.connections).sum()
+    }
+
+    /// The load balancer's pick for a reconnect: least connections.
+    fn place(&mut self, n: u32) {
+        for _ in 0..n {
+            if let Some(h) = self.holdings.iter_mut().min_by_key(|h| h.connections) {
+                h.connections += 1;
+            }
+        }
+    }
+
+    fn join(&mut self, t: Timestamp) {
+        self.holdings.push(Holding {
+            connections: 0,
+            since: t,
+            shared: false,
+            shed_at: None,
+        });
+        let parked = std::mem::take(&mut self.parked);
+        self.place(parked);
+    }
+
+    /// Takes `n` minions out of service, those with the fewest connections
+    /// first; their senders reconnect onto the others.
+    fn leave(&mut self, n: u32) {
+        let mut moving = 0;
+        for _ in 0..n {
+            let Some(i) = (0..self.holdings.len()).min_by_key(|&i| self.holdings[i].connections)
+            else {
+                break;
+            };
+            let h = self.holdings.swap_remove(i);
+            moving += h.connections;
+            self.never_shared += u32::from(!h.shared);
+        }
+        if self.holdings.is_empty() {
+            // No one to reconnect to: the senders wait for the next minion.
+            self.aging = 0.0;
+            self.parked += moving;
+        } else {
+            self.place(moving);
+        }
+    }
+
+    /// One step of `dt`: connections that reached their age reconnect
+    /// (taken from the minion holding the most: on average it has the most
+    /// aging out).
+    fn age(&mut self, model: &Model, dt: f64) {
+        if self.holdings.len() < 2 || model.max_connection_age.is_zero() {
+            return;
+        }
+        self.aging += f64::from(self.total()) * dt / (1.5 * model.max_connection_age.as_secs_f64());
+        while self.aging >= 1.0 {
+            self.aging -= 1.0;
+            if let Some(h) = self.holdings.iter_mut().max_by_key(|h| h.connections)
+                && h.connections > 0
+            {
+                h.connections -= 1;
+                self.place(1);
+            }
+        }
+    }
+
+    /// gru's rebalancing, as the controller's planner decides it.
+    fn rebalance(&mut self, limits: &RebalanceLimits, t: Timestamp) {
+        let ids: Vec<String> = (0..self.holdings.len()).map(|i| i.to_string()).collect();
+        let holders: Vec<Holder> = self
+            .holdings
+            .iter()
+            .zip(&ids)
+            .map(|(h, id)| Holder {
+                id,
+                connections: u64::from(h.connections),
+                can_shed: true,
+                since_shed: h.shed_at.map(|at| t.duration_since(at).unsigned_abs()),
+            })
+            .collect();
+        let sheds = rebalance(&holders, limits);
+        for shed in sheds {
+            let Ok(i) = shed.id.parse::<usize>() else {
+                continue;
+            };
+            let count = u32::try_from(shed.count).unwrap_or(u32::MAX);
+            let h = &mut self.holdings[i];
+            h.connections -= count.min(h.connections);
+            h.shed_at = Some(t);
+            self.place(count);
+        }
+    }
+
+    /// Records the minions that came to hold their share at `t`.
+    fn note_shares(&mut self, t: Timestamp) {
+        let n = self.holdings.len() as u32;
+        if n == 0 {
+            return;
+        }
+        let share = self.total() / n;
+        for h in &mut self.holdings {
+            if !h.shared && h.connections >= share {
+                h.shared = true;
+                self.times_to_share
+                    .push(t.duration_since(h.since).unsigned_abs());
+            }
+        }
+    }
+
+    /// What the in-service minions serve in `dt`: each up to `service_rate`
+    /// through the connections it holds.
+    fn capacity(&self, model: &Model, dt: f64) -> f64 {
+        let slots = f64::from(model.slots_per_minion.max(1));
+        self.holdings
+            .iter()
+            .map(|h| (f64::from(h.connections) / slots).min(1.0))
+            .sum::<f64>()
+            * model.service_rate
+            * dt
+    }
 }
 
 impl fmt::Display for SimResult {
@@ -224,6 +427,10 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
     let mut actions = 0u32;
     let mut desired = initial;
     let mut timeline = Vec::new();
+    let mut held = model
+        .connections
+        .map(|c| Connections::new(c, initial, trace.start()));
+    let rebalancing = scaler.rebalance();
     // The last report: what the scaler sees.
     let mut report = (0.0f64, 0.0f64, 0.0f64, 0.0f64); // queued, in_flight, served/s, arrivals/s
     let (mut served_acc, mut arrived_acc, mut acc_secs) = (0.0, 0.0, 0.0);
@@ -235,6 +442,9 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
         booting.retain(|&ready| {
             if ready <= t {
                 in_service += 1;
+                if let Some(h) = held.as_mut() {
+                    h.join(t);
+                }
                 false
             } else {
                 true
@@ -243,18 +453,24 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
         draining.retain(|&done| done > t);
 
         let arrivals = trace.rate_at(t) * dt;
-        let capacity_now = f64::from(in_service) * mu * dt;
+        let capacity_now = match &held {
+            Some(h) => h.capacity(model, dt),
+            None => f64::from(in_service) * mu * dt,
+        };
         let available = queue + arrivals;
         let served = available.min(capacity_now);
         queue = available - served;
         max_queue = max_queue.max(queue);
         let wait = if queue <= 0.0 {
             0.0
-        } else if in_service == 0 {
+        } else if capacity_now <= 0.0 {
             f64::INFINITY
         } else {
-            queue / (f64::from(in_service) * mu)
+            queue / (capacity_now / dt)
         };
+        if let Some(h) = held.as_mut() {
+            h.age(model, dt);
+        }
         if wait > model.slo_wait.as_secs_f64() {
             breach_seconds += dt;
         }
@@ -278,6 +494,16 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
             );
             (served_acc, arrived_acc, acc_secs) = (0.0, 0.0, 0.0);
             next_report = after(next_report, model.report_interval);
+            // The controller's pass on these reports; never while a minion
+            // drains (the drain moves connections itself).
+            if let (Some(h), Some(limits)) = (held.as_mut(), &rebalancing)
+                && draining.is_empty()
+            {
+                h.rebalance(limits, t);
+            }
+            if let Some(h) = held.as_mut() {
+                h.note_shares(t);
+            }
         }
 
         if t >= next_eval {
@@ -305,6 +531,9 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
                 let done = after(t, model.drain_time);
                 let drained = remove.min(in_service);
                 in_service -= drained;
+                if let Some(h) = held.as_mut() {
+                    h.leave(drained);
+                }
                 draining.extend((0..drained).map(|_| done));
                 actions += 1;
             }
@@ -331,6 +560,11 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
         scale_actions: actions,
         max_queue,
         final_queue: queue,
+        times_to_share: held
+            .as_ref()
+            .map(|h| h.times_to_share.clone())
+            .unwrap_or_default(),
+        never_shared: held.as_ref().map_or(0, |h| h.never_shared),
         timeline,
     }
 }
@@ -341,14 +575,23 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
 pub struct GruPolicy {
     policy: Policy,
     state: PolicyState,
+    rebalance: Option<RebalanceLimits>,
 }
 
 impl GruPolicy {
+    /// gru without connection rebalancing.
     pub fn new(policy: Policy) -> Self {
         GruPolicy {
             policy,
             state: PolicyState::new(),
+            rebalance: None,
         }
+    }
+
+    /// With the fleet's `[fleet.rebalance]` settings (`None`: off).
+    pub fn with_rebalance(mut self, rebalance: Option<RebalanceLimits>) -> Self {
+        self.rebalance = rebalance;
+        self
     }
 }
 
@@ -382,6 +625,10 @@ impl Scaler for GruPolicy {
             view.now,
         )
         .desired
+    }
+
+    fn rebalance(&self) -> Option<RebalanceLimits> {
+        self.rebalance
     }
 }
 
@@ -429,7 +676,8 @@ impl Scaler for StaticPeak {
 }
 
 /// Knows the future: keeps exactly the minions the next boot time and
-/// evaluation interval will need, launching them boot-time ahead.
+/// evaluation interval will need, launching them boot-time ahead; with
+/// long-lived connections it also spreads them as gru's rebalancing does.
 pub struct Oracle;
 
 impl Scaler for Oracle {
@@ -444,6 +692,10 @@ impl Scaler for Oracle {
         let backlog = (view.queued / (model.service_rate * model.slo_wait.as_secs_f64().max(1.0)))
             .ceil() as u32;
         need.saturating_add(backlog).max(1)
+    }
+
+    fn rebalance(&self) -> Option<RebalanceLimits> {
+        Some(crate::rebalance::DEFAULT_REBALANCE)
     }
 }
 
@@ -637,6 +889,79 @@ mod tests {
             },
         ])
         .expect("trace")
+    }
+
+    /// A fixed size, with or without gru's rebalancing.
+    struct Fixed {
+        minions: u32,
+        rebalance: Option<RebalanceLimits>,
+    }
+
+    impl Scaler for Fixed {
+        fn name(&self) -> String {
+            format!("fixed {}", self.minions)
+        }
+        fn desired(&mut self, _: &View, _: &Trace, _: &Model) -> u32 {
+            self.minions
+        }
+        fn rebalance(&self) -> Option<RebalanceLimits> {
+            self.rebalance
+        }
+    }
+
+    #[test]
+    fn new_minions_serve_only_through_the_connections_that_reach_them() {
+        // 16 senders on one minion; three more boot within the first
+        // minute. 300 msg/s needs three minions' worth of connections.
+        let trace = flat(300.0, 20);
+        let model = |age: u64| Model {
+            connections: Some(16),
+            max_connection_age: Duration::from_secs(age),
+            ..Model::default()
+        };
+        let fixed = |rebalance| Fixed {
+            minions: 4,
+            rebalance,
+        };
+        let never = run(&trace, &model(0), &mut fixed(None), 1);
+        assert!(
+            never.times_to_share.is_empty(),
+            "{:?}",
+            never.times_to_share
+        );
+        assert!(
+            never.final_queue > 100.0 * 60.0,
+            "one minion's rate all along: {}",
+            never.final_queue
+        );
+        let aged = run(&trace, &model(120), &mut fixed(None), 1);
+        let spread = run(
+            &trace,
+            &model(120),
+            &mut fixed(Some(crate::rebalance::DEFAULT_REBALANCE)),
+            1,
+        );
+        let (aged_p50, aged_max) = aged.time_to_share().expect("shared by age");
+        let (p50, max) = spread.time_to_share().expect("shared by rebalancing");
+        assert_eq!(spread.times_to_share.len(), 3);
+        assert!(
+            max <= model(0).report_interval * 2,
+            "{:?}",
+            spread.times_to_share
+        );
+        assert!(
+            aged_p50 >= Duration::from_secs(10) && aged_max > max && aged_p50 > p50,
+            "{:?} vs {:?}",
+            aged.times_to_share,
+            spread.times_to_share
+        );
+        assert!(spread.slo_breach_minutes < aged.slo_breach_minutes);
+        assert!(aged.slo_breach_minutes < never.slo_breach_minutes);
+        // Without connections (the default model) a booted minion serves at
+        // once and nothing is measured.
+        let plain = run(&trace, &Model::default(), &mut fixed(None), 1);
+        assert!(plain.times_to_share.is_empty());
+        assert!(plain.slo_breach_minutes <= spread.slo_breach_minutes);
     }
 
     #[test]

@@ -57,6 +57,17 @@ pub struct RunArgs {
     /// The target-tracking baseline's utilization target.
     #[arg(long, default_value_t = 0.7)]
     target_utilization: f64,
+    /// Senders hold this many long-lived connections across the fleet, and
+    /// a minion serves only through those it holds (full rate from --slots
+    /// of them): a new minion gets work as senders reconnect onto it, by
+    /// --max-connection-age or, for gru with `[fleet.rebalance]` on, by
+    /// rebalancing. Default: no connections (a minion serves once booted).
+    #[arg(long)]
+    connections: Option<u32>,
+    /// With --connections: engines close a connection after this age
+    /// (jittered up to twice it); 0s = never.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    max_connection_age: Duration,
     /// Where the timeline CSV and the chart go.
     #[arg(long, default_value = "sim-out")]
     out: PathBuf,
@@ -152,6 +163,12 @@ struct Row {
     slo_breach_minutes: f64,
     scale_actions: u32,
     max_queue: f64,
+    /// With --connections: from a new minion's InService to it holding its
+    /// share of the connections.
+    time_to_share_p50_secs: Option<f64>,
+    time_to_share_max_secs: Option<f64>,
+    /// Minions that left service before they held their share.
+    never_shared: u32,
 }
 
 #[derive(Serialize)]
@@ -186,11 +203,13 @@ fn replay(a: RunArgs) -> anyhow::Result<()> {
         report_interval: a.report_interval,
         eval_interval: a.eval_interval,
         slo_wait: a.slo_wait,
+        connections: a.connections.filter(|c| *c > 0),
+        max_connection_age: a.max_connection_age,
     };
     let peak = StaticPeak::for_trace(&trace, &model);
     let start = peak.minions;
     let mut scalers: Vec<Box<dyn Scaler>> = vec![
-        Box::new(GruPolicy::new(fleet.policy.clone())),
+        Box::new(GruPolicy::new(fleet.policy.clone()).with_rebalance(fleet.rebalance)),
         Box::new(peak),
         Box::new(TargetTracking::new(a.target_utilization)),
         Box::new(Oracle),
@@ -224,6 +243,9 @@ fn replay(a: RunArgs) -> anyhow::Result<()> {
                 slo_breach_minutes: r.slo_breach_minutes,
                 scale_actions: r.scale_actions,
                 max_queue: r.max_queue,
+                time_to_share_p50_secs: r.time_to_share().map(|(p50, _)| p50.as_secs_f64()),
+                time_to_share_max_secs: r.time_to_share().map(|(_, max)| max.as_secs_f64()),
+                never_shared: r.never_shared,
             })
             .collect(),
         gru_over_oracle_instance_hours: gru.instance_hours / oracle.instance_hours,
@@ -247,7 +269,31 @@ fn replay(a: RunArgs) -> anyhow::Result<()> {
         humantime::format_duration(model.drain_time)
     );
     for r in &results {
-        println!("{r}");
+        match (model.connections, r.time_to_share()) {
+            (None, _) => println!("{r}"),
+            (Some(_), Some((p50, max))) => println!(
+                "{r}  time to share p50 {} max {}{}",
+                humantime::format_duration(p50),
+                humantime::format_duration(max),
+                if r.never_shared > 0 {
+                    format!(" ({} never)", r.never_shared)
+                } else {
+                    String::new()
+                }
+            ),
+            (Some(_), None) => println!("{r}  time to share: none measured"),
+        }
+    }
+    if let Some(c) = model.connections {
+        println!(
+            "\n{c} long-lived connections; a new minion serves through those that reach it (max connection age {}; gru {} rebalancing)",
+            humantime::format_duration(model.max_connection_age),
+            if fleet.rebalance.is_some() {
+                "with"
+            } else {
+                "without"
+            }
+        );
     }
     println!(
         "\ngru / oracle instance-hours {:.3}   gru / static {:.3}\ntimeline {}   chart {}",
