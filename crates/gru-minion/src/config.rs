@@ -26,6 +26,9 @@ pub const DEFAULT_WARM_POOL_POLL: Duration = crate::imds::DEFAULT_WARM_POLL;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// `engine.timeout` (http and exec adapters) when not given.
 pub const DEFAULT_ADAPTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where the number of connections to close goes in an adapter's `shed`
+/// call (an argument of the exec command; the URL or body of the request).
+pub const COUNT_PLACEHOLDER: &str = "{count}";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -144,6 +147,41 @@ pub struct HttpSection {
     pub after_drained: Vec<HttpCall>,
     /// Made in order on resume: they undo `drain` and `after_drained`.
     pub resume: Vec<HttpCall>,
+    /// Open inbound connections, read like the queue depth; with `shed`,
+    /// the minion takes part in rebalancing.
+    pub connections: Option<QueueDepthCall>,
+    /// Asks the engine to close some connections at message boundaries.
+    pub shed: Option<ShedCall>,
+}
+
+/// `engine.http.shed`: a request with [`COUNT_PLACEHOLDER`] in its URL or
+/// body, checked to make a valid request whatever the count.
+#[derive(Clone, Debug)]
+pub struct ShedCall {
+    pub method: Method,
+    /// With the placeholder (a `Uri` cannot hold `{`).
+    pub url: String,
+    pub headers: HeaderMap,
+    pub body: Option<String>,
+}
+
+impl ShedCall {
+    /// The request asking for `count` connections.
+    pub fn with_count(&self, count: u64) -> HttpCall {
+        let n = count.to_string();
+        HttpCall {
+            method: self.method.clone(),
+            url: self
+                .url
+                .replace(COUNT_PLACEHOLDER, &n)
+                .parse()
+                // Checked with a number in place of the placeholder when
+                // the config was read.
+                .expect("a shed URL with a number in it parses"),
+            headers: self.headers.clone(),
+            body: self.body.as_ref().map(|b| b.replace(COUNT_PLACEHOLDER, &n)),
+        }
+    }
 }
 
 /// One HTTP request the adapter makes.
@@ -198,6 +236,27 @@ pub struct ExecSection {
     pub drained: Option<Argv>,
     /// Takes work again.
     pub resume: Argv,
+    /// Prints the open inbound connections; with `shed`, the minion takes
+    /// part in rebalancing.
+    pub connections: Option<Argv>,
+    /// Closes some connections at message boundaries; [`COUNT_PLACEHOLDER`]
+    /// in an argument is replaced by how many.
+    pub shed: Option<Argv>,
+}
+
+impl Argv {
+    /// This command line with [`COUNT_PLACEHOLDER`] replaced by `count`.
+    pub fn with_count(&self, count: u64) -> Argv {
+        let n = count.to_string();
+        Argv {
+            program: self.program.clone(),
+            args: self
+                .args
+                .iter()
+                .map(|a| a.replace(COUNT_PLACEHOLDER, &n))
+                .collect(),
+        }
+    }
 }
 
 /// A command line, run without a shell.
@@ -303,6 +362,8 @@ struct RawHttp {
     after_drained: Vec<RawCall>,
     #[serde(default)]
     resume: Vec<RawCall>,
+    connections: Option<RawDepth>,
+    shed: Option<RawCall>,
 }
 
 #[derive(Deserialize)]
@@ -343,6 +404,8 @@ struct RawExec {
     drain: Option<Vec<String>>,
     drained: Option<Vec<String>>,
     resume: Option<Vec<String>>,
+    connections: Option<Vec<String>>,
+    shed: Option<Vec<String>>,
 }
 
 impl MinionConfig {
@@ -755,41 +818,11 @@ fn http_section(ctx: &Ctx, h: RawHttp, errors: &mut Vec<ConfigError>) -> Option<
             ));
             None
         }
-        Some(d) => {
-            let key = "engine.http.queue_depth";
-            let call = call(ctx, key, Method::GET, &d.url, None, &d.headers, errors);
-            let read = match (d.json_pointer, d.prometheus_metric, d.labels) {
-                (Some(_), Some(_), _) => {
-                    Err(ctx.invalid(key, "either json_pointer or prometheus_metric, not both"))
-                }
-                (None, None, _) => {
-                    Err(ctx.invalid(key, "json_pointer or prometheus_metric, to read the number"))
-                }
-                (Some(_), None, Some(_)) => {
-                    Err(ctx.invalid(&format!("{key}.labels"), "only read with prometheus_metric"))
-                }
-                (Some(p), None, None) => JsonPointer::parse(&p)
-                    .map(DepthReader::Json)
-                    .map_err(|why| ctx.invalid(&format!("{key}.json_pointer"), why)),
-                (None, Some(metric), labels) => {
-                    if valid_metric_name(&metric) {
-                        Ok(DepthReader::Prometheus {
-                            metric,
-                            labels: labels.unwrap_or_default(),
-                        })
-                    } else {
-                        Err(ctx.invalid(
-                            &format!("{key}.prometheus_metric"),
-                            format!("a metric name like \"iris_interop_queued\", got {metric:?}"),
-                        ))
-                    }
-                }
-            };
-            let read = keep(errors, read);
-            call.zip(read)
-                .map(|(call, read)| QueueDepthCall { call, read })
-        }
+        Some(d) => number_call(ctx, "engine.http.queue_depth", d, errors),
     };
+    let connections = h
+        .connections
+        .map(|d| number_call(ctx, "engine.http.connections", d, errors));
     let health = h.health.and_then(|r| {
         let key = "engine.http.health";
         let call = call(ctx, key, Method::GET, &r.url, None, &r.headers, errors);
@@ -811,6 +844,13 @@ fn http_section(ctx: &Ctx, h: RawHttp, errors: &mut Vec<ConfigError>) -> Option<
             expect_status: expect_status?,
         })
     });
+    let shed = h.shed.map(|c| shed_call(ctx, c, errors));
+    if shed.is_some() && connections.is_none() {
+        errors.push(ctx.invalid(
+            "engine.http.connections",
+            "{ url = \"...\", json_pointer = \"/...\" } or { url = \"...\", prometheus_metric = \"...\" } with engine.http.shed: the controller asks a minion to shed from the connections it reports",
+        ));
+    }
     let mut calls = |name: &str, raw: Vec<RawCall>| -> Vec<HttpCall> {
         raw.into_iter()
             .enumerate()
@@ -818,15 +858,7 @@ fn http_section(ctx: &Ctx, h: RawHttp, errors: &mut Vec<ConfigError>) -> Option<
                 let key = format!("engine.http.{name}[{i}]");
                 let method = match c.method.as_deref() {
                     None => Some(Method::POST),
-                    Some(m) => keep(
-                        errors,
-                        Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                            ctx.invalid(
-                                &format!("{key}.method"),
-                                format!("an HTTP method like \"POST\", got {m:?}"),
-                            )
-                        }),
-                    ),
+                    Some(m) => keep(errors, http_method(ctx, &key, m)),
                 };
                 let call = call(
                     ctx,
@@ -868,6 +900,94 @@ fn http_section(ctx: &Ctx, h: RawHttp, errors: &mut Vec<ConfigError>) -> Option<
         drain,
         after_drained,
         resume,
+        connections: connections.flatten(),
+        shed: shed.flatten(),
+    })
+}
+
+/// A GET that reads a number (`engine.http.queue_depth`,
+/// `engine.http.connections`); problems kept in `errors`.
+fn number_call(
+    ctx: &Ctx,
+    key: &str,
+    d: RawDepth,
+    errors: &mut Vec<ConfigError>,
+) -> Option<QueueDepthCall> {
+    let call = call(ctx, key, Method::GET, &d.url, None, &d.headers, errors);
+    let read = match (d.json_pointer, d.prometheus_metric, d.labels) {
+        (Some(_), Some(_), _) => {
+            Err(ctx.invalid(key, "either json_pointer or prometheus_metric, not both"))
+        }
+        (None, None, _) => {
+            Err(ctx.invalid(key, "json_pointer or prometheus_metric, to read the number"))
+        }
+        (Some(_), None, Some(_)) => {
+            Err(ctx.invalid(&format!("{key}.labels"), "only read with prometheus_metric"))
+        }
+        (Some(p), None, None) => JsonPointer::parse(&p)
+            .map(DepthReader::Json)
+            .map_err(|why| ctx.invalid(&format!("{key}.json_pointer"), why)),
+        (None, Some(metric), labels) => {
+            if valid_metric_name(&metric) {
+                Ok(DepthReader::Prometheus {
+                    metric,
+                    labels: labels.unwrap_or_default(),
+                })
+            } else {
+                Err(ctx.invalid(
+                    &format!("{key}.prometheus_metric"),
+                    format!("a metric name like \"iris_interop_queued\", got {metric:?}"),
+                ))
+            }
+        }
+    };
+    let read = keep(errors, read);
+    call.zip(read)
+        .map(|(call, read)| QueueDepthCall { call, read })
+}
+
+/// `engine.http.shed`, checked with a count in place of the placeholder.
+fn shed_call(ctx: &Ctx, c: RawCall, errors: &mut Vec<ConfigError>) -> Option<ShedCall> {
+    let key = "engine.http.shed";
+    if !c.url.contains(COUNT_PLACEHOLDER)
+        && !c
+            .body
+            .as_deref()
+            .is_some_and(|b| b.contains(COUNT_PLACEHOLDER))
+    {
+        errors.push(ctx.invalid(
+            key,
+            format!("{COUNT_PLACEHOLDER} in its url or body, where the number of connections to close goes"),
+        ));
+        return None;
+    }
+    let method = match c.method.as_deref() {
+        None => Some(Method::POST),
+        Some(m) => keep(errors, http_method(ctx, key, m)),
+    };
+    let checked = call(
+        ctx,
+        key,
+        Method::POST,
+        &c.url.replace(COUNT_PLACEHOLDER, "1"),
+        None,
+        &c.headers,
+        errors,
+    )?;
+    Some(ShedCall {
+        method: method?,
+        url: c.url,
+        headers: checked.headers,
+        body: c.body,
+    })
+}
+
+fn http_method(ctx: &Ctx, key: &str, m: &str) -> Result<Method, ConfigError> {
+    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+        ctx.invalid(
+            &format!("{key}.method"),
+            format!("an HTTP method like \"POST\", got {m:?}"),
+        )
     })
 }
 
@@ -980,12 +1100,32 @@ fn exec_section(ctx: &Ctx, x: RawExec, errors: &mut Vec<ConfigError>) -> Option<
     let drain = argv("drain", x.drain, true);
     let drained = argv("drained", x.drained, false);
     let resume = argv("resume", x.resume, true);
+    let connections = argv("connections", x.connections, false);
+    let shed = argv("shed", x.shed, false);
+    if let Some(Some(shed)) = &shed {
+        if !shed.args.iter().any(|a| a.contains(COUNT_PLACEHOLDER)) {
+            errors.push(ctx.invalid(
+                "engine.exec.shed",
+                format!("{COUNT_PLACEHOLDER} in an argument, where the number of connections to close goes, like [\"/opt/engine/bin/ctl\", \"shed\", \"{COUNT_PLACEHOLDER}\"]"),
+            ));
+            return None;
+        }
+        if matches!(connections, Some(None)) {
+            errors.push(ctx.invalid(
+                "engine.exec.connections",
+                "a command that prints the open inbound connections, with engine.exec.shed: the controller asks a minion to shed from the connections it reports",
+            ));
+            return None;
+        }
+    }
     Some(ExecSection {
         queue_depth: queue_depth??,
         health: health?,
         drain: drain??,
         drained: drained?,
         resume: resume??,
+        connections: connections?,
+        shed: shed?,
     })
 }
 
@@ -1457,6 +1597,67 @@ mod tests {
                 "m.toml: engine.http: only read with kind = \"http\" (this is kind = \"exec\")"
             ),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn shedding_needs_connections_and_a_count() {
+        let http = format!(
+            "{HTTP}        connections = {{ url = \"https://127.0.0.1:8443/api/stats\", prometheus_metric = \"open_connections\" }}\n        \
+             shed = {{ url = \"https://127.0.0.1:8443/api/listener/_shed?n={{count}}\", body = \"{{\\\"close\\\": {{count}}}}\" }}\n"
+        );
+        let EngineSection::Http(a) = parse_engine(&http).expect("valid").engine else {
+            panic!("kind = http")
+        };
+        let shed = a.adapter.shed.expect("shed").with_count(5);
+        assert_eq!(shed.method, Method::POST);
+        assert_eq!(
+            shed.url.to_string(),
+            "https://127.0.0.1:8443/api/listener/_shed?n=5"
+        );
+        assert_eq!(shed.body.as_deref(), Some("{\"close\": 5}"));
+        assert!(a.adapter.connections.is_some());
+        assert_eq!(
+            engine_err(&http.replace("{count}", "3")),
+            "m.toml: engine.http.shed: {count} in its url or body, where the number of connections to close goes"
+        );
+        let no_connections: String = http
+            .lines()
+            .filter(|l| !l.contains("connections ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(
+            engine_err(&no_connections)
+                .starts_with("m.toml: engine.http.connections: { url = \"...\""),
+            "{}",
+            engine_err(&no_connections)
+        );
+
+        let exec = r#"
+            [engine]
+            kind = "exec"
+            advertise = "10.0.1.23:6661"
+            [engine.exec]
+            queue_depth = ["bin/depth"]
+            drain = ["enginectl", "pause"]
+            resume = ["enginectl", "resume"]
+            connections = ["enginectl", "connections"]
+            shed = ["enginectl", "shed", "--count={count}"]
+        "#;
+        let EngineSection::Exec(a) = parse_engine(exec).expect("valid").engine else {
+            panic!("kind = exec")
+        };
+        assert_eq!(
+            a.adapter.shed.expect("shed").with_count(7).to_string(),
+            "enginectl shed --count=7"
+        );
+        assert_eq!(
+            engine_err(&exec.replace("--count={count}", "--all")),
+            "m.toml: engine.exec.shed: {count} in an argument, where the number of connections to close goes, like [\"/opt/engine/bin/ctl\", \"shed\", \"{count}\"]"
+        );
+        assert!(
+            engine_err(&exec.replace("connections = [\"enginectl\", \"connections\"]", ""))
+                .starts_with("m.toml: engine.exec.connections: a command that prints the open inbound connections"),
         );
     }
 

@@ -4,7 +4,8 @@
 //!
 //! An adapter only says how to read and act ([`Probe`]); this module
 //! decides when. All outbound calls happen on the one task, one at a time,
-//! so a drain and a resume can never race each other's calls.
+//! so a drain, a resume and a request to shed connections can never race
+//! each other's calls.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -46,6 +47,21 @@ pub(crate) trait Probe: Send + Sync + 'static {
     fn actions(&self, stage: Stage) -> usize;
     /// Makes call `index` of `stage`.
     async fn act(&self, stage: Stage, index: usize) -> Result<(), Self::Error>;
+    /// The open inbound connections; `None` when the adapter is not told
+    /// how to read them.
+    async fn connections(&self) -> Option<Result<u64, Self::Error>> {
+        None
+    }
+    /// Whether [`Probe::shed`] asks the engine for anything.
+    fn can_shed(&self) -> bool {
+        false
+    }
+    /// Asks the engine to close `count` inbound connections at message
+    /// boundaries.
+    async fn shed(&self, count: u64) -> Result<(), Self::Error> {
+        let _ = count;
+        Ok(())
+    }
 }
 
 /// What the agent asked for last.
@@ -92,6 +108,8 @@ impl Phase {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Polled {
     queue_depth: u64,
+    /// Open inbound connections, 0 when they cannot be read.
+    connections: u64,
     health: Health,
     /// The task reached [`Phase::Drained`].
     drained: bool,
@@ -104,6 +122,8 @@ pub(crate) struct Adapter<P: Probe> {
     probe: Arc<P>,
     address: SocketAddr,
     want: watch::Sender<Want>,
+    /// The last request to shed connections; each send is one request.
+    shed: watch::Sender<u64>,
     polled: watch::Receiver<Polled>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -113,17 +133,26 @@ impl<P: Probe> Adapter<P> {
     pub(crate) fn start(probe: P, address: SocketAddr, poll_interval: Duration) -> Self {
         let probe = Arc::new(probe);
         let (want, want_rx) = watch::channel(Want::Serve);
+        let (shed, shed_rx) = watch::channel(0);
         let (polled_tx, polled) = watch::channel(Polled {
             queue_depth: 0,
+            connections: 0,
             health: Health::Starting,
             drained: false,
             last_error: None,
         });
-        let task = tokio::spawn(run(probe.clone(), want_rx, polled_tx, poll_interval));
+        let task = tokio::spawn(run(
+            probe.clone(),
+            want_rx,
+            shed_rx,
+            polled_tx,
+            poll_interval,
+        ));
         Adapter {
             probe,
             address,
             want,
+            shed,
             polled,
             task: Mutex::new(Some(task)),
         }
@@ -173,7 +202,7 @@ impl<P: Probe> Engine for Adapter<P> {
             in_flight: 0,
             processed_total: 0,
             failed_total: 0,
-            open_connections: 0,
+            open_connections: p.connections,
             health: p.health,
             draining,
             // A resume clears it at once, before the task notices.
@@ -187,6 +216,22 @@ impl<P: Probe> Engine for Adapter<P> {
 
     fn resume(&self) {
         self.want.send_replace(Want::Serve);
+    }
+
+    fn can_shed(&self) -> bool {
+        self.probe.can_shed()
+    }
+
+    /// Made on the poller task's next turn (at once: it wakes for it),
+    /// unless the minion is draining by then; a newer request replaces one
+    /// not yet made. The engine's own answer is not known here: the count
+    /// asked for is returned.
+    fn shed(&self, count: u64) -> u64 {
+        if !self.probe.can_shed() || count == 0 || *self.want.borrow() == Want::Drain {
+            return 0;
+        }
+        self.shed.send_replace(count);
+        count
     }
 
     async fn shutdown(&self, grace: Duration) {
@@ -227,6 +272,7 @@ impl OnChange {
 async fn run<P: Probe>(
     probe: Arc<P>,
     mut want: watch::Receiver<Want>,
+    mut shed: watch::Receiver<u64>,
     polled: watch::Sender<Polled>,
     poll_interval: Duration,
 ) {
@@ -234,6 +280,9 @@ async fn run<P: Probe>(
     let mut answered = false;
     let mut poll_log = OnChange::default();
     let mut call_log = OnChange::default();
+    let mut connections_log = OnChange::default();
+    // Woken for a request to shed (waking marks it seen).
+    let mut shed_asked = false;
     let mut tick = tokio::time::interval(poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -265,6 +314,23 @@ async fn run<P: Probe>(
             },
             phase => phase,
         };
+        // A request to shed counts only while serving: a drain closes every
+        // connection anyway.
+        // Not retried: the controller asks again while the imbalance lasts.
+        let mut shed_error = None;
+        if std::mem::take(&mut shed_asked) || shed.has_changed().unwrap_or(false) {
+            let count = *shed.borrow_and_update();
+            if phase == Phase::Serving {
+                match probe.shed(count).await {
+                    Ok(()) => tracing::info!(count, "asked the engine to shed connections"),
+                    Err(e) => {
+                        let e = error_chain(&e);
+                        tracing::warn!(count, error = %e, "the request to shed connections failed");
+                        shed_error = Some(e);
+                    }
+                }
+            }
+        }
 
         let health = probe.health().await;
         let depth = probe.queue_depth().await;
@@ -277,6 +343,22 @@ async fn run<P: Probe>(
             None => poll_log.ok("the engine answers again"),
             Some(e) => poll_log.failed("cannot read the engine's status", e),
         }
+        // Only rebalancing reads the connections: a failure is logged and
+        // keeps the last count, and does not make the engine unhealthy.
+        let mut connections_error = None;
+        let connections = match probe.connections().await {
+            None => None,
+            Some(Ok(n)) => {
+                connections_log.ok("the engine's connections read again");
+                Some(n)
+            }
+            Some(Err(e)) => {
+                let e = error_chain(&e);
+                connections_log.failed("cannot read the engine's connections", &e);
+                connections_error = Some(e);
+                None
+            }
+        };
 
         if let (Phase::Flushing, Ok(depth)) = (phase, &depth) {
             match probe.drained(*depth).await {
@@ -306,6 +388,9 @@ async fn run<P: Probe>(
             if let Ok(d) = depth {
                 p.queue_depth = d;
             }
+            if let Some(n) = connections {
+                p.connections = n;
+            }
             p.health = match (&poll_error, answered) {
                 (None, _) => Health::Healthy,
                 // Until the engine first answers it may still be starting
@@ -314,7 +399,10 @@ async fn run<P: Probe>(
                 (Some(_), true) => Health::Unhealthy,
             };
             p.drained = phase == Phase::Drained;
-            p.last_error = poll_error.or(call_error);
+            p.last_error = poll_error
+                .or(call_error)
+                .or(shed_error)
+                .or(connections_error);
         });
 
         tokio::select! {
@@ -322,6 +410,10 @@ async fn run<P: Probe>(
             changed = want.changed() => if changed.is_err() {
                 // The adapter is gone.
                 return;
+            },
+            changed = shed.changed() => match changed {
+                Ok(()) => shed_asked = true,
+                Err(_) => return,
             },
         }
     }

@@ -79,6 +79,12 @@ impl Engine for ExecEngine {
     fn resume(&self) {
         self.0.resume()
     }
+    fn can_shed(&self) -> bool {
+        self.0.can_shed()
+    }
+    fn shed(&self, count: u64) -> u64 {
+        self.0.shed(count)
+    }
     async fn shutdown(&self, grace: Duration) {
         self.0.shutdown(grace).await
     }
@@ -131,6 +137,19 @@ impl ExecProbe {
         })
     }
 
+    /// Runs `argv`, which prints a non-negative integer.
+    async fn number(&self, key: &'static str, argv: &Argv) -> Result<u64, ExecError> {
+        let ran = self.succeed(key, argv).await?;
+        std::str::from_utf8(&ran.stdout)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| ExecError::Garbage {
+                key,
+                argv: argv.to_string(),
+                stdout: excerpt(&ran.stdout),
+            })
+    }
+
     /// Runs `argv`; a non-zero exit is an error.
     async fn succeed(&self, key: &'static str, argv: &Argv) -> Result<Ran, ExecError> {
         let ran = self.run(key, argv).await?;
@@ -159,17 +178,27 @@ impl Probe for ExecProbe {
     }
 
     async fn queue_depth(&self) -> Result<u64, ExecError> {
-        let key = "engine.exec.queue_depth";
-        let argv = &self.section.queue_depth;
-        let ran = self.succeed(key, argv).await?;
-        std::str::from_utf8(&ran.stdout)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| ExecError::Garbage {
-                key,
-                argv: argv.to_string(),
-                stdout: excerpt(&ran.stdout),
-            })
+        self.number("engine.exec.queue_depth", &self.section.queue_depth)
+            .await
+    }
+
+    async fn connections(&self) -> Option<Result<u64, ExecError>> {
+        let argv = self.section.connections.as_ref()?;
+        Some(self.number("engine.exec.connections", argv).await)
+    }
+
+    fn can_shed(&self) -> bool {
+        self.section.shed.is_some()
+    }
+
+    async fn shed(&self, count: u64) -> Result<(), ExecError> {
+        let Some(shed) = &self.section.shed else {
+            return Ok(());
+        };
+        let argv = shed.with_count(count);
+        self.succeed("engine.exec.shed", &argv).await?;
+        tracing::info!(argv = %argv, "engine command ran");
+        Ok(())
     }
 
     async fn drained(&self, queue_depth: u64) -> Result<bool, ExecError> {

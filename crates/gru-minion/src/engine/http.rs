@@ -21,7 +21,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::Engine;
 use super::adapter::{Adapter, Probe, Stage};
-use crate::config::{AdapterSection, DepthReader, HttpCall, HttpSection};
+use crate::config::{AdapterSection, DepthReader, HttpCall, HttpSection, QueueDepthCall};
 
 /// Largest answer read (a Mirth statistics list for many channels is well
 /// below it); more is an error, not a truncated number.
@@ -112,6 +112,12 @@ impl Engine for HttpEngine {
     }
     fn resume(&self) {
         self.0.resume()
+    }
+    fn can_shed(&self) -> bool {
+        self.0.can_shed()
+    }
+    fn shed(&self, count: u64) -> u64 {
+        self.0.shed(count)
     }
     async fn shutdown(&self, grace: Duration) {
         self.0.shutdown(grace).await
@@ -230,6 +236,38 @@ impl HttpProbe {
             })?
     }
 
+    /// Reads a number as `q` says (`engine.http.queue_depth`,
+    /// `engine.http.connections`).
+    async fn number(&self, key: &str, q: &QueueDepthCall) -> Result<u64, HttpError> {
+        let accept = match q.read {
+            DepthReader::Json(_) => "application/json",
+            // The classic text format; servers that also speak OpenMetrics
+            // or protobuf pick this one.
+            DepthReader::Prometheus { .. } => "text/plain;version=0.0.4",
+        };
+        let (status, body) = self.call(key, &q.call, Some(accept)).await?;
+        if !status.is_success() {
+            return Err(status_error(key, &q.call, status, "2xx"));
+        }
+        let answer = |problem: String| HttpError::Answer {
+            key: key.to_owned(),
+            request: describe(&q.call),
+            problem,
+        };
+        match &q.read {
+            DepthReader::Json(pointer) => {
+                let doc: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| answer(format!("not JSON ({e}): {}", excerpt(&body))))?;
+                pointer.sum(&doc).map_err(answer)
+            }
+            DepthReader::Prometheus { metric, labels } => {
+                let text =
+                    std::str::from_utf8(&body).map_err(|_| answer("not UTF-8 text".to_owned()))?;
+                prometheus_sum(text, metric, labels).map_err(answer)
+            }
+        }
+    }
+
     fn calls(&self, stage: Stage) -> (&'static str, &[HttpCall]) {
         match stage {
             Stage::Drain => ("drain", &self.section.drain),
@@ -273,34 +311,31 @@ impl Probe for HttpProbe {
     }
 
     async fn queue_depth(&self) -> Result<u64, HttpError> {
-        let key = "engine.http.queue_depth";
-        let q = &self.section.queue_depth;
-        let accept = match q.read {
-            DepthReader::Json(_) => "application/json",
-            // The classic text format; servers that also speak OpenMetrics
-            // or protobuf pick this one.
-            DepthReader::Prometheus { .. } => "text/plain;version=0.0.4",
+        self.number("engine.http.queue_depth", &self.section.queue_depth)
+            .await
+    }
+
+    async fn connections(&self) -> Option<Result<u64, HttpError>> {
+        let c = self.section.connections.as_ref()?;
+        Some(self.number("engine.http.connections", c).await)
+    }
+
+    fn can_shed(&self) -> bool {
+        self.section.shed.is_some()
+    }
+
+    async fn shed(&self, count: u64) -> Result<(), HttpError> {
+        let Some(shed) = &self.section.shed else {
+            return Ok(());
         };
-        let (status, body) = self.call(key, &q.call, Some(accept)).await?;
-        if !status.is_success() {
-            return Err(status_error(key, &q.call, status, "2xx"));
-        }
-        let answer = |problem: String| HttpError::Answer {
-            key: key.to_owned(),
-            request: describe(&q.call),
-            problem,
-        };
-        match &q.read {
-            DepthReader::Json(pointer) => {
-                let doc: serde_json::Value = serde_json::from_slice(&body)
-                    .map_err(|e| answer(format!("not JSON ({e}): {}", excerpt(&body))))?;
-                pointer.sum(&doc).map_err(answer)
-            }
-            DepthReader::Prometheus { metric, labels } => {
-                let text =
-                    std::str::from_utf8(&body).map_err(|_| answer("not UTF-8 text".to_owned()))?;
-                prometheus_sum(text, metric, labels).map_err(answer)
-            }
+        let key = "engine.http.shed";
+        let call = shed.with_count(count);
+        let (status, _) = self.call(key, &call, None).await?;
+        if status.is_success() {
+            tracing::info!(call = %key, method = %call.method, url = %call.url, status = %status, "engine call made");
+            Ok(())
+        } else {
+            Err(status_error(key, &call, status, "2xx"))
         }
     }
 

@@ -38,6 +38,8 @@ struct Fake {
     reads: usize,
     /// Requests without the right basic auth or X-Requested-With header.
     refused: usize,
+    /// Open inbound connections the engine says it has.
+    connections: u64,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -106,6 +108,16 @@ fn answer(fake: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             page.push_str("iris_interop_queued_total 99\n");
             reply(StatusCode::OK, "text/plain; version=0.0.4", page)
         }
+        (Method::GET, "/api/connections") => reply(
+            StatusCode::OK,
+            "application/json",
+            format!(r#"{{"listener":{{"open":{}}}}}"#, f.connections),
+        ),
+        (Method::POST, "/api/listener/_shed") => {
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            f.calls.push(format!("POST /api/listener/_shed?{query}"));
+            reply(StatusCode::NO_CONTENT, "text/plain", String::new())
+        }
         (Method::POST, p)
             if p.starts_with("/api/channels/")
                 && ["/_pause", "/_stop", "/_start"]
@@ -147,6 +159,7 @@ async fn start_fake(channels: &[(&str, u64)]) -> (String, Shared, tokio::task::J
         calls: Vec::new(),
         reads: 0,
         refused: 0,
+        connections: 0,
     }));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -184,6 +197,11 @@ fn config(dir: &Path, engine: &str) -> MinionConfig {
 }
 
 fn mirth_config(dir: &Path, base: &str) -> MinionConfig {
+    mirth_config_with(dir, base, "")
+}
+
+/// With more `[engine.http]` keys.
+fn mirth_config_with(dir: &Path, base: &str, more: &str) -> MinionConfig {
     std::fs::write(dir.join("mirth-password"), format!("{PASSWORD}\n")).unwrap();
     config(
         dir,
@@ -212,6 +230,7 @@ resume = [
   {{ url = "{base}/api/channels/a/_start" }},
   {{ url = "{base}/api/channels/b/_start" }},
 ]
+{more}
 "#
         ),
     )
@@ -318,6 +337,65 @@ async fn http_adapter_drives_a_mirth_like_engine() {
 }
 
 #[tokio::test]
+async fn http_adapter_reports_connections_and_sheds_them_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, fake, _server) = start_fake(&[("a", 0)]).await;
+    fake.lock().unwrap().connections = 12;
+    let plain = mirth_config(dir.path(), &base);
+    let engine = http_engine(&plain);
+    assert!(!engine.can_shed(), "no shed call configured");
+    assert_eq!(engine.shed(3), 0, "nothing to ask with");
+    drop(engine);
+
+    let engine = http_engine(&mirth_config_with(
+        dir.path(),
+        &base,
+        &format!(
+            r#"connections = {{ url = "{base}/api/connections", json_pointer = "/listener/open" }}
+shed = {{ url = "{base}/api/listener/_shed?count={{count}}" }}"#
+        ),
+    ));
+    assert!(engine.can_shed());
+    wait_until("the connections read", || {
+        engine.status().open_connections == 12
+    })
+    .await;
+    assert_eq!(engine.shed(4), 4);
+    wait_until("the shed call is made", || {
+        !fake.lock().unwrap().calls.is_empty()
+    })
+    .await;
+    assert_eq!(
+        fake.lock().unwrap().calls,
+        ["POST /api/listener/_shed?count=4"],
+        "the count in place of {{count}}"
+    );
+    fake.lock().unwrap().connections = 8;
+    wait_until("the connections follow", || {
+        engine.status().open_connections == 8
+    })
+    .await;
+
+    // While draining, a request to shed is not passed on: the drain closes
+    // every connection anyway.
+    engine.drain();
+    assert_eq!(engine.shed(2), 0);
+    wait_until("drained", || engine.status().drained).await;
+    assert!(
+        !fake
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .any(|c| c.contains("count=2")),
+        "{:?}",
+        fake.lock().unwrap().calls
+    );
+    assert_eq!(fake.lock().unwrap().refused, 0);
+    engine.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
 async fn http_adapter_reads_prometheus_and_survives_a_server_going_down() {
     let dir = tempfile::tempdir().unwrap();
     let (base, fake, server) = start_fake(&[("HL7.In", 3), ("HL7.Out", 4)]).await;
@@ -383,6 +461,14 @@ impl Scripts {
         let d = dir.path().display().to_string();
         let scripts = [
             ("depth.sh", format!("#!/bin/sh\nexec cat '{d}/depth'\n")),
+            (
+                "connections.sh",
+                format!("#!/bin/sh\nexec cat '{d}/connections'\n"),
+            ),
+            (
+                "shed.sh",
+                format!("#!/bin/sh\necho \"shed $1 $2\" >> '{d}/calls'\n"),
+            ),
             ("health.sh", format!("#!/bin/sh\ntest -e '{d}/healthy'\n")),
             (
                 "drain.sh",
@@ -421,6 +507,11 @@ impl Scripts {
     }
 
     fn engine(&self, queue_depth: &str, timeout: &str) -> ExecEngine {
+        self.engine_with(queue_depth, timeout, "")
+    }
+
+    /// With more `[engine.exec]` keys.
+    fn engine_with(&self, queue_depth: &str, timeout: &str, more: &str) -> ExecEngine {
         let config = config(
             self.dir.path(),
             &format!(
@@ -435,6 +526,7 @@ queue_depth = {queue_depth}
 health = ["./health.sh"]
 drain = ["./drain.sh", "now"]
 resume = ["./resume.sh"]
+{more}
 "#
             ),
         );
@@ -545,4 +637,41 @@ async fn exec_adapter_reports_garbage_missing_and_hanging_commands() {
         std::fs::read_to_string(&stat).map_or(true, |st| st.contains(") Z "))
     })
     .await;
+}
+
+#[tokio::test]
+async fn exec_adapter_reports_connections_and_sheds_them_on_request() {
+    let s = Scripts::new();
+    s.write("connections", "9\n");
+    let engine = s.engine(r#"["./depth.sh"]"#, "5s");
+    assert!(!engine.can_shed(), "no shed command configured");
+    drop(engine);
+
+    let engine = s.engine_with(
+        r#"["./depth.sh"]"#,
+        "5s",
+        r#"connections = ["./connections.sh"]
+shed = ["./shed.sh", "--close", "{count}"]"#,
+    );
+    assert!(engine.can_shed());
+    wait_until("the connections read", || {
+        engine.status().open_connections == 9
+    })
+    .await;
+    assert_eq!(engine.shed(3), 3);
+    wait_until("the shed command ran", || s.calls() == "shed --close 3\n").await;
+
+    // A bad count is reported but does not make the engine unhealthy: only
+    // rebalancing reads it.
+    s.write("connections", "many\n");
+    wait_until("the failure is reported", || {
+        engine
+            .last_error()
+            .is_some_and(|e| e.contains("engine.exec.connections:"))
+    })
+    .await;
+    let st = engine.status();
+    assert_eq!(st.health, Health::Healthy);
+    assert_eq!(st.open_connections, 9, "the last good count is kept");
+    engine.shutdown(Duration::from_secs(5)).await;
 }
