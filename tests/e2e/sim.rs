@@ -91,4 +91,70 @@ fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
         err.contains("bad.csv:3: timestamp must be RFC 3339"),
         "{err}"
     );
+
+    // A policy alone, whose max is below what the spike needs: every
+    // scaler is held to it, and the summary says which wanted more.
+    let small = dir.path().join("small.toml");
+    std::fs::write(
+        &small,
+        "[[fleet]]\nname = \"small\"\nmin = 1\nmax = 4\ntarget_queue_per_minion = 3\n",
+    )
+    .expect("write");
+    let run = |config: &std::path::Path, json: bool| {
+        let mut c = Command::new(GRU);
+        c.args(["sim", "run", "--trace"])
+            .arg(&trace)
+            .arg("--config")
+            .arg(config)
+            .arg("--out")
+            .arg(dir.path().join("out-small"));
+        if json {
+            c.arg("--json");
+        }
+        c.output().expect("run")
+    };
+    let out = run(&small, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let results = v["results"].as_array().expect("results");
+    let peak = results
+        .iter()
+        .find(|r| {
+            r["scaler"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("static"))
+        })
+        .expect("static peak");
+    assert!(
+        peak["wanted_above_max"].as_u64().is_some_and(|n| n > 4),
+        "{peak}"
+    );
+    assert_eq!(
+        results[0]["wanted_above_max"],
+        serde_json::Value::Null,
+        "gru keeps its own bounds"
+    );
+    let text = String::from_utf8_lossy(&run(&small, false).stdout).into_owned();
+    assert!(
+        text.contains("above the fleet's max of 4") && text.contains("held at 4"),
+        "{text}"
+    );
+
+    std::fs::write(
+        &small,
+        "[[fleet]]\nname = \"small\"\nmin = 5\nmax = 4\ntarget_queue_per_minion = 3\n",
+    )
+    .expect("write");
+    let out = run(&small, false);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("small.toml: fleet[0].")
+            && err.contains("min (5) must not be greater than max (4)"),
+        "{err}"
+    );
 }

@@ -20,7 +20,9 @@
 //! share.
 //!
 //! Baselines beside gru's policy: [`StaticPeak`], [`TargetTracking`] (a model
-//! of EC2 target tracking) and [`Oracle`] (knows the future).
+//! of EC2 target tracking) and [`Oracle`] (knows the future). With
+//! [`Model::bounds`] every scaler is held to the same fleet bounds, and a
+//! result says when a scaler wanted more than the maximum.
 
 use std::fmt;
 use std::time::Duration;
@@ -29,6 +31,7 @@ use jiff::Timestamp;
 
 use crate::policy::{MinionLoad, Observation, Overrides, Policy, PolicyState, evaluate};
 use crate::rebalance::{Holder, RebalanceLimits, rebalance};
+use crate::scaling::Bounds;
 
 /// One row of a trace: from `at` on, messages arrive at this rate.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -143,6 +146,9 @@ pub struct Model {
     /// Engines close a connection after this age (jittered up to twice
     /// it); ZERO = never. Only with `connections`.
     pub max_connection_age: Duration,
+    /// The fleet's min and max, applied to every scaler alike (an ASG
+    /// would not launch past its max for any of them); `None`: unbounded.
+    pub bounds: Option<Bounds>,
 }
 
 impl Default for Model {
@@ -157,6 +163,7 @@ impl Default for Model {
             slo_wait: Duration::from_secs(30),
             connections: None,
             max_connection_age: Duration::from_secs(300),
+            bounds: None,
         }
     }
 }
@@ -221,7 +228,18 @@ pub struct SimResult {
     pub times_to_share: Vec<Duration>,
     /// Minions that left service before they held their share.
     pub never_shared: u32,
+    /// With [`Model::bounds`]: when the scaler wanted more than the max.
+    pub above_max: Option<AboveMax>,
     pub timeline: Vec<TimelineRow>,
+}
+
+/// A scaler held at the fleet's max.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AboveMax {
+    /// The most minions it asked for.
+    pub most_wanted: u32,
+    /// Evaluations at which it asked for more than the max.
+    pub evaluations: u32,
 }
 
 impl SimResult {
@@ -417,6 +435,12 @@ fn after(t: Timestamp, d: Duration) -> Timestamp {
 /// Runs `scaler` over `trace` with `model`, starting with `initial` minions
 /// in service.
 pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) -> SimResult {
+    let bounds = model.bounds.unwrap_or(Bounds {
+        min: 0,
+        max: u32::MAX,
+    });
+    let mut above_max: Option<AboveMax> = None;
+    let initial = bounds.clamp(initial);
     let dt = STEP.as_secs_f64();
     let mu = model.service_rate.max(f64::MIN_POSITIVE);
     let mut booting: Vec<Timestamp> = Vec::new();
@@ -517,7 +541,16 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
                 served_per_s: report.2,
                 arrivals_per_s: report.3,
             };
-            desired = scaler.desired(&view, trace, model);
+            let wanted = scaler.desired(&view, trace, model);
+            if wanted > bounds.max {
+                let a = above_max.get_or_insert(AboveMax {
+                    most_wanted: wanted,
+                    evaluations: 0,
+                });
+                a.most_wanted = a.most_wanted.max(wanted);
+                a.evaluations += 1;
+            }
+            desired = bounds.clamp(wanted);
             if desired > capacity {
                 let ready = after(t, model.boot_time);
                 booting.extend((capacity..desired).map(|_| ready));
@@ -565,6 +598,7 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
             .map(|h| h.times_to_share.clone())
             .unwrap_or_default(),
         never_shared: held.as_ref().map_or(0, |h| h.never_shared),
+        above_max,
         timeline,
     }
 }
@@ -658,6 +692,8 @@ pub struct StaticPeak {
 }
 
 impl StaticPeak {
+    /// The minions the trace's peak needs (a run within [`Model::bounds`]
+    /// holds it at the max, and its [`SimResult::above_max`] says so).
     pub fn for_trace(trace: &Trace, model: &Model) -> Self {
         StaticPeak {
             minions: minions_for(trace.peak(), model).max(1),
@@ -1076,6 +1112,45 @@ mod tests {
             5,
         );
         assert!(r.instance_hours < static_peak.instance_hours * 0.7);
+    }
+
+    #[test]
+    fn every_scaler_is_held_to_the_fleet_bounds_and_says_so() {
+        // 800 msg/s needs 8 minions at 100 msg/s; the fleet's max is 5.
+        let trace = flat(800.0, 30);
+        let model = Model {
+            bounds: Some(Bounds { min: 2, max: 5 }),
+            ..Model::default()
+        };
+        let mut peak = StaticPeak::for_trace(&trace, &model);
+        assert_eq!(peak.minions, 8);
+        let r = run(&trace, &model, &mut peak, 8);
+        let most = r.timeline.iter().map(|row| row.capacity).max();
+        assert_eq!(most, Some(5), "never above the max");
+        assert_eq!(
+            r.above_max.map(|a| a.most_wanted),
+            Some(8),
+            "it wanted 8: {:?}",
+            r.above_max
+        );
+        for mut scaler in [
+            Box::new(Oracle) as Box<dyn Scaler>,
+            Box::new(TargetTracking::new(0.7)),
+        ] {
+            let r = run(&trace, &model, scaler.as_mut(), 1);
+            assert!(
+                r.timeline.iter().all(|row| (2..=5).contains(&row.capacity)),
+                "{} left the bounds",
+                r.scaler
+            );
+            assert!(r.above_max.is_some(), "{} wanted more than 5", r.scaler);
+        }
+        // Within the bounds nothing is said.
+        let r = run(&flat(300.0, 30), &model, &mut Oracle, 3);
+        assert_eq!(r.above_max, None);
+        let unbounded = run(&trace, &Model::default(), &mut Oracle, 1);
+        assert_eq!(unbounded.above_max, None);
+        assert!(unbounded.timeline.iter().any(|row| row.capacity > 5));
     }
 
     #[test]

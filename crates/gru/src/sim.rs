@@ -28,7 +28,9 @@ pub struct RunArgs {
     /// CSV with a header and rows `timestamp,arrivals_per_s` (RFC 3339 times).
     #[arg(long)]
     trace: PathBuf,
-    /// The controller config whose fleet policy to replay.
+    /// The controller config whose fleet policy to replay. Keys the
+    /// simulator does not read ([tls], join_token_file, a fleet's provider
+    /// and its table) may be left out.
     #[arg(long, short)]
     config: PathBuf,
     /// The fleet (default: the config's first).
@@ -129,6 +131,51 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Reads a controller config for its fleets' policies. The keys a running
+/// controller needs and the simulator does not ([tls], join_token_file, a
+/// fleet's provider) are filled in with placeholders where absent, so a
+/// policy can be simulated from a file that holds only the policy; what is
+/// there is validated as the controller would.
+pub fn load_policies(path: &Path) -> anyhow::Result<ControllerConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let mut table: toml::Table = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+    let placeholder = |s: &str| toml::Value::String(s.to_owned());
+    table
+        .entry("join_token_file")
+        .or_insert_with(|| placeholder("(not read by gru sim)"));
+    table.entry("tls").or_insert_with(|| {
+        toml::Value::Table(
+            ["cert", "key", "client_ca"]
+                .into_iter()
+                .map(|k| (k.to_owned(), placeholder("(not read by gru sim)")))
+                .collect(),
+        )
+    });
+    if let Some(toml::Value::Array(fleets)) = table.get_mut("fleet") {
+        for fleet in fleets.iter_mut() {
+            let toml::Value::Table(f) = fleet else {
+                continue;
+            };
+            if !f.contains_key("provider") && !f.contains_key("local") && !f.contains_key("aws") {
+                f.insert("provider".to_owned(), placeholder("local"));
+                let local: toml::Table = [
+                    ("listen", placeholder("127.0.0.1:0")),
+                    ("minion_config", placeholder("(not read by gru sim)")),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+                f.insert("local".to_owned(), toml::Value::Table(local));
+            }
+        }
+    }
+    let filled = toml::to_string(&table).context("cannot re-serialize the config")?;
+    ControllerConfig::parse(path, &filled)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {}", gru_core::error_chain(&e)))
+}
+
 pub fn read_trace(path: &Path) -> anyhow::Result<Trace> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read trace {}", path.display()))?;
@@ -169,6 +216,9 @@ struct Row {
     time_to_share_max_secs: Option<f64>,
     /// Minions that left service before they held their share.
     never_shared: u32,
+    /// Held at the fleet's max: the most it asked for, and how often.
+    wanted_above_max: Option<u32>,
+    evaluations_above_max: u32,
 }
 
 #[derive(Serialize)]
@@ -182,8 +232,7 @@ struct Summary {
 
 fn replay(a: RunArgs) -> anyhow::Result<()> {
     let trace = read_trace(&a.trace)?;
-    let config = ControllerConfig::load(&a.config)
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {}", gru_core::error_chain(&e)))?;
+    let config = load_policies(&a.config)?;
     let fleet = match &a.fleet {
         Some(name) => config
             .fleets
@@ -205,6 +254,7 @@ fn replay(a: RunArgs) -> anyhow::Result<()> {
         slo_wait: a.slo_wait,
         connections: a.connections.filter(|c| *c > 0),
         max_connection_age: a.max_connection_age,
+        bounds: Some(fleet.policy.bounds()),
     };
     let peak = StaticPeak::for_trace(&trace, &model);
     let start = peak.minions;
@@ -246,6 +296,8 @@ fn replay(a: RunArgs) -> anyhow::Result<()> {
                 time_to_share_p50_secs: r.time_to_share().map(|(p50, _)| p50.as_secs_f64()),
                 time_to_share_max_secs: r.time_to_share().map(|(_, max)| max.as_secs_f64()),
                 never_shared: r.never_shared,
+                wanted_above_max: r.above_max.map(|m| m.most_wanted),
+                evaluations_above_max: r.above_max.map_or(0, |m| m.evaluations),
             })
             .collect(),
         gru_over_oracle_instance_hours: gru.instance_hours / oracle.instance_hours,
@@ -282,6 +334,20 @@ fn replay(a: RunArgs) -> anyhow::Result<()> {
                 }
             ),
             (Some(_), None) => println!("{r}  time to share: none measured"),
+        }
+    }
+    let bounds = fleet.policy.bounds();
+    for r in &results {
+        if let Some(m) = r.above_max {
+            println!(
+                "{} wanted up to {} minions, above the fleet's max of {}, at {} evaluation{}: held at {} as gru is",
+                r.scaler,
+                m.most_wanted,
+                bounds.max,
+                m.evaluations,
+                if m.evaluations == 1 { "" } else { "s" },
+                bounds.max
+            );
         }
     }
     if let Some(c) = model.connections {
