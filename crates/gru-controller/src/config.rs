@@ -221,6 +221,8 @@ struct RawFleet {
     #[serde(default, with = "humantime_serde")]
     scale_in_stabilization: Option<Duration>,
     tolerance: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    clear_backlog_within: Option<Duration>,
     #[serde(default)]
     schedule: Vec<RawSchedule>,
     local: Option<RawLocal>,
@@ -455,6 +457,9 @@ impl ControllerConfig {
                         .scale_in_stabilization
                         .unwrap_or(defaults.scale_in_stabilization),
                     tolerance: f.tolerance.unwrap_or(defaults.tolerance),
+                    clear_backlog_within: f
+                        .clear_backlog_within
+                        .unwrap_or(defaults.clear_backlog_within),
                 };
                 let mut schedules = Vec::new();
                 for (j, raw) in f.schedule.iter().enumerate() {

@@ -59,6 +59,8 @@ pub const DEFAULT_MAX_STEP_OUT: u32 = 10;
 pub const DEFAULT_MAX_STEP_IN: u32 = 2;
 /// ±10 % of the current size.
 pub const DEFAULT_TOLERANCE: f64 = 0.1;
+/// A scale-out sized on rates clears the backlog within this.
+pub const DEFAULT_CLEAR_BACKLOG_WITHIN: Duration = Duration::from_secs(60);
 
 /// A signal that recommends a fleet size. Add a variant for a new signal and
 /// its arm in [`Rule::recommend`].
@@ -96,8 +98,14 @@ pub struct Behaviour {
     /// Scale in only to the highest recommendation over this long.
     pub scale_in_stabilization: Duration,
     /// A fraction of the current size (0 ≤ t < 1) within which a
-    /// recommendation changes nothing.
+    /// recommendation changes nothing; also the headroom over the arrival
+    /// rate a scale-out sized on rates keeps.
     pub tolerance: f64,
+    /// A scale-out is never larger than the minions that serve the arrival
+    /// rate (with `tolerance` of headroom) and clear the fleet's backlog
+    /// within this, at the rate busy minions process (see
+    /// [`ClipKind::ArrivalRate`]).
+    pub clear_backlog_within: Duration,
 }
 
 impl Default for Behaviour {
@@ -109,6 +117,7 @@ impl Default for Behaviour {
             scale_in_cooldown: DEFAULT_SCALE_IN_COOLDOWN,
             scale_in_stabilization: DEFAULT_SCALE_IN_STABILIZATION,
             tolerance: DEFAULT_TOLERANCE,
+            clear_backlog_within: DEFAULT_CLEAR_BACKLOG_WITHIN,
         }
     }
 }
@@ -136,6 +145,8 @@ pub enum PolicyError {
     ZeroStep { field: &'static str },
     #[error("tolerance {value} is not in 0..1")]
     BadTolerance { value: f64 },
+    #[error("must be more than zero")]
+    ZeroClearTime,
     #[error("schedule name `{name}` is used twice")]
     DuplicateSchedule { schedule: usize, name: String },
     #[error("{value} is above the fleet's max {fleet_max}")]
@@ -156,6 +167,7 @@ impl PolicyError {
             PolicyError::EmptySignal { rule } => format!("rules[{rule}].signal"),
             PolicyError::ZeroStep { field } => format!("behaviour.{field}"),
             PolicyError::BadTolerance { .. } => "behaviour.tolerance".to_owned(),
+            PolicyError::ZeroClearTime => "behaviour.clear_backlog_within".to_owned(),
             PolicyError::DuplicateSchedule { schedule, .. } => {
                 format!("schedules[{schedule}].name")
             }
@@ -205,6 +217,9 @@ impl Policy {
             return Err(PolicyError::BadTolerance {
                 value: behaviour.tolerance,
             });
+        }
+        if behaviour.clear_backlog_within.is_zero() {
+            return Err(PolicyError::ZeroClearTime);
         }
         for (i, s) in schedules.iter().enumerate() {
             if schedules[..i].iter().any(|o| o.name() == s.name()) {
@@ -303,6 +318,10 @@ pub struct PolicyState {
     recent: VecDeque<(Timestamp, u32)>,
     last_scale_out: Option<Timestamp>,
     last_scale_in: Option<Timestamp>,
+    /// The work (queued + in flight) the last evaluation saw, and when: its
+    /// growth is arrivals the minions did not serve. Not kept across a
+    /// restart (the first evaluation after one has no growth to go on).
+    last_work: Option<(Timestamp, u64)>,
 }
 
 /// What [`PolicyState`] remembers, as plain values a controller can keep
@@ -337,6 +356,7 @@ impl PolicyState {
             recent: VecDeque::new(),
             last_scale_out: memory.last_scale_out,
             last_scale_in: memory.last_scale_in,
+            last_work: None,
         };
         let mut recent = memory.recent;
         recent.sort_by_key(|(at, _)| *at);
@@ -389,6 +409,23 @@ impl PolicyState {
 /// Time from `earlier` to `now`; zero if the clock went backwards.
 fn elapsed(earlier: Timestamp, now: Timestamp) -> Duration {
     Duration::try_from(now.duration_since(earlier)).unwrap_or(Duration::ZERO)
+}
+
+/// Messages arriving per second: what the minions processed plus how fast
+/// their work grew since the last evaluation. `None` without an earlier
+/// evaluation or any reported rate.
+fn arrivals_per_s(
+    last: Option<(Timestamp, u64)>,
+    load: &LoadSummary,
+    now: Timestamp,
+) -> Option<f64> {
+    let (at, work) = last?;
+    let secs = elapsed(at, now).as_secs_f64();
+    if secs <= 0.0 || load.rate_reporters == 0 {
+        return None;
+    }
+    let growth = (load.work() as f64 - work as f64) / secs;
+    Some(load.rate_per_s + growth.max(0.0))
 }
 
 /// The load that went into a decision, summed over the reporting minions.
@@ -546,6 +583,7 @@ pub enum ClipKind {
     Stabilization,
     ScaleOutCooldown,
     ScaleInCooldown,
+    ArrivalRate,
     MaxStepOut,
     MaxStepIn,
     InFlightFloor,
@@ -562,6 +600,7 @@ impl ClipKind {
             ClipKind::Stabilization => "stabilization",
             ClipKind::ScaleOutCooldown => "scale-out cooldown",
             ClipKind::ScaleInCooldown => "scale-in cooldown",
+            ClipKind::ArrivalRate => "arrival rate",
             ClipKind::MaxStepOut => "max step out",
             ClipKind::MaxStepIn => "max step in",
             ClipKind::InFlightFloor => "in-flight floor",
@@ -712,6 +751,8 @@ pub fn evaluate(
     let load = LoadSummary::of(&obs.minions);
     let current = obs.capacity;
     let behaviour = &policy.behaviour;
+    let arrivals = arrivals_per_s(state.last_work, &load, now);
+    state.last_work = Some((now, load.work()));
     let recommendations: Vec<Recommendation> = policy
         .rules
         .iter()
@@ -841,6 +882,52 @@ pub fn evaluate(
                     DurationText(behaviour.scale_out_cooldown)
                 ),
             );
+        }
+        // A backlog rule reads a queue that grew while launched minions
+        // booted (and while new ones had not served yet) as demand for more
+        // minions, and a rise that outruns a boot would be answered again at
+        // every evaluation. What the fleet needs is to serve what arrives
+        // and clear what waits: when busy minions show their rate, a
+        // scale-out is capped there. Minions booting count as capacity.
+        let backlog_rule = matches!(
+            winner.map(|(i, _)| &policy.rules[i]),
+            Some(Rule::QueueDepth { .. } | Rule::Latency { .. })
+        );
+        if desired > current
+            && backlog_rule
+            && matches!(source, Source::Rule(_))
+            // Only minions with a queue process at their full rate.
+            && load.queued > 0
+            && let (Some(arrivals), Some(per_minion)) = (arrivals, load.rate_per_minion())
+        {
+            let clear = behaviour.clear_backlog_within.as_secs_f64();
+            let need =
+                (arrivals * (1.0 + behaviour.tolerance) + load.work() as f64 / clear) / per_minion;
+            let need = if need >= f64::from(u32::MAX) {
+                u32::MAX
+            } else {
+                need.ceil() as u32
+            };
+            let cap = need.max(current);
+            if cap < desired {
+                let booting = current.saturating_sub(load.minions);
+                desired = clip(
+                    ClipKind::ArrivalRate,
+                    desired,
+                    cap,
+                    format!(
+                        "{need} minions at {per_minion:.1} msg/s serve {arrivals:.0} msg/s arriving (+{:.0}%) and clear {} queued+in-flight within {}{}",
+                        behaviour.tolerance * 100.0,
+                        load.work(),
+                        DurationText(behaviour.clear_backlog_within),
+                        if booting > 0 {
+                            format!("; {booting} of the {current} still booting")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                );
+            }
         }
         if desired > current && desired - current > behaviour.max_step_out {
             desired = clip(
@@ -1104,6 +1191,7 @@ mod tests {
             scale_in_cooldown: Duration::ZERO,
             scale_in_stabilization: Duration::ZERO,
             tolerance: 0.0,
+            clear_backlog_within: DEFAULT_CLEAR_BACKLOG_WITHIN,
         }
     }
 
@@ -1288,6 +1376,51 @@ mod tests {
             "2026-01-05T12:00:00Z",
         );
         assert_eq!((d.desired, kinds(&d)), (8, vec![ClipKind::MaxStepIn]));
+    }
+
+    #[test]
+    fn a_scale_out_is_sized_for_what_arrives_and_waits_not_for_the_backlog_alone() {
+        let p = policy(0, 1000, vec![queue(3)], free(), vec![]);
+        let fleet = |capacity: u32, queued: u64, rate: f64| Observation {
+            capacity,
+            minions: vec![
+                MinionLoad {
+                    queued,
+                    in_flight: 4,
+                    rate_per_s: Some(rate),
+                };
+                2
+            ],
+            external: Vec::new(),
+        };
+        let mut st = PolicyState::new();
+        // Two busy minions serve 100 msg/s each, with 28 messages of work.
+        let d = run(&p, &mut st, &fleet(2, 10, 100.0), "2026-11-23T10:00:00Z");
+        assert_eq!(d.desired, 10, "no growth known yet: the rule alone");
+        assert_eq!(kinds(&d), []);
+        // Ten seconds later the work grew by 1,500: 150 msg/s more arrive
+        // than the two serve, 350 msg/s. The rule wants 510 minions; 4
+        // serve 350 msg/s and clear 1,528 within a minute (350/100 + 1528/60
+        // /100 = 3.75); with 8 already there (six booting), none is added.
+        let d = run(&p, &mut st, &fleet(8, 760, 100.0), "2026-11-23T10:00:10Z");
+        assert_eq!(d.desired, 8, "{:?}", d.explanation.clips);
+        assert_eq!(kinds(&d), [ClipKind::ArrivalRate]);
+        let detail = &d.explanation.clips[0].detail;
+        assert_eq!(
+            detail,
+            "4 minions at 100.0 msg/s serve 350 msg/s arriving (+0%) and clear 1528 queued+in-flight within 1m; 6 of the 8 still booting"
+        );
+        // Two minions, nothing booting: 4 are launched, not 510.
+        let mut st = PolicyState::new();
+        run(&p, &mut st, &fleet(2, 10, 100.0), "2026-11-23T10:00:00Z");
+        let d = run(&p, &mut st, &fleet(2, 760, 100.0), "2026-11-23T10:00:10Z");
+        assert_eq!(d.desired, 4, "{:?}", d.explanation.clips);
+        // Without reported rates, or with nothing queued (minions that are
+        // not busy under-report what they can do), the rule alone.
+        let mut st = PolicyState::new();
+        run(&p, &mut st, &obs(2, 20, 8), "2026-11-23T10:00:00Z");
+        let d = run(&p, &mut st, &obs(2, 1520, 8), "2026-11-23T10:00:10Z");
+        assert_eq!(d.desired, 510);
     }
 
     #[test]
@@ -1664,6 +1797,15 @@ desired: 6";
         let e = err(
             vec![],
             Behaviour {
+                clear_backlog_within: Duration::ZERO,
+                ..Behaviour::default()
+            },
+            vec![],
+        );
+        assert_eq!(e.path(), "behaviour.clear_backlog_within");
+        let e = err(
+            vec![],
+            Behaviour {
                 max_step_in: 0,
                 ..Behaviour::default()
             },
@@ -1715,6 +1857,7 @@ desired: 6";
                 scale_in_cooldown: secs(ic),
                 scale_in_stabilization: secs(stab),
                 tolerance: f64::from(tol) / 10.0,
+                clear_backlog_within: DEFAULT_CLEAR_BACKLOG_WITHIN,
             },
         )
     }
