@@ -311,7 +311,7 @@ pub struct Overrides {
 /// What an evaluation remembers for the next one. Keep one per fleet; a new
 /// (empty) one after a controller restart only forgets the stabilization
 /// history and cooldowns, which is safe.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicyState {
     /// (time, recommendation) over the stabilization window, recommendations
     /// strictly decreasing from front to back, so the front is the peak.
@@ -322,6 +322,10 @@ pub struct PolicyState {
     /// growth is arrivals the minions did not serve. Not kept across a
     /// restart (the first evaluation after one has no growth to go on).
     last_work: Option<(Timestamp, u64)>,
+    /// What one minion processes per second at full load, learned from
+    /// the rates busy minions report (see [`PolicyState::learn_service_rate`]).
+    /// Not kept across a restart.
+    service_rate: Option<f64>,
 }
 
 /// What [`PolicyState`] remembers, as plain values a controller can keep
@@ -357,6 +361,7 @@ impl PolicyState {
             last_scale_out: memory.last_scale_out,
             last_scale_in: memory.last_scale_in,
             last_work: None,
+            service_rate: None,
         };
         let mut recent = memory.recent;
         recent.sort_by_key(|(at, _)| *at);
@@ -374,6 +379,29 @@ impl PolicyState {
     /// When an applied decision last shrank the fleet.
     pub fn last_scale_in(&self) -> Option<Timestamp> {
         self.last_scale_in
+    }
+
+    /// What one minion serves per second at full load, as learned so far.
+    pub fn service_rate(&self) -> Option<f64> {
+        self.service_rate
+    }
+
+    /// Learns the service rate from `load`: while minions have a queue they
+    /// process as fast as they can, so their mean rate is the service rate
+    /// (smoothed over evaluations); without a queue a minion processes only
+    /// what it is given, which raises the estimate when it is above it and
+    /// says nothing otherwise.
+    fn learn_service_rate(&mut self, load: &LoadSummary) -> Option<f64> {
+        const WEIGHT: f64 = 0.2;
+        if let Some(rate) = load.rate_per_minion() {
+            self.service_rate = Some(match self.service_rate {
+                None if load.queued > 0 => rate,
+                None => return None,
+                Some(known) if load.queued > 0 => known + WEIGHT * (rate - known),
+                Some(known) => known.max(rate),
+            });
+        }
+        self.service_rate
     }
 
     /// Counts `capacity` as recommended at `now`. A controller that has just
@@ -409,6 +437,18 @@ impl PolicyState {
 /// Time from `earlier` to `now`; zero if the clock went backwards.
 fn elapsed(earlier: Timestamp, now: Timestamp) -> Duration {
     Duration::try_from(now.duration_since(earlier)).unwrap_or(Duration::ZERO)
+}
+
+/// Minions that serve `rate` messages per second at `per_minion` each.
+fn minions_for(rate: f64, per_minion: f64) -> u32 {
+    let n = (rate / per_minion).ceil();
+    if n >= f64::from(u32::MAX) {
+        u32::MAX
+    } else if n > 0.0 {
+        n as u32
+    } else {
+        0
+    }
 }
 
 /// Messages arriving per second: what the minions processed plus how fast
@@ -753,6 +793,7 @@ pub fn evaluate(
     let behaviour = &policy.behaviour;
     let arrivals = arrivals_per_s(state.last_work, &load, now);
     state.last_work = Some((now, load.work()));
+    let service_rate = state.learn_service_rate(&load);
     let recommendations: Vec<Recommendation> = policy
         .rules
         .iter()
@@ -818,6 +859,12 @@ pub fn evaluate(
     };
 
     let mut desired = target;
+    // Rules that size on the fleet's own backlog, which the arrival rate
+    // bounds both ways.
+    let backlog_rule = matches!(
+        winner.map(|(i, _)| &policy.rules[i]),
+        Some(Rule::QueueDepth { .. } | Rule::Latency { .. })
+    ) && matches!(source, Source::Rule(_));
     if matches!(source, Source::Rule(_) | Source::NoRecommendation) {
         // Tolerance: a target close to the current size changes nothing.
         let band = behaviour.tolerance * f64::from(current);
@@ -831,6 +878,28 @@ pub fn evaluate(
                     behaviour.tolerance * 100.0
                 ),
             );
+        }
+        // Never fewer minions than serve what arrives: a backlog target
+        // above what a minion holds at full load (its concurrency) reads a
+        // fleet that keeps up as too big, and the queue that follows a
+        // scale-in as a reason to scale out again.
+        if desired < current
+            && backlog_rule
+            && let (Some(arrivals), Some(per_minion)) = (arrivals, service_rate)
+        {
+            let need = minions_for(arrivals * (1.0 + behaviour.tolerance), per_minion);
+            let floor = need.min(current);
+            if floor > desired {
+                desired = clip(
+                    ClipKind::ArrivalRate,
+                    desired,
+                    floor,
+                    format!(
+                        "{need} minions at {per_minion:.1} msg/s (learned while busy) serve the {arrivals:.0} msg/s arriving (+{:.0}%)",
+                        behaviour.tolerance * 100.0
+                    ),
+                );
+            }
         }
         if desired < current {
             let (peak_at, peak_value) = peak;
@@ -889,25 +958,17 @@ pub fn evaluate(
         // every evaluation. What the fleet needs is to serve what arrives
         // and clear what waits: when busy minions show their rate, a
         // scale-out is capped there. Minions booting count as capacity.
-        let backlog_rule = matches!(
-            winner.map(|(i, _)| &policy.rules[i]),
-            Some(Rule::QueueDepth { .. } | Rule::Latency { .. })
-        );
         if desired > current
             && backlog_rule
-            && matches!(source, Source::Rule(_))
             // Only minions with a queue process at their full rate.
             && load.queued > 0
-            && let (Some(arrivals), Some(per_minion)) = (arrivals, load.rate_per_minion())
+            && let (Some(arrivals), Some(per_minion)) = (arrivals, service_rate)
         {
             let clear = behaviour.clear_backlog_within.as_secs_f64();
-            let need =
-                (arrivals * (1.0 + behaviour.tolerance) + load.work() as f64 / clear) / per_minion;
-            let need = if need >= f64::from(u32::MAX) {
-                u32::MAX
-            } else {
-                need.ceil() as u32
-            };
+            let need = minions_for(
+                arrivals * (1.0 + behaviour.tolerance) + load.work() as f64 / clear,
+                per_minion,
+            );
             let cap = need.max(current);
             if cap < desired {
                 let booting = current.saturating_sub(load.minions);
@@ -1421,6 +1482,52 @@ mod tests {
         run(&p, &mut st, &obs(2, 20, 8), "2026-11-23T10:00:00Z");
         let d = run(&p, &mut st, &obs(2, 1520, 8), "2026-11-23T10:00:10Z");
         assert_eq!(d.desired, 510);
+    }
+
+    #[test]
+    fn no_scale_in_below_what_the_arrivals_need_at_the_learned_rate() {
+        // A backlog target above what a minion holds at full load (4 busy
+        // connections): a fleet that keeps up shows 4 per minion and reads
+        // as too big.
+        let p = policy(0, 100, vec![queue(8)], free(), vec![]);
+        let fleet = |n: usize, queued: u64, in_flight: u64, rate: f64| Observation {
+            capacity: n as u32,
+            minions: vec![
+                MinionLoad {
+                    queued,
+                    in_flight,
+                    rate_per_s: Some(rate),
+                };
+                n
+            ],
+            external: Vec::new(),
+        };
+        let mut st = PolicyState::new();
+        assert_eq!(st.service_rate(), None);
+        // Idle-ish minions say nothing about what one can do.
+        run(&p, &mut st, &fleet(5, 0, 1, 20.0), "2026-11-23T10:00:00Z");
+        assert_eq!(st.service_rate(), None);
+        // Busy ones (a queue) do: 100 msg/s each.
+        run(&p, &mut st, &fleet(5, 2, 4, 100.0), "2026-11-23T10:00:10Z");
+        assert_eq!(st.service_rate(), Some(100.0));
+        // Five minions keep up with 450 msg/s, 4 in flight each, no queue:
+        // the rule wants 3 (20 / 8), but 450 msg/s needs 5.
+        let d = run(&p, &mut st, &fleet(5, 0, 4, 90.0), "2026-11-23T10:00:20Z");
+        assert_eq!(d.desired, 5, "{:?}", d.explanation.clips);
+        assert_eq!(kinds(&d), [ClipKind::ArrivalRate]);
+        assert_eq!(
+            d.explanation.clips[0].detail,
+            "5 minions at 100.0 msg/s (learned while busy) serve the 450 msg/s arriving (+0%)"
+        );
+        // When the load falls the fleet shrinks to what it needs.
+        let d = run(&p, &mut st, &fleet(5, 0, 1, 30.0), "2026-11-23T10:00:30Z");
+        assert_eq!(d.desired, 2, "150 msg/s: {:?}", d.explanation.clips);
+        // A rate above the learned one raises it; a lower one without a
+        // queue does not lower it.
+        run(&p, &mut st, &fleet(2, 0, 4, 120.0), "2026-11-23T10:00:40Z");
+        assert_eq!(st.service_rate(), Some(120.0));
+        run(&p, &mut st, &fleet(2, 0, 1, 10.0), "2026-11-23T10:00:50Z");
+        assert_eq!(st.service_rate(), Some(120.0));
     }
 
     #[test]

@@ -219,6 +219,8 @@ pub struct SimResult {
     pub slo_breach_minutes: f64,
     /// Evaluations that launched or drained minions.
     pub scale_actions: u32,
+    /// When each of them was.
+    pub actions_at: Vec<Timestamp>,
     pub max_queue: f64,
     /// Messages still queued when the trace ended.
     pub final_queue: f64,
@@ -448,7 +450,7 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
     let mut draining: Vec<Timestamp> = Vec::new();
     let mut queue = 0.0f64;
     let (mut instance_seconds, mut breach_seconds, mut max_queue) = (0.0, 0.0, 0.0f64);
-    let mut actions = 0u32;
+    let mut actions_at = Vec::new();
     let mut desired = initial;
     let mut timeline = Vec::new();
     let mut held = model
@@ -554,7 +556,7 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
             if desired > capacity {
                 let ready = after(t, model.boot_time);
                 booting.extend((capacity..desired).map(|_| ready));
-                actions += 1;
+                actions_at.push(t);
             } else if desired < capacity {
                 let mut remove = capacity - desired;
                 // Cancel launches first: they hold no work.
@@ -568,7 +570,7 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
                     h.leave(drained);
                 }
                 draining.extend((0..drained).map(|_| done));
-                actions += 1;
+                actions_at.push(t);
             }
             next_eval = after(next_eval, model.eval_interval);
         }
@@ -590,7 +592,8 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
         scaler: scaler.name(),
         instance_hours: instance_seconds / 3600.0,
         slo_breach_minutes: breach_seconds / 60.0,
-        scale_actions: actions,
+        scale_actions: u32::try_from(actions_at.len()).unwrap_or(u32::MAX),
+        actions_at,
         max_queue,
         final_queue: queue,
         times_to_share: held
@@ -1151,6 +1154,36 @@ mod tests {
         let unbounded = run(&trace, &Model::default(), &mut Oracle, 1);
         assert_eq!(unbounded.above_max, None);
         assert!(unbounded.timeline.iter().any(|row| row.capacity > 5));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// gru's backlog rule settles on a constant load whatever its
+        /// target relative to a minion's concurrency (4 here): a target
+        /// above it once read a fleet that keeps up as too big and the
+        /// queue after each scale-in as demand, and cycled all day.
+        #[test]
+        fn a_constant_load_settles_for_any_backlog_target(
+            target in 1u32..=16,
+            rate in 50.0f64..1500.0,
+        ) {
+            use crate::policy::{Behaviour, Rule};
+            let policy = Policy::new(
+                Bounds { min: 1, max: 40 },
+                vec![Rule::QueueDepth { target_per_minion: target }],
+                Behaviour::default(),
+                Vec::new(),
+            )
+            .expect("policy");
+            let trace = flat(rate, 180);
+            let r = run(&trace, &Model::default(), &mut GruPolicy::new(policy), 1);
+            let settled = trace.start() + SignedDuration::from_hours(1);
+            let late = r.actions_at.iter().filter(|&&t| t >= settled).count();
+            proptest::prop_assert!(
+                late <= 10,
+                "{late} actions in the last two hours at {rate:.0} msg/s, target {target}"
+            );
+        }
     }
 
     #[test]
