@@ -850,6 +850,16 @@ pub enum TraceKind {
     /// Six hours, one row a minute: steady load with a sharp spike to six
     /// times it for 20 minutes in the middle.
     Spike,
+    /// Twelve hours, one row a minute, of what batch senders do: a trickle
+    /// at a tenth of `peak` (a laboratory's live feed), and every 4 to 12
+    /// minutes (the seed chooses) one minute at `peak` (a system that
+    /// drops a file of results at a time: with `peak` 1,000 that is 60,000
+    /// messages at once); from hour 6 the upstream interface is down for
+    /// half an hour (nothing arrives) and then flushes what it held at
+    /// half of `peak` until it has caught up. A reactive policy that reads
+    /// each dump as demand launches for every one of them, and the minions
+    /// arrive after the dump is gone.
+    Batch,
 }
 
 /// Generates a trace. `peak` is the weekday midday rate in messages/s.
@@ -858,6 +868,7 @@ pub fn generate(kind: TraceKind, seed: u64, peak: f64, start: Timestamp) -> Trac
     let minutes = match kind {
         TraceKind::Week => 7 * 24 * 60,
         TraceKind::Spike => 6 * 60,
+        TraceKind::Batch => 12 * 60,
     };
     // Burst starts (minute of the week) and lengths, chosen by the seed.
     let bursts: Vec<(u32, u32)> = (0..4)
@@ -868,6 +879,24 @@ pub fn generate(kind: TraceKind, seed: u64, peak: f64, start: Timestamp) -> Trac
             )
         })
         .collect();
+    // Batch dumps: minutes at which a file arrives, 4 to 12 minutes apart.
+    let mut dumps = Vec::new();
+    let mut next = 4 + (rng.next_f64() * 8.0) as u32;
+    while next < minutes {
+        dumps.push(next);
+        next += 4 + (rng.next_f64() * 8.0) as u32;
+    }
+    // The outage (minutes 360..390) holds back the trickle and the dumps
+    // due in it; the flush sends them at half the peak afterwards.
+    let (outage_start, outage_end) = (360u32, 390u32);
+    let held_back = {
+        let dumped = dumps
+            .iter()
+            .filter(|&&d| (outage_start..outage_end).contains(&d))
+            .count() as f64;
+        (f64::from(outage_end - outage_start) * 0.1 + dumped) * peak * 60.0
+    };
+    let flush_minutes = (held_back / (peak * 0.5 * 60.0)).ceil() as u32;
     let mut points = Vec::with_capacity(minutes as usize + 1);
     for m in 0..=minutes {
         let at = after(start, Duration::from_secs(u64::from(m) * 60));
@@ -893,6 +922,17 @@ pub fn generate(kind: TraceKind, seed: u64, peak: f64, start: Timestamp) -> Trac
                     peak
                 } else {
                     steady
+                }
+            }
+            TraceKind::Batch => {
+                if (outage_start..outage_end).contains(&m) {
+                    0.0
+                } else if (outage_end..outage_end + flush_minutes).contains(&m) {
+                    peak * 0.5 + peak * 0.1
+                } else if dumps.contains(&m) {
+                    peak
+                } else {
+                    peak * 0.1
                 }
             }
         };
@@ -1241,5 +1281,17 @@ mod tests {
         assert!(at(5, 13) < 0.5 * at(1, 13), "weekend dip");
         let spike = generate(TraceKind::Spike, 7, 600.0, start);
         assert!(spike.peak() > 5.0 * spike.rate_at(start));
+        let batch = generate(TraceKind::Batch, 7, 1000.0, start);
+        assert_eq!(batch.points().len(), 12 * 60 + 1);
+        let dumps = batch
+            .points()
+            .iter()
+            .filter(|p| p.arrivals_per_s > 900.0)
+            .count();
+        assert!((60..=180).contains(&dumps), "{dumps} dumps in 12 hours");
+        let at = |minute: i64| batch.rate_at(start + SignedDuration::from_mins(minute));
+        assert!(at(1) < 120.0, "a trickle between dumps");
+        assert_eq!(at(370), 0.0, "the outage");
+        assert!(at(391) > 500.0, "the flush after it");
     }
 }

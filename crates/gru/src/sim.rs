@@ -84,6 +84,9 @@ enum Kind {
     Week,
     /// Six hours of steady load with a sharp 6× spike.
     Spike,
+    /// Twelve hours of a trickle with a batch dumped every 4–12 minutes,
+    /// and a half-hour upstream outage flushed afterwards.
+    Batch,
 }
 
 #[derive(Args)]
@@ -114,6 +117,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let kind = match a.kind {
         Kind::Week => TraceKind::Week,
         Kind::Spike => TraceKind::Spike,
+        Kind::Batch => TraceKind::Batch,
     };
     let trace = sim::generate(kind, a.seed, a.peak, a.start);
     let mut csv = String::from("timestamp,arrivals_per_s\n");
