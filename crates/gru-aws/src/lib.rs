@@ -1,6 +1,7 @@
 //! The AWS provider: one EC2 Auto Scaling group and one ELBv2 target group
 //! behind gru-cloud's [`CapacityGroup`](gru_cloud::CapacityGroup) and
-//! [`TargetGroup`](gru_cloud::TargetGroup) traits.
+//! [`TargetGroup`](gru_cloud::TargetGroup) traits, and an SQS queue's
+//! backlog as a [`SignalSource`](gru_cloud::SignalSource) ([`SqsSignal`]).
 //!
 //! Start reading at [`AwsFleet`]: one value per fleet, built by [`connect`]
 //! from an [`AwsFleetConfig`]. It implements both traits (module `group` for
@@ -28,6 +29,7 @@ use tokio::sync::OnceCell;
 mod config;
 mod error;
 mod group;
+mod sqs;
 mod target;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -38,6 +40,7 @@ pub use group::{AwsGroup, AwsInstance, AwsLifecycle};
 /// parse and check them without this crate.
 pub use gru_cloud::aws::{AwsFleetConfig, AwsSettingsError as ConnectError, DEFAULT_MAX_ATTEMPTS};
 pub use gru_cloud::{LifecycleHook, LifecycleResult};
+pub use sqs::SqsSignal;
 pub use target::DEFAULT_DEREGISTRATION_DELAY;
 
 /// The SDK clients an [`AwsFleet`] talks through. [`connect`] builds them

@@ -304,36 +304,50 @@ pub fn random_account() -> String {
         .collect()
 }
 
-/// SDK clients for moto account `account` at `url` (static credentials,
-/// retries off: moto answers 500 to what it does not implement, and a retry
-/// would only hide that), with `extra` on every call.
+/// One SDK client for moto account `account` at `url`: static credentials,
+/// retries off (moto answers 500 to what it does not implement, and a retry
+/// would only hide that), `extra` on every call.
+macro_rules! moto_client {
+    ($sdk:ident, $url:expr, $account:expr, $extra:expr) => {
+        $sdk::Client::from_conf(
+            $sdk::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .http_client(crate::config::https_client())
+                .region(Region::new(REGION))
+                .credentials_provider(Credentials::new(
+                    "moto",
+                    "moto",
+                    None,
+                    None,
+                    "gru-aws tests",
+                ))
+                .endpoint_url($url)
+                .retry_config(RetryConfig::disabled())
+                .timeout_config(
+                    TimeoutConfig::builder()
+                        .operation_timeout(Duration::from_secs(30))
+                        .build(),
+                )
+                .interceptor(MotoAccount($account.to_owned()))
+                .interceptor($extra)
+                .build(),
+        )
+    };
+}
+
+/// SDK clients for moto account `account` at `url`, with `extra` on every
+/// call.
 pub fn clients(url: &str, account: &str, extra: impl Intercept + Clone + 'static) -> AwsClients {
-    let credentials = Credentials::new("moto", "moto", None, None, "gru-aws tests");
-    let timeouts = TimeoutConfig::builder()
-        .operation_timeout(Duration::from_secs(30))
-        .build();
-    macro_rules! client {
-        ($sdk:ident) => {
-            $sdk::Client::from_conf(
-                $sdk::Config::builder()
-                    .behavior_version(BehaviorVersion::latest())
-                    .http_client(crate::config::https_client())
-                    .region(Region::new(REGION))
-                    .credentials_provider(credentials.clone())
-                    .endpoint_url(url)
-                    .retry_config(RetryConfig::disabled())
-                    .timeout_config(timeouts.clone())
-                    .interceptor(MotoAccount(account.to_owned()))
-                    .interceptor(extra.clone())
-                    .build(),
-            )
-        };
-    }
     AwsClients {
-        autoscaling: client!(aws_sdk_autoscaling),
-        elb: client!(aws_sdk_elasticloadbalancingv2),
-        ec2: client!(aws_sdk_ec2),
+        autoscaling: moto_client!(aws_sdk_autoscaling, url, account, extra.clone()),
+        elb: moto_client!(aws_sdk_elasticloadbalancingv2, url, account, extra.clone()),
+        ec2: moto_client!(aws_sdk_ec2, url, account, extra),
     }
+}
+
+/// An SQS client for moto account `account` at `url`.
+pub fn sqs_client(url: &str, account: &str) -> aws_sdk_sqs::Client {
+    moto_client!(aws_sdk_sqs, url, account, NoInterceptor)
 }
 
 /// An interceptor that does nothing, for [`clients`] without another.

@@ -31,6 +31,7 @@ use aws_sdk_autoscaling::error::BoxError;
 use aws_sdk_elasticloadbalancingv2::types::{TargetDescription, TargetGroupAttribute};
 use gru_aws::testing::{self, ENGINE_PORT, MotoFleet, MotoServer, ZONE, random_account};
 use gru_aws::{AwsClients, AwsFleet, AwsFleetConfig, AwsLifecycle, LifecycleHook, LifecycleResult};
+use gru_cloud::SignalSource;
 use gru_cloud::{
     CapacityGroup, CloudError, InstanceId, InstanceLifecycle, Target, TargetGroup, TargetState,
 };
@@ -758,6 +759,23 @@ mod scenario {
         join_timeout: &str,
         faults: LostAnswers,
     ) -> Scenario {
+        start_full(fx, Some(pin), join_timeout, faults, None).await
+    }
+
+    /// A controller for the fixture's group, not pinned, whose policy also
+    /// sizes on the backlog of the SQS queue at `queue_url` (in the
+    /// fixture's moto account), 10 messages per minion.
+    pub async fn start_with_sqs(fx: Fixture, queue_url: &str) -> Scenario {
+        start_full(fx, None, "60s", LostAnswers::default(), Some(queue_url)).await
+    }
+
+    async fn start_full(
+        fx: Fixture,
+        pin: Option<u32>,
+        join_timeout: &str,
+        faults: LostAnswers,
+        sqs: Option<&str>,
+    ) -> Scenario {
         gru_proto::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         DevPki::in_dir(dir.path()).ensure().expect("dev pki");
@@ -778,6 +796,14 @@ mod scenario {
                 aws.push_str(&format!("{key} = {name:?}\n"));
             }
         }
+        let sqs_table = match sqs {
+            Some(url) => format!(
+                "[fleet.sqs]\nqueue_url = {url:?}\nregion = {:?}\nendpoint_url = {:?}\ntarget_per_minion = 10\n",
+                gru_aws::testing::REGION,
+                super::moto().url
+            ),
+            None => String::new(),
+        };
         let text = format!(
             r#"
             listen = "127.0.0.1:0"
@@ -798,6 +824,7 @@ mod scenario {
             max_step_in = 5
             [fleet.aws]
             {aws}
+            {sqs_table}
             "#
         );
         let config = ControllerConfig::parse(&dir.path().join("controller.toml"), &text)
@@ -807,12 +834,19 @@ mod scenario {
         assert_eq!(parsed.fleet.terminating_hook, c.terminating_hook);
         let controller_clients = super::clients_in(&super::moto().url, &fx.account, faults);
         let fleet = AwsFleet::from_clients(c, controller_clients);
-        let runtime = FleetRuntime::with_hooks(config.fleets[0].clone(), Arc::new(fleet));
+        let mut runtime = FleetRuntime::with_hooks(config.fleets[0].clone(), Arc::new(fleet));
+        if let Some(url) = sqs {
+            assert!(config.fleets[0].sqs.is_some(), "[fleet.sqs] parsed");
+            let client = gru_aws::testing::sqs_client(&super::moto().url, &fx.account);
+            runtime = runtime.with_signal(Arc::new(gru_aws::SqsSignal::from_client(client, url)));
+        }
         let store =
             gru_controller::store::SqliteStore::open(&dir.path().join("state")).expect("store");
         let controller = Controller::new(config, vec![runtime], TOKEN.to_owned(), Arc::new(store))
             .expect("controller");
-        pin_at(&controller, pin);
+        if let Some(pin) = pin {
+            pin_at(&controller, pin);
+        }
 
         let sink_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let sink = sink_listener.local_addr().expect("addr");
@@ -1464,6 +1498,134 @@ async fn a_terminate_whose_answer_is_lost_decrements_once_and_orphans_nothing() 
         assert_eq!(g.instances.len(), 1);
         assert_eq!(sc.in_state(MinionState::InService).len(), 1);
         assert_eq!(sc.registered_targets().await.len(), 1, "no orphaned target");
+    })
+    .await;
+}
+
+// ---- SQS ----
+
+/// A fresh queue in `account`; its URL.
+async fn queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
+    sqs.create_queue()
+        .queue_name(name)
+        .send()
+        .await
+        .expect("CreateQueue")
+        .queue_url()
+        .expect("a queue URL")
+        .to_owned()
+}
+
+async fn send(sqs: &aws_sdk_sqs::Client, url: &str, n: usize) {
+    for i in 0..n {
+        sqs.send_message()
+            .queue_url(url)
+            .message_body(format!("MSH|^~\\&|LAB|{i}"))
+            .send()
+            .await
+            .expect("SendMessage");
+    }
+}
+
+/// Receives up to `n` messages and keeps them in flight (not deleted) for
+/// five minutes.
+async fn take(sqs: &aws_sdk_sqs::Client, url: &str, n: i32) -> usize {
+    sqs.receive_message()
+        .queue_url(url)
+        .max_number_of_messages(n)
+        .visibility_timeout(300)
+        .send()
+        .await
+        .expect("ReceiveMessage")
+        .messages()
+        .len()
+}
+
+#[tokio::test]
+async fn an_sqs_signal_counts_visible_and_in_flight_messages() {
+    bounded(async {
+        let account = gru_aws::testing::random_account();
+        let sqs = gru_aws::testing::sqs_client(&moto().url, &account);
+        let url = queue(&sqs, "hl7-inbound").await;
+        let signal = gru_aws::SqsSignal::from_client(sqs.clone(), url.clone());
+        assert_eq!(signal.name(), "sqs");
+        assert_eq!(signal.read().await.expect("read"), 0, "an empty queue");
+        send(&sqs, &url, 7).await;
+        assert_eq!(signal.read().await.expect("read"), 7);
+        // Messages being worked on still count: a consumer holding them
+        // must not see its fleet scale in under it.
+        let taken = take(&sqs, &url, 5).await;
+        assert!(taken > 0, "received some");
+        assert_eq!(signal.read().await.expect("read"), 7, "{taken} in flight");
+
+        let missing = gru_aws::SqsSignal::from_client(sqs, format!("{url}-gone"));
+        let e = missing.read().await.expect_err("no such queue");
+        let text = gru_core::error_chain(&e);
+        assert!(
+            text.contains("GetQueueAttributes") && text.contains("NonExistentQueue"),
+            "{text}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sqs_backlog_wakes_a_fleet_from_zero_and_in_flight_messages_keep_it() {
+    scenario_bounded(async {
+        let fx = fixture(0, 5, 0).await;
+        let sqs = gru_aws::testing::sqs_client(&moto().url, &fx.account);
+        let url = queue(&sqs, "hl7-batch").await;
+        let sc = scenario::start_with_sqs(fx, &url).await;
+        let decision = || {
+            sc.controller
+                .fleet(scenario::FLEET)
+                .expect("fleet")
+                .registry()
+                .fleet_state(scenario::FLEET)
+                .and_then(|f| f.last_decision.clone())
+        };
+        // An empty queue: the fleet stays at zero, pass after pass.
+        let first = until("a first decision", || async { decision() }).await;
+        until("three more passes", || async {
+            decision().filter(|d| {
+                d.explanation.at > first.explanation.at + jiff::SignedDuration::from_millis(600)
+            })
+        })
+        .await;
+        let d = decision().expect("decision");
+        assert_eq!(d.desired, 0, "{:?}", d.explanation);
+        assert_eq!(sc.fx.desired().await, 0);
+        assert!(
+            d.explanation
+                .recommendations
+                .iter()
+                .any(|r| r.detail == "sqs 0 / 10 per minion"),
+            "{:?}",
+            d.explanation.recommendations
+        );
+
+        // Messages arrive: the next pass wakes the fleet (25 / 10 = 3).
+        send(&sqs, &url, 25).await;
+        until("the group woken to 3", || async {
+            (sc.fx.desired().await == 3).then_some(())
+        })
+        .await;
+        // Taken by consumers but not deleted: still 25 to be done.
+        take(&sqs, &url, 10).await;
+        let taken_at = jiff::Timestamp::now();
+        let d = until("a decision after the receive", || async {
+            decision().filter(|d| d.explanation.at > taken_at)
+        })
+        .await;
+        assert_eq!(d.desired, 3, "{:?}", d.explanation);
+        assert!(
+            d.explanation
+                .recommendations
+                .iter()
+                .any(|r| r.detail == "sqs 25 / 10 per minion"),
+            "{:?}",
+            d.explanation.recommendations
+        );
     })
     .await;
 }

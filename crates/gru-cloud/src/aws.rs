@@ -103,6 +103,94 @@ fn target_group_region(arn: &str) -> Option<&str> {
     (!region.is_empty() && resource.starts_with("targetgroup/")).then_some(region)
 }
 
+/// `[fleet.sqs]`: an SQS queue whose backlog sizes the fleet. Plain values,
+/// like [`AwsFleetConfig`]. Its errors ([`SqsSettingsError`]) name what
+/// is expected; [`SqsSettingsError::key`] names the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqsSignalConfig {
+    /// `https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`.
+    pub queue_url: String,
+    /// `None`: the region in an AWS queue URL (required for others, such as
+    /// an emulator's).
+    pub region: Option<String>,
+    /// Another endpoint, for emulators such as moto. `None` in production.
+    pub endpoint_url: Option<String>,
+    /// Messages (visible plus in flight) one minion should take.
+    pub target_per_minion: u32,
+    /// A fleet at zero wakes only when the backlog is above this.
+    pub activation: u64,
+}
+
+impl SqsSignalConfig {
+    /// Checks the values and returns the region to use.
+    pub fn validate(&self) -> Result<String, SqsSettingsError> {
+        let url = self.queue_url.trim();
+        let Some(rest) = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+        else {
+            return Err(SqsSettingsError::NotAQueueUrl {
+                url: self.queue_url.clone(),
+            });
+        };
+        let mut parts = rest.split('/');
+        let (Some(host), Some(account), Some(name)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(SqsSettingsError::NotAQueueUrl {
+                url: self.queue_url.clone(),
+            });
+        };
+        if host.is_empty() || account.is_empty() || name.is_empty() {
+            return Err(SqsSettingsError::NotAQueueUrl {
+                url: self.queue_url.clone(),
+            });
+        }
+        if self.target_per_minion == 0 {
+            return Err(SqsSettingsError::ZeroTarget);
+        }
+        // sqs.REGION.amazonaws.com (or .amazonaws.com.cn).
+        let url_region = host
+            .strip_prefix("sqs.")
+            .and_then(|h| h.split_once(".amazonaws.com"))
+            .map(|(region, _)| region)
+            .filter(|r| !r.is_empty() && !r.contains('.'));
+        match (&self.region, url_region) {
+            (Some(region), Some(r)) if region != r => Err(SqsSettingsError::RegionMismatch {
+                region: region.clone(),
+                url: self.queue_url.clone(),
+            }),
+            (Some(region), _) => Ok(region.clone()),
+            (None, Some(r)) => Ok(r.to_owned()),
+            (None, None) => Err(SqsSettingsError::NoRegion {
+                url: self.queue_url.clone(),
+            }),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqsSettingsError {
+    #[error("{url:?} is not an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)")]
+    NotAQueueUrl { url: String },
+    #[error("at least 1")]
+    ZeroTarget,
+    #[error("{region:?} differs from the region of queue {url}")]
+    RegionMismatch { region: String, url: String },
+    #[error("needed: the queue URL {url:?} does not name a region")]
+    NoRegion { url: String },
+}
+
+impl SqsSettingsError {
+    /// The `[fleet.sqs]` key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            SqsSettingsError::NotAQueueUrl { .. } => "queue_url",
+            SqsSettingsError::ZeroTarget => "target_per_minion",
+            SqsSettingsError::RegionMismatch { .. } | SqsSettingsError::NoRegion { .. } => "region",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AwsSettingsError {
     #[error("group_name must not be empty")]
@@ -125,6 +213,42 @@ mod tests {
 
     const ARN: &str =
         "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/hl7/0123456789abcdef";
+
+    fn sqs(url: &str, region: Option<&str>) -> SqsSignalConfig {
+        SqsSignalConfig {
+            queue_url: url.to_owned(),
+            region: region.map(str::to_owned),
+            endpoint_url: None,
+            target_per_minion: 100,
+            activation: 0,
+        }
+    }
+
+    #[test]
+    fn an_sqs_queue_url_names_its_region_or_the_config_must() {
+        let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/hl7-inbound";
+        assert_eq!(sqs(url, None).validate().unwrap(), "eu-west-1");
+        assert_eq!(sqs(url, Some("eu-west-1")).validate().unwrap(), "eu-west-1");
+        let e = sqs(url, Some("us-east-1")).validate().unwrap_err();
+        assert_eq!(e.key(), "region");
+        let moto = "http://127.0.0.1:5000/123456789012/hl7-inbound";
+        let e = sqs(moto, None).validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "needed: the queue URL \"http://127.0.0.1:5000/123456789012/hl7-inbound\" does not name a region"
+        );
+        assert_eq!(
+            sqs(moto, Some("us-east-1")).validate().unwrap(),
+            "us-east-1"
+        );
+        let e = sqs("hl7-inbound", Some("us-east-1"))
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.key(), "queue_url");
+        let mut zero = sqs(url, None);
+        zero.target_per_minion = 0;
+        assert_eq!(zero.validate().unwrap_err().key(), "target_per_minion");
+    }
 
     #[test]
     fn the_region_defaults_to_the_target_groups() {

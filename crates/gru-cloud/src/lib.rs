@@ -214,6 +214,16 @@ pub struct TargetGroupSetup {
     pub deregistration_delay: Duration,
 }
 
+/// A number from outside the fleet that a policy rule sizes on, such as an
+/// SQS queue's backlog. Read once per reconcile pass. Its value sees work
+/// the fleet's minions cannot report: it can wake a fleet from zero.
+#[async_trait]
+pub trait SignalSource: Send + Sync + 'static {
+    /// The name the policy's rule and `gru explain` know it by (`sqs`).
+    fn name(&self) -> &str;
+    async fn read(&self) -> Result<u64, CloudError>;
+}
+
 /// What a group with lifecycle hooks adds (an EC2 Auto Scaling group):
 /// hook wait states and their actions, instance health, scale-in
 /// protection, and the target group's settings. The AWS provider implements

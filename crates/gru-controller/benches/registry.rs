@@ -93,7 +93,7 @@ fn main() {
         reg.sync("f", group.clone(), now);
         let actions = reg.plan("f", &LIMITS, now);
         std::hint::black_box(actions);
-        std::hint::black_box(reg.decide("f", now, wall));
+        std::hint::black_box(reg.decide("f", now, wall, Vec::new()));
         t.elapsed().as_secs_f64() * 1e6
     }));
     drop(reg);
@@ -117,7 +117,7 @@ fn main() {
                 let now = Instant::now();
                 reg.sync("f", group.clone(), now);
                 std::hint::black_box(reg.plan("f", &LIMITS, now));
-                std::hint::black_box(reg.decide("f", now, wall));
+                std::hint::black_box(reg.decide("f", now, wall, Vec::new()));
                 (
                     opened.as_secs_f64() * 1e3,
                     (t.elapsed() - opened).as_secs_f64() * 1e3,

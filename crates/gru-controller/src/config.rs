@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use gru_cloud::aws::SqsSignalConfig;
 use gru_core::Bounds;
 use gru_core::policy::{Behaviour, Policy, PolicyError, Rule};
 use gru_core::rebalance::{DEFAULT_REBALANCE, RebalanceLimits};
@@ -113,6 +114,9 @@ pub struct FleetConfig {
     /// How in-service minions' long-lived connections are spread onto new
     /// ones (`[fleet.rebalance]`); `None` when `enabled = false`.
     pub rebalance: Option<RebalanceLimits>,
+    /// An SQS queue whose backlog also sizes the fleet (`[fleet.sqs]`); its
+    /// rule is in `policy` as `external sqs`.
+    pub sqs: Option<SqsSignalConfig>,
 }
 
 impl FleetConfig {
@@ -228,6 +232,17 @@ struct RawFleet {
     local: Option<RawLocal>,
     aws: Option<RawAws>,
     rebalance: Option<RawRebalance>,
+    sqs: Option<RawSqs>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSqs {
+    queue_url: Option<String>,
+    target_per_minion: Option<u32>,
+    activation: Option<u64>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -447,6 +462,14 @@ impl ControllerConfig {
                 if let Some(target) = f.target_latency {
                     rules.push(Rule::Latency { target });
                 }
+                let sqs = f.sqs.map(|raw| sqs_signal(&v, &key, raw)).transpose()?;
+                if let Some(q) = &sqs {
+                    rules.push(Rule::External {
+                        signal: "sqs".to_owned(),
+                        target_per_minion: q.target_per_minion,
+                        activation: q.activation,
+                    });
+                }
                 let defaults = Behaviour::default();
                 let behaviour = Behaviour {
                     max_step_out: f.max_step_out.unwrap_or(defaults.max_step_out),
@@ -564,6 +587,7 @@ impl ControllerConfig {
                     policy,
                     provider,
                     rebalance,
+                    sqs,
                 })
             };
             match parse_fleet() {
@@ -784,6 +808,37 @@ fn rebalance(
     }))
 }
 
+/// `[fleet.sqs]`, checked without any AWS call.
+fn sqs_signal(
+    v: &Validator,
+    key: &dyn Fn(&str) -> String,
+    raw: RawSqs,
+) -> Result<SqsSignalConfig, ConfigError> {
+    let queue_url = raw.queue_url.ok_or_else(|| {
+        v.invalid(
+            &key("sqs.queue_url"),
+            "the queue's URL, like \"https://sqs.eu-west-1.amazonaws.com/123456789012/hl7-inbound\"",
+        )
+    })?;
+    let target_per_minion = raw.target_per_minion.ok_or_else(|| {
+        v.invalid(
+            &key("sqs.target_per_minion"),
+            "the messages (visible plus in flight) one minion should take, at least 1",
+        )
+    })?;
+    let config = SqsSignalConfig {
+        queue_url,
+        region: raw.region,
+        endpoint_url: raw.endpoint_url,
+        target_per_minion,
+        activation: raw.activation.unwrap_or(0),
+    };
+    config
+        .validate()
+        .map_err(|e| v.invalid(&key(&format!("sqs.{}", e.key())), e.to_string()))?;
+    Ok(config)
+}
+
 struct Validator<'a> {
     file: &'a Path,
 }
@@ -888,6 +943,42 @@ mod tests {
             err(&format!("lost_timeout = \"1s\"\n{GOOD}")),
             "/etc/gru/controller.toml: lost_timeout: at least twice report_interval (1s), got 1s"
         );
+    }
+
+    #[test]
+    fn an_sqs_queue_adds_an_external_rule_and_its_errors_name_the_key() {
+        let sqs = "[fleet.sqs]\nqueue_url = \"https://sqs.eu-west-1.amazonaws.com/123456789012/hl7\"\ntarget_per_minion = 500\n";
+        let c = parse(&format!("{GOOD}{sqs}")).expect("valid");
+        let f = &c.fleets[0];
+        let q = f.sqs.as_ref().expect("sqs");
+        assert_eq!((q.target_per_minion, q.activation), (500, 0));
+        assert_eq!(
+            f.policy.rules().last(),
+            Some(&Rule::External {
+                signal: "sqs".to_owned(),
+                target_per_minion: 500,
+                activation: 0,
+            })
+        );
+        assert_eq!(
+            err(&format!("{GOOD}{}", sqs.replace("500", "0"))),
+            "/etc/gru/controller.toml: fleet[0].sqs.target_per_minion: at least 1"
+        );
+        assert_eq!(
+            err(&format!(
+                "{GOOD}{}",
+                sqs.replace(
+                    "https://sqs.eu-west-1.amazonaws.com",
+                    "http://127.0.0.1:5000"
+                )
+            )),
+            "/etc/gru/controller.toml: fleet[0].sqs.region: needed: the queue URL \"http://127.0.0.1:5000/123456789012/hl7\" does not name a region"
+        );
+        assert!(
+            err(&format!("{GOOD}[fleet.sqs]\ntarget_per_minion = 5\n"))
+                .starts_with("/etc/gru/controller.toml: fleet[0].sqs.queue_url: the queue's URL"),
+        );
+        assert!(err(&format!("{GOOD}{sqs}visibility = 3\n")).contains("visibility"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant, SystemTime};
 
-use gru_cloud::{CapacityGroup, CloudError, GroupState, TargetGroup, TargetState};
+use gru_cloud::{CapacityGroup, CloudError, GroupState, SignalSource, TargetGroup, TargetState};
 use gru_core::{DrainPhase, LifecycleEvent, MinionState};
 use tokio::sync::{Notify, broadcast};
 
@@ -37,6 +37,7 @@ use crate::store::{Loaded, Store, StoreError};
 use gru_cloud::{GroupLifecycle, InstanceId, LifecycleHook, LifecycleResult};
 pub use gru_core::error_chain;
 use gru_core::plan::Limits;
+use gru_core::policy::ExternalSignal;
 
 /// How soon a pass with work under way (a drain, a registration) runs again.
 pub const BUSY_REQUEUE: Duration = Duration::from_millis(200);
@@ -62,6 +63,9 @@ pub fn wake_gap(held: Duration) -> Duration {
     }
 }
 
+/// The longest a pass waits for one signal (an SQS call).
+pub const SIGNAL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the event log is pruned to its retention.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -75,6 +79,9 @@ pub struct FleetRuntime {
     /// heartbeats, instance health, protection, the target group's
     /// settings. `None` for other providers.
     pub hooks: Option<Arc<dyn GroupLifecycle>>,
+    /// Signals from outside the fleet its policy's external rules size on
+    /// (an SQS queue's backlog), read once a pass.
+    pub signals: Vec<Arc<dyn SignalSource>>,
 }
 
 impl FleetRuntime {
@@ -87,7 +94,14 @@ impl FleetRuntime {
             hooks: self.hooks.map(|h| {
                 Arc::new(Metered::new(h, metrics.cloud.clone())) as Arc<dyn GroupLifecycle>
             }),
+            signals: self.signals,
         }
+    }
+
+    /// With `signal` read every pass for the policy's external rules.
+    pub fn with_signal(mut self, signal: Arc<dyn SignalSource>) -> Self {
+        self.signals.push(signal);
+        self
     }
 
     /// A fleet whose group has no lifecycle hooks (the local provider).
@@ -101,6 +115,7 @@ impl FleetRuntime {
             group,
             targets,
             hooks: None,
+            signals: Vec::new(),
         }
     }
 
@@ -115,6 +130,7 @@ impl FleetRuntime {
             group: provider.clone(),
             targets: provider.clone(),
             hooks: Some(provider),
+            signals: Vec::new(),
         }
     }
 }
@@ -135,6 +151,9 @@ pub struct Fleet {
     metrics: FleetMetrics,
     /// The last pass's bookkeeping under the lock, in nanoseconds.
     bookkeeping_ns: std::sync::atomic::AtomicU64,
+    /// The last failure to read a signal, so it is an event once, not
+    /// every pass.
+    signal_error: Mutex<Option<String>>,
 }
 
 /// A report waiting in a fleet's inbox.
@@ -348,6 +367,7 @@ impl Controller {
                     wake: Notify::new(),
                     metrics: fleet_metrics,
                     bookkeeping_ns: Default::default(),
+                    signal_error: Mutex::new(None),
                 }),
             );
         }
@@ -558,8 +578,9 @@ impl Controller {
                     .emit(fleet, action.minion(), EventKind::Warning, error_chain(&e));
             }
         }
+        let external = self.read_signals(f, fleet).await;
         let held = std::time::Instant::now();
-        let grow_to = f.registry().decide(fleet, now, wall);
+        let grow_to = f.registry().decide(fleet, now, wall, external);
         bookkeeping += held.elapsed();
         f.bookkeeping_ns.store(
             bookkeeping.as_nanos() as u64,
@@ -592,6 +613,52 @@ impl Controller {
         } else {
             self.config.eval_interval
         })
+    }
+
+    /// Reads the fleet's signals, each within [`SIGNAL_TIMEOUT`]. A signal
+    /// that cannot be read is left out (its rule recommends nothing this
+    /// pass) and is a warning event when its failure changes.
+    async fn read_signals(&self, f: &Fleet, fleet: &str) -> Vec<ExternalSignal> {
+        let mut values = Vec::new();
+        let mut failures = Vec::new();
+        for signal in &f.runtime.signals {
+            match tokio::time::timeout(SIGNAL_TIMEOUT, signal.read()).await {
+                Ok(Ok(value)) => values.push(ExternalSignal {
+                    name: signal.name().to_owned(),
+                    value,
+                }),
+                Ok(Err(e)) => failures.push(format!(
+                    "cannot read signal {}: {}",
+                    signal.name(),
+                    error_chain(&e)
+                )),
+                Err(_) => failures.push(format!(
+                    "cannot read signal {}: no answer within {}",
+                    signal.name(),
+                    humantime::format_duration(SIGNAL_TIMEOUT)
+                )),
+            }
+        }
+        let failure = (!failures.is_empty()).then(|| failures.join("; "));
+        let changed = {
+            let mut last = f.signal_error.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = *last != failure;
+            *last = failure.clone();
+            changed
+        };
+        if changed {
+            match failure {
+                Some(message) => f.registry().emit(fleet, None, EventKind::Warning, message),
+                None if !f.runtime.signals.is_empty() => f.registry().emit(
+                    fleet,
+                    None,
+                    EventKind::Step,
+                    "every signal reads again".to_owned(),
+                ),
+                None => {}
+            }
+        }
+        values
     }
 
     /// The limits a pass of `rt`'s fleet plans by.

@@ -17,8 +17,8 @@ use gru_core::plan::{
     Change, CloudView, DrainIntent, GroupSize, HookView, Limits, Listed, MinionSnapshot,
 };
 use gru_core::policy::{
-    self, Decision, Explanation, MinionLoad, Observation, Overrides, Pin, PinStatus, PolicyMemory,
-    PolicyState, Source,
+    self, Decision, Explanation, ExternalSignal, MinionLoad, Observation, Overrides, Pin,
+    PinStatus, PolicyMemory, PolicyState, Source,
 };
 use gru_core::{DrainPhase, error_chain};
 use gru_core::{LifecycleEvent, Load, MinionState, step};
@@ -1384,10 +1384,17 @@ impl Registry {
     }
 
     /// Runs the policy for `fleet` at `now` (`wall` is the same moment on
-    /// the wall clock, for schedules): records the decision, chooses victims
-    /// for scale-in, and returns the group's desired capacity to set, if it
-    /// must grow.
-    pub fn decide(&mut self, fleet: &str, now: Instant, wall: Timestamp) -> Option<u32> {
+    /// the wall clock, for schedules) with the signals read from outside the
+    /// fleet (`external`): records the decision, chooses victims for
+    /// scale-in, and returns the group's desired capacity to set, if it must
+    /// grow.
+    pub fn decide(
+        &mut self,
+        fleet: &str,
+        now: Instant,
+        wall: Timestamp,
+        external: Vec<ExternalSignal>,
+    ) -> Option<u32> {
         // Borrows the minions only, so the fleet's state can change below.
         let snapshots = snapshots_of(&self.minions, fleet, now);
         let capacity = gru_core::plan::capacity(&snapshots);
@@ -1425,7 +1432,7 @@ impl Registry {
         let obs = Observation {
             capacity,
             minions: loads,
-            external: Vec::new(),
+            external,
         };
         let overrides = Overrides {
             paused: f.paused.is_some(),
@@ -1756,6 +1763,7 @@ mod tests {
                 log_dir: None,
             }),
             rebalance: Some(gru_core::rebalance::DEFAULT_REBALANCE),
+            sqs: None,
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::SqliteStore::open(dir.path()).expect("store");
@@ -1870,7 +1878,7 @@ mod tests {
         }
         pin(&mut reg, 1);
         // The group already holds 3 = 1 wanted + 2 to be decremented on termination.
-        assert_eq!(reg.decide("f", t0, wall(t0, t0)), None);
+        assert_eq!(reg.decide("f", t0, wall(t0, t0), Vec::new()), None);
         let states: Vec<MinionState> = ids.iter().map(|id| reg.minions[id].state).collect();
         assert_eq!(
             states,
@@ -1886,7 +1894,7 @@ mod tests {
                 .all(|id| reg.minions[id].drain.as_ref().is_some_and(|d| d.decrement))
         );
         // A second pass chooses nobody else.
-        assert_eq!(reg.decide("f", t0, wall(t0, t0)), None);
+        assert_eq!(reg.decide("f", t0, wall(t0, t0), Vec::new()), None);
         assert_eq!(
             reg.minions
                 .values()
@@ -1897,7 +1905,7 @@ mod tests {
 
         // Wanting 3 again while two still drain: the group must hold 3 + 2.
         pin(&mut reg, 3);
-        assert_eq!(reg.decide("f", t0, wall(t0, t0)), Some(5));
+        assert_eq!(reg.decide("f", t0, wall(t0, t0), Vec::new()), Some(5));
     }
 
     #[test]
@@ -2033,7 +2041,7 @@ mod tests {
         pass(&mut reg, &group(&["a", "b"], 2), t0);
         serve(&mut reg, "a", 1, t0);
         serve(&mut reg, "b", 2, t0);
-        reg.decide("f", t0, wall(t0, t0));
+        reg.decide("f", t0, wall(t0, t0), Vec::new());
         assert_eq!(
             reg.minions
                 .values()
@@ -2042,7 +2050,7 @@ mod tests {
             0
         );
         let t1 = t0 + Duration::from_secs(31);
-        reg.decide("f", t1, wall(t0, t1));
+        reg.decide("f", t1, wall(t0, t1), Vec::new());
         assert_eq!(
             reg.minions
                 .values()
@@ -2081,21 +2089,21 @@ mod tests {
             }
             // Pinned, with no load, well past the window: the pin holds 3.
             let t1 = t0 + Duration::from_secs(45);
-            reg.decide("f", t0, wall(t0, t0));
-            reg.decide("f", t1, wall(t0, t1));
+            reg.decide("f", t0, wall(t0, t0), Vec::new());
+            reg.decide("f", t1, wall(t0, t1), Vec::new());
             assert_eq!(draining(&reg), 0, "expire={expire}: pinned");
             // Released (`gru scale f auto`), or the pin's end passed.
             let t2 = t0 + Duration::from_secs(61);
             if !expire {
                 reg.fleets.get_mut("f").expect("fleet").pin = None;
             }
-            reg.decide("f", t2, wall(t0, t2));
+            reg.decide("f", t2, wall(t0, t2), Vec::new());
             assert_eq!(draining(&reg), 0, "expire={expire}: held at release");
             let t3 = t2 + Duration::from_secs(29);
-            reg.decide("f", t3, wall(t0, t3));
+            reg.decide("f", t3, wall(t0, t3), Vec::new());
             assert_eq!(draining(&reg), 0, "expire={expire}: held within the window");
             let t4 = t2 + Duration::from_secs(31);
-            reg.decide("f", t4, wall(t0, t4));
+            reg.decide("f", t4, wall(t0, t4), Vec::new());
             assert_eq!(draining(&reg), 3, "expire={expire}: after the window");
         }
     }

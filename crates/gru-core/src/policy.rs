@@ -74,13 +74,15 @@ pub enum Rule {
     /// that reported a positive rate). A minion with little to do reports
     /// less than it could process, so under light load this errs high.
     Latency { target: Duration },
-    /// A backlog outside the fleet, e.g. an SQS queue's
-    /// ApproximateNumberOfMessages: desired = ceil(value / target). Unlike the
-    /// rules above it sees work while the fleet has no minions, so it can
-    /// wake a fleet from zero.
+    /// A backlog outside the fleet, e.g. an SQS queue's visible plus
+    /// in-flight messages: desired = ceil(value / target), or 0 while the
+    /// value is at or below `activation`. Unlike the rules above it sees
+    /// work while the fleet has no minions, so it can wake a fleet from
+    /// zero.
     External {
         signal: String,
         target_per_minion: u32,
+        activation: u64,
     },
 }
 
@@ -568,7 +570,15 @@ impl Rule {
             Rule::External {
                 signal,
                 target_per_minion,
+                activation,
             } => match external.iter().find(|e| &e.name == signal) {
+                Some(e) if *activation > 0 && e.value <= *activation => (
+                    Some(0),
+                    format!(
+                        "{signal} {} at or below its activation {activation}",
+                        e.value
+                    ),
+                ),
                 Some(e) => (
                     Some(ceil_div(e.value, *target_per_minion)),
                     format!("{signal} {} / {target_per_minion} per minion", e.value),
@@ -1318,10 +1328,12 @@ mod tests {
                 Rule::External {
                     signal: "sqs".into(),
                     target_per_minion: 10,
+                    activation: 0,
                 },
                 Rule::External {
                     signal: "kafka".into(),
                     target_per_minion: 1,
+                    activation: 0,
                 },
             ],
             free(),
@@ -1359,6 +1371,7 @@ mod tests {
                 Rule::External {
                     signal: "sqs".into(),
                     target_per_minion: 100,
+                    activation: 0,
                 },
             ],
             Behaviour::default(),
@@ -1375,6 +1388,29 @@ mod tests {
         let d = run(&p, &mut PolicyState::new(), &o, "2026-01-05T12:00:00Z");
         assert_eq!((d.desired, &d.explanation.source), (3, &Source::Rule(1)));
         assert!(d.explanation.clips.is_empty(), "zero has no tolerance band");
+
+        // With an activation threshold, a backlog at or below it stays at 0.
+        let p = policy(
+            0,
+            10,
+            vec![Rule::External {
+                signal: "sqs".into(),
+                target_per_minion: 100,
+                activation: 250,
+            }],
+            Behaviour::default(),
+            vec![],
+        );
+        let d = run(&p, &mut PolicyState::new(), &o, "2026-01-05T12:00:00Z");
+        assert_eq!(d.desired, 0);
+        assert_eq!(
+            d.explanation.recommendations[0].detail,
+            "sqs 250 at or below its activation 250"
+        );
+        let mut above = o.clone();
+        above.external[0].value = 251;
+        let d = run(&p, &mut PolicyState::new(), &above, "2026-01-05T12:00:00Z");
+        assert_eq!(d.desired, 3);
     }
 
     #[test]
@@ -1809,6 +1845,7 @@ mod tests {
             Rule::External {
                 signal: "sqs".into(),
                 target_per_minion: 10,
+                activation: 0,
             },
         ];
         let p = policy(2, 20, rules, b, vec![night]);

@@ -39,6 +39,12 @@ pub enum ProviderError {
         #[source]
         source: gru_aws::ConnectError,
     },
+    #[error("fleet {fleet}: invalid [fleet.sqs] settings")]
+    Sqs {
+        fleet: String,
+        #[source]
+        source: gru_cloud::aws::SqsSettingsError,
+    },
 }
 
 /// A fleet's providers, with the local parts kept so `gru dev` can show the
@@ -65,6 +71,27 @@ pub const LOCAL_INSTANCES_FILE: &str = "local-instances.json";
 /// controller that is killed, and are adopted by the next one started on the
 /// same state directory. A controller that stops gracefully stops them.
 pub async fn build(
+    fleet: &FleetConfig,
+    program: &Path,
+    state_dir: &Path,
+) -> Result<BuiltFleet, ProviderError> {
+    let mut built = build_providers(fleet, program, state_dir).await?;
+    // `[fleet.sqs]`, with either provider: a local fleet may be woken by a
+    // queue too (moto's, in the tests).
+    if let Some(sqs) = &fleet.sqs {
+        let signal =
+            gru_aws::SqsSignal::connect(sqs)
+                .await
+                .map_err(|source| ProviderError::Sqs {
+                    fleet: fleet.name.clone(),
+                    source,
+                })?;
+        built.runtime = built.runtime.with_signal(Arc::new(signal));
+    }
+    Ok(built)
+}
+
+async fn build_providers(
     fleet: &FleetConfig,
     program: &Path,
     state_dir: &Path,
