@@ -44,6 +44,55 @@ fn drain_pause_resume_and_events() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(dev.fleet()["paused"], false);
 
+    // A viewer's certificate from the dev CA: it may look, not change.
+    let alice = tempfile::tempdir().expect("tempdir");
+    let state = dev.state_dir();
+    let (ca_cert, ca_key) = (state.join("ca.pem"), state.join("ca.key"));
+    let out = dev.gru(&[
+        "cert",
+        "issue",
+        "--name",
+        "alice",
+        "--role",
+        "viewer",
+        "--out",
+        alice.path().to_str().expect("utf-8"),
+        "--ca-cert",
+        ca_cert.to_str().expect("utf-8"),
+        "--ca-key",
+        ca_key.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "cert issue: {}", stderr(&out));
+    let as_alice = |args: &[&str]| {
+        dev.command(args)
+            .env("GRU_CONFIG", alice.path().join("client.toml"))
+            .output()
+            .expect("run gru")
+    };
+    let out = as_alice(&["whoami"]);
+    assert!(out.status.success(), "whoami: {}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("CN=alice: role viewer"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(as_alice(&["fleet", "ls"]).status.success());
+    let out = as_alice(&["pause", "local"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Pause needs the operator role; CN=alice has the viewer role"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(dev.fleet()["paused"], false);
+    // The audit trail names who paused: gru dev's admin certificate.
+    let events = dev.gru(&["events"]);
+    assert!(
+        String::from_utf8_lossy(&events.stdout).contains("(by CN=gru admin)"),
+        "{}",
+        String::from_utf8_lossy(&events.stdout)
+    );
+
     let victim = dev.minions(false)[0]["id"].as_str().expect("id").to_owned();
     let out = dev.gru(&["drain", &victim, "--wait", "--timeout", "60s"]);
     assert!(

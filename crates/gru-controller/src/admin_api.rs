@@ -1,6 +1,8 @@
 //! `gru.v1.AdminService`, the operator's API. Every call needs a client
 //! certificate signed by the controller's CA (checked by
-//! [`require_client_certificate`]).
+//! [`require_client_certificate`]) and the role [`crate::access::CALLS`]
+//! names for it, which the config's `[access]` rules give the certificate
+//! (checked first in each call, by [`AdminApi::authorize`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use pb::admin_service_server::AdminService;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
+use crate::access::{self, Caller, Subject};
 use crate::reconcile::{Controller, Fleet, RegistryGuard};
 use crate::registry::{Event, MinionRecord, PinOverride, RECENT_EVENTS, Registry, summary};
 use crate::store::Origin;
@@ -241,8 +244,9 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 impl AdminService for AdminApi {
     async fn list_fleets(
         &self,
-        _: Request<pb::ListFleetsRequest>,
+        request: Request<pb::ListFleetsRequest>,
     ) -> Result<Response<pb::ListFleetsResponse>, Status> {
+        self.authorize(&request, "ListFleets")?;
         let names: Vec<String> = self
             .controller
             .fleets()
@@ -259,6 +263,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListMinionsRequest>,
     ) -> Result<Response<pb::ListMinionsResponse>, Status> {
+        self.authorize(&request, "ListMinions")?;
         let req = request.into_inner();
         if !req.fleet.is_empty() && self.controller.fleet(&req.fleet).is_none() {
             return Err(self.unknown_fleet(&req.fleet));
@@ -286,6 +291,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetMinionRequest>,
     ) -> Result<Response<pb::Minion>, Status> {
+        self.authorize(&request, "GetMinion")?;
         let id = request.into_inner().id;
         let reg = self.fleet_of(&id)?.registry();
         let m = reg
@@ -298,7 +304,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ScaleRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
-        let actor = caller(&request);
+        let actor = self.authorize(&request, "Scale")?.identity;
         let req = request.into_inner();
         {
             let mut reg = self.registry_of(&req.fleet)?;
@@ -366,7 +372,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::Minion>, Status> {
-        let actor = caller(&request);
+        let actor = self.authorize(&request, "Drain")?.identity;
         let req = request.into_inner();
         let owner = self.fleet_of(&req.id)?;
         let fleet = {
@@ -405,7 +411,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::PauseRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
-        let actor = caller(&request);
+        let actor = self.authorize(&request, "Pause")?.identity;
         let name = request.into_inner().fleet;
         self.set_paused(&name, true, &actor)?;
         Ok(Response::new(self.fleet(&name)?))
@@ -415,7 +421,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ResumeRequest>,
     ) -> Result<Response<pb::Fleet>, Status> {
-        let actor = caller(&request);
+        let actor = self.authorize(&request, "Resume")?.identity;
         let name = request.into_inner().fleet;
         self.set_paused(&name, false, &actor)?;
         Ok(Response::new(self.fleet(&name)?))
@@ -425,6 +431,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::Decision>, Status> {
+        self.authorize(&request, "Explain")?;
         let name = request.into_inner().fleet;
         let reg = self.registry_of(&name)?;
         let f = reg
@@ -438,12 +445,31 @@ impl AdminService for AdminApi {
         Ok(Response::new(decision_to_pb(&name, &d.explanation)))
     }
 
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = self.caller(&request)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            identity: caller.identity,
+            role: caller.role.map(|r| r.to_string()).unwrap_or_default(),
+            because: caller.because,
+            allowed: caller
+                .role
+                .into_iter()
+                .flat_map(access::allowed)
+                .map(str::to_owned)
+                .collect(),
+        }))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.authorize(&request, "WatchEvents")?;
         let req = request.into_inner();
         if !req.fleet.is_empty() && self.controller.fleet(&req.fleet).is_none() {
             return Err(self.unknown_fleet(&req.fleet));
@@ -504,6 +530,33 @@ impl AdminService for AdminApi {
 }
 
 impl AdminApi {
+    /// Who is calling (the subject of the client certificate the TLS layer
+    /// verified), refused with PermissionDenied unless its role allows
+    /// `call`. A refusal is logged, as a warning: who tried what.
+    #[allow(clippy::result_large_err)]
+    fn authorize<T>(&self, request: &Request<T>, call: &str) -> Result<Caller, Status> {
+        let caller = self.caller(request)?;
+        caller.may(call).map_err(|why| {
+            tracing::warn!(caller = %caller.identity, call, "admin call refused: {why}");
+            Status::permission_denied(why)
+        })?;
+        Ok(caller)
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let der = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "admin calls need a client certificate signed by the controller's CA",
+                )
+            })?;
+        let subject = Subject::from_der(der.as_ref()).map_err(Status::unauthenticated)?;
+        Ok(self.controller.config.access.caller(&subject))
+    }
+
     #[allow(clippy::result_large_err)]
     fn set_paused(&self, name: &str, paused: bool, actor: &str) -> Result<(), Status> {
         let mut reg = self.registry_of(name)?;
@@ -526,30 +579,5 @@ impl AdminApi {
         drop(reg);
         self.controller.wake(name);
         Ok(())
-    }
-}
-
-/// Who is calling, for the audit trail: the subject of the client
-/// certificate the TLS layer verified (admin calls need one).
-fn caller<T>(request: &Request<T>) -> String {
-    let Some(certs) = request.peer_certs() else {
-        return "unknown caller".to_owned();
-    };
-    let Some(first) = certs.first() else {
-        return "unknown caller".to_owned();
-    };
-    match x509_parser::parse_x509_certificate(first.as_ref()) {
-        Ok((_, cert)) => {
-            let subject = cert.subject();
-            match subject
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-            {
-                Some(cn) => format!("CN={cn}"),
-                None => subject.to_string(),
-            }
-        }
-        Err(_) => "a client certificate that does not parse".to_owned(),
     }
 }

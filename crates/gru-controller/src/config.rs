@@ -16,6 +16,8 @@ use gru_core::rebalance::{DEFAULT_REBALANCE, RebalanceLimits};
 use gru_core::schedule::{Schedule, ScheduleSpec, WindowSpec};
 use serde::Deserialize;
 
+use crate::access::{Access, AccessRule, Role};
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Ten missed reports at the default interval.
@@ -92,6 +94,8 @@ pub struct ControllerConfig {
     /// See [`DEFAULT_UNUSED_GRACE`].
     pub unused_grace: Duration,
     pub tls: TlsFiles,
+    /// Which admin certificates have which role (`[access]`).
+    pub access: Access,
     /// Minions joining with this token are trusted (gru dev, trusted networks).
     pub join_token_file: PathBuf,
     pub fleets: Vec<FleetConfig>,
@@ -194,8 +198,25 @@ struct RawConfig {
     unused_grace: Option<Duration>,
     tls: Option<RawTls>,
     join_token_file: Option<PathBuf>,
+    access: Option<RawAccess>,
     #[serde(default)]
     fleet: Vec<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    default_role: Option<String>,
+    #[serde(default)]
+    rule: Vec<RawAccessRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessRule {
+    common_name: Option<String>,
+    organizational_unit: Option<String>,
+    role: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -297,6 +318,60 @@ struct RawAws {
     endpoint_url: Option<String>,
     #[serde(default, with = "humantime_serde")]
     heartbeat_interval: Option<Duration>,
+}
+
+/// `[access]`: the rules as written, each with a role and at least one
+/// attribute to match.
+fn access(v: &Validator, raw: RawAccess) -> Result<Access, ConfigError> {
+    let role = |key: &str, s: &str| {
+        Role::parse(s).ok_or_else(|| {
+            v.invalid(
+                key,
+                format!("one of \"viewer\", \"operator\", \"admin\", got {s:?}"),
+            )
+        })
+    };
+    let default_role = match raw.default_role.as_deref() {
+        None | Some("none") => None,
+        Some(s) => Some(role("access.default_role", s).map_err(|_| {
+            v.invalid(
+                "access.default_role",
+                format!("one of \"none\", \"viewer\", \"operator\", \"admin\", got {s:?}"),
+            )
+        })?),
+    };
+    let mut rules = Vec::new();
+    for (i, r) in raw.rule.into_iter().enumerate() {
+        let key = |k: &str| format!("access.rule[{i}].{k}");
+        let Some(name) = r.role else {
+            return Err(v.invalid(
+                &key("role"),
+                "the role this rule gives: viewer, operator or admin",
+            ));
+        };
+        let role = role(&key("role"), &name)?;
+        let nonempty = |s: Option<String>, k: &str| match s {
+            Some(s) if s.trim().is_empty() => Err(v.invalid(&key(k), "a non-empty value")),
+            s => Ok(s),
+        };
+        let common_name = nonempty(r.common_name, "common_name")?;
+        let organizational_unit = nonempty(r.organizational_unit, "organizational_unit")?;
+        if common_name.is_none() && organizational_unit.is_none() {
+            return Err(v.invalid(
+                &format!("access.rule[{i}]"),
+                "common_name or organizational_unit (or both) to match a certificate's subject",
+            ));
+        }
+        rules.push(AccessRule {
+            common_name,
+            organizational_unit,
+            role,
+        });
+    }
+    Ok(Access {
+        rules,
+        default_role,
+    })
 }
 
 impl ControllerConfig {
@@ -420,6 +495,11 @@ impl ControllerConfig {
                 .ok_or_else(|| v.invalid("join_token_file", "a path to the minions' join token")),
         )
         .map(resolve);
+
+        let access = match raw.access {
+            None => Access::default(),
+            Some(a) => keep(&mut errors, access(&v, a)).unwrap_or_default(),
+        };
 
         if raw.fleet.is_empty() {
             errors.push(v.invalid("fleet", "at least one [[fleet]] table"));
@@ -630,6 +710,7 @@ impl ControllerConfig {
                 event_retention,
                 unused_grace,
                 tls,
+                access,
                 join_token_file,
                 fleets,
             }),
@@ -897,6 +978,62 @@ mod tests {
 
     fn parse(text: &str) -> Result<ControllerConfig, ConfigError> {
         ControllerConfig::parse(Path::new("/etc/gru/controller.toml"), text)
+    }
+
+    #[test]
+    fn access_rules_are_read_in_order_and_bad_ones_name_their_key() {
+        assert_eq!(parse(GOOD).expect("good").access, Access::default());
+        let with = |access: &str| GOOD.replace("[[fleet]]", &format!("{access}\n[[fleet]]"));
+        let c = parse(&with(
+            r#"[access]
+            default_role = "viewer"
+            [[access.rule]]
+            common_name = "bob"
+            role = "operator"
+            [[access.rule]]
+            organizational_unit = "sre"
+            common_name = "carol"
+            role = "admin""#,
+        ))
+        .expect("access");
+        assert_eq!(c.access.default_role, Some(Role::Viewer));
+        assert_eq!(
+            c.access.rules,
+            vec![
+                AccessRule {
+                    common_name: Some("bob".into()),
+                    organizational_unit: None,
+                    role: Role::Operator
+                },
+                AccessRule {
+                    common_name: Some("carol".into()),
+                    organizational_unit: Some("sre".into()),
+                    role: Role::Admin
+                },
+            ]
+        );
+        let err = |access: &str| parse(&with(access)).expect_err(access).to_string();
+        assert_eq!(
+            err("[access]\n[[access.rule]]\ncommon_name = \"bob\"\nrole = \"root\""),
+            "/etc/gru/controller.toml: access.rule[0].role: one of \"viewer\", \"operator\", \"admin\", got \"root\""
+        );
+        assert_eq!(
+            err("[access]\n[[access.rule]]\nrole = \"viewer\""),
+            "/etc/gru/controller.toml: access.rule[0]: common_name or organizational_unit (or both) to match a certificate's subject"
+        );
+        assert_eq!(
+            err("[access]\ndefault_role = \"everyone\""),
+            "/etc/gru/controller.toml: access.default_role: one of \"none\", \"viewer\", \"operator\", \"admin\", got \"everyone\""
+        );
+        assert_eq!(
+            parse(&with("[access]\ndefault_role = \"none\""))
+                .expect("none")
+                .access,
+            Access {
+                rules: vec![],
+                default_role: None
+            }
+        );
     }
 
     fn err(text: &str) -> String {

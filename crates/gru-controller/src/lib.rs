@@ -11,6 +11,7 @@
 //! desired capacity decremented in the same call; no lock is held across an
 //! `.await`.
 
+pub mod access;
 pub mod admin_api;
 pub mod config;
 pub mod front_door;

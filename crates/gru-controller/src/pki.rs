@@ -1,9 +1,11 @@
 //! A throwaway certificate authority for `gru dev` and tests: a CA, a server
 //! certificate for the controller, and a client certificate for the admin
-//! CLI, made once and kept in a directory.
+//! CLI, made once and kept in a directory; and [`Ca`], which issues admin
+//! certificates from a CA's certificate and key (`gru cert issue`).
 
 use std::path::{Path, PathBuf};
 
+use crate::access::Role;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -13,6 +15,19 @@ use rcgen::{
 pub enum PkiError {
     #[error("failed to generate the {what}")]
     Generate {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: expected {what}")]
+    Parse {
+        path: PathBuf,
         what: &'static str,
         #[source]
         source: rcgen::Error,
@@ -29,6 +44,8 @@ pub enum PkiError {
 #[derive(Clone, Debug)]
 pub struct DevPki {
     pub ca_cert: PathBuf,
+    /// The CA's key (owner-only), which `gru cert issue` signs with.
+    pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub admin_cert: PathBuf,
@@ -42,6 +59,7 @@ impl DevPki {
     pub fn in_dir(dir: &Path) -> Self {
         DevPki {
             ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca.key"),
             server_cert: dir.join("controller.pem"),
             server_key: dir.join("controller.key"),
             admin_cert: dir.join("admin.pem"),
@@ -50,11 +68,13 @@ impl DevPki {
     }
 
     /// Makes the files unless all of them exist already. Returns true when it
-    /// made them. The CA's private key is never written: nothing else is ever
-    /// signed by it.
+    /// made them. The CA's key is kept (owner-only) so that `gru cert issue`
+    /// can sign more admin certificates; the admin certificate's OU is
+    /// `gru-admin`, which the default `[access]` rules make an admin.
     pub fn ensure(&self) -> Result<bool, PkiError> {
         let all = [
             &self.ca_cert,
+            &self.ca_key,
             &self.server_cert,
             &self.server_key,
             &self.admin_cert,
@@ -77,6 +97,7 @@ impl DevPki {
         let ca_cert = ca
             .self_signed(&ca_key)
             .map_err(generate("CA certificate"))?;
+        let ca_key_pem = ca_key.serialize_pem();
         let issuer = Issuer::new(ca, ca_key);
 
         let server_key = KeyPair::generate().map_err(generate("server key"))?;
@@ -100,17 +121,97 @@ impl DevPki {
         admin
             .distinguished_name
             .push(DnType::CommonName, "gru admin");
+        admin.distinguished_name.push(
+            DnType::OrganizationalUnitName,
+            Role::Admin.organizational_unit(),
+        );
         admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let admin_cert = admin
             .signed_by(&admin_key, &issuer)
             .map_err(generate("admin certificate"))?;
 
         write_file(&self.ca_cert, &ca_cert.pem(), false)?;
+        write_file(&self.ca_key, &ca_key_pem, true)?;
         write_file(&self.server_cert, &server_cert.pem(), false)?;
         write_file(&self.server_key, &server_key.serialize_pem(), true)?;
         write_file(&self.admin_cert, &admin_cert.pem(), false)?;
         write_file(&self.admin_key, &admin_key.serialize_pem(), true)?;
         Ok(true)
+    }
+}
+
+/// A CA that signs: its certificate and key, read from PEM files.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+/// A certificate [`Ca`] issued, and its new key.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// When it stops being valid.
+    pub not_after: jiff::Timestamp,
+}
+
+impl Ca {
+    pub fn load(cert: &Path, key: &Path) -> Result<Ca, PkiError> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| PkiError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let cert_pem = read(cert)?;
+        let key = KeyPair::from_pem(&read(key)?).map_err(|source| PkiError::Parse {
+            path: key.to_owned(),
+            what: "a PEM private key",
+            source,
+        })?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| PkiError::Parse {
+                path: cert.to_owned(),
+                what: "a PEM CA certificate",
+                source,
+            })?;
+        Ok(Ca { issuer, cert_pem })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// An admin client certificate for `name` (its CN) with `role` (its OU,
+    /// `gru-<role>`), valid from a minute ago for `valid_for`.
+    pub fn issue_admin(
+        &self,
+        name: &str,
+        role: Role,
+        valid_for: std::time::Duration,
+    ) -> Result<Issued, PkiError> {
+        let generate = |what| move |source| PkiError::Generate { what, source };
+        let key = KeyPair::generate().map_err(generate("admin key"))?;
+        let mut params =
+            CertificateParams::new(Vec::<String>::new()).map_err(generate("admin certificate"))?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, role.organizational_unit());
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        // A minute of slack for clocks a little behind this one.
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + valid_for;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(generate("admin certificate"))?;
+        let not_after = jiff::Timestamp::from_second(params.not_after.unix_timestamp())
+            .unwrap_or(jiff::Timestamp::MAX);
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
     }
 }
 

@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+#[path = "api/access.rs"]
+mod access;
 #[path = "api/front_door.rs"]
 mod front_door;
 #[path = "api/metrics.rs"]

@@ -854,6 +854,40 @@ pub async fn explain(a: FleetArg) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct WhoamiArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn whoami(a: WhoamiArgs) -> anyhow::Result<()> {
+    let mut admin = a.common.connect(a.common.deadline()).await?;
+    let me = client::call(
+        &admin.to,
+        "WhoAmI",
+        admin.client.who_am_i(pb::WhoAmIRequest {}),
+    )
+    .await?;
+    if a.json {
+        return print_json(&me);
+    }
+    let role = if me.role.is_empty() {
+        "no role".to_owned()
+    } else {
+        format!("role {}", me.role)
+    };
+    println!("{}: {role} ({})", me.identity, me.because);
+    if me.allowed.is_empty() {
+        println!("may call: nothing but WhoAmI");
+    } else {
+        println!("may call: {}", me.allowed.join(", "));
+    }
+    Ok(())
+}
+
 /// Prints one event: a JSON object, or a line with the time of day (the
 /// full date with --since, which may reach back days).
 fn print_event(e: &pb::Event, json: bool, full_time: bool) -> anyhow::Result<()> {

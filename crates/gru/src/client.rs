@@ -443,7 +443,9 @@ pub fn explain(address: &str, status: tonic::Status) -> anyhow::Error {
             format!("the controller at {address} is unavailable: {m}"),
             true,
         ),
-        Code::Unauthenticated => (format!("the controller at {address} refused: {m}"), false),
+        Code::Unauthenticated | Code::PermissionDenied => {
+            (format!("the controller at {address} refused: {m}"), false)
+        }
         _ => (m.to_owned(), false),
     };
     ReachError::Call { message, transient }.into()

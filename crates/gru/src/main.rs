@@ -4,6 +4,7 @@
 
 mod admin;
 mod bench;
+mod cert;
 mod chart;
 mod client;
 mod cloud_init;
@@ -76,6 +77,14 @@ enum Command {
     Events(admin::EventsArgs),
     /// Why a fleet has the size it has: the latest decision, explained.
     Explain(admin::FleetArg),
+    /// Who your client certificate is to the controller: its identity, role
+    /// and the calls it may make.
+    Whoami(admin::WhoamiArgs),
+    /// Admin certificates from the controller's CA (`gru cert issue --help`).
+    Cert {
+        #[command(subcommand)]
+        command: cert::CertCommand,
+    },
     /// Replay a traffic trace against a fleet's policy on a virtual clock, offline.
     Sim {
         #[command(subcommand)]
@@ -194,6 +203,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Resume(a) => admin::pause(a, false).await,
         Command::Events(a) => admin::events(a).await,
         Command::Explain(a) => admin::explain(a).await,
+        Command::Whoami(a) => admin::whoami(a).await,
+        Command::Cert { command } => cert::run(command),
         Command::Sim { command } => sim::run(command),
         Command::Bench { command } => bench::run(command).await,
         Command::CloudInit { command } => cloud_init::run(command),
