@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -725,6 +725,31 @@ fn services_tell_systemd_when_they_are_ready_and_when_they_stop() {
     );
     assert_eq!(notification(&sock, "gru controller", &log), "READY=1\n");
     std::net::TcpStream::connect(addr).expect("ready means the gRPC port takes connections");
+    // `systemctl reload` (ExecReload): SIGHUP reads the TLS files again and
+    // does not stop the controller.
+    let hup = Command::new("kill")
+        .args(["-HUP", &controller.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("reloaded (SIGHUP)")
+    {
+        assert!(
+            controller.child.try_wait().expect("wait").is_none(),
+            "gru controller exited on SIGHUP:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no reload logged after SIGHUP:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::net::TcpStream::connect(addr).expect("still serving after SIGHUP");
     let status = controller.stop(Duration::from_secs(20));
     assert!(status.success(), "gru controller exited with {status}");
     assert_eq!(notification(&sock, "gru controller", &log), "STOPPING=1\n");

@@ -19,7 +19,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -82,20 +83,120 @@ pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, ServeEr
     Ok(Arc::new(config))
 }
 
+/// How often the TLS files are checked for a change.
+pub const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+/// The server's TLS settings as they are now: each new connection's
+/// handshake uses the newest; connections already up keep theirs.
+pub type TlsSource = watch::Receiver<Arc<rustls::ServerConfig>>;
+
+/// Settings that never change (benchmarks, tests).
+pub fn fixed(config: Arc<rustls::ServerConfig>) -> TlsSource {
+    watch::channel(config).1
+}
+
+/// What a file looked like: its inode, size and modification time, if it
+/// exists (a file replaced by a rename, as deploy tools do, has a new inode
+/// even when its size and time happen to match).
+type Seen = Vec<Option<(u64, u64, std::time::SystemTime)>>;
+
+fn look(files: &TlsFiles) -> Seen {
+    use std::os::unix::fs::MetadataExt;
+    [&files.cert, &files.key, &files.client_ca]
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.ino(), m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
+/// Serves `first` and reads the TLS files again on SIGHUP and whenever one
+/// of them changes (checked every [`RELOAD_POLL`]): a set that loads
+/// replaces the old for new connections; one that does not (a key that
+/// does not match its certificate, a file half written) is logged once and
+/// the old set kept, and it is tried again on the next change or SIGHUP.
+/// `counted` is told of each attempt (loaded or not). Stops when every
+/// [`TlsSource`] is dropped.
+pub fn reloading(
+    files: TlsFiles,
+    first: Arc<rustls::ServerConfig>,
+    counted: impl Fn(bool) + Send + 'static,
+) -> TlsSource {
+    let (tx, rx) = watch::channel(first);
+    // Registered before the task runs: from here on SIGHUP no longer ends
+    // the process.
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS files are reloaded when they change");
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let mut loaded = look(&files);
+        let mut refused: Option<Seen> = None;
+        let mut tick = tokio::time::interval(RELOAD_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let why = tokio::select! {
+                _ = tick.tick() => {
+                    let now = look(&files);
+                    if now == loaded || refused.as_ref() == Some(&now) {
+                        continue;
+                    }
+                    "a TLS file changed"
+                }
+                Some(()) = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => "SIGHUP",
+                _ = tx.closed() => return,
+            };
+            let now = look(&files);
+            match tls_config(&files) {
+                Ok(config) => {
+                    tx.send_replace(config);
+                    counted(true);
+                    loaded = now;
+                    refused = None;
+                    tracing::info!(
+                        cert = %files.cert.display(),
+                        client_ca = %files.client_ca.display(),
+                        "TLS certificate, key and client CA reloaded ({why}); new connections use them"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "TLS files not reloaded ({why}), the ones loaded before stay in use: {}",
+                        gru_core::error_chain(&e)
+                    );
+                    counted(false);
+                    refused = Some(now);
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// Accepts on `listener` and yields the connections whose TLS handshake
-/// finished, until the stream is dropped.
+/// finished, until the stream is dropped. Each handshake uses the newest
+/// settings in `tls`.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    tls: TlsSource,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = mpsc::channel(MAX_HANDSHAKES);
-    tokio::spawn(accept(listener, TlsAcceptor::from(config), tx));
+    tokio::spawn(accept(listener, tls, tx));
     ReceiverStream::new(rx)
 }
 
 async fn accept(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: TlsSource,
     tx: mpsc::Sender<Result<TlsStream<TcpStream>, io::Error>>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
@@ -123,7 +224,7 @@ async fn accept(
             _ = tx.closed() => return,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(tls.borrow().clone());
         let tx = tx.clone();
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;

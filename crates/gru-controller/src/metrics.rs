@@ -45,6 +45,11 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     fleet: String,
     state: &'static str,
@@ -93,6 +98,7 @@ pub struct Metrics {
     pass_errors: Family<FleetLabel, Counter>,
     pass_duration: Histograms<FleetLabel>,
     last_pass: Family<FleetLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    tls_reloads: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -115,6 +121,7 @@ impl Default for Metrics {
             pass_errors: Family::default(),
             pass_duration: Family::new_with_constructor(call_histogram),
             last_pass: Family::default(),
+            tls_reloads: Family::default(),
         }
     }
 }
@@ -207,6 +214,22 @@ impl Metrics {
             "Unix time of the last completed reconcile pass",
             self.last_pass.clone(),
         );
+        prom.register(
+            "gru_tls_reloads",
+            "Attempts to load new TLS files (SIGHUP or a changed file), by whether they were loaded or refused",
+            self.tls_reloads.clone(),
+        );
+        for result in ["loaded", "refused"] {
+            drop(self.tls_reloads.get_or_create(&ResultLabel { result }));
+        }
+    }
+
+    /// Counts an attempt to load new TLS files.
+    pub fn tls_reload(&self, loaded: bool) {
+        let result = if loaded { "loaded" } else { "refused" };
+        self.tls_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// The handles one fleet counts with. Creating them makes the fleet's

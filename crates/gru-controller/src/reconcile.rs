@@ -401,6 +401,11 @@ impl Controller {
         }
     }
 
+    /// Counts an attempt to load new TLS files.
+    pub fn tls_reloaded(&self, loaded: bool) {
+        self.metrics.tls_reload(loaded);
+    }
+
     /// What the metrics listener serves: the controller's metrics and
     /// `/sd/minions`, Prometheus HTTP service discovery for the agents.
     pub fn metrics_site(self: &Arc<Self>) -> gru_proto::metrics::Site {

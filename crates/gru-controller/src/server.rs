@@ -49,7 +49,14 @@ pub async fn serve(
     controller: Arc<Controller>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let tls = front_door::tls_config(&controller.config.tls)?;
+    let tls = {
+        let counter = controller.clone();
+        front_door::reloading(
+            controller.config.tls.clone(),
+            front_door::tls_config(&controller.config.tls)?,
+            move |loaded| counter.tls_reloaded(loaded),
+        )
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MinionServiceServer<MinionApi>>().await;
     health.set_serving::<AdminServiceServer<AdminApi>>().await;

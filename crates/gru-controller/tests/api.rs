@@ -28,6 +28,8 @@ mod front_door;
 mod metrics;
 #[path = "api/restart.rs"]
 mod restart;
+#[path = "api/rotation.rs"]
+mod rotation;
 #[path = "api/scenarios.rs"]
 mod scenarios;
 

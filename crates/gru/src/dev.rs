@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::EXIT_CONFIG;
-use crate::bench::interrupted;
+use crate::bench::{interrupted, interrupted_or_hung_up};
 use crate::client::{self, ClientConfig};
 use crate::config_files::{
     self, ControllerFile, ControllerTls, LocalFleet, LocalProvider, MinionEngine, MinionFile,
@@ -187,7 +187,7 @@ pub async fn run_minion(
         return ExitCode::from(EXIT_CONFIG);
     }
     let notifier = Notifier::from_env();
-    let shutdown = armed_interrupt().await;
+    let shutdown = armed_interrupt(false).await;
     match gru_minion::run_service(config, instance_id, &notifier, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -203,7 +203,8 @@ pub async fn run_minion(
 type OnReady =
     Box<dyn FnOnce(&[BuiltFleet], SocketAddr, Option<SocketAddr>) -> anyhow::Result<()> + Send>;
 
-/// Builds the providers and runs the controller until Ctrl-C or SIGTERM.
+/// Builds the providers and runs the controller until Ctrl-C or SIGTERM
+/// (or, for `gru dev`, SIGHUP).
 /// With `ready`, calls it once everything listens.
 async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Result<()> {
     let program =
@@ -231,12 +232,21 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
     for f in &config.fleets {
         built.push(providers::build(f, &program, &config.state_dir).await?);
     }
+    let dev = ready.is_some();
     if let Some(ready) = ready {
         ready(&built, addr, metrics_addr)?;
     }
     // systemd (Type=notify): the listener is bound and the providers are
     // up, so connections are accepted from here on.
-    let interrupt = armed_interrupt().await;
+    let interrupt = armed_interrupt(dev).await;
+    if !dev {
+        // SIGHUP reloads the TLS files (`systemctl reload`). Its handler is
+        // in place before READY=1, as SIGTERM's is: a reload right after
+        // the start must not end the process. (A tokio signal handler stays
+        // installed once registered; the controller's own listener takes
+        // the signals from here.)
+        let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    }
     let notifier = Notifier::from_env();
     notifier.ready();
     let shutdown = async {
@@ -257,9 +267,15 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
 /// [`interrupted`], polled once so that its SIGTERM and Ctrl-C handlers are
 /// in place before systemd hears READY=1: from then on systemd may stop the
 /// service at any moment, and a SIGTERM that came before the handler would
-/// kill the process without a drain.
-async fn armed_interrupt() -> Pin<Box<dyn Future<Output = ()>>> {
-    let mut interrupt = Box::pin(interrupted());
+/// kill the process without a drain. With `hangup`, SIGHUP stops it too
+/// (`gru dev` in a terminal that closes); without, SIGHUP is left to the
+/// controller, which reloads its TLS files on it.
+async fn armed_interrupt(hangup: bool) -> Pin<Box<dyn Future<Output = ()>>> {
+    let mut interrupt: Pin<Box<dyn Future<Output = ()>>> = if hangup {
+        Box::pin(interrupted_or_hung_up())
+    } else {
+        Box::pin(interrupted())
+    };
     match std::future::poll_fn(|cx| Poll::Ready(interrupt.as_mut().poll(cx))).await {
         Poll::Ready(()) => Box::pin(std::future::ready(())),
         Poll::Pending => interrupt,

@@ -473,7 +473,10 @@ pub async fn target(a: TargetArgs) -> anyhow::Result<()> {
                 .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
                 .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
                 .add_service(MinionServiceServer::new(bare))
-                .serve_with_incoming_shutdown(front_door::incoming(listener, tls), stop)
+                .serve_with_incoming_shutdown(
+                    front_door::incoming(listener, front_door::fixed(tls)),
+                    stop,
+                )
                 .await;
             let _ = stop_metrics.send(());
             served.context("the bare server failed")

@@ -205,6 +205,20 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Resolves on Ctrl-C, SIGTERM or SIGHUP (the terminal closed): for
+/// `gru dev`, whose controller otherwise takes SIGHUP as "reload the TLS
+/// files" and would outlive its terminal.
+pub async fn interrupted_or_hung_up() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => tokio::select! {
+            _ = interrupted() => {}
+            _ = hup.recv() => {}
+        },
+        Err(_) => interrupted().await,
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn interrupted() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
