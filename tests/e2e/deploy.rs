@@ -726,7 +726,21 @@ fn services_tell_systemd_when_they_are_ready_and_when_they_stop() {
     assert_eq!(notification(&sock, "gru controller", &log), "READY=1\n");
     std::net::TcpStream::connect(addr).expect("ready means the gRPC port takes connections");
     // `systemctl reload` (ExecReload): SIGHUP reads the TLS files again and
-    // does not stop the controller.
+    // does not stop the controller. (A SIGHUP before the controller watches
+    // its files cannot stop it either; with nothing to reload yet, it is
+    // not logged, so wait for the watch.)
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("TLS files watched")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the controller does not watch its TLS files:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let hup = Command::new("kill")
         .args(["-HUP", &controller.pid().to_string()])
         .status()

@@ -96,6 +96,8 @@ pub struct ControllerConfig {
     pub tls: TlsFiles,
     /// Which admin certificates have which role (`[access]`).
     pub access: Access,
+    /// The CA that issues minions their certificates (`[minion_ca]`).
+    pub minion_ca: MinionCaConfig,
     /// Minions joining with this token are trusted (gru dev, trusted networks).
     pub join_token_file: PathBuf,
     pub fleets: Vec<FleetConfig>,
@@ -107,7 +109,24 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Admin clients must present a certificate signed by this CA.
     pub client_ca: PathBuf,
+    /// Minions present certificates signed by this one (`[minion_ca] cert`),
+    /// also trusted for client certificates.
+    pub minion_ca: Option<PathBuf>,
 }
+
+/// `[minion_ca]`: where the controller keeps the CA it issues minion
+/// certificates from, and for how long they are valid.
+#[derive(Clone, Debug)]
+pub struct MinionCaConfig {
+    /// Made at the first start when neither it nor `key` exists.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub lifetime: Duration,
+}
+
+/// How long a minion certificate is valid unless `[minion_ca] lifetime`
+/// says otherwise; agents renew at two thirds of it.
+pub const DEFAULT_MINION_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Clone, Debug)]
 pub struct FleetConfig {
@@ -199,8 +218,18 @@ struct RawConfig {
     tls: Option<RawTls>,
     join_token_file: Option<PathBuf>,
     access: Option<RawAccess>,
+    minion_ca: Option<RawMinionCa>,
     #[serde(default)]
     fleet: Vec<RawFleet>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMinionCa {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    lifetime: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -488,6 +517,47 @@ impl ControllerConfig {
             cert: resolve(tls.cert),
             key: resolve(tls.key),
             client_ca: resolve(tls.client_ca),
+            minion_ca: None,
+        });
+        let minion_ca = {
+            let raw = raw.minion_ca.unwrap_or_default();
+            let state = state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            let lifetime = raw.lifetime.unwrap_or(DEFAULT_MINION_CERT_LIFETIME);
+            if lifetime < Duration::from_secs(1) {
+                errors.push(v.invalid(
+                    "minion_ca.lifetime",
+                    "a duration of at least 1s, like \"24h\"",
+                ));
+            }
+            match (raw.cert, raw.key) {
+                (Some(cert), Some(key)) => MinionCaConfig {
+                    cert: resolve(cert),
+                    key: resolve(key),
+                    lifetime,
+                },
+                (None, None) => MinionCaConfig {
+                    cert: state.join("minion-ca.pem"),
+                    key: state.join("minion-ca.key"),
+                    lifetime,
+                },
+                (Some(_), None) | (None, Some(_)) => {
+                    errors.push(v.invalid(
+                        "minion_ca",
+                        "both cert and key, or neither (then the controller keeps its own in state_dir)",
+                    ));
+                    MinionCaConfig {
+                        cert: PathBuf::new(),
+                        key: PathBuf::new(),
+                        lifetime,
+                    }
+                }
+            }
+        };
+        let tls = tls.map(|mut t| {
+            t.minion_ca = Some(minion_ca.cert.clone());
+            t
         });
         let join_token_file = keep(
             &mut errors,
@@ -711,6 +781,7 @@ impl ControllerConfig {
                 unused_grace,
                 tls,
                 access,
+                minion_ca,
                 join_token_file,
                 fleets,
             }),
@@ -978,6 +1049,31 @@ mod tests {
 
     fn parse(text: &str) -> Result<ControllerConfig, ConfigError> {
         ControllerConfig::parse(Path::new("/etc/gru/controller.toml"), text)
+    }
+
+    #[test]
+    fn the_minion_ca_defaults_to_the_state_dir_and_bad_settings_name_their_key() {
+        let c = parse(GOOD).expect("good");
+        assert_eq!(c.minion_ca.cert, c.state_dir.join("minion-ca.pem"));
+        assert_eq!(c.minion_ca.key, c.state_dir.join("minion-ca.key"));
+        assert_eq!(c.minion_ca.lifetime, DEFAULT_MINION_CERT_LIFETIME);
+        assert_eq!(c.tls.minion_ca.as_ref(), Some(&c.minion_ca.cert));
+        let with = |t: &str| GOOD.replace("[[fleet]]", &format!("{t}\n[[fleet]]"));
+        let c = parse(&with(
+            "[minion_ca]\ncert = \"/etc/gru/minion-ca.pem\"\nkey = \"/etc/gru/minion-ca.key\"\nlifetime = \"6h\"",
+        ))
+        .expect("minion_ca");
+        assert_eq!(c.minion_ca.cert, PathBuf::from("/etc/gru/minion-ca.pem"));
+        assert_eq!(c.minion_ca.lifetime, Duration::from_secs(6 * 3600));
+        let err = |t: &str| parse(&with(t)).expect_err(t).to_string();
+        assert_eq!(
+            err("[minion_ca]\ncert = \"/etc/gru/minion-ca.pem\""),
+            "/etc/gru/controller.toml: minion_ca: both cert and key, or neither (then the controller keeps its own in state_dir)"
+        );
+        assert_eq!(
+            err("[minion_ca]\nlifetime = \"0s\""),
+            "/etc/gru/controller.toml: minion_ca.lifetime: a duration of at least 1s, like \"24h\""
+        );
     }
 
     #[test]

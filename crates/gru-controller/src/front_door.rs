@@ -33,9 +33,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many handshakes at once.
 pub const MAX_HANDSHAKES: usize = 256;
 
-/// The server's TLS settings: its identity, and the CA that admin clients'
-/// certificates must be signed by. A client certificate is optional at this
-/// layer (minions prove themselves in Join) and required by AdminService.
+/// The server's TLS settings: its identity, and the CAs that client
+/// certificates must be signed by (the admins', and the minion CA). A client
+/// certificate is optional at this layer (a minion's first Join has none
+/// yet) and required by AdminService and the minions' Session.
 pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, ServeError> {
     gru_proto::install_crypto_provider();
     let read = |path: &std::path::Path| {
@@ -66,10 +67,12 @@ pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, ServeEr
     let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
         .map_err(|e| bad(&files.key, "a PEM private key")(&e))?;
     let mut roots = RootCertStore::empty();
-    for ca in certs(&files.client_ca)? {
-        roots
-            .add(ca)
-            .map_err(|e| bad(&files.client_ca, "a CA certificate")(&e))?;
+    for path in std::iter::once(&files.client_ca).chain(&files.minion_ca) {
+        for ca in certs(path)? {
+            roots
+                .add(ca)
+                .map_err(|e| bad(path, "a CA certificate")(&e))?;
+        }
     }
     let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
         .allow_unauthenticated()
@@ -103,7 +106,8 @@ type Seen = Vec<Option<(u64, u64, std::time::SystemTime)>>;
 fn look(files: &TlsFiles) -> Seen {
     use std::os::unix::fs::MetadataExt;
     [&files.cert, &files.key, &files.client_ca]
-        .iter()
+        .into_iter()
+        .chain(&files.minion_ca)
         .map(|p| {
             let m = std::fs::metadata(p).ok()?;
             Some((m.ino(), m.len(), m.modified().ok()?))
@@ -133,6 +137,10 @@ pub fn reloading(
             None
         }
     };
+    tracing::info!(
+        cert = %files.cert.display(),
+        "TLS files watched: a change, or SIGHUP, reloads them"
+    );
     tokio::spawn(async move {
         let mut loaded = look(&files);
         let mut refused: Option<Seen> = None;

@@ -14,6 +14,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::access::Subject;
+use crate::pki::{Ca, MinionCertificate, minion_uri, parse_minion_uri, uri_safe};
 use crate::reconcile::Controller;
 use crate::registry::{Command, Report, SessionRefusal};
 
@@ -24,6 +26,30 @@ pub const SESSION_COMMAND_BUFFER: usize = 16;
 
 pub struct MinionApi {
     pub controller: Arc<Controller>,
+    /// Issues each minion its client certificate (`[minion_ca]`).
+    pub ca: Arc<Ca>,
+}
+
+/// The fleet and instance named by the minion certificate a connection
+/// presents: `Ok(None)` without a client certificate (or with an admin's),
+/// `Err` when it does not parse.
+#[allow(clippy::result_large_err)]
+fn presented<T>(request: &Request<T>) -> Result<Option<(String, String)>, Status> {
+    let Some(der) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+        return Ok(None);
+    };
+    let subject = Subject::from_der(der.as_ref()).map_err(Status::unauthenticated)?;
+    Ok(subject
+        .minion_uri
+        .as_deref()
+        .and_then(|uri| parse_minion_uri(uri).map(|(f, i)| (f.to_owned(), i.to_owned()))))
+}
+
+fn certificate_to_pb(c: MinionCertificate) -> pb::Certificate {
+    pb::Certificate {
+        certificate_pem: c.cert_pem,
+        not_after_unix: c.not_after_unix,
+    }
 }
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerCommand, Status>> + Send>>;
@@ -37,6 +63,7 @@ fn to_pb(c: Command) -> pb::ControllerCommand {
         }),
         Command::Resume => C::Resume(pb::Resume {}),
         Command::Shed { count, reason } => C::Shed(pb::ShedConnections { count, reason }),
+        Command::Certificate(c) => C::Certificate(certificate_to_pb(c)),
     };
     pb::ControllerCommand {
         command: Some(command),
@@ -67,12 +94,26 @@ fn token_matches(given: &str, expected: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+impl MinionApi {
+    /// Logs a refused Join (who tried, as what) and returns its status.
+    fn refuse_join(&self, req: &pb::JoinRequest, status: Status) -> Status {
+        tracing::warn!(
+            fleet = %req.fleet,
+            instance = %req.instance_id,
+            "Join refused: {}",
+            status.message()
+        );
+        status
+    }
+}
+
 #[tonic::async_trait]
 impl MinionService for MinionApi {
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let shown = presented(&request)?;
         let req = request.into_inner();
         let ctrl = &self.controller;
         let Some(fleet) = ctrl.fleet(&req.fleet) else {
@@ -86,16 +127,47 @@ impl MinionService for MinionApi {
             )));
         };
         let rt = &fleet.runtime;
+        if !uri_safe(&req.instance_id) {
+            return Err(Status::invalid_argument(format!(
+                "instance_id {:?} is not an instance id (letters, digits, '-', '_' and '.')",
+                req.instance_id
+            )));
+        }
+        // A certificate shown must be this instance's, whatever else proves it.
+        let mine = shown
+            .as_ref()
+            .is_some_and(|(f, i)| *f == req.fleet && *i == req.instance_id);
+        if let Some((f, i)) = shown.as_ref().filter(|_| !mine) {
+            return Err(self.refuse_join(
+                &req,
+                Status::permission_denied(format!(
+                    "this connection's certificate is for {}, not {}",
+                    minion_uri(f, i),
+                    minion_uri(&req.fleet, &req.instance_id)
+                )),
+            ));
+        }
         match &req.identity {
             Some(pb::join_request::Identity::JoinToken(t))
                 if token_matches(t, &ctrl.join_token) => {}
             Some(pb::join_request::Identity::JoinToken(_)) => {
-                return Err(Status::unauthenticated("join token rejected"));
+                return Err(self.refuse_join(&req, Status::unauthenticated("join token rejected")));
+            }
+            Some(pb::join_request::Identity::Certificate(_)) if mine => {}
+            Some(pb::join_request::Identity::Certificate(_)) => {
+                return Err(self.refuse_join(
+                    &req,
+                    Status::unauthenticated(
+                        "a certificate join needs the connection to present this minion's certificate",
+                    ),
+                ));
             }
             None => return Err(Status::unauthenticated("no identity proof in JoinRequest")),
         }
-        if req.instance_id.is_empty() {
-            return Err(Status::invalid_argument("instance_id is empty"));
+        if req.csr_pem.is_empty() {
+            return Err(Status::invalid_argument(
+                "csr_pem is empty: the agent must send a certificate request for its key (an agent older than this controller?)",
+            ));
         }
         let engine_address = req.engine_address.parse().map_err(|_| {
             Status::invalid_argument(format!(
@@ -135,6 +207,15 @@ impl MinionService for MinionApi {
             }
             joined
         };
+        let certificate = self
+            .ca
+            .issue_minion(
+                &req.csr_pem,
+                &req.fleet,
+                &req.instance_id,
+                ctrl.config.minion_ca.lifetime,
+            )
+            .map_err(Status::invalid_argument)?;
         fleet.wake();
         Ok(Response::new(pb::JoinResponse {
             minion_id,
@@ -142,6 +223,7 @@ impl MinionService for MinionApi {
             settings: Some(pb::Settings {
                 report_interval_ms: ctrl.config.report_interval.as_millis() as u32,
             }),
+            certificate: Some(certificate_to_pb(certificate)),
         }))
     }
 
@@ -151,15 +233,20 @@ impl MinionService for MinionApi {
         &self,
         request: Request<Streaming<pb::SessionMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let Some((cert_fleet, cert_instance)) = presented(&request)? else {
+            return Err(Status::unauthenticated(
+                "a Session needs the minion's certificate from Join on its connection",
+            ));
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no SessionHello within 10s"))??;
         let hello = match first.and_then(|m| m.body) {
             Some(pb::session_message::Body::Hello(h)) => h,
-            Some(pb::session_message::Body::Report(_)) => {
+            Some(pb::session_message::Body::Report(_) | pb::session_message::Body::Renew(_)) => {
                 return Err(Status::failed_precondition(
-                    "out of order: the first Session message must be a SessionHello, got a MinionReport",
+                    "out of order: the first Session message must be a SessionHello",
                 ));
             }
             None => return Err(Status::invalid_argument("empty Session message")),
@@ -173,6 +260,19 @@ impl MinionService for MinionApi {
                 hello.minion_id
             )));
         };
+        let owner = fleet
+            .registry()
+            .find(&hello.minion_id)
+            .map(|m| (m.fleet.clone(), m.instance.0.clone()));
+        if owner.as_ref() != Some(&(cert_fleet.clone(), cert_instance.clone())) {
+            let why = format!(
+                "this connection's certificate is for {}, not minion {:?}",
+                minion_uri(&cert_fleet, &cert_instance),
+                hello.minion_id
+            );
+            tracing::warn!(minion = %hello.minion_id, "Session refused: {why}");
+            return Err(Status::permission_denied(why));
+        }
         let (tx, rx) = mpsc::channel(SESSION_COMMAND_BUFFER);
         let attached = fleet.registry().attach_session(
             &hello.minion_id,
@@ -205,6 +305,8 @@ impl MinionService for MinionApi {
             let _ = tx.try_send(Ok(cmd));
         }
         let id: Arc<str> = hello.minion_id.into();
+        let ca = self.ca.clone();
+        let lifetime = ctrl.config.minion_ca.lifetime;
         let span = tracing::info_span!("session", minion = %id);
         let reader = async move {
             loop {
@@ -214,6 +316,20 @@ impl MinionService for MinionApi {
                     })) => {
                         let sent_at = r.sent_at_unix_us;
                         fleet.report(&id, generation, from_pb(r), crate::now(), sent_at);
+                    }
+                    Ok(Some(pb::SessionMessage {
+                        body: Some(pb::session_message::Body::Renew(r)),
+                    })) => {
+                        match ca.issue_minion(&r.csr_pem, &cert_fleet, &cert_instance, lifetime) {
+                            Ok(c) => {
+                                tracing::info!(minion = %id, not_after_unix = c.not_after_unix, "minion certificate renewed");
+                                let _ = tx.send(Ok(Command::Certificate(c))).await;
+                            }
+                            Err(why) => {
+                                let _ = tx.send(Err(Status::invalid_argument(why))).await;
+                                break;
+                            }
+                        }
                     }
                     Ok(Some(pb::SessionMessage {
                         body: Some(pb::session_message::Body::Hello(_)),

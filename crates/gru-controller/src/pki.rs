@@ -1,14 +1,15 @@
 //! A throwaway certificate authority for `gru dev` and tests: a CA, a server
 //! certificate for the controller, and a client certificate for the admin
 //! CLI, made once and kept in a directory; and [`Ca`], which issues admin
-//! certificates from a CA's certificate and key (`gru cert issue`).
+//! certificates from a CA's certificate and key (`gru cert issue`) and, on
+//! Join, each minion its own client certificate ([`Ca::issue_minion`]).
 
 use std::path::{Path, PathBuf};
 
 use crate::access::Role;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +212,114 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             not_after,
+        })
+    }
+}
+
+/// The identity a minion's certificate carries, as a URI subject
+/// alternative name.
+pub fn minion_uri(fleet: &str, instance: &str) -> String {
+    format!("gru://fleet/{fleet}/instance/{instance}")
+}
+
+/// The fleet and instance a [`minion_uri`] names.
+pub fn parse_minion_uri(uri: &str) -> Option<(&str, &str)> {
+    let rest = uri.strip_prefix("gru://fleet/")?;
+    let (fleet, instance) = rest.split_once("/instance/")?;
+    (!fleet.is_empty() && !instance.is_empty() && !instance.contains('/'))
+        .then_some((fleet, instance))
+}
+
+/// What may stand in a [`minion_uri`]: an instance id or fleet name of
+/// letters, digits, `-`, `_` and `.` (EC2's `i-0abc…`, local `i-local-3`).
+pub fn uri_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A certificate issued to a minion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MinionCertificate {
+    pub cert_pem: String,
+    /// Unix seconds when it stops being valid.
+    pub not_after_unix: i64,
+}
+
+impl Ca {
+    /// Loads the CA in `cert`/`key`, or makes one there (the key owner-only)
+    /// when neither file exists: the controller's own CA for minion
+    /// certificates needs no set-up. One of the two alone is an error.
+    pub fn load_or_create(cert: &Path, key: &Path, name: &str) -> Result<Ca, PkiError> {
+        if !cert.exists() && !key.exists() {
+            let generate = |what| move |source| PkiError::Generate { what, source };
+            let ca_key = KeyPair::generate().map_err(generate("minion CA key"))?;
+            let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(generate("CA"))?;
+            ca.distinguished_name.push(DnType::CommonName, name);
+            ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            ca.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let now = time::OffsetDateTime::now_utc();
+            ca.not_before = now - time::Duration::minutes(1);
+            ca.not_after = now + time::Duration::days(3650);
+            let ca_cert = ca
+                .self_signed(&ca_key)
+                .map_err(generate("minion CA certificate"))?;
+            if let Some(dir) = key.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+            }
+            write_file(key, &ca_key.serialize_pem(), true)?;
+            write_file(cert, &ca_cert.pem(), false)?;
+            tracing::info!(cert = %cert.display(), key = %key.display(), "made a CA for minion certificates");
+        }
+        Ca::load(cert, key)
+    }
+
+    /// A client certificate for the key in `csr_pem` (its signature is
+    /// checked: the caller holds the key), naming `fleet` and `instance`
+    /// in a [`minion_uri`] and as its CN; whatever else the request asks
+    /// for is ignored. Valid from a minute ago for `lifetime`.
+    pub fn issue_minion(
+        &self,
+        csr_pem: &str,
+        fleet: &str,
+        instance: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<MinionCertificate, String> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| format!("csr_pem is not a signed PEM certificate request: {e}"))?;
+        let uri = minion_uri(fleet, instance);
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, instance);
+        params.subject_alt_names = vec![SanType::URI(
+            uri.clone()
+                .try_into()
+                .map_err(|e| format!("{uri} is not a URI: {e}"))?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let mut serial = rand::random::<[u8; 16]>();
+        serial[0] &= 0x7f; // a positive integer
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + lifetime;
+        let not_after_unix = params.not_after.unix_timestamp();
+        let signed = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(|e| format!("cannot sign the minion certificate: {e}"))?;
+        Ok(MinionCertificate {
+            cert_pem: signed.pem(),
+            not_after_unix,
         })
     }
 }

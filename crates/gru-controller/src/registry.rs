@@ -78,6 +78,8 @@ pub enum Command {
         count: u64,
         reason: String,
     },
+    /// A renewed client certificate, the answer to the minion's request.
+    Certificate(crate::pki::MinionCertificate),
 }
 
 pub type CommandSender = mpsc::Sender<Result<Command, tonic::Status>>;

@@ -39,6 +39,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot load the CA for minion certificates")]
+    MinionCa(#[source] crate::pki::PkiError),
     #[error("cannot resume from the store")]
     Store(#[source] crate::store::StoreError),
 }
@@ -49,6 +51,13 @@ pub async fn serve(
     controller: Arc<Controller>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let minion_ca = &controller.config.minion_ca;
+    let ca = crate::pki::Ca::load_or_create(
+        &minion_ca.cert,
+        &minion_ca.key,
+        "gru controller: minion CA",
+    )
+    .map_err(ServeError::MinionCa)?;
     let tls = {
         let counter = controller.clone();
         front_door::reloading(
@@ -72,6 +81,7 @@ pub async fn serve(
 
     let minion = MinionServiceServer::new(MinionApi {
         controller: controller.clone(),
+        ca: Arc::new(ca),
     });
     let admin = AdminServiceServer::with_interceptor(
         AdminApi {

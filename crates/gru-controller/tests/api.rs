@@ -26,6 +26,8 @@ mod access;
 mod front_door;
 #[path = "api/metrics.rs"]
 mod metrics;
+#[path = "api/minion_certs.rs"]
+mod minion_certs;
 #[path = "api/restart.rs"]
 mod restart;
 #[path = "api/rotation.rs"]
@@ -110,6 +112,11 @@ fn config(dir: &std::path::Path) -> ControllerConfig {
 
 /// [`config`] with the fleet's bounds.
 fn config_sized(dir: &std::path::Path, min: u32, max: u32) -> ControllerConfig {
+    config_with(dir, min, max, "")
+}
+
+/// [`config_sized`] with `extra` tables at the end.
+fn config_with(dir: &std::path::Path, min: u32, max: u32, extra: &str) -> ControllerConfig {
     let text = r#"
         listen = "127.0.0.1:0"
         report_interval = "200ms"
@@ -131,7 +138,8 @@ fn config_sized(dir: &std::path::Path, min: u32, max: u32) -> ControllerConfig {
         minion_config = "unused.toml"
     "#
     .replace("MIN", &min.to_string())
-    .replace("MAX", &max.to_string());
+    .replace("MAX", &max.to_string())
+        + extra;
     ControllerConfig::parse(&dir.join("controller.toml"), &text).expect("config")
 }
 
@@ -141,12 +149,17 @@ async fn start(instances: &[&str]) -> Fixture {
 
 /// [`start`] with the fleet's bounds.
 async fn start_sized(instances: &[&str], min: u32, max: u32) -> Fixture {
+    start_with(instances, min, max, "").await
+}
+
+/// [`start_sized`] with `extra` tables in the controller's config.
+async fn start_with(instances: &[&str], min: u32, max: u32, extra: &str) -> Fixture {
     gru_proto::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = DevPki::in_dir(dir.path());
     pki.ensure().expect("pki");
     std::fs::write(dir.path().join("token"), TOKEN).expect("token");
-    let config = config_sized(dir.path(), min, max);
+    let config = config_with(dir.path(), min, max, extra);
     let lb = LocalLoadBalancer::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         Duration::from_secs(300),
@@ -206,6 +219,34 @@ impl Fixture {
         MinionServiceClient::new(self.channel(false).await)
     }
 
+    /// A minion's client whose connection presents `certificate_pem` (for
+    /// [`test_key`]), as an agent's Session does.
+    async fn minion_client_with(&self, certificate_pem: &str) -> MinionServiceClient<Channel> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                std::fs::read(&self.pki.ca_cert).expect("ca"),
+            ))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(certificate_pem, &test_key().0));
+        let channel = Channel::from_shared(format!("https://{}", self.addr))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect");
+        MinionServiceClient::new(channel)
+    }
+
+    /// The client for the Session of the minion that `joined` answered.
+    async fn session_client(&self, joined: &pb::JoinResponse) -> MinionServiceClient<Channel> {
+        let c = joined
+            .certificate
+            .as_ref()
+            .expect("Join issues a certificate");
+        self.minion_client_with(&c.certificate_pem).await
+    }
+
     async fn admin(&self) -> AdminServiceClient<Channel> {
         AdminServiceClient::new(self.channel(true).await)
     }
@@ -219,7 +260,23 @@ fn join_request(fleet: &str, instance: &str, token: &str) -> pb::JoinRequest {
         identity: Some(pb::join_request::Identity::JoinToken(token.to_owned())),
         agent_version: "test".to_owned(),
         metrics_address: String::new(),
+        csr_pem: test_key().1.clone(),
     }
+}
+
+/// The key pair (PEM) every test minion uses, and a certificate request
+/// for it.
+fn test_key() -> &'static (String, String) {
+    static KEY: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        (key.serialize_pem(), csr)
+    })
 }
 
 async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
@@ -319,12 +376,14 @@ fn hello(id: &str, token: &str) -> pb::SessionMessage {
 #[tokio::test]
 async fn session_messages_out_of_order_are_refused() {
     let fx = start(&["i-1"]).await;
-    let mut c = fx.minion_client().await;
-    let joined = c
+    let joined = fx
+        .minion_client()
+        .await
         .join(join_request("local", "i-1", TOKEN))
         .await
         .expect("join")
         .into_inner();
+    let mut c = fx.session_client(&joined).await;
 
     let report = pb::SessionMessage {
         body: Some(pb::session_message::Body::Report(

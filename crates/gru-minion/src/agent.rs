@@ -1,16 +1,22 @@
 //! Join, keep one Session open, report, obey commands; reconnect with
 //! jittered backoff when anything breaks.
+//!
+//! The agent makes a key pair when it starts; the key never leaves the
+//! process. Join sends a certificate request for it and gets back the
+//! minion's certificate (`gru://fleet/F/instance/I`), which every Session
+//! connection presents and later Joins prove themselves with. The agent
+//! renews it over the Session at three fifths of its lifetime.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gru_proto::v1 as pb;
 use pb::minion_service_client::MinionServiceClient;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::MinionConfig;
 use crate::engine::{Engine, EngineStatus, Health};
@@ -42,6 +48,10 @@ pub enum AgentError {
     Connect(#[source] tonic::transport::Error),
     #[error("the controller refused: {}", .0.message())]
     Refused(tonic::Status),
+    #[error("cannot make the minion's key or certificate request")]
+    Key(#[source] rcgen::Error),
+    #[error("the controller issued no certificate (a controller older than this agent?)")]
+    NoCertificate,
     #[error("failed to start the engine")]
     Engine(#[source] gru_engine::engine::EngineError),
     #[error("failed to start the http engine adapter")]
@@ -101,6 +111,35 @@ pub struct Agent {
     metrics_address: Option<std::net::SocketAddr>,
     /// A Session was open before: the next one is a reconnect.
     was_connected: std::sync::atomic::AtomicBool,
+    /// The minion's key pair, made at start; only its public half leaves.
+    key: rcgen::KeyPair,
+    /// The certificate the controller last issued for `key`.
+    certificate: std::sync::Mutex<Option<Issued>>,
+}
+
+/// A certificate the controller issued to this minion.
+#[derive(Clone, Debug)]
+struct Issued {
+    pem: String,
+    not_after: SystemTime,
+}
+
+impl Issued {
+    fn from_pb(c: pb::Certificate) -> Issued {
+        Issued {
+            pem: c.certificate_pem,
+            not_after: UNIX_EPOCH + Duration::from_secs(c.not_after_unix.max(0) as u64),
+        }
+    }
+}
+
+/// How long after receiving a certificate valid until `not_after` the
+/// agent asks for a new one: at three fifths of what is left (of its
+/// lifetime, for a certificate received as it was issued), before two
+/// thirds of it have passed; never sooner than in a second.
+pub fn renew_after(now: SystemTime, not_after: SystemTime) -> Duration {
+    let left = not_after.duration_since(now).unwrap_or_default();
+    (left * 3 / 5).max(Duration::from_secs(1))
 }
 
 struct WarmPoolGate {
@@ -141,6 +180,8 @@ impl Agent {
             poll: aws.warm_pool_poll,
         });
         Ok(Agent {
+            key: rcgen::KeyPair::generate().map_err(AgentError::Key)?,
+            certificate: Default::default(),
             join_token: String::from_utf8_lossy(&token).trim().to_owned(),
             config,
             instance_id,
@@ -164,10 +205,18 @@ impl Agent {
         &self.metrics
     }
 
-    fn endpoint(&self) -> Result<Endpoint, AgentError> {
+    /// The controller's endpoint; the connection presents `certificate`.
+    fn endpoint(&self, certificate: Option<&Issued>) -> Result<Endpoint, AgentError> {
+        let tls = match certificate {
+            Some(c) => self
+                .tls
+                .clone()
+                .identity(Identity::from_pem(&c.pem, self.key.serialize_pem())),
+            None => self.tls.clone(),
+        };
         Channel::from_shared(self.config.controller.clone())
             .map_err(|e| AgentError::Address(self.config.controller.clone(), e))
-            .and_then(|e| e.tls_config(self.tls.clone()).map_err(AgentError::Tls))
+            .and_then(|e| e.tls_config(tls).map_err(AgentError::Tls))
             .map(|e| {
                 e.connect_timeout(CONNECT_TIMEOUT)
                     .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -219,30 +268,84 @@ impl Agent {
         }
     }
 
+    /// A certificate request for the minion's key.
+    fn csr(&self) -> Result<String, AgentError> {
+        rcgen::CertificateParams::default()
+            .serialize_request(&self.key)
+            .and_then(|r| r.pem())
+            .map_err(AgentError::Key)
+    }
+
+    /// The certificate, unless it expires within a minute (a connection
+    /// presenting it might not be accepted by the time it is made).
+    fn current_certificate(&self) -> Option<Issued> {
+        let c = self.certificate.lock().ok()?.clone()?;
+        (c.not_after > SystemTime::now() + Duration::from_secs(60)).then_some(c)
+    }
+
+    fn keep_certificate(&self, c: Issued) {
+        let expiry = c.not_after.duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.metrics.certificate_expiry.set(expiry.as_secs() as i64);
+        if let Ok(mut held) = self.certificate.lock() {
+            *held = Some(c);
+        }
+    }
+
     async fn session(&self, backoff: &mut Backoff) -> Result<(), AgentError> {
+        let held = self.current_certificate();
         let channel = self
-            .endpoint()?
+            .endpoint(held.as_ref())?
             .connect()
             .await
             .map_err(AgentError::Connect)?;
         let mut client = MinionServiceClient::new(channel);
+        // With a certificate, it is the proof; without (the first Join, or
+        // after it expired), the join token.
+        let identity = match &held {
+            Some(_) => pb::join_request::Identity::Certificate(pb::MinionCertificate {}),
+            None => pb::join_request::Identity::JoinToken(self.join_token.clone()),
+        };
         let joined = client
             .join(pb::JoinRequest {
                 fleet: self.config.fleet.clone(),
                 instance_id: self.instance_id.clone(),
                 engine_address: self.engine.address().to_string(),
-                identity: Some(pb::join_request::Identity::JoinToken(
-                    self.join_token.clone(),
-                )),
+                identity: Some(identity),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 metrics_address: self
                     .metrics_address
                     .map(|a| a.to_string())
                     .unwrap_or_default(),
+                csr_pem: self.csr()?,
             })
             .await
-            .map_err(AgentError::Refused)?
+            .map_err(|status| {
+                if held.is_some()
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                    )
+                {
+                    // Not accepted any more (a new minion CA, a controller
+                    // that forgot this minion): the next attempt starts over.
+                    if let Ok(mut c) = self.certificate.lock() {
+                        *c = None;
+                    }
+                }
+                AgentError::Refused(status)
+            })?
             .into_inner();
+        let issued = Issued::from_pb(joined.certificate.ok_or(AgentError::NoCertificate)?);
+        self.keep_certificate(issued.clone());
+        if held.is_none() {
+            // The Session's connection must present the certificate.
+            let channel = self
+                .endpoint(Some(&issued))?
+                .connect()
+                .await
+                .map_err(AgentError::Connect)?;
+            client = MinionServiceClient::new(channel);
+        }
         let interval = joined
             .settings
             .map(|s| Duration::from_millis(u64::from(s.report_interval_ms)))
@@ -272,7 +375,9 @@ impl Agent {
             self.metrics.reconnects.inc();
         }
         self.metrics.connected.set(1);
-        let result = self.in_session(tx, commands, interval).await;
+        let result = self
+            .in_session(tx, commands, interval, issued.not_after)
+            .await;
         self.metrics.connected.set(0);
         result
     }
@@ -283,12 +388,28 @@ impl Agent {
         tx: mpsc::Sender<pb::SessionMessage>,
         mut commands: tonic::Streaming<pb::ControllerCommand>,
         mut interval: Duration,
+        not_after: SystemTime,
     ) -> Result<(), AgentError> {
         let mut seq = 0u64;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let renew = tokio::time::sleep(renew_after(SystemTime::now(), not_after));
+        tokio::pin!(renew);
         loop {
             tokio::select! {
+                () = &mut renew => {
+                    let request = pb::SessionMessage {
+                        body: Some(pb::session_message::Body::Renew(pb::RenewCertificate {
+                            csr_pem: self.csr()?,
+                        })),
+                    };
+                    if tx.send(request).await.is_err() {
+                        return Ok(());
+                    }
+                    // Asked again if no answer comes (the next renewal
+                    // moves it on when one does).
+                    renew.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(60));
+                }
                 _ = tick.tick() => {
                     seq += 1;
                     let report = report(seq, self.engine.status(), self.engine.can_shed());
@@ -311,6 +432,18 @@ impl Agent {
                         Some(pb::controller_command::Command::Shed(s)) => {
                             let closing = self.engine.shed(s.count);
                             tracing::info!(asked = s.count, closing, reason = %s.reason, "shedding connections");
+                        }
+                        Some(pb::controller_command::Command::Certificate(c)) => {
+                            let issued = Issued::from_pb(c);
+                            tracing::info!(
+                                valid_for = ?issued.not_after.duration_since(SystemTime::now()).unwrap_or_default(),
+                                "minion certificate renewed"
+                            );
+                            renew.as_mut().reset(
+                                tokio::time::Instant::now()
+                                    + renew_after(SystemTime::now(), issued.not_after),
+                            );
+                            self.keep_certificate(issued);
                         }
                         Some(pb::controller_command::Command::Settings(s)) => {
                             let d = Duration::from_millis(u64::from(s.report_interval_ms));

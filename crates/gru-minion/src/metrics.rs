@@ -21,6 +21,8 @@ pub struct AgentMetrics {
     /// Sessions opened again after the first.
     pub reconnects: Counter,
     pub reports: Counter,
+    /// Unix seconds when the minion's certificate expires (0: none yet).
+    pub certificate_expiry: Gauge,
 }
 
 impl AgentMetrics {
@@ -39,6 +41,11 @@ impl AgentMetrics {
             "gru_agent_reports",
             "Reports the agent sent",
             self.reports.clone(),
+        );
+        registry.register(
+            "gru_agent_certificate_expiry_timestamp_seconds",
+            "Unix time the minion's certificate from the controller expires (0 before the first Join); renewed at three fifths of its lifetime",
+            self.certificate_expiry.clone(),
         );
     }
 }

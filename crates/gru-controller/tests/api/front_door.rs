@@ -33,7 +33,7 @@ async fn idle_connections_are_shed_while_a_minion_keeps_reporting() {
         .await
         .expect("hello");
     let _session = fx
-        .minion_client()
+        .session_client(&joined)
         .await
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

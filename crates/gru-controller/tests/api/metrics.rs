@@ -144,7 +144,7 @@ async fn reports_count_messages_and_cloud_calls_are_timed() {
         tx.send(m).await.expect("queue");
     }
     let _session = fx
-        .minion_client()
+        .session_client(&joined)
         .await
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

@@ -133,8 +133,9 @@ impl Agent {
                 match cmd {
                     Ok(Command::Drain { .. }) => self.draining = true,
                     Ok(Command::Resume) => self.draining = false,
-                    // It reports no connections: never asked.
-                    Ok(Command::Shed { .. }) | Err(_) => {}
+                    // It reports no connections and asks for no renewal:
+                    // never sent.
+                    Ok(Command::Shed { .. } | Command::Certificate(_)) | Err(_) => {}
                 }
             }
         }

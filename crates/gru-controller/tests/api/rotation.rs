@@ -65,7 +65,7 @@ async fn new_certificates_are_used_without_a_restart_and_no_session_drops() {
         .await
         .expect("hello");
     let mut commands = fx
-        .minion_client()
+        .session_client(&joined)
         .await
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

@@ -43,7 +43,7 @@ use gru_cloud::{
     TargetGroup, TargetState,
 };
 use gru_controller::config::{
-    HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS,
+    HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, TlsFiles,
 };
 use gru_controller::pki::{DevPki, SERVER_NAME};
 use gru_controller::store::SqliteStore;
@@ -61,7 +61,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Server};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::agent::{TICKS_PER_SEC, sample};
@@ -105,11 +105,6 @@ pub struct ControllerArgs {
     /// The minions' report interval (the controller's setting too).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     report_interval: Duration,
-    /// Minions sharing one TCP and TLS connection, each still with its own
-    /// Join and its own Session (an HTTP/2 stream); 0 = 1 where the
-    /// open-file limit allows, else as few as it allows.
-    #[arg(long, default_value_t = 0)]
-    sessions_per_connection: u32,
     /// Joins in progress at once while ramping up.
     #[arg(long, default_value_t = 32)]
     join_concurrency: usize,
@@ -189,7 +184,6 @@ pub struct ControllerReport {
     window_secs: f64,
     cpus: usize,
     open_files_limit: u64,
-    sessions_per_connection: u32,
     steps: Vec<Step>,
     ratios: Vec<Ratio>,
 }
@@ -235,8 +229,8 @@ fn fit_connections(connections: u32) -> anyhow::Result<u64> {
         bail!(
             "{connections} connections need {want} open files in the driver and in the \
              server, and this process may open {got}: raise the hard limit (`ulimit -Hn`, \
-             limits.conf or systemd's LimitNOFILE), share connections \
-             (--sessions-per-connection) or run fewer minions"
+             limits.conf or systemd's LimitNOFILE) or run fewer minions (each minion's \
+             Session has its own connection: it presents the minion's own certificate)"
         );
     }
     Ok(got)
@@ -370,6 +364,9 @@ impl MinionService for Bare {
             settings: Some(pb::Settings {
                 report_interval_ms: self.report_interval_ms,
             }),
+            // Reports are what is compared; the bare server issues no
+            // certificates, and its Sessions' connections present none.
+            certificate: None,
         }))
     }
 
@@ -467,7 +464,12 @@ pub async fn target(a: TargetArgs) -> anyhow::Result<()> {
             tokio::spawn(gru_proto::metrics::serve(metrics, site, async {
                 let _ = metrics_stopped.await;
             }));
-            let tls = front_door::tls_config(&config.tls).map_err(|e| anyhow!("{e}"))?;
+            // The bare server issues no minion certificates: no minion CA.
+            let files = TlsFiles {
+                minion_ca: None,
+                ..config.tls.clone()
+            };
+            let tls = front_door::tls_config(&files).map_err(|e| anyhow!("{e}"))?;
             let served = Server::builder()
                 .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
                 .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -631,6 +633,10 @@ fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> 
 /// The simulated minions and what they count.
 struct Driver {
     endpoint: Endpoint,
+    /// The minions' TLS settings, before each adds its own certificate.
+    tls: ClientTlsConfig,
+    /// One connection, without a client certificate, that every Join uses.
+    joins: Connection,
     /// Which block of loopback source addresses this run's minions use.
     block: u8,
     interval: Duration,
@@ -668,21 +674,26 @@ fn report(seq: u64) -> pb::SessionMessage {
 /// One minion: connect, Join, open the Session; the returned future reports
 /// until the run stops or the Session ends.
 async fn join(
-    endpoint: Endpoint,
-    connection: Connection,
+    (join_endpoint, joins): (Endpoint, Connection),
+    (endpoint, tls, connection): (Endpoint, ClientTlsConfig, Connection),
     k: u32,
     interval: Duration,
     sent: Arc<AtomicU64>,
     ended: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    let channel = connection
-        .get_or_try_init(|| endpoint.connect())
+    // As the agent does: a key of its own, and a request for a certificate.
+    let key = rcgen::KeyPair::generate().context("key")?;
+    let csr_pem = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .context("certificate request")?;
+    let channel = joins
+        .get_or_try_init(|| join_endpoint.connect())
         .await
         .context("connect")?
         .clone();
-    let mut client = MinionServiceClient::new(channel);
-    let joined = client
+    let joined = MinionServiceClient::new(channel)
         .join(pb::JoinRequest {
             fleet: FLEET.to_owned(),
             instance_id: instance_id(k),
@@ -690,10 +701,25 @@ async fn join(
             metrics_address: String::new(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             identity: Some(pb::join_request::Identity::JoinToken(TOKEN.to_owned())),
+            csr_pem,
         })
         .await
         .context("Join")?
         .into_inner();
+    // The Session's connection presents the certificate Join issued (the
+    // bare server issues none).
+    let endpoint = match &joined.certificate {
+        Some(c) => endpoint.tls_config(
+            tls.identity(Identity::from_pem(&c.certificate_pem, key.serialize_pem())),
+        )?,
+        None => endpoint,
+    };
+    let channel = connection
+        .get_or_try_init(|| endpoint.connect())
+        .await
+        .context("connect")?
+        .clone();
+    let mut client = MinionServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     tx.send(pb::SessionMessage {
         body: Some(pb::session_message::Body::Hello(pb::SessionHello {
@@ -747,6 +773,7 @@ impl Driver {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .domain_name(SERVER_NAME);
+        let tls_for_minions = tls.clone();
         // The agent's own connection settings.
         let endpoint = Endpoint::from_shared(format!("https://{grpc}"))?
             .tls_config(tls)?
@@ -757,6 +784,8 @@ impl Driver {
             .tcp_nodelay(true);
         Ok(Driver {
             endpoint,
+            tls: tls_for_minions,
+            joins: Connection::default(),
             block,
             interval,
             stop: CancellationToken::new(),
@@ -788,6 +817,8 @@ impl Driver {
                     .endpoint
                     .clone()
                     .local_address(Some(IpAddr::V4(source)));
+                let (joins, join_endpoint, tls) =
+                    (self.joins.clone(), self.endpoint.clone(), self.tls.clone());
                 let (interval, sent, ended, retries, stop) = (
                     self.interval,
                     self.sent.clone(),
@@ -799,8 +830,8 @@ impl Driver {
                     let mut attempt = 1;
                     loop {
                         match join(
-                            endpoint.clone(),
-                            connection.clone(),
+                            (join_endpoint.clone(), joins.clone()),
+                            (endpoint.clone(), tls.clone(), connection.clone()),
                             k,
                             interval,
                             sent.clone(),
@@ -1007,19 +1038,12 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
     }
     let most = a.minions.iter().copied().max().unwrap_or(0);
     gru_proto::install_crypto_provider();
-    let per_connection = match a.sessions_per_connection {
-        0 => {
-            let room = raise_nofile(u64::from(most) + FD_SPARE).saturating_sub(FD_SPARE);
-            if room == 0 {
-                bail!("the open-file limit leaves no room for connections");
-            }
-            (u64::from(most).div_ceil(room)) as u32
-        }
-        k => k,
-    };
+    // One connection per minion, as on a real fleet: a Session's connection
+    // presents that minion's certificate. (Joins share one connection.)
+    let per_connection = 1;
     let limit = fit_connections(most.div_ceil(per_connection))?;
     if most.div_ceil(per_connection) / PER_SOURCE >= 250 {
-        bail!("too many connections for the loopback source addresses; share them more");
+        bail!("too many connections for the loopback source addresses; run fewer minions");
     }
     let mut steps = Vec::new();
     for (i, kind) in a.targets.iter().enumerate() {
@@ -1049,7 +1073,6 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
         window_secs: a.window.as_secs_f64(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         open_files_limit: limit,
-        sessions_per_connection: per_connection,
         steps,
         ratios,
     };
@@ -1063,9 +1086,9 @@ pub async fn run(a: ControllerArgs) -> anyhow::Result<()> {
 
 fn print_table(r: &ControllerReport) {
     println!(
-        "{} CPUs; report every {} ms; measured {:.0} s per step; {} minion(s) per connection; \
+        "{} CPUs; report every {} ms; measured {:.0} s per step; a connection per minion; \
          the driver shares the machine",
-        r.cpus, r.report_interval_ms, r.window_secs, r.sessions_per_connection
+        r.cpus, r.report_interval_ms, r.window_secs
     );
     println!(
         "{:<10} {:>7} {:>8} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7}",
