@@ -399,6 +399,28 @@ impl CapacityGroup for AwsFleet {
             .to_group_state(SystemTime::now()))
     }
 
+    /// EC2's word (DescribeInstances): the instance's state is `running`.
+    /// An instance EC2 does not list (yet) is not.
+    async fn running(&self, id: &InstanceId) -> Result<bool, CloudError> {
+        let out = self
+            .clients
+            .ec2
+            .describe_instances()
+            .filters(Filter::builder().name("instance-id").values(&id.0).build())
+            .send()
+            .await
+            .map_err(|e| error::provider("DescribeInstances", &e))?;
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| i.instance_id() == Some(id.0.as_str()))
+            .any(|i| {
+                i.state().and_then(|s| s.name())
+                    == Some(&aws_sdk_ec2::types::InstanceStateName::Running)
+            }))
+    }
+
     /// Checks the group's bounds first (AWS would refuse with a
     /// ValidationError; the controller wants `OutOfBounds` to explain a
     /// clip), and makes no call when the group already has that size.

@@ -211,6 +211,33 @@ async fn describe_reports_bounds_and_instances_with_ec2_details() {
 }
 
 #[tokio::test]
+async fn an_instance_is_running_until_ec2_stops_it() {
+    bounded(async {
+        let fx = fixture(0, 4, 2).await;
+        let group = fx.fleet.describe_group().await.unwrap();
+        let (a, b) = (group.instances[0].id.clone(), group.instances[1].id.clone());
+        assert!(fx.fleet.running(&a).await.unwrap());
+        fx.clients
+            .ec2
+            .stop_instances()
+            .instance_ids(&a.0)
+            .send()
+            .await
+            .expect("StopInstances");
+        assert!(!fx.fleet.running(&a).await.unwrap(), "stopped");
+        assert!(fx.fleet.running(&b).await.unwrap(), "the other still runs");
+        assert!(
+            !fx.fleet
+                .running(&InstanceId::from("i-0000000000000dead"))
+                .await
+                .unwrap(),
+            "an instance EC2 does not know"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn set_desired_scales_out_and_back_and_refuses_to_leave_the_bounds() {
     bounded(async {
         let fx = fixture(0, 4, 0).await;

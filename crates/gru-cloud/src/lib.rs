@@ -117,6 +117,17 @@ pub trait CapacityGroup: Send + Sync + 'static {
     /// by one in the same step, so the group does not replace it. Calling it
     /// again for an instance already terminating or gone changes nothing.
     async fn terminate(&self, id: &InstanceId, decrement: bool) -> Result<(), CloudError>;
+    /// Whether the instance runs now, as the provider sees it (on EC2, its
+    /// state is `running`, not stopped or stopping). By default: the group
+    /// lists it and it is not terminating.
+    async fn running(&self, id: &InstanceId) -> Result<bool, CloudError> {
+        Ok(self
+            .describe()
+            .await?
+            .instances
+            .iter()
+            .any(|i| &i.id == id && i.lifecycle != InstanceLifecycle::Terminating))
+    }
 }
 
 /// One load-balancer target: an instance and the address its engine listens on.

@@ -445,6 +445,51 @@ impl AdminService for AdminApi {
         Ok(Response::new(decision_to_pb(&name, &d.explanation)))
     }
 
+    async fn forget_minion(
+        &self,
+        request: Request<pb::ForgetMinionRequest>,
+    ) -> Result<Response<pb::ForgetMinionResponse>, Status> {
+        let actor = self.authorize(&request, "ForgetMinion")?.identity;
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument(
+                "id is empty: a minion or instance id",
+            ));
+        }
+        let known = self.controller.fleet_of(&id).and_then(|f| {
+            f.registry()
+                .find(&id)
+                .map(|m| (m.fleet.clone(), m.id.clone(), m.instance.0.clone()))
+        });
+        let instance = known.as_ref().map_or(id.clone(), |(_, _, i)| i.clone());
+        let fleet = self
+            .controller
+            .forget_identity_join(&instance)
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot forget {instance}: {}",
+                    crate::reconcile::error_chain(&e)
+                ))
+            })?;
+        let fleet_name = fleet
+            .as_deref()
+            .or(known.as_ref().map(|(f, _, _)| f.as_str()));
+        if let Some(f) = fleet_name.and_then(|n| self.controller.fleet(n)) {
+            f.registry().emit_admin(
+                f.name(),
+                known.as_ref().map(|(_, m, _)| m.as_str()),
+                &actor,
+                format!(
+                    "forgot the identity join of {instance}: it may join with its identity document again"
+                ),
+            );
+        }
+        Ok(Response::new(pb::ForgetMinionResponse {
+            instance_id: instance,
+            forgotten: fleet.is_some(),
+        }))
+    }
+
     async fn who_am_i(
         &self,
         request: Request<pb::WhoAmIRequest>,

@@ -98,6 +98,9 @@ pub struct ControllerConfig {
     pub access: Access,
     /// The CA that issues minions their certificates (`[minion_ca]`).
     pub minion_ca: MinionCaConfig,
+    /// `[[identity_signer]]`: per region, the certificate AWS signs instance
+    /// identity documents with (read at start).
+    pub identity_signers: Vec<IdentitySigner>,
     /// Minions joining with this token are trusted (gru dev, trusted networks).
     pub join_token_file: PathBuf,
     pub fleets: Vec<FleetConfig>,
@@ -112,6 +115,13 @@ pub struct TlsFiles {
     /// Minions present certificates signed by this one (`[minion_ca] cert`),
     /// also trusted for client certificates.
     pub minion_ca: Option<PathBuf>,
+}
+
+/// One `[[identity_signer]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentitySigner {
+    pub region: String,
+    pub cert: PathBuf,
 }
 
 /// `[minion_ca]`: where the controller keeps the CA it issues minion
@@ -140,6 +150,9 @@ pub struct FleetConfig {
     /// An SQS queue whose backlog also sizes the fleet (`[fleet.sqs]`); its
     /// rule is in `policy` as `external sqs`.
     pub sqs: Option<SqsSignalConfig>,
+    /// `[fleet.identity]`: minions join with EC2 instance identity
+    /// documents checked by these rules, and the join token is refused.
+    pub identity: Option<crate::identity::IdentityRules>,
 }
 
 impl FleetConfig {
@@ -220,7 +233,26 @@ struct RawConfig {
     access: Option<RawAccess>,
     minion_ca: Option<RawMinionCa>,
     #[serde(default)]
+    identity_signer: Vec<RawIdentitySigner>,
+    #[serde(default)]
     fleet: Vec<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentitySigner {
+    region: Option<String>,
+    cert: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    #[serde(default)]
+    accounts: Vec<String>,
+    region: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    max_age: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -283,6 +315,7 @@ struct RawFleet {
     aws: Option<RawAws>,
     rebalance: Option<RawRebalance>,
     sqs: Option<RawSqs>,
+    identity: Option<RawIdentity>,
 }
 
 #[derive(Deserialize)]
@@ -555,6 +588,21 @@ impl ControllerConfig {
                 }
             }
         };
+        let mut identity_signers = Vec::new();
+        for (i, raw) in raw.identity_signer.into_iter().enumerate() {
+            match (raw.region, raw.cert) {
+                (Some(region), Some(cert)) if !region.is_empty() => {
+                    identity_signers.push(IdentitySigner {
+                        region,
+                        cert: resolve(cert),
+                    })
+                }
+                _ => errors.push(v.invalid(
+                    &format!("identity_signer[{i}]"),
+                    "a region and the path of AWS's RSA certificate for it (the one for the base64 signature)",
+                )),
+            }
+        }
         let tls = tls.map(|mut t| {
             t.minion_ca = Some(minion_ca.cert.clone());
             t
@@ -732,12 +780,28 @@ impl ControllerConfig {
                     }
                 };
                 let rebalance = rebalance(&v, &key, f.rebalance)?;
+                let aws_region = match &provider {
+                    ProviderConfig::Aws(a) => a.fleet.region.clone().or_else(|| {
+                        // arn:aws:elasticloadbalancing:REGION:ACCOUNT:…
+                        a.fleet
+                            .target_group_arn
+                            .split(':')
+                            .nth(3)
+                            .map(str::to_owned)
+                    }),
+                    ProviderConfig::Local(_) => None,
+                };
+                let identity = f
+                    .identity
+                    .map(|raw| identity_rules(&v, &key, raw, aws_region))
+                    .transpose()?;
                 Ok(FleetConfig {
                     name,
                     policy,
                     provider,
                     rebalance,
                     sqs,
+                    identity,
                 })
             };
             match parse_fleet() {
@@ -746,6 +810,19 @@ impl ControllerConfig {
             }
         }
 
+        for (i, f) in fleets.iter().enumerate() {
+            if let Some(rules) = &f.identity
+                && !identity_signers.iter().any(|s| s.region == rules.region)
+            {
+                errors.push(v.invalid(
+                    &format!("fleet[{i}].identity.region"),
+                    format!(
+                        "a region with an [[identity_signer]] (AWS's certificate for it), got {:?}",
+                        rules.region
+                    ),
+                ));
+            }
+        }
         match (
             listen,
             report_interval,
@@ -782,6 +859,7 @@ impl ControllerConfig {
                 tls,
                 access,
                 minion_ca,
+                identity_signers,
                 join_token_file,
                 fleets,
             }),
@@ -889,6 +967,13 @@ impl ControllerConfig {
             &self.join_token_file,
             "the minions' join token",
         );
+        for (i, s) in self.identity_signers.iter().enumerate() {
+            read(
+                &format!("identity_signer[{i}].cert"),
+                &s.cert,
+                "AWS's RSA certificate for identity documents of the region (PEM)",
+            );
+        }
         for (i, f) in self.fleets.iter().enumerate() {
             if let ProviderConfig::Local(l) = &f.provider {
                 read(
@@ -961,6 +1046,45 @@ fn rebalance(
 }
 
 /// `[fleet.sqs]`, checked without any AWS call.
+/// `[fleet.identity]`: accounts and a region, both required (the region
+/// defaults to the AWS fleet's own).
+fn identity_rules(
+    v: &Validator,
+    key: &dyn Fn(&str) -> String,
+    raw: RawIdentity,
+    aws_region: Option<String>,
+) -> Result<crate::identity::IdentityRules, ConfigError> {
+    if raw.accounts.is_empty()
+        || raw
+            .accounts
+            .iter()
+            .any(|a| a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(v.invalid(
+            &key("identity.accounts"),
+            "the AWS account ids (12 digits each) whose instances may join, like [\"123456789012\"]",
+        ));
+    }
+    let region = raw.region.or(aws_region).ok_or_else(|| {
+        v.invalid(
+            &key("identity.region"),
+            "the region the fleet's instances run in, like \"eu-west-1\"",
+        )
+    })?;
+    let max_age = raw.max_age.unwrap_or(crate::identity::DEFAULT_MAX_AGE);
+    if max_age.is_zero() {
+        return Err(v.invalid(
+            &key("identity.max_age"),
+            "how long after launch an instance may join, like \"5m\"",
+        ));
+    }
+    Ok(crate::identity::IdentityRules {
+        accounts: raw.accounts,
+        region,
+        max_age,
+    })
+}
+
 fn sqs_signal(
     v: &Validator,
     key: &dyn Fn(&str) -> String,
@@ -1073,6 +1197,57 @@ mod tests {
         assert_eq!(
             err("[minion_ca]\nlifetime = \"0s\""),
             "/etc/gru/controller.toml: minion_ca.lifetime: a duration of at least 1s, like \"24h\""
+        );
+    }
+
+    #[test]
+    fn identity_joins_need_accounts_and_a_signer_for_the_fleets_region() {
+        assert_eq!(parse(GOOD).expect("good").fleets[0].identity, None);
+        let with = |fleet: &str, top: &str| {
+            GOOD.replacen("[[fleet]]", &format!("{top}\n[[fleet]]"), 1) + fleet
+        };
+        let signer =
+            "[[identity_signer]]\nregion = \"eu-west-1\"\ncert = \"/etc/gru/aws-eu-west-1.pem\"";
+        let c = parse(&with(
+            "\n[fleet.identity]\naccounts = [\"123456789012\"]\nregion = \"eu-west-1\"\n",
+            signer,
+        ))
+        .expect("identity");
+        let rules = c.fleets[0].identity.clone().expect("rules");
+        assert_eq!(rules.accounts, ["123456789012"]);
+        assert_eq!(rules.max_age, crate::identity::DEFAULT_MAX_AGE);
+        assert_eq!(
+            c.identity_signers,
+            [IdentitySigner {
+                region: "eu-west-1".into(),
+                cert: "/etc/gru/aws-eu-west-1.pem".into()
+            }]
+        );
+        let err = |fleet: &str, top: &str| parse(&with(fleet, top)).expect_err(fleet).to_string();
+        assert_eq!(
+            err(
+                "\n[fleet.identity]\naccounts = [\"123456789012\"]\nregion = \"us-east-1\"\n",
+                signer
+            ),
+            "/etc/gru/controller.toml: fleet[0].identity.region: a region with an [[identity_signer]] (AWS's certificate for it), got \"us-east-1\""
+        );
+        assert!(
+            err(
+                "\n[fleet.identity]\naccounts = [\"12345\"]\nregion = \"eu-west-1\"\n",
+                signer
+            )
+            .contains("fleet[0].identity.accounts: the AWS account ids (12 digits each)")
+        );
+        assert!(
+            err(
+                "\n[fleet.identity]\naccounts = [\"123456789012\"]\n",
+                signer
+            )
+            .contains("fleet[0].identity.region")
+        );
+        assert!(
+            err("", "[[identity_signer]]\nregion = \"eu-west-1\"")
+                .contains("identity_signer[0]: a region and the path")
         );
     }
 

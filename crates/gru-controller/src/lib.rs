@@ -15,6 +15,7 @@ pub mod access;
 pub mod admin_api;
 pub mod config;
 pub mod front_door;
+pub mod identity;
 pub mod metrics;
 pub mod minion_api;
 pub mod pki;

@@ -366,6 +366,9 @@ impl CapacityGroup for Metered<dyn CapacityGroup> {
             .call("terminate", self.inner.terminate(id, decrement))
             .await
     }
+    async fn running(&self, id: &InstanceId) -> Result<bool, CloudError> {
+        self.metrics.call("running", self.inner.running(id)).await
+    }
 }
 
 #[async_trait]

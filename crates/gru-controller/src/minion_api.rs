@@ -15,8 +15,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::Subject;
+use crate::identity::Signers;
 use crate::pki::{Ca, MinionCertificate, minion_uri, parse_minion_uri, uri_safe};
 use crate::reconcile::Controller;
+use crate::registry::EventKind;
 use crate::registry::{Command, Report, SessionRefusal};
 
 /// How long a new Session may take to say hello.
@@ -28,6 +30,8 @@ pub struct MinionApi {
     pub controller: Arc<Controller>,
     /// Issues each minion its client certificate (`[minion_ca]`).
     pub ca: Arc<Ca>,
+    /// AWS's certificates for identity documents (`[[identity_signer]]`).
+    pub signers: Arc<Signers>,
 }
 
 /// The fleet and instance named by the minion certificate a connection
@@ -95,7 +99,8 @@ fn token_matches(given: &str, expected: &str) -> bool {
 }
 
 impl MinionApi {
-    /// Logs a refused Join (who tried, as what) and returns its status.
+    /// Logs a refused Join (who tried, as what) and records it in the
+    /// fleet's event log as a security event; returns its status.
     fn refuse_join(&self, req: &pb::JoinRequest, status: Status) -> Status {
         tracing::warn!(
             fleet = %req.fleet,
@@ -103,7 +108,93 @@ impl MinionApi {
             "Join refused: {}",
             status.message()
         );
+        if let Some(fleet) = self.controller.fleet(&req.fleet) {
+            fleet.registry().emit(
+                &req.fleet,
+                None,
+                EventKind::Security,
+                format!("Join as {} refused: {}", req.instance_id, status.message()),
+            );
+        }
         status
+    }
+
+    /// Checks a Join with an instance identity document: its signature,
+    /// the fleet's rules, and that the instance is in the fleet's group now.
+    async fn check_identity(
+        &self,
+        fleet: &crate::reconcile::Fleet,
+        req: &pb::JoinRequest,
+        iid: &pb::InstanceIdentity,
+    ) -> Result<(), Status> {
+        let Some(rules) = &fleet.runtime.config.identity else {
+            return Err(Status::failed_precondition(format!(
+                "fleet {:?} takes the join token, not identity documents (no [fleet.identity])",
+                req.fleet
+            )));
+        };
+        let doc = self
+            .signers
+            .verify(&iid.document, &iid.signature)
+            .map_err(|r| Status::unauthenticated(r.to_string()))?;
+        rules
+            .check(&doc, &req.instance_id, jiff::Timestamp::now())
+            .map_err(|r| Status::permission_denied(r.to_string()))?;
+        let group = fleet
+            .runtime
+            .group
+            .describe()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot check the fleet's group: {e}")))?;
+        let member = group
+            .instances
+            .iter()
+            .find(|i| i.id.0 == req.instance_id)
+            .filter(|i| i.lifecycle != gru_cloud::InstanceLifecycle::Terminating);
+        if member.is_none() {
+            return Err(Status::permission_denied(format!(
+                "instance {} is not in fleet {:?}'s group (or is terminating)",
+                req.instance_id, req.fleet
+            )));
+        }
+        let running = fleet
+            .runtime
+            .group
+            .running(&gru_cloud::InstanceId(req.instance_id.clone()))
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot check the instance: {e}")))?;
+        if !running {
+            return Err(Status::permission_denied(format!(
+                "instance {} is not running",
+                req.instance_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records the identity-document join of `req`'s instance: refused if it
+    /// joined so before. The last check before the registry's join, so a
+    /// Join refused for anything else does not use the document up.
+    fn claim_identity(&self, req: &pb::JoinRequest) -> Result<(), Status> {
+        match self
+            .controller
+            .claim_identity_join(&req.instance_id, &req.fleet)
+        {
+            Ok(None) => Ok(()),
+            Ok(Some(at_ms)) => Err(Status::permission_denied(format!(
+                "instance {} already joined with its identity document at {}; a document is \
+                 accepted once (the minion rejoins with its certificate; `gru minion forget {}` \
+                 allows a deliberate re-join)",
+                req.instance_id,
+                jiff::Timestamp::from_millisecond(at_ms)
+                    .map_or_else(|_| at_ms.to_string(), |t| t.to_string()),
+                req.instance_id
+            ))),
+            Err(e) => Err(Status::unavailable(format!(
+                "cannot record the join: {}",
+                crate::reconcile::error_chain(&e)
+            ))),
+        }
     }
 }
 
@@ -147,7 +238,22 @@ impl MinionService for MinionApi {
                 )),
             ));
         }
+        let by_identity = rt.config.identity.is_some();
         match &req.identity {
+            Some(pb::join_request::Identity::JoinToken(_)) if by_identity => {
+                return Err(self.refuse_join(
+                    &req,
+                    Status::permission_denied(format!(
+                        "fleet {:?} takes instance identity documents, not the join token",
+                        req.fleet
+                    )),
+                ));
+            }
+            Some(pb::join_request::Identity::InstanceIdentity(iid)) => {
+                if let Err(status) = self.check_identity(fleet, &req, iid).await {
+                    return Err(self.refuse_join(&req, status));
+                }
+            }
             Some(pb::join_request::Identity::JoinToken(t))
                 if token_matches(t, &ctrl.join_token) => {}
             Some(pb::join_request::Identity::JoinToken(_)) => {
@@ -197,6 +303,22 @@ impl MinionService for MinionApi {
                 )));
             }
         }
+        let certificate = self
+            .ca
+            .issue_minion(
+                &req.csr_pem,
+                &req.fleet,
+                &req.instance_id,
+                ctrl.config.minion_ca.lifetime,
+            )
+            .map_err(Status::invalid_argument)?;
+        if matches!(
+            req.identity,
+            Some(pb::join_request::Identity::InstanceIdentity(_))
+        ) {
+            self.claim_identity(&req)
+                .map_err(|status| self.refuse_join(&req, status))?;
+        }
         let (minion_id, session_token) = {
             let mut reg = fleet.registry();
             let joined = reg
@@ -207,15 +329,6 @@ impl MinionService for MinionApi {
             }
             joined
         };
-        let certificate = self
-            .ca
-            .issue_minion(
-                &req.csr_pem,
-                &req.fleet,
-                &req.instance_id,
-                ctrl.config.minion_ca.lifetime,
-            )
-            .map_err(Status::invalid_argument)?;
         fleet.wake();
         Ok(Response::new(pb::JoinResponse {
             minion_id,

@@ -22,7 +22,7 @@
 use crate::metrics::{FleetCollector, FleetMetrics, Metered, Metrics};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gru_cloud::{CapacityGroup, CloudError, GroupState, SignalSource, TargetGroup, TargetState};
 use gru_core::{DrainPhase, LifecycleEvent, MinionState};
@@ -399,6 +399,24 @@ impl Controller {
                 _ = &mut shutdown => return,
             }
         }
+    }
+
+    /// Records an identity-document join of `instance`, or returns when it
+    /// joined so before (see [`Store::claim_identity_join`]).
+    pub fn claim_identity_join(
+        &self,
+        instance: &str,
+        fleet: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.store.claim_identity_join(instance, fleet, at_ms)
+    }
+
+    /// Lets `instance` join with its identity document again.
+    pub fn forget_identity_join(&self, instance: &str) -> Result<Option<String>, StoreError> {
+        self.store.forget_identity_join(instance)
     }
 
     /// Counts an attempt to load new TLS files.

@@ -110,6 +110,8 @@ pub enum EventKind {
     Warning,
     /// An operator's action, with who made it.
     Admin,
+    /// Something refused for trust: a Join whose proof did not hold.
+    Security,
 }
 
 impl EventKind {
@@ -121,6 +123,7 @@ impl EventKind {
             EventKind::Step => "step",
             EventKind::Warning => "warning",
             EventKind::Admin => "admin",
+            EventKind::Security => "security",
         }
     }
 
@@ -131,6 +134,7 @@ impl EventKind {
             "scale" => EventKind::Scale,
             "warning" => EventKind::Warning,
             "admin" => EventKind::Admin,
+            "security" => EventKind::Security,
             _ => EventKind::Step,
         }
     }
@@ -1766,6 +1770,7 @@ mod tests {
             }),
             rebalance: Some(gru_core::rebalance::DEFAULT_REBALANCE),
             sqs: None,
+            identity: None,
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::SqliteStore::open(dir.path()).expect("store");

@@ -39,6 +39,14 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path}: expected AWS's RSA certificate for identity documents of region {region}: {detail}"
+    )]
+    IdentitySigner {
+        path: std::path::PathBuf,
+        region: String,
+        detail: String,
+    },
     #[error("cannot load the CA for minion certificates")]
     MinionCa(#[source] crate::pki::PkiError),
     #[error("cannot resume from the store")]
@@ -58,6 +66,16 @@ pub async fn serve(
         "gru controller: minion CA",
     )
     .map_err(ServeError::MinionCa)?;
+    let mut signers = crate::identity::Signers::default();
+    for s in &controller.config.identity_signers {
+        let bad = |detail: String| ServeError::IdentitySigner {
+            path: s.cert.clone(),
+            region: s.region.clone(),
+            detail,
+        };
+        let pem = std::fs::read(&s.cert).map_err(|e| bad(e.to_string()))?;
+        signers.add_pem(&s.region, &pem).map_err(bad)?;
+    }
     let tls = {
         let counter = controller.clone();
         front_door::reloading(
@@ -82,6 +100,7 @@ pub async fn serve(
     let minion = MinionServiceServer::new(MinionApi {
         controller: controller.clone(),
         ca: Arc::new(ca),
+        signers: Arc::new(signers),
     });
     let admin = AdminServiceServer::with_interceptor(
         AdminApi {

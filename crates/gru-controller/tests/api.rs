@@ -24,6 +24,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 mod access;
 #[path = "api/front_door.rs"]
 mod front_door;
+#[path = "api/identity.rs"]
+mod identity;
 #[path = "api/metrics.rs"]
 mod metrics;
 #[path = "api/minion_certs.rs"]

@@ -52,6 +52,8 @@ pub enum AgentError {
     Key(#[source] rcgen::Error),
     #[error("the controller issued no certificate (a controller older than this agent?)")]
     NoCertificate,
+    #[error("no join token and no instance metadata to prove this minion with")]
+    NoProof,
     #[error("failed to start the engine")]
     Engine(#[source] gru_engine::engine::EngineError),
     #[error("failed to start the http engine adapter")]
@@ -102,7 +104,8 @@ pub struct Agent {
     instance_id: String,
     engine: Arc<dyn Engine>,
     tls: ClientTlsConfig,
-    join_token: String,
+    /// `None`: the agent joins with the instance's identity document.
+    join_token: Option<String>,
     /// With `[aws] imds = true`: the instance may be in a warm pool, and
     /// the agent joins only once the Auto Scaling group puts it in service.
     warm_pool: Option<WarmPoolGate>,
@@ -171,7 +174,11 @@ impl Agent {
             })
         };
         let ca = read("CA certificate", &config.ca_file)?;
-        let token = read("join token", &config.join_token_file)?;
+        let token = config
+            .join_token_file
+            .as_deref()
+            .map(|path| read("join token", path))
+            .transpose()?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .domain_name(config.server_name.clone());
@@ -182,7 +189,7 @@ impl Agent {
         Ok(Agent {
             key: rcgen::KeyPair::generate().map_err(AgentError::Key)?,
             certificate: Default::default(),
-            join_token: String::from_utf8_lossy(&token).trim().to_owned(),
+            join_token: token.map(|t| String::from_utf8_lossy(&t).trim().to_owned()),
             config,
             instance_id,
             engine,
@@ -300,10 +307,23 @@ impl Agent {
             .map_err(AgentError::Connect)?;
         let mut client = MinionServiceClient::new(channel);
         // With a certificate, it is the proof; without (the first Join, or
-        // after it expired), the join token.
-        let identity = match &held {
-            Some(_) => pb::join_request::Identity::Certificate(pb::MinionCertificate {}),
-            None => pb::join_request::Identity::JoinToken(self.join_token.clone()),
+        // after it expired), the join token or, on AWS without one, the
+        // instance's signed identity document.
+        let identity = match (&held, &self.join_token, &self.warm_pool) {
+            (Some(_), _, _) => pb::join_request::Identity::Certificate(pb::MinionCertificate {}),
+            (None, Some(token), _) => pb::join_request::Identity::JoinToken(token.clone()),
+            (None, None, Some(gate)) => {
+                let signed = gate
+                    .imds
+                    .signed_identity_document()
+                    .await
+                    .map_err(AgentError::Identity)?;
+                pb::join_request::Identity::InstanceIdentity(pb::InstanceIdentity {
+                    document: signed.document,
+                    signature: signed.signature,
+                })
+            }
+            (None, None, None) => return Err(AgentError::NoProof),
         };
         let joined = client
             .join(pb::JoinRequest {

@@ -60,7 +60,9 @@ pub struct MinionConfig {
     /// The name the controller's certificate was issued for.
     pub server_name: String,
     pub fleet: String,
-    pub join_token_file: PathBuf,
+    /// The join token's file; `None` with `[aws]`: the agent joins with the
+    /// instance's signed identity document instead.
+    pub join_token_file: Option<PathBuf>,
     pub stop_grace: Duration,
     /// Where the agent serves Prometheus metrics (`/metrics`, `/healthz`);
     /// off when `None`, the default.
@@ -465,12 +467,7 @@ impl MinionConfig {
             raw.fleet
                 .ok_or_else(|| invalid("fleet", "the fleet this minion joins")),
         );
-        let join_token_file = keep(
-            &mut errors,
-            raw.join_token_file
-                .ok_or_else(|| invalid("join_token_file", "the path of the join token")),
-        )
-        .map(resolve);
+        let join_token_file = raw.join_token_file.map(resolve);
         let ctx = Ctx { file, base };
         let engine = match raw.engine {
             None => keep(&mut errors, Err(invalid("engine", "an [engine] table"))),
@@ -529,20 +526,17 @@ impl MinionConfig {
                 }),
             ),
         };
-        match (
-            controller,
-            ca_file,
-            fleet,
-            join_token_file,
-            engine,
-            aws,
-            metrics_listen,
-        ) {
+        if join_token_file.is_none() && matches!(aws, Some(None)) {
+            errors.push(invalid(
+                "join_token_file",
+                "the path of the join token (only minions with [aws] imds = true join without one, with their instance identity document)",
+            ));
+        }
+        match (controller, ca_file, fleet, engine, aws, metrics_listen) {
             (
                 Some(controller),
                 Some(ca_file),
                 Some(fleet),
-                Some(join_token_file),
                 Some(engine),
                 Some(aws),
                 Some(metrics_listen),
@@ -593,7 +587,7 @@ impl MinionConfig {
             "the CA that signed the controller's certificate (PEM)",
         );
         let mut notes = Vec::new();
-        if let Err(why) = preflight::readable(&self.join_token_file) {
+        if let Some(Err(why)) = self.join_token_file.as_deref().map(preflight::readable) {
             notes.push(format!(
                 "{}: join_token_file: {why}; the agent cannot join until it is there",
                 file.display()
@@ -1227,7 +1221,7 @@ mod tests {
     fn good_config() {
         let c = MinionConfig::parse(Path::new("/etc/gru/minion.toml"), GOOD).expect("valid");
         assert_eq!(c.ca_file, PathBuf::from("/etc/gru/ca.pem"));
-        assert_eq!(c.join_token_file, PathBuf::from("/run/gru/token"));
+        assert_eq!(c.join_token_file, Some(PathBuf::from("/run/gru/token")));
         let EngineSection::Reference(r) = &c.engine else {
             panic!("the reference engine is the default")
         };
@@ -1254,6 +1248,23 @@ mod tests {
         assert_eq!(aws.imds_endpoint.to_string(), "127.0.0.1:8111");
         assert_eq!(aws.warm_pool_poll, Duration::from_millis(250));
         assert!(parse("imds = false").expect("valid").aws.is_none());
+    }
+
+    #[test]
+    fn only_a_minion_on_aws_joins_without_a_token() {
+        let without = GOOD.replace("join_token_file = \"/run/gru/token\"", "");
+        let c = MinionConfig::parse(
+            Path::new("m.toml"),
+            &format!("{without}\n[aws]\nimds = true"),
+        )
+        .expect("[aws] without a token: the identity document");
+        assert_eq!(c.join_token_file, None);
+        assert_eq!(
+            MinionConfig::parse(Path::new("m.toml"), &without)
+                .expect_err("no token, no [aws]")
+                .to_string(),
+            "m.toml: join_token_file: the path of the join token (only minions with [aws] imds = true join without one, with their instance identity document)"
+        );
     }
 
     #[test]

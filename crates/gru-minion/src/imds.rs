@@ -92,8 +92,10 @@ pub struct InstanceIdentity {
 /// and checks the instance against the fleet's group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignedIdentityDocument {
+    /// The document's JSON, byte for byte as served (the signature covers it).
     pub document: String,
-    pub pkcs7: String,
+    /// `/signature`: base64 RSA-SHA256 over the document.
+    pub signature: String,
 }
 
 /// `autoscaling/target-lifecycle-state`: the state the Auto Scaling group is
@@ -242,7 +244,9 @@ impl Imds {
             document: self
                 .get("/latest/dynamic/instance-identity/document")
                 .await?,
-            pkcs7: self.get("/latest/dynamic/instance-identity/pkcs7").await?,
+            signature: self
+                .get("/latest/dynamic/instance-identity/signature")
+                .await?,
         })
     }
 

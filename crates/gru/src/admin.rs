@@ -863,6 +863,45 @@ pub struct WhoamiArgs {
     pub json: bool,
 }
 
+#[derive(Args)]
+#[command(after_help = "\
+An instance on an AWS fleet with [fleet.identity] joins with its signed identity document once; \
+after that its minion proves itself with the certificate the controller issued it, and a \
+document presented again (copied, or replayed) is refused. A minion that lost its certificate \
+(its disk replaced, or down longer than the certificate's lifetime) cannot join again until \
+an admin forgets its first join. Replacing the instance (`gru drain ID --replace`) is \
+usually the better fix.")]
+pub struct MinionForgetArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Minion id (m-…) or instance id.
+    pub id: String,
+}
+
+pub async fn minion_forget(a: MinionForgetArgs) -> anyhow::Result<()> {
+    let mut admin = a.common.connect(a.common.deadline()).await?;
+    let r = client::call(
+        &admin.to,
+        "ForgetMinion",
+        admin
+            .client
+            .forget_minion(pb::ForgetMinionRequest { id: a.id.clone() }),
+    )
+    .await?;
+    if r.forgotten {
+        println!(
+            "{}: forgotten; it may join with its identity document once more",
+            r.instance_id
+        );
+    } else {
+        println!(
+            "{}: had not joined with an identity document; nothing to forget",
+            r.instance_id
+        );
+    }
+    Ok(())
+}
+
 pub async fn whoami(a: WhoamiArgs) -> anyhow::Result<()> {
     let mut admin = a.common.connect(a.common.deadline()).await?;
     let me = client::call(

@@ -679,7 +679,7 @@ mod tests {
         let config =
             gru_minion::MinionConfig::parse(Path::new("/etc/gru/minion.toml"), &text).unwrap();
         assert_eq!(config.server_name, server_name);
-        assert_eq!(config.join_token_file, Path::new(token));
+        assert_eq!(config.join_token_file.as_deref(), Some(Path::new(token)));
         assert!(
             user_data.contains(&format!("JOIN_TOKEN_FILE={}\n", shell_word(token))),
             "{user_data}"

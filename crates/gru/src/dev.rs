@@ -676,7 +676,7 @@ mod tests {
         assert_eq!(m.controller, format!("https://{listen}"));
         assert_eq!(m.fleet, LOCAL_FLEET);
         assert_eq!(m.ca_file, state.join("ca.pem"));
-        assert_eq!(m.join_token_file, state.join("join-token"));
+        assert_eq!(m.join_token_file, Some(state.join("join-token")));
         assert!(m.metrics_listen.is_some());
         assert!(m.aws.is_none());
         let EngineSection::Reference(engine) = &m.engine else {

@@ -132,6 +132,8 @@ enum MinionCommand {
     Ls(admin::MinionLsArgs),
     /// Show one minion and its history.
     Get(admin::MinionGetArgs),
+    /// Let an instance join with its identity document again (admin role).
+    Forget(admin::MinionForgetArgs),
 }
 
 #[derive(Subcommand)]
@@ -194,6 +196,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
             command: Some(MinionCommand::Get(a)),
             ..
         } => admin::minion_get(a).await,
+        Command::Minion {
+            command: Some(MinionCommand::Forget(a)),
+            ..
+        } => admin::minion_forget(a).await,
         Command::Fleet {
             command: FleetCommand::Ls(a),
         } => admin::fleet_ls(a).await,

@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 
 /// The schema this build writes and the newest it can read. Bumped by every
 /// migration added in [`sqlite`].
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The controller's durable memory. Every method is one atomic write or one
 /// consistent read: after it returns `Ok`, what it wrote survives a crash.
@@ -89,6 +89,19 @@ pub trait Store: Send + Sync + 'static {
     fn minion_events(&self, minion: &str, limit: usize) -> Result<Vec<EventRow>, StoreError>;
     /// Deletes events older than before_ms; returns how many.
     fn prune_events(&self, before_ms: i64) -> Result<u64, StoreError>;
+    /// Records that `instance` joined with its identity document. Returns
+    /// the time of an earlier such join instead, if there was one: an
+    /// instance proves itself with its document once, and later with the
+    /// certificate it was issued.
+    fn claim_identity_join(
+        &self,
+        instance: &str,
+        fleet: &str,
+        at_ms: i64,
+    ) -> Result<Option<i64>, StoreError>;
+    /// Lets `instance` join with its identity document again (`gru minion
+    /// forget`). Returns the fleet it had joined, if it had.
+    fn forget_identity_join(&self, instance: &str) -> Result<Option<String>, StoreError>;
 }
 
 /// One minion as it must be known again after a restart.

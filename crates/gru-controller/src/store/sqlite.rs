@@ -41,7 +41,17 @@ const QUICK_CHECK_LINES: usize = 5;
 /// crash leaves the file at one version or the next. Adding version 2 is
 /// adding one entry here, bumping [`SCHEMA_VERSION`] and updating
 /// [`EXPECTED_SCHEMA`].
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
+
+/// Version 2: instances that joined with their identity document, each
+/// once (a document replayed later is refused).
+const V2: &str = "
+CREATE TABLE identity_joins (
+    instance TEXT NOT NULL PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    joined_ms INTEGER NOT NULL
+) STRICT;
+";
 
 const _: () = assert!(
     MIGRATIONS.len() == SCHEMA_VERSION as usize,
@@ -157,6 +167,7 @@ const EXPECTED_SCHEMA: &[(&str, &[&str])] = &[
         "ledger",
         &["instance", "minion", "fleet", "asked_ms", "confirmed_ms"],
     ),
+    ("identity_joins", &["instance", "fleet", "joined_ms"]),
     (
         "events",
         &[
@@ -631,6 +642,46 @@ impl Store for SqliteStore {
             .map_err(self.sql_err("prune events"))?;
         // usize always fits in u64 on the platforms Rust supports.
         Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+    }
+
+    fn claim_identity_join(
+        &self,
+        instance: &str,
+        fleet: &str,
+        at_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        // One statement: of two Joins with the same document at once,
+        // exactly one gets in.
+        let conn = self.conn();
+        let inserted = conn
+            .execute(
+                "INSERT INTO identity_joins (instance, fleet, joined_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (instance) DO NOTHING",
+                rusqlite::params![instance, fleet, at_ms],
+            )
+            .map_err(self.sql_err(format!("record the identity join of {instance}")))?;
+        if inserted == 1 {
+            return Ok(None);
+        }
+        conn.query_row(
+            "SELECT joined_ms FROM identity_joins WHERE instance = ?1",
+            [instance],
+            |row| row.get(0),
+        )
+        .map(Some)
+        .map_err(self.sql_err(format!("read the identity join of {instance}")))
+    }
+
+    fn forget_identity_join(&self, instance: &str) -> Result<Option<String>, StoreError> {
+        use rusqlite::OptionalExtension;
+        self.conn()
+            .query_row(
+                "DELETE FROM identity_joins WHERE instance = ?1 RETURNING fleet",
+                [instance],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(self.sql_err(format!("forget the identity join of {instance}")))
     }
 }
 
@@ -1124,7 +1175,7 @@ mod tests {
         assert_eq!(mode, "wal");
         assert_eq!(
             tables(&raw).unwrap(),
-            ["events", "fleets", "ledger", "minions"]
+            ["events", "fleets", "identity_joins", "ledger", "minions"]
         );
         #[cfg(unix)]
         {
@@ -1362,6 +1413,46 @@ mod tests {
         let ledger = store.load().unwrap().ledger;
         assert_eq!(ledger.len(), 1);
         assert_eq!((ledger[0].asked_ms, ledger[0].confirmed_ms), (3, Some(4)));
+    }
+
+    #[test]
+    fn an_identity_join_is_once_until_forgotten_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.claim_identity_join("i-1", "web", 10).unwrap(), None);
+        assert_eq!(
+            store.claim_identity_join("i-1", "web", 20).unwrap(),
+            Some(10)
+        );
+        drop(store);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.claim_identity_join("i-1", "web", 30).unwrap(),
+            Some(10)
+        );
+        assert_eq!(
+            store.forget_identity_join("i-1").unwrap().as_deref(),
+            Some("web")
+        );
+        assert_eq!(store.forget_identity_join("i-1").unwrap(), None);
+        assert_eq!(store.claim_identity_join("i-1", "web", 40).unwrap(), None);
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert!(store.claim_decrement("i-1", "m-1", "web", 5).unwrap());
+        let path = store.location();
+        drop(store);
+        // Back to what a version-1 build wrote: no identity_joins table.
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch("DROP TABLE identity_joins; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(raw);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().ledger.len(), 1);
+        assert_eq!(store.claim_identity_join("i-1", "web", 6).unwrap(), None);
     }
 
     #[test]

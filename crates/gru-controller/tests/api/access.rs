@@ -121,6 +121,10 @@ async fn make(c: &mut AdminServiceClient<Channel>, call: &str) -> Result<(), ton
             .await
             .map(drop),
         "WhoAmI" => c.who_am_i(pb::WhoAmIRequest {}).await.map(drop),
+        "ForgetMinion" => c
+            .forget_minion(pb::ForgetMinionRequest { id: "i-1".into() })
+            .await
+            .map(drop),
         other => panic!("no call {other}"),
     };
     // What the call did once allowed (NotFound for a minion that is not
@@ -163,6 +167,7 @@ async fn every_admin_call_needs_its_role_and_changes_name_their_author() {
         ("Pause", [false, true, true, false, false]),
         ("Resume", [false, true, true, false, false]),
         ("WhoAmI", [true, true, true, true, true]),
+        ("ForgetMinion", [false, false, true, false, false]),
     ];
     for (i, (who, cert)) in callers.iter().enumerate() {
         let mut c = client_as(&fx, cert).await;
@@ -172,6 +177,8 @@ async fn every_admin_call_needs_its_role_and_changes_name_their_author() {
                 (Err(s), false) => {
                     let need = if ["Scale", "Drain", "Pause", "Resume"].contains(call) {
                         "operator"
+                    } else if *call == "ForgetMinion" {
+                        "admin"
                     } else {
                         "viewer"
                     };
