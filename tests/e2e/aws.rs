@@ -2,7 +2,9 @@
 //! `gru controller` process whose fleet is an Auto Scaling group, and a real
 //! `gru minion` process per instance the group launches, started by this
 //! test as the instance's cloud-init would (its instance id given with
-//! `--instance-id`: moto's instance metadata lacks what the SDK needs).
+//! `--instance-id`: moto's instance metadata lacks what the SDK needs), or,
+//! joining with identity documents, from an instance-metadata stub per
+//! minion serving its signed document.
 //!
 //! This test has a moto server of its own: the controller's clients come
 //! from the SDK's default chain and send no `x-moto-account-id`, so they
@@ -29,12 +31,18 @@ const WAIT: Duration = Duration::from_secs(60);
 const LAUNCHING_HOOK: &str = "gru-launching";
 const TERMINATING_HOOK: &str = "gru-terminating";
 
-/// The lifecycle hooks put on the group and named in the controller's
-/// `[fleet.aws]` (moto stores them; the harness's layer holds instances).
+/// How the cluster is set up: the lifecycle hooks put on the group and
+/// named in the controller's `[fleet.aws]` (moto stores them; the harness's
+/// layer holds instances), and whether minions join with identity documents.
 #[derive(Clone, Copy, Default)]
-struct Hooks {
+struct Setup {
     launching: bool,
     terminating: bool,
+    /// `[fleet.identity]`: each minion reads a signed identity document
+    /// from an instance-metadata stub of its own (moto serves none per
+    /// instance), signed by an openssl key standing in for AWS's; no join
+    /// token anywhere in the minions' config.
+    identity: bool,
 }
 
 /// Everything the scenario runs, stopped when dropped.
@@ -47,6 +55,10 @@ struct Cluster {
     /// `https://127.0.0.1:PORT`, for minions and the operator's client.
     url: String,
     ca: PathBuf,
+    /// With [`Setup::identity`]: the stand-in signer's key.
+    signer_key: Option<PathBuf>,
+    /// Instance-metadata stubs, one per minion, stopped when dropped.
+    imds: std::sync::Mutex<Vec<ImdsStub>>,
     dir: tempfile::TempDir,
     // Dropped last: the processes above talk to it.
     _moto: MotoServer,
@@ -86,10 +98,10 @@ fn spawn_controller(dir: &std::path::Path) -> Proc {
 
 impl Cluster {
     fn start() -> Cluster {
-        Cluster::start_with(Hooks::default())
+        Cluster::start_with(Setup::default())
     }
 
-    fn start_with(hooks: Hooks) -> Cluster {
+    fn start_with(hooks: Setup) -> Cluster {
         let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
         let moto = MotoServer::start();
         let clients = testing::clients(&moto.url, DEFAULT_ACCOUNT, NoInterceptor);
@@ -132,6 +144,33 @@ impl Cluster {
         }
 
         let dir = tempfile::tempdir().expect("tempdir");
+        let (signer_key, identity_keys) = if hooks.identity {
+            let (key, cert) = (dir.path().join("signer.key"), dir.path().join("signer.pem"));
+            openssl(
+                Command::new("openssl")
+                    .args([
+                        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    ])
+                    .args([
+                        "-subj",
+                        "/CN=test stand-in for AWS's identity document signer",
+                    ])
+                    .arg("-keyout")
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&cert),
+            );
+            let keys = format!(
+                "[fleet.identity]\naccounts = [\"{DEFAULT_ACCOUNT}\"]\nregion = \"{}\"\n\
+                 [[identity_signer]]\nregion = \"{}\"\ncert = {:?}\n",
+                testing::REGION,
+                testing::REGION,
+                cert.display().to_string()
+            );
+            (Some(key), keys)
+        } else {
+            (None, String::new())
+        };
         let pki = gru_controller::pki::DevPki::in_dir(dir.path());
         pki.ensure().expect("dev pki");
         let token = dir.path().join("token");
@@ -150,8 +189,7 @@ report_interval = "200ms"
 lost_timeout = "5s"
 eval_interval = "200ms"
 join_timeout = "60s"
-join_token_file = {token:?}
-state_dir = {state:?}
+{token_line}state_dir = {state:?}
 [tls]
 cert = {cert:?}
 key = {key:?}
@@ -168,8 +206,14 @@ target_group_arn = {arn:?}
 endpoint_url = {url:?}
 max_attempts = 1
 heartbeat_interval = "500ms"
-{hook_keys}"#,
-                token = token.display().to_string(),
+{hook_keys}{identity}"#,
+                // With identity documents, no join token anywhere.
+                token_line = if hooks.identity {
+                    String::new()
+                } else {
+                    format!("join_token_file = {:?}\n", token.display().to_string())
+                },
+                identity = identity_keys,
                 state = state.display().to_string(),
                 cert = pki.server_cert.display().to_string(),
                 key = pki.server_key.display().to_string(),
@@ -200,6 +244,8 @@ heartbeat_interval = "500ms"
             controller,
             url: format!("https://127.0.0.1:{port}"),
             ca: pki.ca_cert.clone(),
+            signer_key,
+            imds: Default::default(),
             dir,
             _moto: moto,
         };
@@ -418,17 +464,37 @@ heartbeat_interval = "500ms"
     }
 
     /// `gru minion` for instance `id`, as its cloud-init would start it.
+    /// With identity documents, its instance metadata (instance id and
+    /// signed document) comes from a stub of its own, and its config holds
+    /// no join token.
     fn minion(&self, id: &str, sink: &Sink) -> Proc {
         let config = self.dir.path().join(format!("minion-{id}.toml"));
+        let (token, aws) = match &self.signer_key {
+            None => (
+                format!(
+                    "join_token_file = {:?}\n",
+                    self.dir.path().join("token").display().to_string()
+                ),
+                String::new(),
+            ),
+            Some(key) => {
+                let stub = ImdsStub::start(id, &self.signed_document(id, key));
+                let at = stub.addr;
+                self.imds.lock().expect("lock").push(stub);
+                (
+                    String::new(),
+                    format!("[aws]\nimds = true\nimds_endpoint = \"{at}\"\n"),
+                )
+            }
+        };
         std::fs::write(
             &config,
             format!(
                 "controller = {:?}\nca_file = {:?}\nfleet = \"{FLEET}\"\n\
-                 join_token_file = {:?}\nstop_grace = \"1s\"\n\
-                 [engine]\nlisten = \"127.0.0.1:0\"\ndownstream = \"{}\"\n",
+                 stop_grace = \"1s\"\n{token}\
+                 [engine]\nlisten = \"127.0.0.1:0\"\ndownstream = \"{}\"\n{aws}",
                 self.url,
                 self.ca.display().to_string(),
-                self.dir.path().join("token").display().to_string(),
                 sink.addr
             ),
         )
@@ -436,14 +502,132 @@ heartbeat_interval = "500ms"
         let log = std::fs::File::create(self.dir.path().join(format!("minion-{id}.log")))
             .expect("log file");
         let mut cmd = Command::new(GRU);
-        cmd.args(["minion", "--config"])
-            .arg(&config)
-            .args(["--instance-id", id])
-            .env("RUST_LOG", "info")
+        cmd.args(["minion", "--config"]).arg(&config);
+        if self.signer_key.is_none() {
+            cmd.args(["--instance-id", id]);
+        }
+        cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         Proc::spawn(&format!("gru minion {id}"), &mut cmd)
+    }
+}
+
+impl Cluster {
+    /// Instance `id`'s identity document as IMDS serves it, launched just
+    /// now in moto's account and region, and its base64 signature by the
+    /// stand-in signer's key.
+    fn signed_document(&self, id: &str, key: &std::path::Path) -> (String, String) {
+        use base64::Engine as _;
+        let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ");
+        let document = format!(
+            "{{\n  \"accountId\" : \"{DEFAULT_ACCOUNT}\",\n  \"availabilityZone\" : \"{r}a\",\n  \"instanceId\" : \"{id}\",\n  \"pendingTime\" : \"{now}\",\n  \"privateIp\" : \"127.0.0.1\",\n  \"region\" : \"{r}\",\n  \"version\" : \"2017-09-30\"\n}}",
+            r = testing::REGION
+        );
+        let doc_file = self.dir.path().join(format!("document-{id}.json"));
+        let sig_file = self.dir.path().join(format!("signature-{id}"));
+        std::fs::write(&doc_file, &document).expect("write document");
+        openssl(
+            Command::new("openssl")
+                .args(["dgst", "-sha256", "-sign"])
+                .arg(key)
+                .arg("-out")
+                .arg(&sig_file)
+                .arg(&doc_file),
+        );
+        let signature = std::fs::read(&sig_file).expect("signature");
+        (
+            document,
+            base64::engine::general_purpose::STANDARD.encode(signature),
+        )
+    }
+}
+
+/// Runs openssl, which the test command installs; fails loudly without it.
+fn openssl(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .expect("openssl must be installed (./scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One instance's metadata service (IMDSv2: a token from PUT, then GETs):
+/// its id, placement, address, in-service lifecycle state and signed
+/// identity document. Answers on loopback until dropped.
+struct ImdsStub {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ImdsStub {
+    fn start(id: &str, (document, signature): &(String, String)) -> ImdsStub {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let paths: std::collections::HashMap<String, String> = [
+            ("/latest/meta-data/instance-id", id),
+            ("/latest/meta-data/placement/region", testing::REGION),
+            (
+                "/latest/meta-data/placement/availability-zone",
+                "us-east-1a",
+            ),
+            ("/latest/meta-data/local-ipv4", "127.0.0.1"),
+            (
+                "/latest/meta-data/autoscaling/target-lifecycle-state",
+                "InService",
+            ),
+            ("/latest/dynamic/instance-identity/document", document),
+            ("/latest/dynamic/instance-identity/signature", signature),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                let mut words = head.split_whitespace();
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let (status, body) = match (method, path) {
+                    ("PUT", "/latest/api/token") => ("200 OK", "stub-token".to_owned()),
+                    ("GET", p) => match paths.get(p) {
+                        Some(v) => ("200 OK", v.clone()),
+                        None => ("404 Not Found", String::new()),
+                    },
+                    _ => ("405 Method Not Allowed", String::new()),
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        ImdsStub { addr, stop }
+    }
+}
+
+impl Drop for ImdsStub {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
     }
 }
 
@@ -572,11 +756,83 @@ fn an_auto_scaling_group_scales_out_and_in_with_real_minions() {
 }
 
 #[test]
+fn minions_join_with_identity_documents_and_no_token() {
+    let cluster = Cluster::start_with(Setup {
+        identity: true,
+        ..Setup::default()
+    });
+    let sink = Sink::start();
+    let (ids, minions) = cluster.two_in_service(&sink);
+    for (id, _) in &minions {
+        let config = cluster.log(&format!("minion-{id}.toml"));
+        assert!(
+            !config.contains("token"),
+            "a minion config names a token:\n{config}"
+        );
+        assert!(
+            cluster
+                .log(&format!("minion-{id}.log"))
+                .contains("joined fleet"),
+            "{}",
+            cluster.logs()
+        );
+    }
+    // Each document was used once: a copy is refused (the minions rejoin
+    // with their certificates, not their documents).
+    let id = ids.iter().next().expect("an instance");
+    let key = cluster.signer_key.clone().expect("signer");
+    let copied = cluster.signed_document(id, &key);
+    let stub = ImdsStub::start(id, &copied);
+    let config = cluster.dir.path().join("copycat.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "controller = {:?}\nca_file = {:?}\nfleet = \"{FLEET}\"\nstop_grace = \"1s\"\n\
+             [engine]\nlisten = \"127.0.0.1:0\"\ndownstream = \"{}\"\n\
+             [aws]\nimds = true\nimds_endpoint = \"{}\"\n",
+            cluster.url,
+            cluster.ca.display().to_string(),
+            sink.addr,
+            stub.addr
+        ),
+    )
+    .expect("config");
+    let log = cluster.dir.path().join("minion-copycat.log");
+    let copycat = Proc::spawn(
+        "gru minion copycat",
+        Command::new(GRU)
+            .args(["minion", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log")),
+    );
+    wait_until("the copied document to be refused", WAIT, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("already joined with its identity document")
+            .then_some(())
+    });
+    let refused = cluster
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "security")
+        .count();
+    assert!(refused >= 1, "no security event for the copy");
+    let mut copycat = copycat;
+    copycat.stop(Duration::from_secs(10));
+    drop(stub);
+    cluster.stop(minions);
+    sink.stop();
+}
+
+#[test]
 fn a_termination_the_group_starts_is_drained_heartbeated_and_continued() {
     let started = Instant::now();
-    let cluster = Cluster::start_with(Hooks {
+    let cluster = Cluster::start_with(Setup {
         terminating: true,
-        ..Hooks::default()
+        ..Setup::default()
     });
     let sink = Sink::start();
 
@@ -706,9 +962,9 @@ fn a_termination_the_group_starts_is_drained_heartbeated_and_continued() {
 #[test]
 fn a_launching_hook_is_completed_only_once_the_minion_has_joined() {
     let started = Instant::now();
-    let cluster = Cluster::start_with(Hooks {
+    let cluster = Cluster::start_with(Setup {
         launching: true,
-        ..Hooks::default()
+        ..Setup::default()
     });
     let sink = Sink::start();
 

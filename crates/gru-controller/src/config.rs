@@ -102,7 +102,8 @@ pub struct ControllerConfig {
     /// identity documents with (read at start).
     pub identity_signers: Vec<IdentitySigner>,
     /// Minions joining with this token are trusted (gru dev, trusted networks).
-    pub join_token_file: PathBuf,
+    /// `None` when every fleet joins with identity documents.
+    pub join_token_file: Option<PathBuf>,
     pub fleets: Vec<FleetConfig>,
 }
 
@@ -607,12 +608,7 @@ impl ControllerConfig {
             t.minion_ca = Some(minion_ca.cert.clone());
             t
         });
-        let join_token_file = keep(
-            &mut errors,
-            raw.join_token_file
-                .ok_or_else(|| v.invalid("join_token_file", "a path to the minions' join token")),
-        )
-        .map(resolve);
+        let join_token_file = raw.join_token_file.map(resolve);
 
         let access = match raw.access {
             None => Access::default(),
@@ -823,6 +819,12 @@ impl ControllerConfig {
                 ));
             }
         }
+        if join_token_file.is_none() && fleets.iter().any(|f| f.identity.is_none()) {
+            errors.push(v.invalid(
+                "join_token_file",
+                "a path to the minions' join token (only when every fleet has [fleet.identity] do minions join without one)",
+            ));
+        }
         match (
             listen,
             report_interval,
@@ -832,7 +834,6 @@ impl ControllerConfig {
             drain_deadline,
             (unhealthy_timeout, event_retention, state_dir),
             tls,
-            join_token_file,
         ) {
             (
                 Some(listen),
@@ -843,7 +844,6 @@ impl ControllerConfig {
                 Some(drain_deadline),
                 (Some(unhealthy_timeout), Some(event_retention), Some(state_dir)),
                 Some(tls),
-                Some(join_token_file),
             ) if errors.is_empty() => Ok(ControllerConfig {
                 listen,
                 metrics_listen: metrics_listen.flatten(),
@@ -962,11 +962,9 @@ impl ControllerConfig {
             &self.tls.client_ca,
             "the CA that signs admin certificates (PEM)",
         );
-        read(
-            "join_token_file",
-            &self.join_token_file,
-            "the minions' join token",
-        );
+        if let Some(token) = &self.join_token_file {
+            read("join_token_file", token, "the minions' join token");
+        }
         for (i, s) in self.identity_signers.iter().enumerate() {
             read(
                 &format!("identity_signer[{i}].cert"),
@@ -1214,6 +1212,17 @@ mod tests {
         ))
         .expect("identity");
         let rules = c.fleets[0].identity.clone().expect("rules");
+        assert_eq!(c.join_token_file, Some(PathBuf::from("/etc/gru/token")));
+        // Every fleet joins with documents: no token needed.
+        let c = parse(
+            &with(
+                "\n[fleet.identity]\naccounts = [\"123456789012\"]\nregion = \"eu-west-1\"\n",
+                signer,
+            )
+            .replace("join_token_file = \"token\"", ""),
+        )
+        .expect("no token");
+        assert_eq!(c.join_token_file, None);
         assert_eq!(rules.accounts, ["123456789012"]);
         assert_eq!(rules.max_age, crate::identity::DEFAULT_MAX_AGE);
         assert_eq!(

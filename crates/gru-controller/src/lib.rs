@@ -60,13 +60,18 @@ pub async fn serve(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let token = std::fs::read_to_string(&config.join_token_file)
-        .map_err(|source| ServeError::JoinToken {
-            path: config.join_token_file.clone(),
-            source,
-        })?
-        .trim()
-        .to_owned();
+    // Empty when every fleet joins with identity documents: then no token
+    // is accepted.
+    let token = match &config.join_token_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|source| ServeError::JoinToken {
+                path: path.clone(),
+                source,
+            })?
+            .trim()
+            .to_owned(),
+        None => String::new(),
+    };
     let controller = Controller::new(config, fleets, token, store).map_err(ServeError::Store)?;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "controller serving");

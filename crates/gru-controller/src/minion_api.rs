@@ -255,7 +255,7 @@ impl MinionService for MinionApi {
                 }
             }
             Some(pb::join_request::Identity::JoinToken(t))
-                if token_matches(t, &ctrl.join_token) => {}
+                if !ctrl.join_token.is_empty() && token_matches(t, &ctrl.join_token) => {}
             Some(pb::join_request::Identity::JoinToken(_)) => {
                 return Err(self.refuse_join(&req, Status::unauthenticated("join token rejected")));
             }

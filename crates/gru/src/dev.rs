@@ -651,7 +651,7 @@ mod tests {
         assert_eq!(c.listen, listen);
         assert_eq!(c.metrics_listen, Some(a.metrics_listen));
         assert_eq!(c.state_dir, state);
-        assert_eq!(c.join_token_file, state.join("join-token"));
+        assert_eq!(c.join_token_file, Some(state.join("join-token")));
         assert_eq!(c.tls.cert, state.join("controller.pem"));
         assert_eq!(c.tls.client_ca, state.join("ca.pem"));
         let [f] = &c.fleets[..] else {
