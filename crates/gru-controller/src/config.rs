@@ -609,6 +609,9 @@ impl ControllerConfig {
             t
         });
         let join_token_file = raw.join_token_file.map(resolve);
+        // As written, so that a fleet with another error still counts.
+        let every_fleet_by_identity =
+            !raw.fleet.is_empty() && raw.fleet.iter().all(|f| f.identity.is_some());
 
         let access = match raw.access {
             None => Access::default(),
@@ -819,7 +822,7 @@ impl ControllerConfig {
                 ));
             }
         }
-        if join_token_file.is_none() && fleets.iter().any(|f| f.identity.is_none()) {
+        if join_token_file.is_none() && !every_fleet_by_identity {
             errors.push(v.invalid(
                 "join_token_file",
                 "a path to the minions' join token (only when every fleet has [fleet.identity] do minions join without one)",

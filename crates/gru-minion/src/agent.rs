@@ -54,6 +54,17 @@ pub enum AgentError {
     NoCertificate,
     #[error("no join token and no instance metadata to prove this minion with")]
     NoProof,
+    #[error("cannot keep the minion's credentials in {path}")]
+    Credentials {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not the minion's key (PEM): {detail}")]
+    BadKey {
+        path: std::path::PathBuf,
+        detail: String,
+    },
     #[error("failed to start the engine")]
     Engine(#[source] gru_engine::engine::EngineError),
     #[error("failed to start the http engine adapter")]
@@ -186,9 +197,13 @@ impl Agent {
             imds: Imds::new(aws.imds_endpoint.to_string()),
             poll: aws.warm_pool_poll,
         });
+        let (key, certificate) = match &config.state_dir {
+            Some(dir) => credentials::load_or_make(dir)?,
+            None => (rcgen::KeyPair::generate().map_err(AgentError::Key)?, None),
+        };
         Ok(Agent {
-            key: rcgen::KeyPair::generate().map_err(AgentError::Key)?,
-            certificate: Default::default(),
+            key,
+            certificate: std::sync::Mutex::new(certificate),
             join_token: token.map(|t| String::from_utf8_lossy(&t).trim().to_owned()),
             config,
             instance_id,
@@ -293,6 +308,12 @@ impl Agent {
     fn keep_certificate(&self, c: Issued) {
         let expiry = c.not_after.duration_since(UNIX_EPOCH).unwrap_or_default();
         self.metrics.certificate_expiry.set(expiry.as_secs() as i64);
+        if let Some(dir) = &self.config.state_dir {
+            // Kept for the next start; a failure costs only that.
+            if let Err(e) = credentials::save_certificate(dir, &c) {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot keep the minion certificate");
+            }
+        }
         if let Ok(mut held) = self.certificate.lock() {
             *held = Some(c);
         }
@@ -522,5 +543,76 @@ mod tests {
         }
         b.reset();
         assert!(b.delay() <= BACKOFF_INITIAL);
+    }
+}
+
+/// The minion's key and last certificate on disk (`state_dir`), so that a
+/// restarted agent rejoins with its certificate.
+mod credentials {
+    use std::path::Path;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::{AgentError, Issued};
+
+    const KEY: &str = "minion.key";
+    const CERT: &str = "minion.pem";
+    /// The certificate's expiry, Unix seconds (read back without parsing
+    /// the certificate).
+    const EXPIRY: &str = "minion.expiry";
+
+    fn write(path: &Path, contents: &str, mode: u32) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let staged = path.with_extension("new");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&staged)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&staged, path)
+    }
+
+    /// The key in `dir` (made there, owner-only, when there is none) and
+    /// the certificate kept with it, if any.
+    pub(super) fn load_or_make(dir: &Path) -> Result<(rcgen::KeyPair, Option<Issued>), AgentError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| AgentError::Credentials { path, source }
+        };
+        let key_path = dir.join(KEY);
+        let key = match std::fs::read_to_string(&key_path) {
+            Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| AgentError::BadKey {
+                path: key_path.clone(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(io(dir))?;
+                let key = rcgen::KeyPair::generate().map_err(AgentError::Key)?;
+                write(&key_path, &key.serialize_pem(), 0o600).map_err(io(&key_path))?;
+                key
+            }
+            Err(e) => return Err(io(&key_path)(e)),
+        };
+        let cert = std::fs::read_to_string(dir.join(CERT)).ok();
+        let expiry = std::fs::read_to_string(dir.join(EXPIRY))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        let issued = cert.zip(expiry).map(|(pem, secs)| Issued {
+            pem,
+            not_after: UNIX_EPOCH + Duration::from_secs(secs),
+        });
+        Ok((key, issued))
+    }
+
+    pub(super) fn save_certificate(dir: &Path, c: &Issued) -> Result<(), AgentError> {
+        let io = |path: std::path::PathBuf| move |source| AgentError::Credentials { path, source };
+        let expiry = c.not_after.duration_since(UNIX_EPOCH).unwrap_or_default();
+        // The expiry after the certificate: a crash between the two leaves
+        // an older expiry, which only makes the agent renew sooner.
+        write(&dir.join(CERT), &c.pem, 0o644).map_err(io(dir.join(CERT)))?;
+        write(&dir.join(EXPIRY), &expiry.as_secs().to_string(), 0o644).map_err(io(dir.join(EXPIRY)))
     }
 }

@@ -64,6 +64,11 @@ pub struct MinionConfig {
     /// instance's signed identity document instead.
     pub join_token_file: Option<PathBuf>,
     pub stop_grace: Duration,
+    /// Where the agent keeps its key and certificate (owner-only) across
+    /// restarts; `None`: in memory only, and a restarted agent joins again
+    /// from scratch (with the token; on AWS its identity document is
+    /// accepted only once, so set it there).
+    pub state_dir: Option<PathBuf>,
     /// Where the agent serves Prometheus metrics (`/metrics`, `/healthz`);
     /// off when `None`, the default.
     pub metrics_listen: Option<SocketAddr>,
@@ -311,6 +316,7 @@ struct Raw {
     join_token_file: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     stop_grace: Option<Duration>,
+    state_dir: Option<PathBuf>,
     metrics_listen: Option<String>,
     engine: Option<RawEngine>,
     aws: Option<RawAws>,
@@ -468,6 +474,7 @@ impl MinionConfig {
                 .ok_or_else(|| invalid("fleet", "the fleet this minion joins")),
         );
         let join_token_file = raw.join_token_file.map(resolve);
+        let state_dir = raw.state_dir.map(resolve);
         let ctx = Ctx { file, base };
         let engine = match raw.engine {
             None => keep(&mut errors, Err(invalid("engine", "an [engine] table"))),
@@ -548,6 +555,7 @@ impl MinionConfig {
                     .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_owned()),
                 fleet,
                 join_token_file,
+                state_dir,
                 stop_grace: raw.stop_grace.unwrap_or(DEFAULT_STOP_GRACE),
                 metrics_listen,
                 engine,

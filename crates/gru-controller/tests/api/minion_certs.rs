@@ -325,3 +325,61 @@ async fn an_agent_renews_its_certificate_and_keeps_its_session() {
         "the Session dropped while certificates were renewed"
     );
 }
+
+/// An agent with a `state_dir` keeps its key and certificate there: after a
+/// restart it rejoins with the certificate, so it needs the token (or, on
+/// AWS, its once-only identity document) no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_rejoins_with_the_certificate_it_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = start(&["i-1"]).await;
+    let config = minion_config(
+        &fx,
+        "state_dir = \"minion-state\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let connected_at = |not: Option<std::net::SocketAddr>| {
+        let fx = &fx;
+        async move {
+            eventually("an agent's Session", || async {
+                let (_, sd) = get(fx.metrics, "/sd/minions").await;
+                let groups: serde_json::Value = serde_json::from_str(&sd).ok()?;
+                let agent: std::net::SocketAddr = groups[0]["targets"][0].as_str()?.parse().ok()?;
+                if Some(agent) == not {
+                    return None;
+                }
+                let (_, body) = get(agent, "/metrics").await;
+                (value(&body, "gru_agent_session_connected") == Some(1.0)).then_some(agent)
+            })
+            .await
+        }
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(gru_minion::run(config.clone(), "i-1".to_owned(), async {
+        let _ = stopped.await;
+    }));
+    let first_agent = connected_at(None).await;
+    let state = fx.dir.path().join("minion-state");
+    let mode = std::fs::metadata(state.join("minion.key"))
+        .expect("the key is kept")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is the owner's only");
+    let kept = std::fs::read_to_string(state.join("minion.pem")).expect("the certificate is kept");
+    let _ = stop.send(());
+    tokio::time::timeout(TEST_DEADLINE, first)
+        .await
+        .expect("the agent stops")
+        .expect("join")
+        .expect("agent ok");
+
+    // The token no longer works: only the kept certificate can get it in.
+    std::fs::write(fx.dir.path().join("token"), "not the token any more").expect("token");
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gru_minion::run(config, "i-1".to_owned(), async {
+        let _ = stopped.await;
+    }));
+    connected_at(Some(first_agent)).await;
+    let renewed = std::fs::read_to_string(state.join("minion.pem")).expect("certificate");
+    assert_ne!(kept, renewed, "the rejoin's new certificate is kept too");
+}
