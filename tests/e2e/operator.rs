@@ -592,7 +592,7 @@ fn events_follow_reconnects_after_a_controller_restart_printing_nothing_twice() 
         (proc, out, err)
     };
     let (follower, out, err) = follow(&[]);
-    let (mut quitter, _quitter_out, quitter_err) = follow(&["--no-retry"]);
+    let (mut quitter, quitter_out, quitter_err) = follow(&["--no-retry"]);
     let admin_event = |says: &'static str| {
         move |line: &str| {
             serde_json::from_str::<Value>(line).is_ok_and(|e| {
@@ -603,6 +603,14 @@ fn events_follow_reconnects_after_a_controller_restart_printing_nothing_twice() 
     let wait = Duration::from_secs(30);
     assert!(dev.gru(&["pause", "local"]).status.success());
     let mut printed = lines_until(&out, "saying the fleet paused", wait, admin_event("paused"));
+    // Both followers are connected before the kill (on a busy machine the
+    // second may not have reached the controller yet).
+    lines_until(
+        &quitter_out,
+        "from --no-retry saying the fleet paused",
+        wait,
+        admin_event("paused"),
+    );
 
     dev.kill();
     lines_until(&err, "saying the stream closed", wait, |l| {
