@@ -1486,12 +1486,17 @@ async fn a_terminate_whose_answer_is_lost_decrements_once_and_orphans_nothing() 
             e.kind == gru_controller::registry::EventKind::Warning
                 && e.message.contains("TerminateInstanceInAutoScalingGroup")
         });
-        // moto applied the call: the instance left the group, and the
-        // controller, seeing it gone, asked nothing more.
+        // Terminating was recorded before the call. moto applied it: the
+        // instance left the group, and the controller, seeing it gone,
+        // asked nothing more.
         let path = sc.path(&victim);
         assert_eq!(
-            &path[path.len() - 2..],
-            [MinionState::Drained, MinionState::Gone],
+            &path[path.len() - 3..],
+            [
+                MinionState::Drained,
+                MinionState::Terminating,
+                MinionState::Gone
+            ],
             "{:#?}",
             messages(&events)
         );

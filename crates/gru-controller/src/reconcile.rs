@@ -938,6 +938,19 @@ impl Controller {
                         } else {
                             false
                         };
+                        let reason = if decrementing {
+                            format!("terminating {instance}, desired capacity decremented")
+                        } else if *decrement {
+                            format!("terminating {instance} (its decrement was already asked for)")
+                        } else {
+                            format!("terminating {instance} to be replaced")
+                        };
+                        // Terminating is recorded before the call: a
+                        // controller killed during it finds the minion
+                        // Terminating (and retries the idempotent call if
+                        // the instance still runs), never Drained with its
+                        // instance gone. A failed call is retried the same way.
+                        record_terminate(f, fleet, minion, &reason, now);
                         match rt.group.terminate(instance, decrementing).await {
                             Ok(()) => {
                                 if decrementing {
@@ -951,13 +964,7 @@ impl Controller {
                                 return Err(e);
                             }
                         }
-                        if decrementing {
-                            format!("terminating {instance}, desired capacity decremented")
-                        } else if *decrement {
-                            format!("terminating {instance} (its decrement was already asked for)")
-                        } else {
-                            format!("terminating {instance} to be replaced")
-                        }
+                        return Ok(());
                     }
                     Finish::ContinueTermination => {
                         aws_only(rt)?
@@ -991,15 +998,7 @@ impl Controller {
                         )
                     }
                 };
-                let mut reg = f.registry();
-                let already = reg
-                    .find(minion)
-                    .is_some_and(|m| m.state() == MinionState::Terminating);
-                let _ = reg.transition(minion, LifecycleEvent::TerminateIssued, &reason, now);
-                if already {
-                    // No change of state to record the step by.
-                    reg.emit(fleet, Some(minion), EventKind::Step, reason);
-                }
+                record_terminate(f, fleet, minion, &reason, now);
             }
             Action::Heartbeat { id: minion } => {
                 let Some(instance) = instance else {
@@ -1149,6 +1148,20 @@ fn aws_only(rt: &FleetRuntime) -> Result<&dyn GroupLifecycle, CloudError> {
     rt.hooks.as_deref().ok_or_else(|| CloudError::NotFound {
         what: format!("a group with lifecycle hooks for fleet {}", rt.config.name),
     })
+}
+
+/// Records a terminate (or the group's own termination let go on): the
+/// minion moves to Terminating, or, already there, the step is an event.
+fn record_terminate(f: &Fleet, fleet: &str, minion: &str, reason: &str, now: Instant) {
+    let mut reg = f.registry();
+    let already = reg
+        .find(minion)
+        .is_some_and(|m| m.state() == MinionState::Terminating);
+    let _ = reg.transition(minion, LifecycleEvent::TerminateIssued, reason, now);
+    if already {
+        // No change of state to record the step by.
+        reg.emit(fleet, Some(minion), EventKind::Step, reason.to_owned());
+    }
 }
 
 #[cfg(test)]
