@@ -224,17 +224,8 @@ impl Fixture {
     /// A minion's client whose connection presents `certificate_pem` (for
     /// [`test_key`]), as an agent's Session does.
     async fn minion_client_with(&self, certificate_pem: &str) -> MinionServiceClient<Channel> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(
-                std::fs::read(&self.pki.ca_cert).expect("ca"),
-            ))
-            .domain_name("localhost")
-            .identity(Identity::from_pem(certificate_pem, &test_key().0));
-        let channel = Channel::from_shared(format!("https://{}", self.addr))
-            .expect("uri")
-            .tls_config(tls)
-            .expect("tls")
-            .connect()
+        let ca = std::fs::read(&self.pki.ca_cert).expect("ca");
+        let channel = tls_channel(self.addr, &ca, certificate_pem, &test_key().0)
             .await
             .expect("connect");
         MinionServiceClient::new(channel)
@@ -252,6 +243,66 @@ impl Fixture {
     async fn admin(&self) -> AdminServiceClient<Channel> {
         AdminServiceClient::new(self.channel(true).await)
     }
+}
+
+/// Joins `instance` of fleet "local" and opens its Session, which reports
+/// every 100 ms, healthy and idle, for as long as it is open. Returns the
+/// Session's commands.
+async fn reporting_minion(fx: &Fixture, instance: &str) -> tonic::Streaming<pb::ControllerCommand> {
+    let joined = fx
+        .minion_client()
+        .await
+        .join(join_request("local", instance, TOKEN))
+        .await
+        .expect("join")
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(hello(&joined.minion_id, &joined.session_token))
+        .await
+        .expect("hello");
+    let commands = fx
+        .session_client(&joined)
+        .await
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    tokio::spawn(async move {
+        for seq in 1.. {
+            let report = pb::SessionMessage {
+                body: Some(pb::session_message::Body::Report(pb::MinionReport {
+                    seq,
+                    health: pb::EngineHealth::Healthy as i32,
+                    ..Default::default()
+                })),
+            };
+            if tx.send(report).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    commands
+}
+
+/// A connection to the controller at `addr` that trusts the CA in `ca`
+/// (PEM) and presents `cert` with `key`.
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca: &[u8],
+    cert: &str,
+    key: &str,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(cert, key));
+    Channel::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
 }
 
 fn join_request(fleet: &str, instance: &str, token: &str) -> pb::JoinRequest {

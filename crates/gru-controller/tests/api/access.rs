@@ -53,17 +53,8 @@ fn custom(fx: &Fixture, cn: &str, ou: Option<&str>, uri: Option<&str>) -> Cert {
 }
 
 async fn client_as(fx: &Fixture, cert: &Cert) -> AdminServiceClient<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(
-            std::fs::read(&fx.pki.ca_cert).expect("ca"),
-        ))
-        .domain_name("localhost")
-        .identity(Identity::from_pem(&cert.pem, &cert.key));
-    let channel = Channel::from_shared(format!("https://{}", fx.addr))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
+    let ca = std::fs::read(&fx.pki.ca_cert).expect("ca");
+    let channel = tls_channel(fx.addr, &ca, &cert.pem, &cert.key)
         .await
         .expect("connect");
     AdminServiceClient::new(channel)

@@ -20,39 +20,8 @@ fn open_fds() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_shed_while_a_minion_keeps_reporting() {
     let fx = start_sized(&["i-1"], 1, 1).await;
-    let joined = fx
-        .minion_client()
-        .await
-        .join(join_request("local", "i-1", TOKEN))
-        .await
-        .expect("join")
-        .into_inner();
     // A minion reporting every 100 ms for as long as the test runs.
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(hello(&joined.minion_id, &joined.session_token))
-        .await
-        .expect("hello");
-    let _session = fx
-        .session_client(&joined)
-        .await
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("session");
-    tokio::spawn(async move {
-        for seq in 1.. {
-            let report = pb::SessionMessage {
-                body: Some(pb::session_message::Body::Report(pb::MinionReport {
-                    seq,
-                    health: pb::EngineHealth::Healthy as i32,
-                    ..Default::default()
-                })),
-            };
-            if tx.send(report).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let _session = reporting_minion(&fx, "i-1").await;
     let reports = || async {
         let (_, body) = get(fx.metrics, "/metrics").await;
         value(&body, r#"gru_minion_reports_total{fleet="local"}"#).unwrap_or(0.0)

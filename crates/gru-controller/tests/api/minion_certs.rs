@@ -118,20 +118,9 @@ async fn a_session_needs_the_minions_own_certificate() {
     let expired = ca
         .issue_minion(&test_key().1, "local", "i-1", Duration::ZERO)
         .expect("issue");
+    let ca = std::fs::read(&fx.pki.ca_cert).expect("ca");
     eventually("the expired certificate to be refused", || async {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(
-                std::fs::read(&fx.pki.ca_cert).expect("ca"),
-            ))
-            .domain_name("localhost")
-            .identity(Identity::from_pem(&expired.cert_pem, &test_key().0));
-        let channel = Channel::from_shared(format!("https://{}", fx.addr))
-            .expect("uri")
-            .tls_config(tls)
-            .expect("tls")
-            .connect()
-            .await;
-        match channel {
+        match tls_channel(fx.addr, &ca, &expired.cert_pem, &test_key().0).await {
             Err(_) => Some(()),
             Ok(channel) => open_session(MinionServiceClient::new(channel), &one)
                 .await
@@ -148,19 +137,7 @@ async fn a_session_needs_the_minions_own_certificate() {
     let forged = foreign_ca
         .issue_minion(&test_key().1, "local", "i-1", Duration::from_secs(3600))
         .expect("issue");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(
-            std::fs::read(&fx.pki.ca_cert).expect("ca"),
-        ))
-        .domain_name("localhost")
-        .identity(Identity::from_pem(&forged.cert_pem, &test_key().0));
-    let refused = match Channel::from_shared(format!("https://{}", fx.addr))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-    {
+    let refused = match tls_channel(fx.addr, &ca, &forged.cert_pem, &test_key().0).await {
         Err(_) => true,
         Ok(channel) => open_session(MinionServiceClient::new(channel), &one)
             .await

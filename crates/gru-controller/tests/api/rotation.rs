@@ -10,22 +10,15 @@ use super::*;
 /// WhoAmI on a new connection to `addr` that trusts the CA in `pki` and
 /// presents its admin certificate; `Err` when the call cannot be made.
 async fn whoami(addr: std::net::SocketAddr, pki: &DevPki) -> Result<String, String> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(
-            std::fs::read(&pki.ca_cert).expect("ca"),
-        ))
-        .domain_name("localhost")
-        .identity(Identity::from_pem(
-            std::fs::read(&pki.admin_cert).expect("cert"),
-            std::fs::read(&pki.admin_key).expect("key"),
-        ));
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).expect("pki file");
+    let channel = tls_channel(
+        addr,
+        read(&pki.ca_cert).as_bytes(),
+        &read(&pki.admin_cert),
+        &read(&pki.admin_key),
+    )
+    .await
+    .map_err(|e| format!("{e:?}"))?;
     AdminServiceClient::new(channel)
         .who_am_i(pb::WhoAmIRequest {})
         .await
@@ -53,40 +46,8 @@ async fn tls_reloads(fx: &Fixture, result: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_certificates_are_used_without_a_restart_and_no_session_drops() {
     let fx = start_sized(&["i-1"], 1, 1).await;
-    let joined = fx
-        .minion_client()
-        .await
-        .join(join_request("local", "i-1", TOKEN))
-        .await
-        .expect("join")
-        .into_inner();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(hello(&joined.minion_id, &joined.session_token))
-        .await
-        .expect("hello");
-    let mut commands = fx
-        .session_client(&joined)
-        .await
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("session")
-        .into_inner();
     // The minion reports every 100 ms for as long as its Session is open.
-    tokio::spawn(async move {
-        for seq in 1.. {
-            let report = pb::SessionMessage {
-                body: Some(pb::session_message::Body::Report(pb::MinionReport {
-                    seq,
-                    health: pb::EngineHealth::Healthy as i32,
-                    ..Default::default()
-                })),
-            };
-            if tx.send(report).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let mut commands = reporting_minion(&fx, "i-1").await;
     let reports = || async {
         let (_, body) = get(fx.metrics, "/metrics").await;
         value(&body, r#"gru_minion_reports_total{fleet="local"}"#).unwrap_or(0.0)
