@@ -939,7 +939,9 @@ impl Controller {
                             false
                         };
                         let reason = if decrementing {
-                            format!("terminating {instance}, desired capacity decremented")
+                            format!(
+                                "terminating {instance} with a decrement of the desired capacity"
+                            )
                         } else if *decrement {
                             format!("terminating {instance} (its decrement was already asked for)")
                         } else {
@@ -954,7 +956,17 @@ impl Controller {
                         match rt.group.terminate(instance, decrementing).await {
                             Ok(()) => {
                                 if decrementing {
-                                    f.registry().settle_decrement(instance, true, now);
+                                    let mut reg = f.registry();
+                                    reg.settle_decrement(instance, true, now);
+                                    // Said once the cloud took the call.
+                                    reg.emit(
+                                        fleet,
+                                        Some(minion),
+                                        EventKind::Step,
+                                        format!(
+                                            "terminate of {instance} accepted, desired capacity decremented"
+                                        ),
+                                    );
                                 }
                             }
                             Err(e) => {
