@@ -271,7 +271,24 @@ fn check_minion_user_data(name: &str, user_data: &str, ca: bool) {
         text(&out.stderr)
     );
     let toml = i.read("/etc/gru/minion.toml");
-    assert!(toml.contains("# identity: instance identity document (AWS)"));
+    assert!(
+        toml.contains(
+            "# identity: without join_token_file, the instance's signed identity document"
+        )
+    );
+    assert!(
+        toml.contains("state_dir = \"/var/lib/gru/minion\""),
+        "{name}: the agent keeps its key and certificate across restarts"
+    );
+    // Without --join-token-*, the minion joins with its identity document:
+    // no token in its config, nothing fetched at boot.
+    let by_token =
+        !user_data.contains("JOIN_TOKEN_FILE=''") || toml.contains("\njoin_token_file =");
+    assert_eq!(
+        by_token,
+        matches!(name, "s3.yaml" | "quoted values"),
+        "{name}: only the variants rendered with --join-token-* join with a token"
+    );
     assert!(
         toml.contains("\n[aws]\nimds = true"),
         "{name}: the instance id and the warm-pool state come from IMDSv2"
@@ -931,11 +948,7 @@ json.dump(out, sys.stdout)
     assert!(out.status.success(), "{}", text(&out.stderr));
     let from_cfn: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let mut from_files = serde_json::Map::new();
-    for f in [
-        "gru-controller-policy.json",
-        "gru-minion-policy.json",
-        "gru-binary-policy.json",
-    ] {
+    for f in ["gru-controller-policy.json", "gru-binary-policy.json"] {
         let doc: Value = serde_json::from_str(
             &std::fs::read_to_string(root().join("deploy/iam").join(f)).unwrap(),
         )

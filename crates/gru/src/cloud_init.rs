@@ -34,6 +34,8 @@ const MINION_UNIT: &str = include_str!("../../../deploy/systemd/gru-minion.servi
 const INSTALLED_BINARY: &str = "/usr/local/bin/gru";
 const CA_PATH: &str = "/etc/gru/ca.pem";
 const DEFAULT_JOIN_TOKEN_FILE: &str = "/etc/gru/join-token";
+/// The agent's key and certificate: gru-minion.service's StateDirectory.
+const MINION_STATE_DIR: &str = "/var/lib/gru/minion";
 const DEFAULT_CONTROLLER_PORT: u16 = 7070;
 const DEFAULT_ENGINE_PORT: u16 = 2575;
 const DEFAULT_MAX_CONNECTION_AGE: &str = "5m";
@@ -86,12 +88,14 @@ pub struct RenderArgs {
     /// Close each inbound connection at a message boundary after this age.
     #[arg(long, default_value = DEFAULT_MAX_CONNECTION_AGE)]
     max_connection_age: String,
-    /// Where the agent reads its join token, provisioned out of band (not in
-    /// user-data).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_JOIN_TOKEN_FILE)]
-    join_token_file: String,
-    /// Fetch the join token at boot from this SSM SecureString parameter
-    /// with the instance role (needs the AWS CLI in the image).
+    /// Join with a token read from this file, provisioned out of band (not
+    /// in user-data), instead of the instance's signed identity document
+    /// (the default; the controller's fleet needs [fleet.identity]).
+    #[arg(long, value_name = "PATH")]
+    join_token_file: Option<String>,
+    /// Join with a token fetched at boot from this SSM SecureString
+    /// parameter with the instance role (needs the AWS CLI in the image),
+    /// into --join-token-file (default /etc/gru/join-token).
     #[arg(long, value_name = "NAME")]
     join_token_ssm_parameter: Option<String>,
     /// A user-data part of your own (#cloud-config, #!script, #cloud-boothook,
@@ -191,7 +195,7 @@ fn values(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
         )
     })?;
     ensure!(args.engine_port != 0, "--engine-port: 1..=65535");
-    check_join_token_file(&args.join_token_file)?;
+    let token_file = token_file(args)?;
     if let Some(sha) = &args.binary_sha256 {
         ensure!(
             sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()),
@@ -226,7 +230,7 @@ fn values(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
         controller: &controller,
         server_name: &server_name,
         fleet,
-        join_token_file: &args.join_token_file,
+        join_token_file: token_file.as_deref(),
         engine_port: &args.engine_port.to_string(),
         downstream,
         max_connection_age: &args.max_connection_age,
@@ -277,7 +281,10 @@ fn values(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
             "binary_path",
             shell_word(args.package.as_deref().unwrap_or(INSTALLED_BINARY)),
         ),
-        ("join_token_file", shell_word(&args.join_token_file)),
+        (
+            "join_token_file",
+            shell_word(token_file.as_deref().unwrap_or("")),
+        ),
         (
             "join_token_ssm_parameter",
             shell_word(args.join_token_ssm_parameter.as_deref().unwrap_or("")),
@@ -289,12 +296,16 @@ fn values(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
 /// The same template with CloudFormation parameters where the values go
 /// (their AllowedPattern in gru.yaml keeps quotes and newlines out).
 fn cloudformation_vars(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static str, String>> {
-    check_join_token_file(&args.join_token_file)?;
+    // The stack's minions join with their identity documents: no token.
+    ensure!(
+        args.join_token_file.is_none() && args.join_token_ssm_parameter.is_none(),
+        "--cloudformation: the stack's minions join with their identity documents; no --join-token-*"
+    );
     let toml = minion_toml(&MinionToml {
         controller: &format!("https://${{Controller.PrivateIp}}:{DEFAULT_CONTROLLER_PORT}"),
         server_name: "${ControllerServerName}",
         fleet: "${FleetName}",
-        join_token_file: &args.join_token_file,
+        join_token_file: None,
         engine_port: "${EnginePort}",
         downstream: "${Downstream}",
         max_connection_age: &args.max_connection_age,
@@ -309,23 +320,27 @@ fn cloudformation_vars(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static st
         ("binary_url", "'${GruBinaryUrl}'".to_owned()),
         ("binary_sha256", "'${GruBinarySha256}'".to_owned()),
         ("binary_path", shell_word(INSTALLED_BINARY)),
-        ("join_token_file", shell_word(&args.join_token_file)),
-        (
-            "join_token_ssm_parameter",
-            "'${JoinTokenParameter}'".to_owned(),
-        ),
+        ("join_token_file", shell_word("")),
+        ("join_token_ssm_parameter", shell_word("")),
         ("engine_port", "${EnginePort}".to_owned()),
     ]))
 }
 
-/// The join token's path goes into the bootstrap as a shell word inside a
-/// YAML block, where a line break (`\n`, and `\r` for YAML) would end it.
-fn check_join_token_file(path: &str) -> anyhow::Result<()> {
+/// Where the agent reads its join token: `None` when it joins with the
+/// instance's identity document. The path goes into the bootstrap as a
+/// shell word inside a YAML block, where a line break (`\n`, and `\r` for
+/// YAML) would end it.
+fn token_file(args: &RenderArgs) -> anyhow::Result<Option<String>> {
+    let path = match (&args.join_token_file, &args.join_token_ssm_parameter) {
+        (Some(p), _) => p.clone(),
+        (None, Some(_)) => DEFAULT_JOIN_TOKEN_FILE.to_owned(),
+        (None, None) => return Ok(None),
+    };
     ensure!(
         path.starts_with('/') && !path.chars().any(char::is_control),
         "--join-token-file: an absolute path on one line, got {path:?}"
     );
-    Ok(())
+    Ok(Some(path))
 }
 
 /// `Fn::Sub` reads every `${…}`: keep the ones that are ours, turn any other
@@ -366,11 +381,11 @@ fn ca_entry(base64_pem: &str) -> String {
 const MINION_TOML_HEADER: &str = "\
 gru minion agent config, written by `gru cloud-init render` into EC2
 user-data; gru's deploy/minion.example.toml documents the keys.
-identity: instance identity document (AWS)
-join_token_file is not in user-data: until the controller checks instance
-identity documents, the token is provisioned out of band (an SSM
-SecureString read with the instance role at boot, see
---join-token-ssm-parameter).
+identity: without join_token_file, the instance's signed identity document
+(IMDSv2), accepted once; then the certificate the controller issued, kept
+in state_dir. With --join-token-file the token is provisioned out of band,
+never in user-data (an SSM SecureString read with the instance role at
+boot, see --join-token-ssm-parameter).
 stop_grace: gru-minion.service's TimeoutStopSec leaves this plus a margin.
 [aws] imds: the instance id comes from the instance metadata (IMDSv2); in
 a warm pool the engine starts but the agent joins only once the instance
@@ -380,7 +395,7 @@ struct MinionToml<'a> {
     controller: &'a str,
     server_name: &'a str,
     fleet: &'a str,
-    join_token_file: &'a str,
+    join_token_file: Option<&'a str>,
     engine_port: &'a str,
     downstream: &'a str,
     max_connection_age: &'a str,
@@ -394,7 +409,8 @@ fn minion_toml(m: &MinionToml<'_>) -> anyhow::Result<String> {
         server_name: Some(m.server_name.to_owned()),
         ca_file: CA_PATH.to_owned(),
         fleet: m.fleet.to_owned(),
-        join_token_file: m.join_token_file.to_owned(),
+        join_token_file: m.join_token_file.map(str::to_owned),
+        state_dir: Some(MINION_STATE_DIR.to_owned()),
         stop_grace: Some(STOP_GRACE.to_owned()),
         metrics_listen: None,
         engine: MinionEngine {
@@ -643,7 +659,7 @@ mod tests {
             controller: odd,
             server_name: odd,
             fleet: odd,
-            join_token_file: odd,
+            join_token_file: Some(odd),
             engine_port: odd,
             downstream: odd,
             max_connection_age: odd,

@@ -24,7 +24,10 @@ pub struct MinionFile {
     pub server_name: Option<String>,
     pub ca_file: String,
     pub fleet: String,
-    pub join_token_file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join_token_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_grace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

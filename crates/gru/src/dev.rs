@@ -442,7 +442,8 @@ fn minion_toml(
         server_name: None,
         ca_file: "ca.pem".to_owned(),
         fleet: LOCAL_FLEET.to_owned(),
-        join_token_file: "join-token".to_owned(),
+        join_token_file: Some("join-token".to_owned()),
+        state_dir: None,
         stop_grace: None,
         metrics_listen: (!a.no_metrics).then(|| "127.0.0.1:0".to_owned()),
         engine: MinionEngine {
