@@ -812,11 +812,14 @@ impl ControllerConfig {
         for (i, f) in fleets.iter().enumerate() {
             if let Some(rules) = &f.identity
                 && !identity_signers.iter().any(|s| s.region == rules.region)
+                && !crate::identity::AWS_SIGNERS
+                    .iter()
+                    .any(|(r, _)| *r == rules.region)
             {
                 errors.push(v.invalid(
                     &format!("fleet[{i}].identity.region"),
                     format!(
-                        "a region with an [[identity_signer]] (AWS's certificate for it), got {:?}",
+                        "a region whose certificate gru ships, or one with an [[identity_signer]] (AWS's certificate for it), got {:?}",
                         rules.region
                     ),
                 ));
@@ -1238,10 +1241,18 @@ mod tests {
         let err = |fleet: &str, top: &str| parse(&with(fleet, top)).expect_err(fleet).to_string();
         assert_eq!(
             err(
-                "\n[fleet.identity]\naccounts = [\"123456789012\"]\nregion = \"us-east-1\"\n",
+                "\n[fleet.identity]\naccounts = [\"123456789012\"]\nregion = \"xx-test-1\"\n",
                 signer
             ),
-            "/etc/gru/controller.toml: fleet[0].identity.region: a region with an [[identity_signer]] (AWS's certificate for it), got \"us-east-1\""
+            "/etc/gru/controller.toml: fleet[0].identity.region: a region whose certificate gru ships, or one with an [[identity_signer]] (AWS's certificate for it), got \"xx-test-1\""
+        );
+        // A region gru ships AWS's certificate for needs no signer.
+        assert!(
+            parse(&with(
+                "\n[fleet.identity]\naccounts = [\"123456789012\"]\nregion = \"us-east-2\"\n",
+                "",
+            ))
+            .is_ok()
         );
         assert!(
             err(

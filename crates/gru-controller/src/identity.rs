@@ -11,6 +11,10 @@
 //! instance is in the fleet's group, and that it has not joined before, the
 //! Join handler checks with the cloud and the store.
 //!
+//! AWS's certificates for every region it published are shipped
+//! ([`AWS_SIGNERS`]); `[[identity_signer]]` adds more (a new region, a
+//! rotation, a test's own signer).
+//!
 //! The `/signature` form is the one used because it verifies with `ring`
 //! (already in the tree through rustls) and no PKCS#7 parser: a plain
 //! RSA PKCS#1 v1.5 SHA-256 signature over the document's bytes.
@@ -61,6 +65,103 @@ pub enum Refusal {
     Instance { document: String, claimed: String },
 }
 
+/// AWS's RSA certificates for the base64 signature of instance identity
+/// documents, per region, as AWS publishes them ("AWS public certificates
+/// for instance identity document signatures", EC2 User Guide). Each is
+/// self-signed; a unit test checks every signature.
+pub const AWS_SIGNERS: &[(&str, &str)] = &[
+    ("af-south-1", include_str!("../aws-identity/af-south-1.pem")),
+    ("ap-east-1", include_str!("../aws-identity/ap-east-1.pem")),
+    (
+        "ap-northeast-1",
+        include_str!("../aws-identity/ap-northeast-1.pem"),
+    ),
+    (
+        "ap-northeast-2",
+        include_str!("../aws-identity/ap-northeast-2.pem"),
+    ),
+    (
+        "ap-northeast-3",
+        include_str!("../aws-identity/ap-northeast-3.pem"),
+    ),
+    ("ap-south-1", include_str!("../aws-identity/ap-south-1.pem")),
+    ("ap-south-2", include_str!("../aws-identity/ap-south-2.pem")),
+    (
+        "ap-southeast-1",
+        include_str!("../aws-identity/ap-southeast-1.pem"),
+    ),
+    (
+        "ap-southeast-2",
+        include_str!("../aws-identity/ap-southeast-2.pem"),
+    ),
+    (
+        "ap-southeast-3",
+        include_str!("../aws-identity/ap-southeast-3.pem"),
+    ),
+    (
+        "ap-southeast-4",
+        include_str!("../aws-identity/ap-southeast-4.pem"),
+    ),
+    (
+        "ap-southeast-5",
+        include_str!("../aws-identity/ap-southeast-5.pem"),
+    ),
+    (
+        "ap-southeast-7",
+        include_str!("../aws-identity/ap-southeast-7.pem"),
+    ),
+    (
+        "ca-central-1",
+        include_str!("../aws-identity/ca-central-1.pem"),
+    ),
+    ("ca-west-1", include_str!("../aws-identity/ca-west-1.pem")),
+    ("cn-north-1", include_str!("../aws-identity/cn-north-1.pem")),
+    (
+        "cn-northwest-1",
+        include_str!("../aws-identity/cn-northwest-1.pem"),
+    ),
+    (
+        "eu-central-1",
+        include_str!("../aws-identity/eu-central-1.pem"),
+    ),
+    (
+        "eu-central-2",
+        include_str!("../aws-identity/eu-central-2.pem"),
+    ),
+    ("eu-north-1", include_str!("../aws-identity/eu-north-1.pem")),
+    ("eu-south-1", include_str!("../aws-identity/eu-south-1.pem")),
+    ("eu-south-2", include_str!("../aws-identity/eu-south-2.pem")),
+    ("eu-west-1", include_str!("../aws-identity/eu-west-1.pem")),
+    ("eu-west-2", include_str!("../aws-identity/eu-west-2.pem")),
+    ("eu-west-3", include_str!("../aws-identity/eu-west-3.pem")),
+    (
+        "il-central-1",
+        include_str!("../aws-identity/il-central-1.pem"),
+    ),
+    (
+        "me-central-1",
+        include_str!("../aws-identity/me-central-1.pem"),
+    ),
+    ("me-south-1", include_str!("../aws-identity/me-south-1.pem")),
+    (
+        "mx-central-1",
+        include_str!("../aws-identity/mx-central-1.pem"),
+    ),
+    ("sa-east-1", include_str!("../aws-identity/sa-east-1.pem")),
+    ("us-east-1", include_str!("../aws-identity/us-east-1.pem")),
+    ("us-east-2", include_str!("../aws-identity/us-east-2.pem")),
+    (
+        "us-gov-east-1",
+        include_str!("../aws-identity/us-gov-east-1.pem"),
+    ),
+    (
+        "us-gov-west-1",
+        include_str!("../aws-identity/us-gov-west-1.pem"),
+    ),
+    ("us-west-1", include_str!("../aws-identity/us-west-1.pem")),
+    ("us-west-2", include_str!("../aws-identity/us-west-2.pem")),
+];
+
 /// AWS's public certificates (RSA public keys) per region.
 #[derive(Clone, Debug, Default)]
 pub struct Signers {
@@ -86,6 +187,23 @@ impl Signers {
             .or_default()
             .push(spki.subject_public_key.data.to_vec());
         Ok(())
+    }
+
+    /// The certificates AWS publishes ([`AWS_SIGNERS`]).
+    pub fn aws() -> Signers {
+        let mut s = Signers::default();
+        for (region, pem) in AWS_SIGNERS {
+            if let Err(e) = s.add_pem(region, pem.as_bytes()) {
+                // The unit tests load every one: not reached.
+                tracing::error!(region, "shipped identity signer does not load: {e}");
+            }
+        }
+        s
+    }
+
+    /// Whether some certificate verifies documents of `region`.
+    pub fn has(&self, region: &str) -> bool {
+        self.by_region.contains_key(region)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -229,6 +347,40 @@ mod tests {
             r.check(&doc("yesterday"), "i-0abc", now),
             Err(Refusal::Malformed(_))
         ));
+    }
+
+    /// Every shipped certificate is an RSA certificate whose own key
+    /// verifies its signature: none was damaged on the way in.
+    #[test]
+    fn every_shipped_aws_certificate_is_intact() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        use x509_parser::oid_registry::{OID_PKCS1_SHA1WITHRSA, OID_PKCS1_SHA256WITHRSA};
+        assert!(AWS_SIGNERS.len() >= 30, "{} regions", AWS_SIGNERS.len());
+        for (region, pem) in AWS_SIGNERS {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect(region);
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect(region);
+            let alg = &cert.signature_algorithm.algorithm;
+            let scheme: &dyn ring::signature::VerificationAlgorithm =
+                if *alg == OID_PKCS1_SHA256WITHRSA {
+                    &ring::signature::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY
+                } else if *alg == OID_PKCS1_SHA1WITHRSA {
+                    &ring::signature::RSA_PKCS1_1024_8192_SHA1_FOR_LEGACY_USE_ONLY
+                } else {
+                    panic!("{region}: signed with {alg}");
+                };
+            ring::signature::UnparsedPublicKey::new(
+                scheme,
+                cert.public_key().subject_public_key.data.as_ref(),
+            )
+            .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+            .unwrap_or_else(|_| panic!("{region}: the certificate's signature does not verify"));
+        }
+        let aws = Signers::aws();
+        for region in ["us-east-1", "eu-west-1", "ap-southeast-2", "us-gov-west-1"] {
+            assert!(aws.has(region), "{region}");
+        }
+        assert!(!aws.has("xx-nowhere-1"));
     }
 
     #[test]

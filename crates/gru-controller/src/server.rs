@@ -66,7 +66,7 @@ pub async fn serve(
         "gru controller: minion CA",
     )
     .map_err(ServeError::MinionCa)?;
-    let mut signers = crate::identity::Signers::default();
+    let mut signers = crate::identity::Signers::aws();
     for s in &controller.config.identity_signers {
         let bad = |detail: String| ServeError::IdentitySigner {
             path: s.cert.clone(),

@@ -147,11 +147,20 @@ async fn identity_documents_are_checked_and_each_is_accepted_once() {
         (
             "a region without a signer",
             {
+                let d = document(ACCOUNT, "xx-nowhere-1", "i-1", minute);
+                by_document("i-1", &d, &aws.sign(&d))
+            },
+            Code::Unauthenticated,
+            "no signer certificate for region xx-nowhere-1",
+        ),
+        (
+            "another region's signer (AWS's own us-east-1 certificate, shipped)",
+            {
                 let d = document(ACCOUNT, "us-east-1", "i-1", minute);
                 by_document("i-1", &d, &aws.sign(&d))
             },
             Code::Unauthenticated,
-            "no signer certificate for region us-east-1",
+            "does not verify against region us-east-1",
         ),
         (
             "another account",
@@ -250,7 +259,7 @@ async fn identity_documents_are_checked_and_each_is_accepted_once() {
 
     // Every refusal is in the event log as a security event.
     let events = security_events(&fx).await;
-    assert_eq!(events.len(), 10, "{events:#?}");
+    assert_eq!(events.len(), 11, "{events:#?}");
     assert!(
         events.iter().all(|e| e.starts_with("Join as i-")),
         "{events:#?}"
