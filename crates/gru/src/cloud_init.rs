@@ -712,11 +712,12 @@ mod tests {
                 e.contains("--join-token-file: an absolute path on one line"),
                 "{e}"
             );
-            let e = render_with(&["--cloudformation", "--join-token-file", path])
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("--join-token-file"), "{e}");
         }
+        // The stack's minions take no token at all.
+        let e = render_with(&["--cloudformation", "--join-token-file", "/etc/gru/t"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("join with their identity documents"), "{e}");
     }
 
     #[test]
