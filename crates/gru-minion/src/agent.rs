@@ -529,6 +529,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_certificate_is_renewed_before_two_thirds_of_its_lifetime() {
+        let issued = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(24 * 3600);
+        // Received as issued: renewed after 3/5 of the day, with 2/5 left.
+        let after = renew_after(issued, issued + day);
+        assert_eq!(after, day * 3 / 5);
+        assert!(after < day * 2 / 3);
+        // Received (or kept from before a restart) with 10 hours left:
+        // renewed after 6 of them.
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        assert_eq!(renew_after(issued, issued + hours(10)), hours(6));
+        // Expired, or about to: asked for again within a second.
+        assert_eq!(
+            renew_after(issued + day, issued + day / 2),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            renew_after(issued, issued + Duration::from_millis(500)),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
     fn backoff_grows_jittered_and_capped() {
         let mut b = Backoff::default();
         let mut cap = BACKOFF_INITIAL;
