@@ -290,8 +290,13 @@ impl MinionService for MinionApi {
             })?),
         };
         let instance = InstanceId(req.instance_id.clone());
+        // An identity join checked the group already (check_identity).
+        let checked = matches!(
+            req.identity,
+            Some(pb::join_request::Identity::InstanceIdentity(_))
+        );
         let known = fleet.registry().minion_by_instance(&instance).is_some();
-        if !known {
+        if !known && !checked {
             let group =
                 rt.group.describe().await.map_err(|e| {
                     Status::unavailable(format!("cannot check the fleet's group: {e}"))

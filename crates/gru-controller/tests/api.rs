@@ -285,6 +285,24 @@ async fn reporting_minion(fx: &Fixture, instance: &str) -> tonic::Streaming<pb::
     commands
 }
 
+/// Every event in the controller's log, oldest first, as `client` may read
+/// them (WatchEvents from the start, not following).
+async fn logged_events(client: &mut AdminServiceClient<Channel>) -> Vec<pb::Event> {
+    let mut stream = client
+        .watch_events(pb::WatchEventsRequest {
+            since_unix_ms: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = stream.message().await.expect("event") {
+        events.push(e);
+    }
+    events
+}
+
 /// A connection to the controller at `addr` that trusts the CA in `ca`
 /// (PEM) and presents `cert` with `key`.
 async fn tls_channel(

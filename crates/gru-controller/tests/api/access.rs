@@ -204,19 +204,7 @@ async fn every_admin_call_needs_its_role_and_changes_name_their_author() {
     // The audit trail: bob's (the operator's) pause and resume are in the
     // event log with his name, and nobody else's refused attempts are.
     let mut viewer = client_as(&fx, &callers[0].1).await;
-    let events = viewer
-        .watch_events(pb::WatchEventsRequest {
-            since_unix_ms: Some(0),
-            ..Default::default()
-        })
-        .await
-        .expect("events")
-        .into_inner();
-    let events: Vec<pb::Event> = futures::StreamExt::collect::<Vec<_>>(events)
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .expect("stream");
+    let events = logged_events(&mut viewer).await;
     let admin: Vec<_> = events.iter().filter(|e| e.kind == "admin").collect();
     let by = |actor: &str, what: &str| {
         admin

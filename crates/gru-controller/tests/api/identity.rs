@@ -86,23 +86,12 @@ fn by_document(instance: &str, document: &str, signature: &str) -> pb::JoinReque
 }
 
 async fn security_events(fx: &Fixture) -> Vec<String> {
-    let mut stream = fx
-        .admin()
+    logged_events(&mut fx.admin().await)
         .await
-        .watch_events(pb::WatchEventsRequest {
-            since_unix_ms: Some(0),
-            ..Default::default()
-        })
-        .await
-        .expect("events")
-        .into_inner();
-    let mut found = Vec::new();
-    while let Some(e) = stream.message().await.expect("event") {
-        if e.kind == "security" {
-            found.push(e.message);
-        }
-    }
-    found
+        .into_iter()
+        .filter(|e| e.kind == "security")
+        .map(|e| e.message)
+        .collect()
 }
 
 #[tokio::test]

@@ -28,6 +28,14 @@ pub fn value(body: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// Where the first agent the controller's `/sd/minions` lists serves its
+/// metrics (it said so at its join), if one is listed.
+pub async fn listed_agent(fx: &Fixture) -> Option<std::net::SocketAddr> {
+    let (_, sd) = get(fx.metrics, "/sd/minions").await;
+    let groups: serde_json::Value = serde_json::from_str(&sd).ok()?;
+    groups[0]["targets"][0].as_str()?.parse().ok()
+}
+
 /// Series lines (not comments) of a scrape.
 fn series(body: &str) -> Vec<&str> {
     body.lines()
@@ -234,12 +242,7 @@ async fn an_agent_serves_its_engine_and_session_and_the_controller_lists_it() {
     }));
 
     // The agent bound port 0 and said where at its join.
-    let agent: std::net::SocketAddr = eventually("the agent in /sd/minions", || async {
-        let (_, sd) = get(fx.metrics, "/sd/minions").await;
-        let groups: serde_json::Value = serde_json::from_str(&sd).ok()?;
-        groups[0]["targets"][0].as_str()?.parse().ok()
-    })
-    .await;
+    let agent = eventually("the agent in /sd/minions", || listed_agent(&fx)).await;
     let body = eventually("the agent's Session open and reported", || async {
         let (_, body) = get(agent, "/metrics").await;
         (value(&body, "gru_agent_session_connected") == Some(1.0)

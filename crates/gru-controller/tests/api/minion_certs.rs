@@ -5,7 +5,7 @@
 use gru_controller::access::Subject;
 use gru_controller::pki::Ca;
 
-use super::metrics::{get, value};
+use super::metrics::{get, listed_agent, value};
 use super::*;
 
 /// The controller's minion CA, as `[minion_ca]` left it in the state dir.
@@ -274,12 +274,7 @@ async fn an_agent_renews_its_certificate_and_keeps_its_session() {
     tokio::spawn(gru_minion::run(config, "i-1".to_owned(), async {
         let _ = agent_stopped.await;
     }));
-    let agent: std::net::SocketAddr = eventually("the agent in /sd/minions", || async {
-        let (_, sd) = get(fx.metrics, "/sd/minions").await;
-        let groups: serde_json::Value = serde_json::from_str(&sd).ok()?;
-        groups[0]["targets"][0].as_str()?.parse().ok()
-    })
-    .await;
+    let agent = eventually("the agent in /sd/minions", || listed_agent(&fx)).await;
     let expiry = || async {
         let (_, body) = get(agent, "/metrics").await;
         value(&body, "gru_agent_certificate_expiry_timestamp_seconds").filter(|v| *v > 0.0)
@@ -319,9 +314,7 @@ async fn a_restarted_agent_rejoins_with_the_certificate_it_kept() {
         let fx = &fx;
         async move {
             eventually("an agent's Session", || async {
-                let (_, sd) = get(fx.metrics, "/sd/minions").await;
-                let groups: serde_json::Value = serde_json::from_str(&sd).ok()?;
-                let agent: std::net::SocketAddr = groups[0]["targets"][0].as_str()?.parse().ok()?;
+                let agent = listed_agent(fx).await?;
                 if Some(agent) == not {
                     return None;
                 }
