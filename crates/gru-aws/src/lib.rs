@@ -27,6 +27,7 @@ use gru_cloud::InstanceId;
 use tokio::sync::OnceCell;
 
 mod config;
+pub mod dynamo;
 mod error;
 mod group;
 mod sqs;

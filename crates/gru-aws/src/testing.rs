@@ -350,6 +350,11 @@ pub fn sqs_client(url: &str, account: &str) -> aws_sdk_sqs::Client {
     moto_client!(aws_sdk_sqs, url, account, NoInterceptor)
 }
 
+/// A DynamoDB client for moto account `account` at `url`.
+pub fn dynamodb_client(url: &str, account: &str) -> aws_sdk_dynamodb::Client {
+    moto_client!(aws_sdk_dynamodb, url, account, NoInterceptor)
+}
+
 /// An interceptor that does nothing, for [`clients`] without another.
 #[derive(Clone, Debug, Default)]
 pub struct NoInterceptor;

@@ -38,6 +38,11 @@ use gru_cloud::{
 use gru_core::{DrainPhase, MinionState};
 use scenario::{SCENARIO_TIMEOUT, is_step, is_transition_to, messages, pin_at, position, until};
 
+#[path = "moto/dynamo_store.rs"]
+mod dynamo_store;
+#[path = "moto/lease.rs"]
+mod lease;
+
 /// Bound on every test: moto's first EC2 call in an account takes ≈ 2 s.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 

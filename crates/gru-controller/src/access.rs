@@ -65,6 +65,7 @@ pub const CALLS: &[(&str, Role)] = &[
     ("GetMinion", Role::Viewer),
     ("Explain", Role::Viewer),
     ("WatchEvents", Role::Viewer),
+    ("ControllerStatus", Role::Viewer),
     ("Scale", Role::Operator),
     ("Drain", Role::Operator),
     ("Pause", Role::Operator),

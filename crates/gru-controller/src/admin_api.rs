@@ -508,6 +508,14 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn controller_status(
+        &self,
+        request: Request<pb::ControllerStatusRequest>,
+    ) -> Result<Response<pb::ControllerStatusResponse>, Status> {
+        self.authorize(&request, "ControllerStatus")?;
+        Ok(Response::new(self.controller.leadership().into()))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

@@ -87,8 +87,11 @@ pub struct ControllerConfig {
     pub drain_deadline: Duration,
     /// A minion whose engine stays unhealthy this long is replaced.
     pub unhealthy_timeout: Duration,
-    /// Where the store lives (minions, drains, overrides, events).
+    /// Where the store lives (minions, drains, overrides, events) when it is
+    /// SQLite, and the minion CA by default.
     pub state_dir: PathBuf,
+    /// `[store]`: SQLite in `state_dir` (default) or DynamoDB.
+    pub store: StoreConfig,
     /// How long the event log keeps events.
     pub event_retention: Duration,
     /// See [`DEFAULT_UNUSED_GRACE`].
@@ -133,6 +136,57 @@ pub struct MinionCaConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub lifetime: Duration,
+}
+
+/// `[store]`: where the controller keeps its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The default: a SQLite file in `state_dir`, for one controller.
+    Sqlite,
+    /// A DynamoDB table shared by several controllers, one of which leads
+    /// on a lease kept in the same table (DESIGN.md, High availability).
+    Dynamodb(DynamoStoreConfig),
+}
+
+/// `[store] kind = "dynamodb"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DynamoStoreConfig {
+    pub table: String,
+    pub region: String,
+    /// Another endpoint than AWS's (a test's moto, a VPC endpoint).
+    pub endpoint_url: Option<String>,
+    pub leader: LeaderConfig,
+}
+
+/// How a controller leads: its name, where it serves, and the lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderConfig {
+    /// How this controller is named in the lease and in `gru controller
+    /// status`; the host name by default.
+    pub name: String,
+    /// The address minions and the CLI reach this controller at, handed to
+    /// them by standbys; `https://<host name>:<listen port>` by default.
+    pub advertise: String,
+    /// How long the lease lasts unrenewed: a standby takes over after the
+    /// lease's version stayed unchanged this long.
+    pub lease: Duration,
+    /// How often the leader renews the lease.
+    pub heartbeat: Duration,
+}
+
+/// The lease's default duration: Kubernetes' leader-election default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+/// The leader renews this often: five renewals per lease, so two lost
+/// renewals in a row cost nothing.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(3);
+
+/// The host's name (Linux), for the lease holder's default name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "controller".to_owned())
 }
 
 /// How long a minion certificate is valid unless `[minion_ca] lifetime`
@@ -233,6 +287,7 @@ struct RawConfig {
     join_token_file: Option<PathBuf>,
     access: Option<RawAccess>,
     minion_ca: Option<RawMinionCa>,
+    store: Option<RawStore>,
     #[serde(default)]
     identity_signer: Vec<RawIdentitySigner>,
     #[serde(default)]
@@ -254,6 +309,21 @@ struct RawIdentity {
     region: Option<String>,
     #[serde(default, with = "humantime_serde")]
     max_age: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<String>,
+    table: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    name: Option<String>,
+    advertise: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    lease: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    heartbeat: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -553,6 +623,18 @@ impl ControllerConfig {
             client_ca: resolve(tls.client_ca),
             minion_ca: None,
         });
+        let minion_ca_given = raw
+            .minion_ca
+            .as_ref()
+            .is_some_and(|m| m.cert.is_some() && m.key.is_some());
+        let store = match raw.store {
+            None => StoreConfig::Sqlite,
+            Some(s) => keep(
+                &mut errors,
+                store(&v, s, listen.map(|l| l.port()), minion_ca_given),
+            )
+            .unwrap_or(StoreConfig::Sqlite),
+        };
         let minion_ca = {
             let raw = raw.minion_ca.unwrap_or_default();
             let state = state_dir
@@ -860,6 +942,7 @@ impl ControllerConfig {
                 drain_deadline,
                 unhealthy_timeout,
                 state_dir,
+                store,
                 event_retention,
                 unused_grace,
                 tls,
@@ -1047,6 +1130,111 @@ fn rebalance(
         max_fraction,
         cooldown: raw.cooldown.unwrap_or(DEFAULT_REBALANCE.cooldown),
     }))
+}
+
+/// `[store]`: the backend and, for DynamoDB, the table and the lease.
+fn store(
+    v: &Validator,
+    raw: RawStore,
+    listen_port: Option<u16>,
+    minion_ca_given: bool,
+) -> Result<StoreConfig, ConfigError> {
+    match raw.kind.as_deref() {
+        None | Some("sqlite") => {
+            let extra = [
+                ("table", raw.table.is_some()),
+                ("region", raw.region.is_some()),
+                ("endpoint_url", raw.endpoint_url.is_some()),
+                ("name", raw.name.is_some()),
+                ("advertise", raw.advertise.is_some()),
+                ("lease", raw.lease.is_some()),
+                ("heartbeat", raw.heartbeat.is_some()),
+            ];
+            if let Some((k, _)) = extra.iter().find(|(_, set)| *set) {
+                return Err(v.invalid(
+                    &format!("store.{k}"),
+                    "nothing: it is a setting of kind = \"dynamodb\" (the SQLite store lives in state_dir)",
+                ));
+            }
+            Ok(StoreConfig::Sqlite)
+        }
+        Some("dynamodb") => {
+            let table = raw.table.filter(|t| {
+                (3..=255).contains(&t.len())
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            });
+            let table = table.ok_or_else(|| {
+                v.invalid(
+                    "store.table",
+                    "the DynamoDB table's name (3 to 255 of a-z, A-Z, 0-9, _ . -), like \"gru-state\"",
+                )
+            })?;
+            let region = raw.region.filter(|r| !r.is_empty()).ok_or_else(|| {
+                v.invalid(
+                    "store.region",
+                    "the region the table is in, like \"eu-west-1\"",
+                )
+            })?;
+            if let Some(url) = &raw.endpoint_url
+                && !(url.starts_with("https://") || url.starts_with("http://"))
+            {
+                return Err(v.invalid(
+                    "store.endpoint_url",
+                    "a URL like \"https://dynamodb.eu-west-1.amazonaws.com\"",
+                ));
+            }
+            let lease = raw.lease.unwrap_or(DEFAULT_LEASE);
+            let heartbeat = raw.heartbeat.unwrap_or(DEFAULT_HEARTBEAT);
+            if lease < Duration::from_secs(1) {
+                return Err(v.invalid("store.lease", "a duration of at least 1s, like \"15s\""));
+            }
+            if heartbeat.is_zero() || heartbeat * 3 > lease {
+                return Err(v.invalid(
+                    "store.heartbeat",
+                    format!(
+                        "a duration above 0 and at most a third of the lease ({}), so a renewal can be lost without losing the lease",
+                        humantime::format_duration(lease)
+                    ),
+                ));
+            }
+            if !minion_ca_given {
+                return Err(v.invalid(
+                    "minion_ca",
+                    "cert and key that every controller sharing the table reads (with kind = \"dynamodb\", a minion's certificate must be valid at whichever controller leads)",
+                ));
+            }
+            let name = raw.name.unwrap_or_else(host_name);
+            if name.is_empty() {
+                return Err(v.invalid("store.name", "this controller's name in the lease"));
+            }
+            let advertise = match raw.advertise {
+                Some(a) if a.starts_with("https://") => a,
+                Some(_) => {
+                    return Err(v.invalid(
+                        "store.advertise",
+                        "the https:// address minions and the CLI reach this controller at",
+                    ));
+                }
+                None => format!("https://{}:{}", host_name(), listen_port.unwrap_or(7070)),
+            };
+            Ok(StoreConfig::Dynamodb(DynamoStoreConfig {
+                table,
+                region,
+                endpoint_url: raw.endpoint_url,
+                leader: LeaderConfig {
+                    name,
+                    advertise,
+                    lease,
+                    heartbeat,
+                },
+            }))
+        }
+        Some(other) => Err(v.invalid(
+            "store.kind",
+            format!("\"sqlite\" (the default) or \"dynamodb\", got \"{other}\""),
+        )),
+    }
 }
 
 /// `[fleet.sqs]`, checked without any AWS call.
@@ -1373,6 +1561,73 @@ mod tests {
         assert_eq!(
             err(&format!("lost_timeout = \"1s\"\n{GOOD}")),
             "/etc/gru/controller.toml: lost_timeout: at least twice report_interval (1s), got 1s"
+        );
+    }
+
+    #[test]
+    fn a_dynamodb_store_needs_a_table_a_region_and_a_shared_minion_ca() {
+        assert_eq!(parse(GOOD).expect("valid").store, StoreConfig::Sqlite);
+        let ca =
+            "[minion_ca]\ncert = \"/etc/gru/minion-ca.pem\"\nkey = \"/etc/gru/minion-ca.key\"\n";
+        let store = "[store]\nkind = \"dynamodb\"\ntable = \"gru-state\"\nregion = \"eu-west-1\"\nname = \"ctl-a\"\n";
+        let c = parse(&format!("{GOOD}{store}{ca}")).expect("valid");
+        let StoreConfig::Dynamodb(d) = &c.store else {
+            panic!("not dynamodb: {:?}", c.store)
+        };
+        assert_eq!(
+            (d.table.as_str(), d.region.as_str()),
+            ("gru-state", "eu-west-1")
+        );
+        assert_eq!(d.endpoint_url, None);
+        assert_eq!(d.leader.name, "ctl-a");
+        assert_eq!(
+            (d.leader.lease, d.leader.heartbeat),
+            (DEFAULT_LEASE, DEFAULT_HEARTBEAT)
+        );
+        // The default address is this host's, on the listen port.
+        assert!(
+            d.leader.advertise.starts_with("https://")
+                && d.leader
+                    .advertise
+                    .ends_with(&format!(":{}", c.listen.port())),
+            "{}",
+            d.leader.advertise
+        );
+        assert_eq!(
+            err(&format!("{GOOD}{store}")),
+            "/etc/gru/controller.toml: minion_ca: cert and key that every controller sharing the table reads (with kind = \"dynamodb\", a minion's certificate must be valid at whichever controller leads)"
+        );
+        assert_eq!(
+            err(&format!(
+                "{GOOD}{}{ca}",
+                store.replace("table = \"gru-state\"\n", "")
+            )),
+            "/etc/gru/controller.toml: store.table: the DynamoDB table's name (3 to 255 of a-z, A-Z, 0-9, _ . -), like \"gru-state\""
+        );
+        assert!(
+            err(&format!(
+                "{GOOD}{}{ca}",
+                store.replace("region = \"eu-west-1\"\n", "")
+            ))
+            .contains("store.region: the region the table is in")
+        );
+        assert_eq!(
+            err(&format!(
+                "{GOOD}{store}lease = \"6s\"\nheartbeat = \"3s\"\n{ca}"
+            )),
+            "/etc/gru/controller.toml: store.heartbeat: a duration above 0 and at most a third of the lease (6s), so a renewal can be lost without losing the lease"
+        );
+        assert!(
+            err(&format!("{GOOD}{store}advertise = \"10.0.0.5:7070\"\n{ca}"))
+                .contains("store.advertise: the https:// address")
+        );
+        assert_eq!(
+            err(&format!("{GOOD}[store]\nkind = \"etcd\"\n")),
+            "/etc/gru/controller.toml: store.kind: \"sqlite\" (the default) or \"dynamodb\", got \"etcd\""
+        );
+        assert_eq!(
+            err(&format!("{GOOD}[store]\ntable = \"gru-state\"\n")),
+            "/etc/gru/controller.toml: store.table: nothing: it is a setting of kind = \"dynamodb\" (the SQLite store lives in state_dir)"
         );
     }
 

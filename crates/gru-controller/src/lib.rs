@@ -15,6 +15,7 @@ pub mod access;
 pub mod admin_api;
 pub mod config;
 pub mod front_door;
+pub mod ha;
 pub mod identity;
 pub mod metrics;
 pub mod minion_api;
@@ -47,7 +48,8 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2
 /// The one production entry point, for `gru controller` and `gru dev`:
 /// reads the minions' join token, resumes the controller from `store` over
 /// `fleets`, and runs it on `listener` until `shutdown` resolves; with
-/// `metrics`, serves Prometheus metrics there too (see docs/metrics.md).
+/// `metrics`, serves Prometheus metrics there too (see docs/metrics.md);
+/// with `leadership`, as the leader on that lease (see [`ha`]).
 ///
 /// The caller opens the store first (a controller that cannot trust its
 /// memory must start nothing, not even a local minion) and builds the
@@ -58,6 +60,7 @@ pub async fn serve(
     fleets: Vec<FleetRuntime>,
     listener: TcpListener,
     metrics: Option<TcpListener>,
+    leadership: Option<Arc<dyn ha::Leadership>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     // Empty when every fleet joins with identity documents: then no token
@@ -73,6 +76,9 @@ pub async fn serve(
         None => String::new(),
     };
     let controller = Controller::new(config, fleets, token, store).map_err(ServeError::Store)?;
+    if let Some(l) = leadership {
+        controller.lead_under(l);
+    }
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "controller serving");
     }

@@ -294,6 +294,9 @@ pub struct Controller {
     pub join_token: String,
     store: Arc<dyn Store>,
     metrics: Metrics,
+    /// The lease this controller leads under, when it shares its store
+    /// with standbys; unset with a store of its own.
+    leadership: std::sync::OnceLock<Arc<dyn crate::ha::Leadership>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -378,7 +381,26 @@ impl Controller {
             join_token,
             store,
             metrics,
+            leadership: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Records the lease this controller leads under (set once).
+    pub fn lead_under(&self, leadership: Arc<dyn crate::ha::Leadership>) {
+        let _ = self.leadership.set(leadership);
+    }
+
+    /// Which controller leads, for `ControllerStatus`.
+    pub fn leadership(&self) -> crate::ha::LeaseStatus {
+        match self.leadership.get() {
+            Some(l) => l.status(),
+            None => crate::ha::LeaseStatus {
+                controller: "this controller".to_owned(),
+                leading: true,
+                store: format!("{}:{}", self.store.kind(), self.store.location().display()),
+                ..Default::default()
+            },
+        }
     }
 
     /// Prunes the event log to the configured retention, now and every

@@ -15,7 +15,9 @@ use std::time::Duration;
 use crate::providers::{self, BuiltFleet};
 use anyhow::{Context, anyhow};
 use clap::Args;
+use gru_aws::dynamo::LeaseError;
 use gru_controller::ControllerConfig;
+use gru_controller::config::{DynamoStoreConfig, StoreConfig};
 use gru_controller::pki::{self, DevPki};
 use gru_controller::store::{SqliteStore, Store};
 use gru_engine::bench::{self, SinkConfig, SinkHandle};
@@ -137,6 +139,21 @@ pub async fn run_controller(path: &Path, check_only: bool) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let StoreConfig::Dynamodb(dynamo) = config.store.clone() {
+        return match serve_shared(config, dynamo).await {
+            Ok(Led::Stopped) => ExitCode::SUCCESS,
+            Ok(Led::Deposed(why)) => {
+                eprintln!(
+                    "error: stepped down: {why}; exiting so that the service manager restarts this controller as a standby"
+                );
+                ExitCode::from(EXIT_DEPOSED)
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match serve(config, None).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -144,6 +161,185 @@ pub async fn run_controller(path: &Path, check_only: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `gru controller`'s exit status after it lost the leader lease (EX_TEMPFAIL:
+/// systemd's Restart=on-failure starts it again, as a standby).
+pub const EXIT_DEPOSED: u8 = 75;
+
+/// How a controller on a shared store ended.
+enum Led {
+    /// Asked to stop (it handed the lease back if it held it).
+    Stopped,
+    /// It lost the lease and stopped acting.
+    Deposed(LeaseError),
+}
+
+/// `gru controller` with `[store] kind = "dynamodb"`: a standby until the
+/// lease is this controller's, then the leader until it is stopped or loses
+/// the lease (DESIGN.md, High availability).
+///
+/// A standby binds its listeners, serves the standby API (every call points
+/// at the leader) and builds no provider: it starts no minion and makes no
+/// cloud call. Once it holds the lease it serves the controller on the same
+/// listening socket, every capacity-changing call fenced by the lease.
+async fn serve_shared(config: ControllerConfig, dynamo: DynamoStoreConfig) -> anyhow::Result<Led> {
+    use gru_aws::dynamo::{self, DynamoStore, Fence, Lease, Verdict};
+
+    let program =
+        std::env::current_exe().context("cannot find the gru binary to start minions with")?;
+    let client = dynamo::client(&dynamo.region, dynamo.endpoint_url.as_deref()).await;
+    let fence = Fence::default();
+    let store = Arc::new(
+        DynamoStore::open(client.clone(), &dynamo.table, fence.clone())
+            .await
+            .map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))?,
+    );
+    let lease = Arc::new(Lease::new(
+        client,
+        &dynamo.table,
+        dynamo.leader.clone(),
+        fence,
+    ));
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics = match config.metrics_listen {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {at}"))?,
+        ),
+        None => None,
+    };
+    // One listening socket, two handles: the standby server serves on one
+    // until the lease is taken, then the leader on the other (never bound
+    // twice, so no connection is refused in between).
+    let socket = listener.into_std()?;
+    let standby_socket = TcpListener::from_std(socket.try_clone()?)?;
+    let listener = TcpListener::from_std(socket)?;
+
+    let mut interrupt = armed_interrupt(false).await;
+    let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let notifier = Notifier::from_env();
+    notifier.ready();
+
+    let (stop_standby, standby_stopped) = tokio::sync::oneshot::channel::<()>();
+    let standby = {
+        let config = config.clone();
+        let leadership = lease.clone();
+        tokio::spawn(async move {
+            gru_controller::ha::serve_standby(&config, standby_socket, leadership, async {
+                let _ = standby_stopped.await;
+            })
+            .await
+        })
+    };
+    tracing::info!(
+        controller = %dynamo.leader.name,
+        table = %dynamo.table,
+        listen = %config.listen,
+        "standing by for the leader lease"
+    );
+    let mut said: Option<(String, u64)> = None;
+    let acquired = {
+        let acquire = lease.acquire(|record, verdict| {
+            let (who, term) = match record.filter(|r| !r.released) {
+                Some(r) => (format!("{} at {}", r.holder, r.address), r.term),
+                None => ("nobody".to_owned(), 0),
+            };
+            if said.as_ref() != Some(&(who.clone(), term)) {
+                match verdict {
+                    Verdict::Held(_) => tracing::info!(
+                        leader = %who,
+                        "standby: {who} leads; taking over if it stops renewing its lease"
+                    ),
+                    Verdict::Free => {
+                        tracing::info!("standby: no controller leads; taking the lease")
+                    }
+                    Verdict::Expired => tracing::warn!(
+                        leader = %who,
+                        "standby: {who} stopped renewing its lease; taking over"
+                    ),
+                }
+                said = Some((who, term));
+            }
+        });
+        tokio::select! {
+            r = acquire => Some(r),
+            _ = &mut interrupt => None,
+        }
+    };
+    let _ = stop_standby.send(());
+    match standby.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(anyhow!(gru_controller::reconcile::error_chain(&e))),
+        Err(e) => return Err(anyhow!("the standby server failed: {e}")),
+    }
+    let term = match acquired {
+        None => {
+            notifier.stopping();
+            return Ok(Led::Stopped);
+        }
+        Some(r) => r.map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))?,
+    };
+    tracing::info!(
+        controller = %dynamo.leader.name,
+        term,
+        "took the leader lease; leading"
+    );
+
+    // Leading from here. The providers only now: a standby starts no minion.
+    let mut built = Vec::new();
+    for f in &config.fleets {
+        built.push(providers::build(f, &program, &config.state_dir).await?);
+    }
+    let fleets = built
+        .iter()
+        .map(|b| dynamo::fence_fleet(b.runtime.clone(), lease.clone(), store.clone()))
+        .collect();
+    let deposed = Arc::new(std::sync::Mutex::new(None));
+    let shutdown = {
+        let lease = lease.clone();
+        let deposed = deposed.clone();
+        async move {
+            tokio::select! {
+                _ = interrupt => notifier.stopping(),
+                why = lease.hold() => {
+                    tracing::error!(error = %why, "lost the leader lease; stepping down");
+                    *deposed.lock().expect("deposed lock") = Some(why);
+                }
+            }
+        }
+    };
+    let leadership: Arc<dyn gru_controller::ha::Leadership> = lease.clone();
+    let result = gru_controller::serve(
+        config,
+        store,
+        fleets,
+        listener,
+        metrics,
+        Some(leadership),
+        shutdown,
+    )
+    .await;
+    for b in &built {
+        if let Some(local) = &b.local {
+            local.load_balancer.shutdown();
+            local.group.shutdown().await;
+        }
+    }
+    let why = deposed.lock().expect("deposed lock").take();
+    if why.is_none()
+        && let Err(e) = lease.release().await
+    {
+        tracing::warn!(error = %e, "could not hand the lease back; a standby takes it once it lapses");
+    }
+    result.map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))?;
+    Ok(match why {
+        Some(why) => Led::Deposed(why),
+        None => Led::Stopped,
+    })
 }
 
 pub async fn run_minion(
@@ -254,7 +450,8 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         notifier.stopping();
     };
     let fleets = built.iter().map(|b| b.runtime.clone()).collect();
-    let result = gru_controller::serve(config, store, fleets, listener, metrics, shutdown).await;
+    let result =
+        gru_controller::serve(config, store, fleets, listener, metrics, None, shutdown).await;
     for b in &built {
         if let Some(local) = &b.local {
             local.load_balancer.shutdown();

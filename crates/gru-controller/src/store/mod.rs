@@ -2,7 +2,9 @@
 //! moment: each minion's row, each fleet's operator overrides and policy
 //! memory, the decrement ledger and the event log.
 //!
-//! Start reading at [`Store`]; [`sqlite::SqliteStore`] is the one backend.
+//! Start reading at [`Store`]; [`sqlite::SqliteStore`] is the backend for
+//! one controller, gru-aws's `DynamoStore` the one for several (active and
+//! standbys, DESIGN.md "High availability").
 //!
 //! Invariants:
 //! - Only state changes are written, never the minions' periodic reports, so
@@ -29,8 +31,13 @@ pub const SCHEMA_VERSION: u32 = 2;
 /// The controller's durable memory. Every method is one atomic write or one
 /// consistent read: after it returns `Ok`, what it wrote survives a crash.
 pub trait Store: Send + Sync + 'static {
-    /// Where the store lives, for messages (a file path).
+    /// Where the store lives, for messages (a file path, or
+    /// "dynamodb:<table>").
     fn location(&self) -> PathBuf;
+    /// The backend's name: "sqlite", "dynamodb".
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
     /// Everything needed to resume: all minion rows, fleet rows, ledger rows.
     fn load(&self) -> Result<Loaded, StoreError>;
     /// Inserts or replaces one minion row (by id).
@@ -105,7 +112,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// One minion as it must be known again after a restart.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MinionRow {
     /// The controller's stable id, which outlives instance replacement.
     pub id: String,
@@ -136,7 +143,7 @@ pub struct MinionRow {
 
 /// The drain intent: kept so a restarted controller finishes the same drain
 /// rather than deciding again.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DrainRow {
     /// Whether the terminate at the end should decrement desired capacity
     /// (a scale-in) or not (a replacement).
@@ -148,7 +155,7 @@ pub struct DrainRow {
 
 /// One fleet's operator overrides and policy memory; the fleet's shape comes
 /// from config, not from here.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FleetRow {
     pub name: String,
     /// Set while scaling is paused by an operator.
@@ -159,14 +166,14 @@ pub struct FleetRow {
 }
 
 /// Who set an override and when ("admin CN=alice", "gru dev", "unknown").
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     pub by: String,
     pub at_ms: i64,
 }
 
 /// An operator's fixed desired capacity.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PinRow {
     pub desired: u32,
     /// When the pin lapses by itself; None holds it until removed.
@@ -175,7 +182,7 @@ pub struct PinRow {
 }
 
 /// One decrement claim (see [`Store::claim_decrement`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LedgerRow {
     pub instance: String,
     pub minion: String,
@@ -188,7 +195,7 @@ pub struct LedgerRow {
 }
 
 /// One entry of the event log.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EventRow {
     /// Assigned by the store; 0 on rows not yet appended.
     pub seq: u64,
@@ -274,4 +281,31 @@ pub enum StoreError {
     /// caller lost track of its own claim.
     #[error("{path}: no decrement claim to confirm for instance {instance}")]
     NoClaim { path: PathBuf, instance: String },
+    /// A call to a store over the network (DynamoDB) failed or was not
+    /// answered; what it wrote may or may not have landed.
+    #[error("{path}: failed to {op}: {detail}")]
+    Remote {
+        path: PathBuf,
+        /// What was being done, naming the object: "put minion m-12".
+        op: String,
+        detail: String,
+    },
+    /// A write refused because this controller does not hold the leader
+    /// lease it was made under: another controller leads now, and this one
+    /// must stop acting (it steps down).
+    #[error(
+        "{path}: {op} refused: this controller no longer holds the leader lease (version {version})"
+    )]
+    Fenced {
+        path: PathBuf,
+        op: String,
+        version: u64,
+    },
+}
+
+impl StoreError {
+    /// Whether this error means the controller was deposed.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
+    }
 }

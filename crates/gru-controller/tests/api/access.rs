@@ -112,6 +112,10 @@ async fn make(c: &mut AdminServiceClient<Channel>, call: &str) -> Result<(), ton
             .await
             .map(drop),
         "WhoAmI" => c.who_am_i(pb::WhoAmIRequest {}).await.map(drop),
+        "ControllerStatus" => c
+            .controller_status(pb::ControllerStatusRequest {})
+            .await
+            .map(drop),
         "ForgetMinion" => c
             .forget_minion(pb::ForgetMinionRequest { id: "i-1".into() })
             .await
@@ -158,6 +162,7 @@ async fn every_admin_call_needs_its_role_and_changes_name_their_author() {
         ("Pause", [false, true, true, false, false]),
         ("Resume", [false, true, true, false, false]),
         ("WhoAmI", [true, true, true, true, true]),
+        ("ControllerStatus", [true, true, true, false, false]),
         ("ForgetMinion", [false, false, true, false, false]),
     ];
     for (i, (who, cert)) in callers.iter().enumerate() {

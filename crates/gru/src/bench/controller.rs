@@ -437,6 +437,7 @@ pub async fn target(a: TargetArgs) -> anyhow::Result<()> {
                 vec![fleet],
                 listener,
                 Some(metrics),
+                None,
                 stop,
             )
             .await
