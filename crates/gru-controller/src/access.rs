@@ -358,7 +358,7 @@ mod tests {
             viewer.may("Scale").unwrap_err(),
             "Scale needs the operator role; CN=alice has the viewer role ([access] rule OU=gru-viewer -> viewer)"
         );
-        assert_eq!(allowed(Role::Viewer).count(), 5);
+        assert_eq!(allowed(Role::Viewer).count(), 6);
         assert_eq!(allowed(Role::Operator).count(), CALLS.len() - 1);
         assert_eq!(allowed(Role::Admin).count(), CALLS.len());
         assert!(allowed(Role::Operator).all(|c| allowed(Role::Admin).any(|a| a == c)));
