@@ -43,7 +43,17 @@ struct Setup {
     /// instance), signed by an openssl key standing in for AWS's; no join
     /// token anywhere in the minions' config.
     identity: bool,
+    /// Two controllers on a DynamoDB table in moto (`[store] kind =
+    /// "dynamodb"`), one leading: `controller` is started first and leads,
+    /// `standby` waits. They share the minion CA; minions and the
+    /// operator's client know both addresses.
+    ha: bool,
 }
+
+/// The lease in the HA set-up: short, so a failover takes seconds.
+const HA_LEASE: &str = "2s";
+const HA_HEARTBEAT: &str = "500ms";
+const HA_TABLE: &str = "gru-state";
 
 /// Everything the scenario runs, stopped when dropped.
 struct Cluster {
@@ -52,8 +62,14 @@ struct Cluster {
     fleet: AwsFleet,
     target_group_arn: String,
     controller: Proc,
-    /// `https://127.0.0.1:PORT`, for minions and the operator's client.
+    /// With [`Setup::ha`]: the second controller (config
+    /// `controller-b.toml`, log `controller-b.log`).
+    standby: Option<Proc>,
+    /// `https://127.0.0.1:PORT`, for minions and the operator's client;
+    /// with [`Setup::ha`], the first controller's.
     url: String,
+    /// With [`Setup::ha`]: the second controller's address.
+    url_b: Option<String>,
     ca: PathBuf,
     /// With [`Setup::identity`]: the stand-in signer's key.
     signer_key: Option<PathBuf>,
@@ -67,11 +83,17 @@ struct Cluster {
 /// `gru controller` on the cluster's config in `dir`, logging (appending)
 /// to `controller.log`.
 fn spawn_controller(dir: &std::path::Path) -> Proc {
-    let config = dir.join("controller.toml");
+    spawn_named_controller(dir, "controller")
+}
+
+/// `gru controller` on `dir/NAME.toml`, logging (appending) to
+/// `dir/NAME.log`.
+fn spawn_named_controller(dir: &std::path::Path, name: &str) -> Proc {
+    let config = dir.join(format!("{name}.toml"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.join("controller.log"))
+        .open(dir.join(format!("{name}.log")))
         .expect("log file");
     let mut cmd = Command::new(GRU);
     cmd.args(["controller", "--config"])
@@ -178,12 +200,50 @@ impl Cluster {
         // A port that was free a moment ago: the controller's config needs
         // its address before it starts, and the minions need it too.
         let port = testing::free_port();
-        let config = dir.path().join("controller.toml");
-        let state = dir.path().join("state");
-        std::fs::write(
-            &config,
+        let port_b = testing::free_port();
+        // With two controllers: the table in moto (the controllers' default
+        // account), a minion CA both issue from, and each its own name.
+        let ha_keys = |name: &str, port: u16| -> String {
+            if !hooks.ha {
+                return String::new();
+            }
             format!(
-                r#"
+                "[store]\nkind = \"dynamodb\"\ntable = \"{HA_TABLE}\"\nregion = \"{}\"\n\
+                 endpoint_url = \"{}\"\nname = \"{name}\"\nadvertise = \"https://127.0.0.1:{port}\"\n\
+                 lease = \"{HA_LEASE}\"\nheartbeat = \"{HA_HEARTBEAT}\"\n\
+                 [minion_ca]\ncert = {:?}\nkey = {:?}\n",
+                testing::REGION,
+                moto.url,
+                dir.path().join("minion-ca.pem").display().to_string(),
+                dir.path().join("minion-ca.key").display().to_string(),
+            )
+        };
+        if hooks.ha {
+            let dynamodb = testing::dynamodb_client(&moto.url, DEFAULT_ACCOUNT);
+            rt.block_on(gru_aws::dynamo::create_table(&dynamodb, HA_TABLE))
+                .expect("CreateTable");
+            gru_controller::pki::Ca::load_or_create(
+                &dir.path().join("minion-ca.pem"),
+                &dir.path().join("minion-ca.key"),
+                "e2e: minion CA shared by both controllers",
+            )
+            .expect("minion CA");
+        }
+        let names: &[(&str, u16, &str)] = if hooks.ha {
+            &[
+                ("controller", port, "ctl-a"),
+                ("controller-b", port_b, "ctl-b"),
+            ]
+        } else {
+            &[("controller", port, "ctl-a")]
+        };
+        for &(file, port, name) in names {
+            let config = dir.path().join(format!("{file}.toml"));
+            let state = dir.path().join(format!("{file}-state"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"
 listen = "127.0.0.1:{port}"
 report_interval = "200ms"
 lost_timeout = "5s"
@@ -206,34 +266,49 @@ target_group_arn = {arn:?}
 endpoint_url = {url:?}
 max_attempts = 1
 heartbeat_interval = "500ms"
-{hook_keys}{identity}"#,
-                // With identity documents, no join token anywhere.
-                token_line = if hooks.identity {
-                    String::new()
-                } else {
-                    format!("join_token_file = {:?}\n", token.display().to_string())
-                },
-                identity = identity_keys,
-                state = state.display().to_string(),
-                cert = pki.server_cert.display().to_string(),
-                key = pki.server_key.display().to_string(),
-                ca = pki.ca_cert.display().to_string(),
-                group = made.group,
-                arn = made.target_group_arn,
-                url = moto.url,
-            ),
-        )
-        .expect("write controller.toml");
-        std::fs::write(
-            dir.path().join("client.toml"),
+{hook_keys}{identity}{ha}"#,
+                    ha = ha_keys(name, port),
+                    // With identity documents, no join token anywhere.
+                    token_line = if hooks.identity {
+                        String::new()
+                    } else {
+                        format!("join_token_file = {:?}\n", token.display().to_string())
+                    },
+                    identity = identity_keys,
+                    state = state.display().to_string(),
+                    cert = pki.server_cert.display().to_string(),
+                    key = pki.server_key.display().to_string(),
+                    ca = pki.ca_cert.display().to_string(),
+                    group = made.group,
+                    arn = made.target_group_arn,
+                    url = moto.url,
+                ),
+            )
+            .expect("write controller.toml");
+        }
+        let client = |controller: String| {
             format!(
-                "controller = \"https://127.0.0.1:{port}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+                "controller = {controller}\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
                 pki.ca_cert.display().to_string(),
                 pki.admin_cert.display().to_string(),
                 pki.admin_key.display().to_string(),
-            ),
-        )
-        .expect("write client.toml");
+            )
+        };
+        let (a, b) = (
+            format!("https://127.0.0.1:{port}"),
+            format!("https://127.0.0.1:{port_b}"),
+        );
+        let both = if hooks.ha {
+            format!("[{a:?}, {b:?}]")
+        } else {
+            format!("{a:?}")
+        };
+        std::fs::write(dir.path().join("client.toml"), client(both)).expect("client.toml");
+        // Each controller alone, for what one of them says.
+        std::fs::write(dir.path().join("client-a.toml"), client(format!("{a:?}")))
+            .expect("client-a.toml");
+        std::fs::write(dir.path().join("client-b.toml"), client(format!("{b:?}")))
+            .expect("client-b.toml");
 
         let controller = spawn_controller(dir.path());
         let mut cluster = Cluster {
@@ -242,7 +317,9 @@ heartbeat_interval = "500ms"
             fleet,
             target_group_arn: made.target_group_arn,
             controller,
+            standby: None,
             url: format!("https://127.0.0.1:{port}"),
+            url_b: hooks.ha.then(|| format!("https://127.0.0.1:{port_b}")),
             ca: pki.ca_cert.clone(),
             signer_key,
             imds: Default::default(),
@@ -258,6 +335,11 @@ heartbeat_interval = "500ms"
             }
             cluster.gru(&["fleet", "ls"]).status.success().then_some(())
         });
+        if hooks.ha {
+            // The second controller once the first leads: it stands by.
+            cluster.standby = Some(spawn_named_controller(cluster.dir.path(), "controller-b"));
+            cluster.wait_for_standby("controller-b");
+        }
         cluster
     }
 
@@ -278,12 +360,60 @@ heartbeat_interval = "500ms"
         });
     }
 
+    /// Runs `gru ARGS` with client config `client` (`client-a.toml`: the
+    /// first controller only).
+    fn gru_with(&self, client: &str, args: &[&str]) -> Output {
+        Command::new(GRU)
+            .args(args)
+            .env("GRU_CONFIG", self.dir.path().join(client))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run gru")
+    }
+
+    /// [`wait_until`], with every process's log in the message on timeout.
+    fn wait<T>(&self, what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "timed out after {deadline:?} waiting for {what}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the controller logging to `NAME.log` stands by: it
+    /// answers, and points at the leader.
+    fn wait_for_standby(&self, name: &str) {
+        let client = if name == "controller" {
+            "client-a.toml"
+        } else {
+            "client-b.toml"
+        };
+        wait_until(&format!("{name} to stand by"), WAIT, || {
+            let out = self.gru_with(client, &["fleet", "ls"]);
+            let said = String::from_utf8_lossy(&out.stderr).into_owned();
+            (!out.status.success() && said.contains("standby")).then_some(())
+        });
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
     fn logs(&self) -> String {
         let mut all = format!("--- controller ---\n{}", self.log("controller.log"));
+        if self.standby.is_some() {
+            all.push_str(&format!(
+                "\n--- controller-b ---\n{}",
+                self.log("controller-b.log")
+            ));
+        }
         for e in std::fs::read_dir(self.dir.path())
             .into_iter()
             .flatten()
@@ -437,6 +567,14 @@ heartbeat_interval = "500ms"
             "gru controller exited with {status}\n{}",
             self.logs()
         );
+        if let Some(mut standby) = self.standby.take() {
+            let status = standby.stop(Duration::from_secs(20));
+            assert!(
+                status.success(),
+                "the second gru controller exited with {status}\n{}",
+                self.logs()
+            );
+        }
     }
 
     /// Scales the fleet to 2, starts a minion on each instance the group
@@ -490,10 +628,13 @@ heartbeat_interval = "500ms"
         std::fs::write(
             &config,
             format!(
-                "controller = {:?}\nca_file = {:?}\nfleet = \"{FLEET}\"\n\
+                "controller = {}\nca_file = {:?}\nfleet = \"{FLEET}\"\n\
                  stop_grace = \"1s\"\n{token}\
                  [engine]\nlisten = \"127.0.0.1:0\"\ndownstream = \"{}\"\n{aws}",
-                self.url,
+                match &self.url_b {
+                    Some(b) => format!("[{:?}, {b:?}]", self.url),
+                    None => format!("{:?}", self.url),
+                },
                 self.ca.display().to_string(),
                 sink.addr
             ),
@@ -1102,4 +1243,237 @@ fn a_controller_killed_at_each_step_of_a_scale_in_finishes_it_after_restart() {
     assert_eq!(cluster.fleet_info()["in_service"].as_u64(), Some(1));
     cluster.stop(minions);
     sink.stop();
+}
+
+/// Sends `signal` (STOP, CONT) to process `pid` with kill(1).
+fn signal(pid: i32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The lease item in the HA set-up's table, read as a standby would.
+fn lease_holder(cluster: &Cluster) -> Option<gru_aws::dynamo::LeaseRecord> {
+    let client = testing::dynamodb_client(&cluster._moto.url, DEFAULT_ACCOUNT);
+    let reader = gru_aws::dynamo::Lease::new(
+        client,
+        HA_TABLE,
+        gru_controller::config::LeaderConfig {
+            name: "e2e-reader".into(),
+            advertise: "https://127.0.0.1:1".into(),
+            lease: Duration::from_secs(2),
+            heartbeat: Duration::from_millis(500),
+        },
+        gru_aws::dynamo::Fence::default(),
+    );
+    cluster.rt.block_on(reader.read()).expect("read the lease")
+}
+
+/// Two controllers on one DynamoDB table: the leader is SIGKILLed while a
+/// minion drains; the standby takes over within a lease and a pass, the
+/// drain completes, and the group is decremented exactly once.
+#[test]
+fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() {
+    let mut cluster = Cluster::start_with(Setup {
+        ha: true,
+        ..Setup::default()
+    });
+    let sink = Sink::start();
+    let (ids, minions) = cluster.two_in_service(&sink);
+    assert_eq!(lease_holder(&cluster).expect("a lease").holder, "ctl-a");
+
+    cluster.ok(&["scale", FLEET, "1"]);
+    let victim = wait_until("a drain to begin", WAIT, || {
+        cluster.minions().into_iter().find(|m| {
+            m["state"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("Draining/"))
+        })
+    });
+    let victim_id = victim["id"].as_str().expect("id").to_owned();
+    let killed = Instant::now();
+    cluster.controller.child.kill().expect("kill the leader");
+    let _ = cluster.controller.child.wait();
+    wait_until("the standby to lead", WAIT, || {
+        cluster
+            .gru_with("client-b.toml", &["fleet", "ls"])
+            .status
+            .success()
+            .then_some(())
+    });
+    eprintln!(
+        "failover (leader SIGKILLed mid-drain → standby serves): {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(lease_holder(&cluster).expect("a lease").holder, "ctl-b");
+
+    let gone = wait_until("the victim to be gone", Duration::from_secs(120), || {
+        cluster
+            .minions()
+            .into_iter()
+            .find(|m| m["id"] == victim_id.as_str() && m["state"] == "Gone")
+    });
+    let path = path_of(&gone);
+    let drain_began = path
+        .iter()
+        .position(|s| s.starts_with("Draining/"))
+        .expect("a drain");
+    assert!(
+        !path[drain_began..]
+            .iter()
+            .any(|s| s == "Ready" || s == "InService"),
+        "never back in service: {path:?}"
+    );
+    let about = cluster.events_about(&victim_id);
+    let decrements = about
+        .iter()
+        .filter(|e| says("desired capacity decremented")(e))
+        .count();
+    assert_eq!(decrements, 1, "{about:#?}\n{}", cluster.logs());
+    let victim_instance = gone["instance_id"].as_str().expect("instance id");
+    let survivor = ids
+        .iter()
+        .find(|i| *i != victim_instance)
+        .expect("survivor")
+        .clone();
+    let (desired, left) = cluster.group();
+    assert_eq!(desired, 1, "{}", cluster.logs());
+    assert_eq!(left, BTreeSet::from([survivor.clone()]));
+    assert_eq!(cluster.targets(), BTreeSet::from([survivor]));
+
+    // The killed controller comes back as a standby.
+    cluster.controller = spawn_named_controller(cluster.dir.path(), "controller");
+    cluster.wait_for_standby("controller");
+    cluster.stop(minions);
+    sink.stop();
+}
+
+/// A leader paused (SIGSTOP) past its lease: the standby takes over and
+/// scales in; the old leader, resumed, finds itself deposed and exits
+/// without a cloud call or a write: the group keeps what the new leader
+/// set, though the old one's memory still holds the old pin.
+#[test]
+fn a_paused_leader_finds_itself_deposed_and_changes_nothing() {
+    let mut cluster = Cluster::start_with(Setup {
+        ha: true,
+        ..Setup::default()
+    });
+    let sink = Sink::start();
+    let (ids, minions) = cluster.two_in_service(&sink);
+    let old = cluster.controller.pid();
+    signal(old, "STOP");
+    wait_until("the standby to lead", WAIT, || {
+        cluster
+            .gru_with("client-b.toml", &["fleet", "ls"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let b = |args: &[&str]| {
+        let out = cluster.gru_with("client-b.toml", args);
+        assert!(
+            out.status.success(),
+            "gru {args:?} at the new leader: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        );
+        out
+    };
+    b(&["scale", FLEET, "1"]);
+    let survivor = cluster.wait(
+        "the new leader to scale in",
+        Duration::from_secs(120),
+        || {
+            let (desired, left) = cluster.group();
+            (desired == 1 && left.len() == 1 && cluster.targets() == left).then_some(left)
+        },
+    );
+    let term_b = lease_holder(&cluster).expect("a lease");
+    assert_eq!(term_b.holder, "ctl-b");
+
+    // Resumed, the old leader's memory says 2: it must find itself
+    // deposed instead of acting on it.
+    signal(old, "CONT");
+    let status = wait_until("the old leader to step down", WAIT, || {
+        cluster.controller.child.try_wait().expect("wait")
+    });
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "the deposed leader exits with EX_TEMPFAIL\n{}",
+        cluster.log("controller.log")
+    );
+    assert!(
+        cluster.log("controller.log").contains("stepped down"),
+        "{}",
+        cluster.log("controller.log")
+    );
+    // Nothing it could have done landed: the group, the target group and
+    // the lease are the new leader's.
+    let (desired, left) = cluster.group();
+    assert_eq!((desired, &left), (1, &survivor), "{}", cluster.logs());
+    assert_eq!(cluster.targets(), survivor, "{}", cluster.logs());
+    let lease = lease_holder(&cluster).expect("a lease");
+    assert_eq!((lease.holder.as_str(), lease.term), ("ctl-b", term_b.term));
+    assert!(ids.is_superset(&survivor));
+
+    cluster.controller = spawn_named_controller(cluster.dir.path(), "controller");
+    cluster.wait_for_standby("controller");
+    cluster.stop(minions);
+    sink.stop();
+}
+
+/// The failover time, measured: the leader SIGKILLed ten times (each time
+/// the other controller, then the killed one restarted as its standby);
+/// each time the standby leads. Prints each time, the median and the
+/// maximum; asserts only that every failover happened.
+#[test]
+fn every_one_of_ten_leader_kills_is_taken_over_by_the_standby() {
+    let mut cluster = Cluster::start_with(Setup {
+        ha: true,
+        ..Setup::default()
+    });
+    let mut times = Vec::new();
+    for i in 0..10 {
+        // Even rounds kill the first controller, odd ones the second.
+        let (victim, survivor_client, victim_name) = if i % 2 == 0 {
+            (&mut cluster.controller, "client-b.toml", "controller")
+        } else {
+            (
+                cluster.standby.as_mut().expect("second controller"),
+                "client-a.toml",
+                "controller-b",
+            )
+        };
+        let killed = Instant::now();
+        victim.child.kill().expect("kill the leader");
+        let _ = victim.child.wait();
+        wait_until(&format!("kill {i}: the standby to lead"), WAIT, || {
+            cluster
+                .gru_with(survivor_client, &["fleet", "ls"])
+                .status
+                .success()
+                .then_some(())
+        });
+        times.push(killed.elapsed());
+        let restarted = spawn_named_controller(cluster.dir.path(), victim_name);
+        if i % 2 == 0 {
+            cluster.controller = restarted;
+        } else {
+            cluster.standby = Some(restarted);
+        }
+        cluster.wait_for_standby(victim_name);
+    }
+    let mut sorted = times.clone();
+    sorted.sort();
+    eprintln!(
+        "failover over {} kills (lease {HA_LEASE}, heartbeat {HA_HEARTBEAT}): {:?}; median {:?}, max {:?}",
+        times.len(),
+        times,
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
+    cluster.stop(Vec::new());
 }

@@ -828,6 +828,14 @@ fn block_after(yaml: &str, marker: &str) -> String {
     out.trim_end_matches('\n').to_owned() + "\n"
 }
 
+/// The line of `gru cloud-init render --cloudformation` (and gru.yaml) that
+/// names the controllers: a Fn::Sub variable of the minions' user-data that
+/// is one controller's address or a list of two.
+const STACK_CONTROLLER: &str = "controller = ${ControllerUrls}";
+/// The line before the minions' user-data in gru.yaml (the string of a
+/// Fn::Sub with variables).
+const MINION_USER_DATA: &str = "- |";
+
 #[test]
 fn cloudformation_passes_cfn_lint_and_matches_its_sources() {
     let lint = cfn_lint();
@@ -870,35 +878,45 @@ fn cloudformation_passes_cfn_lint_and_matches_its_sources() {
         "cfn-lint accepted HttpTokens: sometimes"
     );
 
-    // The launch template's user-data is the rendered template.
+    // The launch template's user-data is the rendered template, its
+    // controller line naming the stack's one or two controllers.
     let rendered = render(&["--cloudformation"]);
-    let embedded = block_after(
-        &yaml[yaml.find("MinionLaunchTemplate:").expect("launch template")..],
-        "Fn::Sub: |",
+    assert!(
+        rendered.contains(STACK_CONTROLLER),
+        "`gru cloud-init render --cloudformation` has no {STACK_CONTROLLER:?}"
     );
+    let start = yaml.find("MinionLaunchTemplate:").expect("launch template");
+    let embedded = block_after(&yaml[start..], MINION_USER_DATA);
     if embedded != rendered {
         if updating() {
-            let start = yaml.find("MinionLaunchTemplate:").unwrap();
-            let body_at =
-                start + yaml[start..].find("Fn::Sub: |\n").unwrap() + "Fn::Sub: |\n".len();
+            let marker = format!("{MINION_USER_DATA}\n");
+            let body_at = start + yaml[start..].find(&marker).unwrap() + marker.len();
+            let indent = " ".repeat(16);
             let indented: String = rendered
                 .lines()
                 .map(|l| {
                     if l.is_empty() {
                         "\n".to_owned()
                     } else {
-                        format!("              {l}\n")
+                        format!("{indent}{l}\n")
                     }
                 })
                 .collect();
-            let old_len = yaml[body_at..]
-                .find("\n\n  MinionGroup:")
-                .expect("MinionGroup follows")
-                + 1;
+            // The block ends at the first line indented less than it.
+            let mut old_len = 0;
+            for line in yaml[body_at..].split_inclusive('\n') {
+                if !line.trim().is_empty() && !line.starts_with(&indent) {
+                    break;
+                }
+                old_len += line.len();
+            }
+            let old = &yaml[body_at..body_at + old_len];
+            let blank = old.len() - old.trim_end_matches('\n').len() - 1;
             let new = format!(
-                "{}{}{}",
+                "{}{}{}{}",
                 &yaml[..body_at],
                 indented,
+                "\n".repeat(blank),
                 &yaml[body_at + old_len..]
             );
             std::fs::write(&template, new).expect("rewrite gru.yaml");
@@ -909,19 +927,25 @@ fn cloudformation_passes_cfn_lint_and_matches_its_sources() {
             );
         }
     }
-    // The controller's unit is deploy/systemd/gru-controller.service.
-    let unit = block_after(
-        &yaml[yaml
-            .find("path: /etc/systemd/system/gru-controller.service")
-            .expect("controller unit")..],
-        "content: |",
-    );
+    // The controller's unit is deploy/systemd/gru-controller.service, in
+    // the one controller's user-data and in the two controllers'.
+    let units: Vec<usize> = yaml
+        .match_indices("path: /etc/systemd/system/gru-controller.service")
+        .map(|(at, _)| at)
+        .collect();
     assert_eq!(
-        unit,
-        std::fs::read_to_string(root().join("deploy/systemd/gru-controller.service"))
-            .expect("unit"),
-        "gru.yaml embeds deploy/systemd/gru-controller.service as it is"
+        units.len(),
+        2,
+        "gru.yaml installs the controller's unit in two user-data"
     );
+    for at in units {
+        assert_eq!(
+            block_after(&yaml[at..], "content: |"),
+            std::fs::read_to_string(root().join("deploy/systemd/gru-controller.service"))
+                .expect("unit"),
+            "gru.yaml embeds deploy/systemd/gru-controller.service as it is"
+        );
+    }
 
     // deploy/iam/*.json grant what the template grants.
     let python = bin_python(&lint);
@@ -968,6 +992,671 @@ json.dump(out, sys.stdout)
 
 fn bin_python(lint: &Path) -> PathBuf {
     lint.with_file_name("python")
+}
+
+// The stack's one or two controllers: gru.yaml evaluated as CloudFormation
+// would for each ControllerCount, and what cloud-init makes of the result.
+
+/// Evaluates a template as CloudFormation would for one set of parameters
+/// (argv: template, then JSON with `parameters`, `refs` and `attrs`):
+/// conditions, Fn::If, Fn::Sub (with variables), Fn::Base64 (left as
+/// text), Ref and Fn::GetAtt (the values given in `refs` and `attrs`,
+/// else `gru-<LogicalId>` and `<LogicalId>.<Attr>`), AWS::NoValue, and the
+/// Rules. Prints the resources and outputs that exist, resolved, and the
+/// descriptions of the assertions that fail. A Ref or GetAtt to a resource
+/// that does not exist under these parameters is an error, as it is in
+/// CloudFormation; so is a function it does not know.
+const RESOLVE: &str = r##"
+import json, re, sys
+from cfnlint.decode import decode
+t, m = decode(sys.argv[1])
+assert not m, m
+given = json.loads(sys.argv[2])
+pseudo = {"AWS::Region": "eu-west-1", "AWS::AccountId": "123456789012",
+          "AWS::StackName": "gru", "AWS::Partition": "aws", "AWS::URLSuffix": "amazonaws.com"}
+params = {}
+for name, p in t.get("Parameters", {}).items():
+    v = given["parameters"].get(name, p.get("Default"))
+    if v is None:
+        sys.exit(f"parameter {name} has no default: give it a value")
+    params[name] = v if isinstance(v, list) else str(v)
+for name in given["parameters"]:
+    if name not in params:
+        sys.exit(f"the template has no parameter {name}")
+NOVALUE = object()
+conds = {}
+def cond(name):
+    if name not in conds:
+        conds[name] = truth(t["Conditions"][name])
+    return conds[name]
+def truth(c):
+    (fn, a), = c.items()
+    if fn == "Fn::Equals":
+        x, y = (value(v) for v in a)
+        return str(x) == str(y)
+    if fn == "Fn::Not":
+        return not truth(a[0])
+    if fn == "Fn::And":
+        return all(truth(x) for x in a)
+    if fn == "Fn::Or":
+        return any(truth(x) for x in a)
+    if fn == "Condition":
+        return cond(a)
+    sys.exit(f"unknown condition function {fn}")
+def ref(n):
+    if n == "AWS::NoValue":
+        return NOVALUE
+    if n in pseudo:
+        return pseudo[n]
+    if n in params:
+        return params[n]
+    if n not in t["Resources"]:
+        sys.exit(f"Ref to {n}, which the template does not have")
+    if n not in exists:
+        sys.exit(f"Ref to {n}, which this stack does not have")
+    return given["refs"].get(n, f"gru-{n}")
+def getatt(n, a):
+    if n not in exists:
+        sys.exit(f"Fn::GetAtt of {n}, which this stack does not have")
+    return given["attrs"].get(f"{n}.{a}", f"{n}.{a}")
+def sub(a):
+    s, names = (a[0], {k: value(x) for k, x in a[1].items()}) if isinstance(a, list) else (a, {})
+    def one(m):
+        name = m.group(1)
+        if name.startswith("!"):
+            return "${" + name[1:] + "}"
+        if name in names:
+            return str(names[name])
+        if "." in name and name.split(".")[0] in t["Resources"]:
+            return str(getatt(*name.split(".", 1)))
+        return str(ref(name))
+    return re.sub(r"\$\{([^}]+)\}", one, s)
+def value(v):
+    if isinstance(v, dict):
+        if len(v) == 1:
+            (k, a), = v.items()
+            if k == "Ref":
+                return ref(a)
+            if k == "Fn::GetAtt":
+                return getatt(*(a.split(".", 1) if isinstance(a, str) else a))
+            if k == "Fn::If":
+                return value(a[1] if cond(a[0]) else a[2])
+            if k == "Fn::Sub":
+                return sub(a)
+            if k == "Fn::Base64":
+                return value(a)
+            if k.startswith("Fn::"):
+                sys.exit(f"unknown function {k}")
+        out = {}
+        for k, x in v.items():
+            x = value(x)
+            if x is not NOVALUE:
+                out[k] = x
+        return out
+    if isinstance(v, list):
+        return [y for y in (value(x) for x in v) if y is not NOVALUE]
+    return v
+exists = {n for n, r in t["Resources"].items() if "Condition" not in r or cond(r["Condition"])}
+failed = []
+for rule in t.get("Rules", {}).values():
+    if "RuleCondition" in rule and not truth(rule["RuleCondition"]):
+        continue
+    failed += [a["AssertDescription"] for a in rule["Assertions"] if not truth(a["Assert"])]
+resources = {}
+for n, r in t["Resources"].items():
+    if n in exists:
+        resources[n] = {k: r[k] for k in ("Type", "DeletionPolicy", "UpdateReplacePolicy") if k in r}
+        resources[n]["Properties"] = value(r.get("Properties", {}))
+outputs = {n: value(o["Value"]) for n, o in t.get("Outputs", {}).items()
+           if "Condition" not in o or cond(o["Condition"])}
+json.dump({"resources": resources, "outputs": outputs, "failed_rules": failed}, sys.stdout)
+"##;
+
+/// The private IPs the stack's controllers get, in this evaluation.
+const CONTROLLER_IPS: [&str; 2] = ["10.0.1.10", "10.0.2.10"];
+/// The instance ids they get (filled into their config at boot).
+const CONTROLLER_IDS: [&str; 2] = ["i-0aaaaaaaaaaaaaaaa", "i-0bbbbbbbbbbbbbbbb"];
+/// The name CloudFormation gives the StateTable, in this evaluation.
+const STATE_TABLE: &str = "gru-StateTable-1A2B3C4D5E6F";
+const SUBNETS: [&str; 2] = ["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"];
+/// The minion CA's certificate given to the stack (public; a stand-in).
+const MINION_CA_PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nthe minion CA, a stand-in\n-----END CERTIFICATE-----\n";
+/// What a controller does on its DynamoDB table (crates/gru-aws/src/dynamo):
+/// TransactWriteItems has no IAM action of its own; IAM authorises the
+/// ConditionCheck, Put, Update and Delete items in it.
+const STATE_TABLE_ACTIONS: [&str; 7] = [
+    "dynamodb:ConditionCheckItem",
+    "dynamodb:DeleteItem",
+    "dynamodb:DescribeTable",
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:Query",
+    "dynamodb:UpdateItem",
+];
+
+/// gru.yaml's parameters for a stack with `count` controllers: the required
+/// ones, and the high-availability ones with two.
+fn stack_parameters(count: u8) -> serde_json::Map<String, Value> {
+    use base64::Engine as _;
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let ca = std::fs::read(golden_dir().join("ca.pem")).expect("ca.pem");
+    let mut p = serde_json::json!({
+        "VpcId": "vpc-0123456789abcdef0",
+        "ControllerSubnetId": SUBNETS[0],
+        "MinionSubnetIds": SUBNETS,
+        "LoadBalancerSubnetIds": SUBNETS,
+        "AdminCidr": "10.9.0.0/16",
+        "GruBinaryUrl": "https://releases.example.org/gru/0.1.0/gru-x86_64-linux",
+        "GruBinarySha256": SHA,
+        "ControllerCaCertificateBase64": b64(&ca),
+        "ControllerCertificateBase64": b64(&ca),
+        "Downstream": "10.0.2.5:2576",
+    });
+    if count == 2 {
+        let more = serde_json::json!({
+            "ControllerCount": "2",
+            "ControllerSubnetId2": SUBNETS[1],
+            "MinionCaCertificateBase64": b64(MINION_CA_PEM.as_bytes()),
+        });
+        p.as_object_mut()
+            .unwrap()
+            .extend(more.as_object().unwrap().clone());
+    }
+    p.as_object().unwrap().clone()
+}
+
+/// gru.yaml evaluated for `parameters` (see [`RESOLVE`]).
+fn resolve_stack(parameters: &serde_json::Map<String, Value>) -> Value {
+    let lint = cfn_lint();
+    let input = serde_json::json!({
+        "parameters": parameters,
+        "refs": {
+            "TargetGroup": "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/gru-hl7/0123456789abcdef",
+            "StateTable": STATE_TABLE,
+        },
+        "attrs": {
+            "Controller.PrivateIp": CONTROLLER_IPS[0],
+            "Controller2.PrivateIp": CONTROLLER_IPS[1],
+            "StateTable.Arn": format!("arn:aws:dynamodb:eu-west-1:123456789012:table/{STATE_TABLE}"),
+        },
+    });
+    let out = run(Command::new(bin_python(&lint))
+        .arg("-c")
+        .arg(RESOLVE)
+        .arg(root().join("deploy/cloudformation/gru.yaml"))
+        .arg(input.to_string()));
+    assert!(
+        out.status.success(),
+        "evaluating gru.yaml: {}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("resolved JSON")
+}
+
+/// The user-data (text) of a resolved instance or launch template, if any.
+fn user_data(stack: &Value, resource: &str) -> Option<String> {
+    let props = &stack["resources"][resource]["Properties"];
+    let ud = if props["LaunchTemplateData"].is_object() {
+        &props["LaunchTemplateData"]["UserData"]
+    } else {
+        &props["UserData"]
+    };
+    ud.as_str().map(str::to_owned)
+}
+
+/// What every controller user-data must do, checked on what cloud-init made
+/// of it: its controller.toml and the script its runcmd runs.
+fn check_controller_user_data(name: &str, user_data: &str) -> (String, String) {
+    assert!(
+        !user_data.contains("PRIVATE KEY"),
+        "{name}: no secret in user-data"
+    );
+    assert!(
+        user_data.len() <= 16 * 1024,
+        "{name}: EC2 takes at most 16 KiB of user-data"
+    );
+    let i = inspect(user_data);
+    assert_schema_valid(name, &i.dir.path().join("merged.yaml"));
+    assert_eq!(
+        i.read("/etc/systemd/system/gru-controller.service")
+            .trim_end(),
+        read(&root().join("deploy/systemd/gru-controller.service")).trim_end(),
+        "{name}: installs deploy/systemd/gru-controller.service as it is"
+    );
+    assert_eq!(
+        i.read("/etc/gru/ca.pem"),
+        read(&golden_dir().join("ca.pem")),
+        "{name}: the controller's CA certificate"
+    );
+    let runcmd = i.summary["runcmd"].as_array().expect("runcmd");
+    assert_eq!(runcmd.len(), 1, "{name}: one runcmd: {runcmd:?}");
+    assert_eq!(runcmd[0][0], "sh", "{name}");
+    let script = runcmd[0][2].as_str().expect("the runcmd script").to_owned();
+    let out = run(Command::new("sh").arg("-n").arg("-c").arg(&script));
+    assert!(
+        out.status.success(),
+        "{name}: the runcmd is not valid sh: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        script.contains("--name '/gru/controller-tls-key'")
+            && script.contains("gru controller --check-config --config /etc/gru/controller.toml"),
+        "{name}: reads its TLS key from SSM and checks its config before it starts:\n{script}"
+    );
+    (i.read("/etc/gru/controller.toml"), script)
+}
+
+/// Runs the lines of a controller's runcmd that write its own instance id
+/// and private IP into its config (from `id=` up to the config check) on
+/// `toml`, with `cloud-init query` answering, by cloud-init's own code, from
+/// the instance data of an EC2 instance with `id` and `ip`. The config as
+/// they left it, or what they printed when they failed.
+fn boot_fill_in(script: &str, toml: &str, id: &str, ip: &str) -> Result<String, String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("instance-data.json");
+    let instance = serde_json::json!({
+        "base64_encoded_keys": [],
+        "ds": {"meta_data": {"instance-id": id, "local-ipv4": ip}},
+        "v1": {"instance_id": id, "region": "eu-west-1"},
+    });
+    std::fs::write(&data, instance.to_string()).expect("write");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let wrapper = bin.join("cloud-init");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = query ] || exit 2\nshift\nexec '{}' query --instance-data '{}' --user-data /dev/null --vendor-data /dev/null \"$@\"\n",
+            cloud_init().display(),
+            data.display()
+        ),
+    )
+    .expect("write");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let config = dir.path().join("controller.toml");
+    std::fs::write(&config, toml).expect("write");
+    let lines: Vec<&str> = script
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.starts_with("id="))
+        .take_while(|l| !l.starts_with("/usr/local/bin/gru controller --check-config"))
+        .collect();
+    assert!(
+        lines.len() >= 3,
+        "no `id=` .. config check lines in the runcmd:\n{script}"
+    );
+    let fill = lines
+        .join("\n")
+        .replace("/etc/gru/controller.toml", &config.display().to_string());
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run(Command::new("sh").args(["-euc", &fill]).env("PATH", path));
+    if !out.status.success() {
+        return Err(format!(
+            "{fill}\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        ));
+    }
+    Ok(read(&config))
+}
+
+fn controller_config(name: &str, toml: &str) -> gru_controller::ControllerConfig {
+    gru_controller::ControllerConfig::parse(Path::new("/etc/gru/controller.toml"), toml)
+        .unwrap_or_else(|e| panic!("{name}: controller.toml does not parse: {e}\n{toml}"))
+}
+
+/// The controller role's statements, those of every policy it has.
+fn controller_statements(stack: &Value) -> Vec<Value> {
+    stack["resources"]["ControllerRole"]["Properties"]["Policies"]
+        .as_array()
+        .expect("policies")
+        .iter()
+        .flat_map(|p| {
+            p["PolicyDocument"]["Statement"]
+                .as_array()
+                .expect("statements")
+                .clone()
+        })
+        .collect()
+}
+
+fn actions(statement: &Value) -> Vec<String> {
+    match &statement["Action"] {
+        Value::String(a) => vec![a.clone()],
+        Value::Array(a) => a
+            .iter()
+            .map(|v| v.as_str().expect("action").to_owned())
+            .collect(),
+        other => panic!("Action {other}"),
+    }
+}
+
+/// The one statement that grants DynamoDB actions, checked to grant
+/// exactly [`STATE_TABLE_ACTIONS`] on `table_arn` and nothing wider;
+/// `None` when no statement grants any.
+fn state_table_statement(what: &str, statements: &[Value], table_arn: &str) -> Option<Value> {
+    for s in statements {
+        for a in actions(s) {
+            assert!(
+                a != "*" && !(a.starts_with("dynamodb:") && a.contains('*')),
+                "{what}: grants {a}"
+            );
+        }
+    }
+    let dynamo: Vec<&Value> = statements
+        .iter()
+        .filter(|s| actions(s).iter().any(|a| a.starts_with("dynamodb:")))
+        .collect();
+    let s = match dynamo.as_slice() {
+        [] => return None,
+        [s] => *s,
+        more => panic!("{what}: {} statements grant DynamoDB actions", more.len()),
+    };
+    assert_eq!(s["Effect"], "Allow", "{what}");
+    let mut granted = actions(s);
+    granted.sort();
+    assert_eq!(granted, STATE_TABLE_ACTIONS, "{what}: DynamoDB actions");
+    assert_eq!(
+        s["Resource"], table_arn,
+        "{what}: the DynamoDB actions are on the state table only (no index, no stream, no *)"
+    );
+    Some(s.clone())
+}
+
+#[test]
+fn cloudformation_one_controller_keeps_its_state_in_sqlite() {
+    let stack = resolve_stack(&stack_parameters(1));
+    assert_eq!(stack["failed_rules"], serde_json::json!([]));
+    let resources = stack["resources"].as_object().expect("resources");
+    for absent in ["StateTable", "Controller2"] {
+        assert!(
+            !resources.contains_key(absent),
+            "one controller: no {absent}"
+        );
+    }
+    assert_eq!(
+        user_data(&stack, "ControllerLaunchTemplate"),
+        None,
+        "one controller: its launch template is as before (no user-data), so an update leaves the instance alone"
+    );
+
+    let ud = user_data(&stack, "Controller").expect("the controller's user-data");
+    let (toml, script) = check_controller_user_data("one controller", &ud);
+    for absent in ["[store]", "[minion_ca]", "@INSTANCE_ID@"] {
+        assert!(
+            !toml.contains(absent),
+            "one controller: {absent} in\n{toml}"
+        );
+    }
+    assert!(!script.contains("minion-ca"), "{script}");
+    let config = controller_config("one controller", &toml);
+    assert_eq!(config.store, gru_controller::config::StoreConfig::Sqlite);
+    assert_eq!(
+        config.minion_ca.cert,
+        config.state_dir.join("minion-ca.pem"),
+        "one controller makes its own minion CA"
+    );
+
+    let statements = controller_statements(&stack);
+    assert_eq!(
+        state_table_statement("one controller's role", &statements, ""),
+        None,
+        "one controller: no DynamoDB permission"
+    );
+    let secrets = statements
+        .iter()
+        .find(|s| s["Sid"] == "ReadSecrets")
+        .expect("ReadSecrets");
+    assert_eq!(
+        secrets["Resource"],
+        serde_json::json!(["arn:aws:ssm:eu-west-1:123456789012:parameter/gru/controller-tls-key"])
+    );
+    let outputs: BTreeSet<&str> = stack["outputs"]
+        .as_object()
+        .expect("outputs")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        outputs,
+        BTreeSet::from([
+            "AutoScalingGroupName",
+            "ControllerPrivateIp",
+            "LoadBalancerDnsName",
+            "TargetGroupArn"
+        ])
+    );
+
+    // The minions name the one controller, as a single address.
+    let minion = user_data(&stack, "MinionLaunchTemplate").expect("the minions' user-data");
+    check_minion_user_data("gru.yaml, one controller", &minion, true);
+    let written: toml::Table =
+        toml::from_str(&inspect(&minion).read("/etc/gru/minion.toml")).expect("minion.toml");
+    assert_eq!(
+        written["controller"].as_str(),
+        Some(format!("https://{}:7070", CONTROLLER_IPS[0]).as_str())
+    );
+}
+
+#[test]
+fn cloudformation_two_controllers_share_a_fenced_state_table() {
+    let params = stack_parameters(2);
+    let stack = resolve_stack(&params);
+    assert_eq!(stack["failed_rules"], serde_json::json!([]));
+    // Its rules refuse two controllers without what they need.
+    for (key, bad, expected) in [
+        ("ControllerSubnetId2", "", "needs ControllerSubnetId2"),
+        ("ControllerSubnetId2", SUBNETS[0], "two subnets"),
+        (
+            "MinionCaCertificateBase64",
+            "",
+            "needs MinionCaCertificateBase64",
+        ),
+    ] {
+        let mut p = params.clone();
+        p.insert(key.to_owned(), bad.into());
+        let failed = resolve_stack(&p)["failed_rules"].to_string();
+        assert!(failed.contains(expected), "{key} = {bad:?}: {failed}");
+    }
+
+    // The table: the keys the store uses, encrypted, recoverable, on demand,
+    // kept when the stack goes.
+    let table = &stack["resources"]["StateTable"];
+    assert_eq!(table["Type"], "AWS::DynamoDB::Table");
+    assert_eq!(table["DeletionPolicy"], "Retain");
+    assert_eq!(table["UpdateReplacePolicy"], "Retain");
+    let t = &table["Properties"];
+    assert_eq!(
+        t["KeySchema"],
+        serde_json::json!([
+            {"AttributeName": gru_aws::dynamo::PK, "KeyType": "HASH"},
+            {"AttributeName": gru_aws::dynamo::SK, "KeyType": "RANGE"},
+        ])
+    );
+    assert_eq!(
+        t["AttributeDefinitions"],
+        serde_json::json!([
+            {"AttributeName": gru_aws::dynamo::PK, "AttributeType": "S"},
+            {"AttributeName": gru_aws::dynamo::SK, "AttributeType": "S"},
+        ])
+    );
+    assert_eq!(t["BillingMode"], "PAY_PER_REQUEST");
+    assert_eq!(t["SSESpecification"]["SSEEnabled"], true);
+    assert_eq!(
+        t["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
+        true
+    );
+
+    // Two instances in two subnets, the same launch template, role and
+    // security group; the user-data is the launch template's.
+    let instance = |name: &str| &stack["resources"][name]["Properties"];
+    for (name, subnet) in [("Controller", SUBNETS[0]), ("Controller2", SUBNETS[1])] {
+        let i = instance(name);
+        assert_eq!(i["SubnetId"], subnet, "{name}");
+        assert_eq!(
+            i["UserData"],
+            Value::Null,
+            "{name}: the launch template's user-data"
+        );
+        for key in [
+            "LaunchTemplate",
+            "IamInstanceProfile",
+            "SecurityGroupIds",
+            "ImageId",
+        ] {
+            assert_eq!(i[key], instance("Controller")[key], "{name}: {key}");
+        }
+    }
+    let ud = user_data(&stack, "ControllerLaunchTemplate").expect("the controllers' user-data");
+    let (toml, script) = check_controller_user_data("two controllers", &ud);
+    assert!(
+        inspect(&ud).read("/etc/gru/minion-ca.pem") == MINION_CA_PEM,
+        "the shared minion CA's certificate"
+    );
+    for needle in [
+        "--name '/gru/minion-ca-key'",
+        "chmod 0640 /etc/gru/minion-ca.key",
+    ] {
+        assert!(
+            script.contains(needle),
+            "no {needle:?} in the runcmd:\n{script}"
+        );
+    }
+    // Each controller's config, as its runcmd completes it at boot.
+    assert!(
+        boot_fill_in(&script, &toml, CONTROLLER_IDS[0], "").is_err(),
+        "a controller that cannot learn its address does not start"
+    );
+    let mut advertised = Vec::new();
+    for (id, ip) in CONTROLLER_IDS.iter().zip(CONTROLLER_IPS) {
+        let own = boot_fill_in(&script, &toml, id, ip).unwrap_or_else(|e| panic!("{id}: {e}"));
+        let config = controller_config(id, &own);
+        let gru_controller::config::StoreConfig::Dynamodb(store) = &config.store else {
+            panic!("{id}: store {:?}", config.store);
+        };
+        assert_eq!(store.table, STATE_TABLE);
+        assert_eq!(store.region, "eu-west-1");
+        assert_eq!(store.endpoint_url, None);
+        assert_eq!(store.leader.name, *id);
+        assert_eq!(store.leader.advertise, format!("https://{ip}:7070"));
+        assert_eq!(store.leader.lease, gru_controller::config::DEFAULT_LEASE);
+        assert_eq!(
+            store.leader.heartbeat,
+            gru_controller::config::DEFAULT_HEARTBEAT
+        );
+        assert_eq!(config.minion_ca.cert, Path::new("/etc/gru/minion-ca.pem"));
+        assert_eq!(config.minion_ca.key, Path::new("/etc/gru/minion-ca.key"));
+        advertised.push(store.leader.advertise.clone());
+    }
+
+    // The minions know both, at the addresses the controllers advertise.
+    let minion = user_data(&stack, "MinionLaunchTemplate").expect("the minions' user-data");
+    check_minion_user_data("gru.yaml, two controllers", &minion, true);
+    let written: toml::Table =
+        toml::from_str(&inspect(&minion).read("/etc/gru/minion.toml")).expect("minion.toml");
+    assert_eq!(
+        written["controller"],
+        toml::Value::Array(advertised.iter().map(|a| a.as_str().into()).collect())
+    );
+
+    // The role: the table's actions on the table only, and the minion CA's key.
+    let statements = controller_statements(&stack);
+    state_table_statement(
+        "two controllers' role",
+        &statements,
+        &format!("arn:aws:dynamodb:eu-west-1:123456789012:table/{STATE_TABLE}"),
+    )
+    .expect("a statement on the state table");
+    let secrets = statements
+        .iter()
+        .find(|s| s["Sid"] == "ReadSecrets")
+        .expect("ReadSecrets");
+    assert_eq!(
+        secrets["Resource"],
+        serde_json::json!([
+            "arn:aws:ssm:eu-west-1:123456789012:parameter/gru/controller-tls-key",
+            "arn:aws:ssm:eu-west-1:123456789012:parameter/gru/minion-ca-key"
+        ])
+    );
+    assert_eq!(stack["outputs"]["Controller2PrivateIp"], CONTROLLER_IPS[1]);
+    assert_eq!(stack["outputs"]["StateTableName"], STATE_TABLE);
+}
+
+/// The commented `[store]` block of deploy/controller.aws.example.toml,
+/// uncommented with the `[minion_ca]` one it needs, is a config for one of
+/// several controllers on a table; as shipped, the example keeps SQLite.
+#[test]
+fn aws_example_config_has_a_two_controller_store_block() {
+    let path = root().join("deploy/controller.aws.example.toml");
+    let example = read(&path);
+    let config = controller_config("controller.aws.example.toml", &example);
+    assert_eq!(config.store, gru_controller::config::StoreConfig::Sqlite);
+
+    // Each block: its `# [table]` line and the commented lines after it.
+    let mut lines: Vec<String> = example.lines().map(str::to_owned).collect();
+    for table in ["# [minion_ca]", "# [store]"] {
+        let at = lines
+            .iter()
+            .position(|l| l == table)
+            .unwrap_or_else(|| panic!("controller.aws.example.toml has no {table:?} line"));
+        for line in lines[at..].iter_mut() {
+            let Some(rest) = line.strip_prefix("# ") else {
+                break;
+            };
+            *line = rest.to_owned();
+        }
+    }
+    let two = lines.join("\n");
+    let config = controller_config("controller.aws.example.toml, [store] uncommented", &two);
+    let gru_controller::config::StoreConfig::Dynamodb(store) = &config.store else {
+        panic!("store {:?}", config.store);
+    };
+    assert_eq!(store.table, "gru-state");
+    assert_eq!(store.region, "us-east-2");
+    assert!(store.endpoint_url.is_some());
+    assert_eq!(store.leader.name, "ctl-a");
+    assert_eq!(store.leader.advertise, "https://10.0.1.5:7070");
+    assert_eq!(store.leader.lease, gru_controller::config::DEFAULT_LEASE);
+    assert_eq!(
+        store.leader.heartbeat,
+        gru_controller::config::DEFAULT_HEARTBEAT
+    );
+    assert!(
+        example.contains(&format!("controller = [\"{}\"", store.leader.advertise)),
+        "the example's minion and CLI list names the controller's advertised address"
+    );
+}
+
+#[test]
+fn iam_controller_policy_grants_the_state_table_and_no_more() {
+    let doc: Value =
+        serde_json::from_str(&read(&root().join("deploy/iam/gru-controller-policy.json")))
+            .expect("deploy/iam/gru-controller-policy.json");
+    let statements = doc["Statement"].as_array().expect("statements");
+    let s = state_table_statement(
+        "deploy/iam/gru-controller-policy.json",
+        statements,
+        "arn:aws:dynamodb:REGION:ACCOUNT_ID:table/gru-state",
+    )
+    .expect("a statement on the state table");
+    assert_eq!(s["Sid"], "SharedState");
+    let readme = read(&root().join("deploy/iam/README.md"));
+    for a in STATE_TABLE_ACTIONS {
+        let action = a.trim_start_matches("dynamodb:");
+        assert!(
+            readme.contains(action),
+            "deploy/iam/README.md does not explain {a}"
+        );
+    }
 }
 
 // Prometheus and Grafana: deploy/prometheus/ and deploy/grafana/.

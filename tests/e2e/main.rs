@@ -7,6 +7,7 @@ mod bench;
 mod config;
 mod deploy;
 mod durable;
+mod follow;
 mod harness;
 mod interop;
 mod measure;

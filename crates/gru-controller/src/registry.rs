@@ -32,6 +32,12 @@ use crate::store::{
     DrainRow, EventRow, FleetRow, Loaded, MinionRow, Origin, PinRow, Store, StoreError,
 };
 
+/// How long after a restart or a takeover the silence of a resumed minion
+/// starts to count: the agent's HTTP/2 keepalive interval plus its timeout
+/// (gru_minion's `KEEPALIVE_INTERVAL` + `KEEPALIVE_TIMEOUT`), the longest
+/// it takes to notice that the controller its Session was on stalled
+/// without closing the connection.
+pub const RESUME_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How many events `gru events` shows without `--since`.
 pub const RECENT_EVENTS: usize = 500;
 /// How many transitions `gru minion get` shows.
@@ -451,9 +457,11 @@ impl Registry {
                 session_token: None,
                 session: None,
                 last_report: None,
-                // Silence is counted from the restart: an agent gets a
-                // whole lost timeout to reconnect.
-                last_seen: Some(now),
+                // Silence is counted from the restart, plus the time an
+                // agent takes to notice that the controller it was talking
+                // to stalled (a failover from a hung leader): an agent gets
+                // that and a whole lost timeout to reconnect.
+                last_seen: Some(now + RESUME_GRACE),
                 last_report_at: None,
                 rate_per_s: None,
                 drain: row.drain.map(|d| DrainPlan {

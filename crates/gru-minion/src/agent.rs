@@ -1,6 +1,11 @@
 //! Join, keep one Session open, report, obey commands; reconnect with
 //! jittered backoff when anything breaks.
 //!
+//! With several controllers (one leads, the others are standbys) the agent
+//! tries them in turn and follows a standby's answer to the leader, if the
+//! leader is one of them ([`Round`], [`resolve`], [`leader_target`]); the
+//! CLI reuses these.
+//!
 //! The agent makes a key pair when it starts; the key never leaves the
 //! process. Join sends a certificate request for it and gets back the
 //! minion's certificate (`gru://fleet/F/instance/I`), which every Session
@@ -8,6 +13,7 @@
 //! renews it over the Session at three fifths of its lifetime.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config::MinionConfig;
+use crate::config::{ControllerAddress, Controllers, MinionConfig};
 use crate::engine::{Engine, EngineStatus, Health};
 use crate::imds::{self, Imds};
 use crate::metrics::AgentMetrics;
@@ -26,8 +32,18 @@ use crate::metrics::AgentMetrics;
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on reaching one controller and opening the Session with it: the
+/// connection, TLS, HTTP/2, the Join and the Session's answer. A stalled
+/// controller accepts TCP connections (the kernel does) and answers
+/// nothing; past this, the agent tries the next one.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings on the controller connection: a controller that stalls
+/// without closing it (its host hung, paused, cut off: the leader a standby
+/// takes over from) is noticed within interval + timeout, 10 s, and the
+/// agent moves on to the next controller. The controller's resume grace
+/// (`gru_controller::registry::RESUME_GRACE`) is this sum.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Used until the controller's settings arrive.
 pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -46,6 +62,14 @@ pub enum AgentError {
     Tls(#[source] tonic::transport::Error),
     #[error("cannot connect to the controller")]
     Connect(#[source] tonic::transport::Error),
+    /// The controller took the connection but did not finish the TLS
+    /// handshake, the Join or the Session's opening in time (a stopped or
+    /// hung process, a listener that is not a controller).
+    #[error("the controller did not open the Session within {0:?}")]
+    Timeout(Duration),
+    /// Cannot be: the config names a controller at least.
+    #[error("no controller address to connect to")]
+    NoController,
     #[error("the controller refused: {}", .0.message())]
     Refused(tonic::Status),
     #[error("cannot make the minion's key or certificate request")]
@@ -108,6 +132,185 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = BACKOFF_INITIAL;
     }
+}
+
+/// The response metadata key in which a standby names the leader's
+/// address (`https://host:port`). It is `gru_controller::ha::LEADER_METADATA`:
+/// the agent does not depend on the controller crate, and gru's tests check
+/// that the two agree.
+pub const LEADER_METADATA: &str = "gru-leader";
+
+/// One place to dial: a configured controller address, or one of several
+/// addresses its host name resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The configured address this comes from.
+    pub configured: String,
+    /// What is dialled: the configured address itself, unless its name
+    /// resolves to several addresses (then `https://ip:port`, one target
+    /// each). The TLS name checked stays the configured `server_name`.
+    pub url: String,
+    /// The address it resolved to; `None` when it did not resolve (dialling
+    /// it then says why).
+    pub addr: Option<SocketAddr>,
+}
+
+/// `https://a:7070`, or `https://a:7070 (10.0.0.5:7070)` for one of the
+/// addresses a name resolves to.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            Some(addr) if self.url != self.configured => write!(f, "{} ({addr})", self.configured),
+            _ => f.write_str(&self.configured),
+        }
+    }
+}
+
+/// Every configured controller, in the configured order; a name that
+/// resolves to several addresses as one target each (in the resolver's
+/// order), since each may be a different controller. An address reached
+/// under two names is dialled once.
+pub async fn resolve(controllers: &Controllers) -> Vec<Target> {
+    let mut targets: Vec<Target> = Vec::new();
+    for c in controllers.addresses() {
+        let addrs = lookup(c).await;
+        let fresh: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !targets.iter().any(|t| t.addr == Some(*a)))
+            .collect();
+        match (addrs.len(), fresh.as_slice()) {
+            // Unresolved: dialled by name, so that the attempt says why.
+            (0, _) => targets.push(Target {
+                configured: c.url().to_owned(),
+                url: c.url().to_owned(),
+                addr: None,
+            }),
+            // An IP address, or a name for one address: dialled as today.
+            (1, [a]) => targets.push(Target {
+                configured: c.url().to_owned(),
+                url: c.url().to_owned(),
+                addr: Some(*a),
+            }),
+            _ => targets.extend(fresh.iter().map(|a| Target {
+                configured: c.url().to_owned(),
+                url: format!("https://{a}"),
+                addr: Some(*a),
+            })),
+        }
+    }
+    targets
+}
+
+/// The addresses `c`'s host stands for; none when it does not resolve.
+async fn lookup(c: &ControllerAddress) -> Vec<SocketAddr> {
+    if let Ok(ip) = c.host().parse::<IpAddr>() {
+        return vec![SocketAddr::new(ip, c.port())];
+    }
+    match tokio::net::lookup_host((c.host(), c.port())).await {
+        Ok(addrs) => {
+            let mut out: Vec<SocketAddr> = Vec::new();
+            for a in addrs {
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+            out
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, controller = %c, "cannot resolve the controller's name");
+            Vec::new()
+        }
+    }
+}
+
+/// The leader's address, when `status` is a standby's answer naming one.
+pub fn leader_named(status: &tonic::Status) -> Option<&str> {
+    if status.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    status.metadata().get(LEADER_METADATA)?.to_str().ok()
+}
+
+/// Which of `targets` the `leader` a standby named is: one whose address
+/// the leader's address resolves to, else the one configured as exactly
+/// that address. `None` when it is none of them: a leader outside the
+/// configured set is not followed (an agent does not go where any answer
+/// sends it; its configuration says whom it trusts to be a controller).
+pub async fn leader_target(targets: &[Target], leader: &str) -> Option<usize> {
+    let leader = ControllerAddress::parse(leader).ok()?;
+    let resolved = lookup(&leader).await;
+    match_leader(targets, &leader, &resolved)
+}
+
+/// [`leader_target`] once the leader's name is resolved (to `resolved`).
+fn match_leader(
+    targets: &[Target],
+    leader: &ControllerAddress,
+    resolved: &[SocketAddr],
+) -> Option<usize> {
+    targets
+        .iter()
+        .position(|t| t.addr.is_some_and(|a| resolved.contains(&a)))
+        .or_else(|| targets.iter().position(|t| t.configured == leader.url()))
+}
+
+/// One round over the targets: each tried at most once, in the configured
+/// order from where the round starts, except that a standby's leader is
+/// tried next (if not tried already).
+#[derive(Debug)]
+pub struct Round {
+    tried: Vec<bool>,
+    /// Where the search for the next untried target starts.
+    cursor: usize,
+    /// A leader to try before the rest.
+    follow: Option<usize>,
+}
+
+impl Round {
+    /// A round over `len` targets starting at `start`.
+    pub fn new(len: usize, start: usize) -> Round {
+        Round {
+            tried: vec![false; len],
+            cursor: if len == 0 { 0 } else { start % len },
+            follow: None,
+        }
+    }
+
+    /// Makes `i` the next target; false (and no change) when it was tried
+    /// in this round already.
+    pub fn follow(&mut self, i: usize) -> bool {
+        if self.tried.get(i).copied().unwrap_or(true) {
+            return false;
+        }
+        self.follow = Some(i);
+        true
+    }
+}
+
+/// The targets to try, in turn; ends once every one was tried.
+impl Iterator for Round {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        let n = self.tried.len();
+        let i = self.follow.take().filter(|&i| !self.tried[i]).or_else(|| {
+            (0..n)
+                .map(|k| (self.cursor + k) % n)
+                .find(|&i| !self.tried[i])
+        })?;
+        self.tried[i] = true;
+        self.cursor = (i + 1) % n;
+        Some(i)
+    }
+}
+
+/// A Session just opened: what [`Agent::in_session`] runs it with.
+struct Open {
+    tx: mpsc::Sender<pb::SessionMessage>,
+    commands: tonic::Streaming<pb::ControllerCommand>,
+    interval: Duration,
+    not_after: SystemTime,
 }
 
 pub struct Agent {
@@ -227,8 +430,9 @@ impl Agent {
         &self.metrics
     }
 
-    /// The controller's endpoint; the connection presents `certificate`.
-    fn endpoint(&self, certificate: Option<&Issued>) -> Result<Endpoint, AgentError> {
+    /// The endpoint of the controller at `url`; the connection presents
+    /// `certificate`.
+    fn endpoint(&self, url: &str, certificate: Option<&Issued>) -> Result<Endpoint, AgentError> {
         let tls = match certificate {
             Some(c) => self
                 .tls
@@ -236,8 +440,8 @@ impl Agent {
                 .identity(Identity::from_pem(&c.pem, self.key.serialize_pem())),
             None => self.tls.clone(),
         };
-        Channel::from_shared(self.config.controller.clone())
-            .map_err(|e| AgentError::Address(self.config.controller.clone(), e))
+        Channel::from_shared(url.to_owned())
+            .map_err(|e| AgentError::Address(url.to_owned(), e))
             .and_then(|e| e.tls_config(tls).map_err(AgentError::Tls))
             .map(|e| {
                 e.connect_timeout(CONNECT_TIMEOUT)
@@ -248,13 +452,20 @@ impl Agent {
             })
     }
 
-    /// Keeps a Session with the controller until `shutdown` resolves.
+    /// Keeps a Session with the leading controller until `shutdown`
+    /// resolves.
     ///
     /// With `[aws] imds = true` it first waits, without contacting the
     /// controller, until the instance's target lifecycle state lets it join
     /// as capacity: an instance in a warm pool (`Warmed:*`) has its engine
     /// started but is not capacity, and joining would have the controller
     /// count it and send it work.
+    ///
+    /// Each round tries the configured controllers in turn (see [`Round`]),
+    /// starting with the one after the one that last took the Session: a standby's answer
+    /// sends the agent to the leader it names, if that is one of them; a
+    /// controller that cannot be reached, to the next. Only a round in which
+    /// none took the Session, or a Session that ended, costs a backoff delay.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Stopped {
         tokio::pin!(shutdown);
         if let Some(gate) = &self.warm_pool {
@@ -270,11 +481,45 @@ impl Agent {
             }
         }
         let mut backoff = Backoff::default();
+        // The address that last took the Session. Once that Session ended,
+        // the next round starts with the address after it: a controller
+        // that stalled or stepped down is tried last, not first (a standby
+        // that is asked first names the leader, which may be that one
+        // again).
+        let mut last: Option<String> = None;
         loop {
-            let session = self.session(&mut backoff);
-            let result = tokio::select! {
-                r = session => r,
+            // Resolved again every round: controllers get replaced.
+            let targets = tokio::select! {
+                t = resolve(&self.config.controller) => t,
                 _ = &mut shutdown => return Stopped::Shutdown,
+            };
+            let start = last
+                .as_ref()
+                .and_then(|url| targets.iter().position(|t| &t.url == url))
+                .map_or(0, |i| (i + 1) % targets.len());
+            let opened = tokio::select! {
+                r = self.connect(&targets, start) => r,
+                _ = &mut shutdown => return Stopped::Shutdown,
+            };
+            let result = match opened {
+                Ok((i, open)) => {
+                    last = Some(targets[i].url.clone());
+                    backoff.reset();
+                    if self
+                        .was_connected
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        self.metrics.reconnects.inc();
+                    }
+                    self.metrics.connected.set(1);
+                    let result = tokio::select! {
+                        r = self.in_session(open.tx, open.commands, open.interval, open.not_after) => r,
+                        _ = &mut shutdown => return Stopped::Shutdown,
+                    };
+                    self.metrics.connected.set(0);
+                    result
+                }
+                Err(e) => Err(e),
             };
             let delay = backoff.delay();
             match result {
@@ -288,6 +533,68 @@ impl Agent {
                 _ = &mut shutdown => return Stopped::Shutdown,
             }
         }
+    }
+
+    /// One round over `targets` from `start` (see [`Round`]): the Session
+    /// the first controller to take it opened, with that target's index, or
+    /// the last attempt's error. Logs each move from one controller to the
+    /// next, with why.
+    async fn connect(&self, targets: &[Target], start: usize) -> Result<(usize, Open), AgentError> {
+        let mut round = Round::new(targets.len(), start);
+        // Why the last attempt failed, said with where the agent goes next;
+        // `true` when the round's error would not say it (a leader not
+        // followed), so that it is said even when no attempt follows.
+        let mut moving: Option<(usize, String, bool)> = None;
+        let mut failure = AgentError::NoController;
+        while let Some(i) = round.next() {
+            let target = &targets[i];
+            if let Some((from, why, _)) = moving.take() {
+                tracing::warn!("controller {} {why}; trying {target}", targets[from]);
+            }
+            let e = match tokio::time::timeout(OPEN_TIMEOUT, self.open(target)).await {
+                Ok(Ok(open)) => return Ok((i, open)),
+                Ok(Err(e)) => e,
+                Err(_) => AgentError::Timeout(OPEN_TIMEOUT),
+            };
+            let leader = match &e {
+                AgentError::Refused(status) => leader_named(status),
+                _ => None,
+            };
+            moving = match leader {
+                None => Some((
+                    i,
+                    format!("did not take the Session ({})", crate::error_chain(&e)),
+                    false,
+                )),
+                Some(leader) => match leader_target(targets, leader).await {
+                    Some(j) if round.follow(j) => {
+                        tracing::info!(
+                            "controller {target} is a standby; following the leader at {leader}"
+                        );
+                        None
+                    }
+                    Some(_) => Some((
+                        i,
+                        format!(
+                            "is a standby; the leader it names, {leader}, was tried in this round already"
+                        ),
+                        false,
+                    )),
+                    None => Some((
+                        i,
+                        format!(
+                            "is a standby and names the leader at {leader}, which is not a configured controller; not following it"
+                        ),
+                        true,
+                    )),
+                },
+            };
+            failure = e;
+        }
+        if let Some((from, why, true)) = moving {
+            tracing::warn!("controller {} {why}", targets[from]);
+        }
+        Err(failure)
     }
 
     /// A certificate request for the minion's key.
@@ -319,10 +626,14 @@ impl Agent {
         }
     }
 
-    async fn session(&self, backoff: &mut Backoff) -> Result<(), AgentError> {
+    /// Joins the controller at `target` and opens the Session: with the
+    /// certificate when the agent has one (whichever controller issued it:
+    /// they share the minion CA), else with the join token or the
+    /// instance's identity document.
+    async fn open(&self, target: &Target) -> Result<Open, AgentError> {
         let held = self.current_certificate();
         let channel = self
-            .endpoint(held.as_ref())?
+            .endpoint(&target.url, held.as_ref())?
             .connect()
             .await
             .map_err(AgentError::Connect)?;
@@ -381,7 +692,7 @@ impl Agent {
         if held.is_none() {
             // The Session's connection must present the certificate.
             let channel = self
-                .endpoint(Some(&issued))?
+                .endpoint(&target.url, Some(&issued))?
                 .connect()
                 .await
                 .map_err(AgentError::Connect)?;
@@ -392,7 +703,7 @@ impl Agent {
             .map(|s| Duration::from_millis(u64::from(s.report_interval_ms)))
             .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_REPORT_INTERVAL);
-        tracing::info!(minion = %joined.minion_id, "joined fleet {}", self.config.fleet);
+        tracing::info!(minion = %joined.minion_id, controller = %target, "joined fleet {}", self.config.fleet);
 
         let (tx, rx) = mpsc::channel(8);
         let hello = pb::SessionMessage {
@@ -408,19 +719,12 @@ impl Agent {
             .await
             .map_err(AgentError::Refused)?
             .into_inner();
-        backoff.reset();
-        if self
-            .was_connected
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            self.metrics.reconnects.inc();
-        }
-        self.metrics.connected.set(1);
-        let result = self
-            .in_session(tx, commands, interval, issued.not_after)
-            .await;
-        self.metrics.connected.set(0);
-        result
+        Ok(Open {
+            tx,
+            commands,
+            interval,
+            not_after: issued.not_after,
+        })
     }
 
     /// Reports every interval and obeys commands until the Session ends.
@@ -549,6 +853,123 @@ mod tests {
             renew_after(issued, issued + Duration::from_millis(500)),
             Duration::from_secs(1)
         );
+    }
+
+    fn controllers(list: &[&str]) -> Controllers {
+        Controllers::parse(list.iter().map(|a| ("controller".to_owned(), *a))).unwrap()
+    }
+
+    fn target(configured: &str, url: &str, addr: Option<&str>) -> Target {
+        Target {
+            configured: configured.to_owned(),
+            url: url.to_owned(),
+            addr: addr.map(|a| a.parse().unwrap()),
+        }
+    }
+
+    #[tokio::test]
+    async fn ip_addresses_are_dialled_as_written_and_once() {
+        let t = resolve(&controllers(&[
+            "https://10.0.0.1:7070",
+            "https://[::1]:7070/",
+            "https://10.0.0.2",
+        ]))
+        .await;
+        assert_eq!(
+            t,
+            vec![
+                target(
+                    "https://10.0.0.1:7070",
+                    "https://10.0.0.1:7070",
+                    Some("10.0.0.1:7070")
+                ),
+                target(
+                    "https://[::1]:7070",
+                    "https://[::1]:7070",
+                    Some("[::1]:7070")
+                ),
+                target("https://10.0.0.2", "https://10.0.0.2", Some("10.0.0.2:443")),
+            ]
+        );
+        assert_eq!(t[0].to_string(), "https://10.0.0.1:7070");
+        let by_name = target(
+            "https://ctl:7070",
+            "https://10.0.0.9:7070",
+            Some("10.0.0.9:7070"),
+        );
+        assert_eq!(by_name.to_string(), "https://ctl:7070 (10.0.0.9:7070)");
+    }
+
+    #[test]
+    fn a_leader_is_followed_only_to_a_configured_controller() {
+        let targets = [
+            target(
+                "https://10.0.0.1:7070",
+                "https://10.0.0.1:7070",
+                Some("10.0.0.1:7070"),
+            ),
+            target(
+                "https://ctl:7070",
+                "https://10.0.0.2:7070",
+                Some("10.0.0.2:7070"),
+            ),
+            target(
+                "https://ctl:7070",
+                "https://10.0.0.3:7070",
+                Some("10.0.0.3:7070"),
+            ),
+            target("https://gone:7070", "https://gone:7070", None),
+        ];
+        let m = |leader: &str, resolved: &[&str]| {
+            let resolved: Vec<SocketAddr> = resolved.iter().map(|a| a.parse().unwrap()).collect();
+            match_leader(
+                &targets,
+                &ControllerAddress::parse(leader).unwrap(),
+                &resolved,
+            )
+        };
+        assert_eq!(m("https://10.0.0.1:7070", &["10.0.0.1:7070"]), Some(0));
+        // Named differently from the configuration, at a configured address.
+        assert_eq!(
+            m("https://ctl-c.internal:7070", &["10.0.0.3:7070"]),
+            Some(2)
+        );
+        // A configured name that does not resolve here.
+        assert_eq!(m("https://gone:7070", &[]), Some(3));
+        // Outside the set: another port, another host.
+        assert_eq!(m("https://10.0.0.1:7071", &["10.0.0.1:7071"]), None);
+        assert_eq!(m("https://evil.example:7070", &["192.0.2.1:7070"]), None);
+    }
+
+    #[test]
+    fn a_round_tries_each_target_once_and_the_leader_next() {
+        let all = |r: &mut Round| r.collect::<Vec<_>>();
+        assert_eq!(all(&mut Round::new(1, 0)), vec![0]);
+        assert_eq!(all(&mut Round::new(3, 1)), vec![1, 2, 0]);
+        let mut r = Round::new(4, 0);
+        assert_eq!(r.next(), Some(0));
+        // Target 0 is a standby naming 2 as the leader.
+        assert!(r.follow(2));
+        assert_eq!(r.next(), Some(2));
+        // 2 names 0 back: tried already in this round.
+        assert!(!r.follow(0));
+        assert_eq!(all(&mut r), vec![3, 1]);
+        assert!(!r.follow(1));
+    }
+
+    #[test]
+    fn only_an_unavailable_answer_names_a_leader() {
+        let mut standby = tonic::Status::unavailable("a standby");
+        standby
+            .metadata_mut()
+            .insert(LEADER_METADATA, "https://10.0.0.2:7070".parse().unwrap());
+        assert_eq!(leader_named(&standby), Some("https://10.0.0.2:7070"));
+        assert_eq!(leader_named(&tonic::Status::unavailable("no leader")), None);
+        let mut other = tonic::Status::permission_denied("no");
+        other
+            .metadata_mut()
+            .insert(LEADER_METADATA, "https://10.0.0.2:7070".parse().unwrap());
+        assert_eq!(leader_named(&other), None);
     }
 
     #[test]

@@ -53,8 +53,9 @@ pub enum ConfigError {
 
 #[derive(Clone, Debug)]
 pub struct MinionConfig {
-    /// The controller's gRPC address, `https://host:port`.
-    pub controller: String,
+    /// The controllers' gRPC addresses: one, or several when controllers
+    /// run active/passive and the agent follows whichever leads.
+    pub controller: Controllers,
     /// The CA that signed the controller's certificate (public, not secret).
     pub ca_file: PathBuf,
     /// The name the controller's certificate was issued for.
@@ -77,6 +78,123 @@ pub struct MinionConfig {
     /// and the local provider, which pass `--instance-id` and have no warm
     /// pool.
     pub aws: Option<AwsSection>,
+}
+
+/// The controllers an agent (or the CLI, which reads its `controller` into
+/// this type too) may talk to, in the order configured. When several
+/// controllers share one store, one of them leads and the others answer
+/// with the leader's address (DESIGN.md, High availability); a host name
+/// that resolves to several addresses stands for each of them, which only
+/// a connection attempt finds out (see [`crate::agent::resolve`]).
+///
+/// Never empty; no address twice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Controllers(Vec<ControllerAddress>);
+
+impl Controllers {
+    /// The addresses as written, each paired with the key that names it in
+    /// an error (`controller` for a single address, `controller[i]` for one
+    /// of a list). Err: the key and what was expected there.
+    pub fn parse<'a>(
+        items: impl IntoIterator<Item = (String, &'a str)>,
+    ) -> Result<Controllers, (String, String)> {
+        let mut list: Vec<(String, ControllerAddress)> = Vec::new();
+        for (key, text) in items {
+            let address = ControllerAddress::parse(text).map_err(|e| (key.clone(), e))?;
+            if let Some((first, _)) = list.iter().find(|(_, a)| *a == address) {
+                return Err((
+                    key,
+                    format!("an address not listed already; {text:?} is also {first}"),
+                ));
+            }
+            list.push((key, address));
+        }
+        if list.is_empty() {
+            return Err(("controller".to_owned(), "at least one address".to_owned()));
+        }
+        Ok(Controllers(list.into_iter().map(|(_, a)| a).collect()))
+    }
+
+    pub fn addresses(&self) -> &[ControllerAddress] {
+        &self.0
+    }
+}
+
+/// As an operator wrote them: `https://a:7070, https://b:7070`.
+impl std::fmt::Display for Controllers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(a.url())?;
+        }
+        Ok(())
+    }
+}
+
+/// True for a single address written as `other`, so code that knew one
+/// controller can still compare.
+impl PartialEq<String> for Controllers {
+    fn eq(&self, other: &String) -> bool {
+        matches!(self.0.as_slice(), [one] if one.url() == other.as_str())
+    }
+}
+
+/// One controller's gRPC address: `https://host:port` (port 443 when none
+/// is written).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControllerAddress {
+    /// As written, without a trailing `/`.
+    url: String,
+    /// Without an IPv6 address's brackets, ready for a resolver.
+    host: String,
+    port: u16,
+}
+
+impl ControllerAddress {
+    /// Err: what was expected instead.
+    pub fn parse(text: &str) -> Result<ControllerAddress, String> {
+        let like = || format!("an address like \"https://10.0.0.2:7070\", got {text:?}");
+        if !text.starts_with("https://") {
+            return Err("an https:// address (gRPC is always TLS)".to_owned());
+        }
+        let uri: Uri = text.parse().map_err(|_| like())?;
+        let authority = uri.authority().ok_or_else(like)?;
+        let path_is_empty = matches!(uri.path(), "" | "/") && uri.query().is_none();
+        let host = authority.host();
+        if !path_is_empty || host.is_empty() || authority.as_str().contains('@') {
+            return Err(like());
+        }
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        Ok(ControllerAddress {
+            url: text.trim_end_matches('/').to_owned(),
+            host: host.to_owned(),
+            port: authority.port_u16().unwrap_or(443),
+        })
+    }
+
+    /// `https://host:port` as written.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl std::fmt::Display for ControllerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
 }
 
 /// What the agent takes from EC2's instance metadata service (IMDSv2).
@@ -309,7 +427,8 @@ pub struct ReferenceSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
-    controller: Option<String>,
+    /// One address or a list: read as a value to say which it got.
+    controller: Option<toml::Value>,
     ca_file: Option<PathBuf>,
     server_name: Option<String>,
     fleet: Option<String>,
@@ -441,26 +560,8 @@ impl MinionConfig {
         // Every independent problem is reported, not only the first: each
         // top-level key, the [engine] table and the [aws] table.
         let mut errors = Vec::new();
-        let controller = keep(
-            &mut errors,
-            raw.controller
-                .ok_or_else(|| {
-                    invalid(
-                        "controller",
-                        "the controller's address, like \"https://10.0.0.2:7070\"",
-                    )
-                })
-                .and_then(|c| {
-                    if c.starts_with("https://") {
-                        Ok(c)
-                    } else {
-                        Err(invalid(
-                            "controller",
-                            "an https:// address (gRPC is always TLS)",
-                        ))
-                    }
-                }),
-        );
+        let ctx = Ctx { file, base };
+        let controller = keep(&mut errors, controllers(&ctx, raw.controller));
         let ca_file = keep(
             &mut errors,
             raw.ca_file.ok_or_else(|| {
@@ -475,7 +576,6 @@ impl MinionConfig {
         );
         let join_token_file = raw.join_token_file.map(resolve);
         let state_dir = raw.state_dir.map(resolve);
-        let ctx = Ctx { file, base };
         let engine = match raw.engine {
             None => keep(&mut errors, Err(invalid("engine", "an [engine] table"))),
             Some(e) => engine_section(&ctx, e, &mut errors),
@@ -635,6 +735,44 @@ impl MinionConfig {
             _ => Err(ConfigError::Many(errors)),
         }
     }
+}
+
+/// `controller`: one address, or a list of them.
+fn controllers(ctx: &Ctx, raw: Option<toml::Value>) -> Result<Controllers, ConfigError> {
+    let items = match raw {
+        None => {
+            return Err(ctx.invalid(
+                "controller",
+                "the controller's address, like \"https://10.0.0.2:7070\", or a list of the controllers' addresses",
+            ));
+        }
+        Some(toml::Value::String(s)) => vec![("controller".to_owned(), s)],
+        Some(toml::Value::Array(list)) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                toml::Value::String(s) => Ok((format!("controller[{i}]"), s)),
+                other => Err(ctx.invalid(
+                    &format!("controller[{i}]"),
+                    format!(
+                        "an address like \"https://10.0.0.2:7070\", got {}",
+                        other.type_str()
+                    ),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(ctx.invalid(
+                "controller",
+                format!(
+                    "an address like \"https://10.0.0.2:7070\" or a list of addresses, got {}",
+                    other.type_str()
+                ),
+            ));
+        }
+    };
+    Controllers::parse(items.iter().map(|(k, v)| (k.clone(), v.as_str())))
+        .map_err(|(key, expected)| ctx.invalid(&key, expected))
 }
 
 /// The value, or None with its error kept for the report.
@@ -1677,6 +1815,53 @@ mod tests {
         assert!(
             engine_err(&exec.replace("connections = [\"enginectl\", \"connections\"]", ""))
                 .starts_with("m.toml: engine.exec.connections: a command that prints the open inbound connections"),
+        );
+    }
+
+    #[test]
+    fn controller_is_one_address_or_a_list() {
+        let parse = |value: &str| {
+            MinionConfig::parse(
+                Path::new("m.toml"),
+                &GOOD.replace("\"https://127.0.0.1:7070\"", value),
+            )
+        };
+        let one = parse("\"https://127.0.0.1:7070\"").expect("one address");
+        assert_eq!(one.controller, "https://127.0.0.1:7070".to_owned());
+        assert_eq!(one.controller.addresses().len(), 1);
+        let two =
+            parse("[\"https://ctl-a:7070\", \"https://10.0.0.2:7070/\", \"https://[fd00::3]\"]")
+                .expect("a list");
+        let a = two.controller.addresses();
+        assert_eq!(
+            a.iter().map(|a| (a.host(), a.port())).collect::<Vec<_>>(),
+            vec![("ctl-a", 7070), ("10.0.0.2", 7070), ("fd00::3", 443)]
+        );
+        assert_eq!(
+            two.controller.to_string(),
+            "https://ctl-a:7070, https://10.0.0.2:7070, https://[fd00::3]"
+        );
+        let err = |value: &str| parse(value).expect_err(value).to_string();
+        assert_eq!(err("[]"), "m.toml: controller: at least one address");
+        assert_eq!(
+            err("[\"https://a:7070\", \"http://b:7070\"]"),
+            "m.toml: controller[1]: an https:// address (gRPC is always TLS)"
+        );
+        assert_eq!(
+            err("[\"https://a:7070\", 7070]"),
+            "m.toml: controller[1]: an address like \"https://10.0.0.2:7070\", got integer"
+        );
+        assert_eq!(
+            err("[\"https://a:7070\", \"https://a:7070/\"]"),
+            "m.toml: controller[1]: an address not listed already; \"https://a:7070/\" is also controller[0]"
+        );
+        assert_eq!(
+            err("\"https://a:7070/grpc\""),
+            "m.toml: controller: an address like \"https://10.0.0.2:7070\", got \"https://a:7070/grpc\""
+        );
+        assert_eq!(
+            err("7070"),
+            "m.toml: controller: an address like \"https://10.0.0.2:7070\" or a list of addresses, got integer"
         );
     }
 

@@ -1,7 +1,9 @@
 //! The admin commands: one gRPC call each within a deadline (`--timeout`),
 //! a table that fits the terminal for people (`-o wide` for every column)
 //! and `--json` for scripts, a progress line while `--wait` waits, and an
-//! `events -f` that outlives a controller restart.
+//! `events -f` that outlives a controller restart. With several controllers
+//! each call goes to the leader (see `client`), and `gru controller status`
+//! asks every one of them which leads.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -10,11 +12,9 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
 use gru_proto::v1 as pb;
-use gru_proto::v1::admin_service_client::AdminServiceClient;
 use indicatif::{ProgressBar, ProgressStyle};
-use tonic::transport::Channel;
 
-use crate::client::{self, Admin, Controller, Deadline};
+use crate::client::{self, Admin, Deadline};
 
 /// Poll interval while waiting.
 const WAIT_POLL: Duration = Duration::from_millis(250);
@@ -44,7 +44,20 @@ pub struct Common {
     pub config: Option<PathBuf>,
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout, help = TIMEOUT_HELP)]
     pub timeout: Option<Duration>,
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        value_delimiter = ',',
+        help = CONTROLLER_HELP
+    )]
+    pub controller: Vec<String>,
 }
+
+const CONTROLLER_HELP: &str = "The controller's address (https://host:port) instead of the client config's \
+`controller`. Several controllers (one leads, the others are standbys): repeat the flag or separate the \
+addresses with commas. The CLI tries them in turn and follows a standby to the leader it names, if that \
+is one of them";
 
 impl Common {
     /// The deadline of a command that makes one call.
@@ -53,7 +66,7 @@ impl Common {
     }
 
     async fn connect(&self, deadline: Deadline) -> anyhow::Result<Admin> {
-        client::connect(self.config.as_deref(), deadline).await
+        client::connect(self.config.as_deref(), &self.controller, deadline).await
     }
 }
 
@@ -407,13 +420,12 @@ fn wants_json(json: bool, output: Option<Output>) -> bool {
 
 pub async fn fleet_ls(a: FleetLsArgs) -> anyhow::Result<()> {
     let mut admin = a.common.connect(a.common.deadline()).await?;
-    let fleets = client::call(
-        &admin.to,
-        "ListFleets",
-        admin.client.list_fleets(pb::ListFleetsRequest {}),
-    )
-    .await?
-    .fleets;
+    let fleets = admin
+        .call("ListFleets", async |c| {
+            c.list_fleets(pb::ListFleetsRequest {}).await
+        })
+        .await?
+        .fleets;
     if wants_json(a.json, a.output) {
         return print_json(&fleets);
     }
@@ -427,7 +439,8 @@ pub async fn minion_ls(a: MinionLsArgs) -> anyhow::Result<()> {
         fleet: a.fleet.unwrap_or_default(),
         include_gone: a.all,
     };
-    let minions = client::call(&admin.to, "ListMinions", admin.client.list_minions(req))
+    let minions = admin
+        .call("ListMinions", async |c| c.list_minions(req.clone()).await)
         .await?
         .minions;
     if wants_json(a.json, a.output) {
@@ -535,12 +548,10 @@ fn print_minion(m: &pb::Minion) {
 
 pub async fn minion_get(a: MinionGetArgs) -> anyhow::Result<()> {
     let mut admin = a.common.connect(a.common.deadline()).await?;
-    let m = client::call(
-        &admin.to,
-        "GetMinion",
-        admin.client.get_minion(pb::GetMinionRequest { id: a.id }),
-    )
-    .await?;
+    let req = pb::GetMinionRequest { id: a.id };
+    let m = admin
+        .call("GetMinion", async |c| c.get_minion(req.clone()).await)
+        .await?;
     if a.json {
         return print_json(&m);
     }
@@ -619,7 +630,9 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
         target: Some(target),
         until_unix_ms,
     };
-    let fleet = client::call(&admin.to, "Scale", admin.client.scale(req)).await?;
+    let fleet = admin
+        .call("Scale", async |c| c.scale(req.clone()).await)
+        .await?;
     if !a.wait {
         if a.json {
             return print_json(&fleet);
@@ -646,17 +659,13 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
         pb::scale_request::Target::Desired(n) => Some(n),
         pb::scale_request::Target::Auto(_) => None,
     };
-    let client = admin.client.clone();
-    let address = admin.to.address.clone();
     let name = a.fleet.clone();
     let (fleet, took) = wait_with_progress(timeout, move || {
-        let to = Controller {
-            address: address.clone(),
-            deadline: deadlines.step(),
-        };
-        let (client, name) = (client.clone(), name.clone());
+        let mut admin = admin.clone();
+        admin.to.deadline = deadlines.step();
+        let name = name.clone();
         async move {
-            let f = get_fleet(client, &to, &name).await?;
+            let f = get_fleet(&mut admin, &name).await?;
             let goal = want.unwrap_or(f.desired);
             let status = format!(
                 "fleet {}: {}/{goal} in service, {} starting, {} draining",
@@ -686,18 +695,13 @@ pub async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get_fleet(
-    mut client: AdminServiceClient<Channel>,
-    to: &Controller,
-    name: &str,
-) -> anyhow::Result<pb::Fleet> {
-    let fleets = client::call(
-        to,
-        "ListFleets",
-        client.list_fleets(pb::ListFleetsRequest {}),
-    )
-    .await?
-    .fleets;
+async fn get_fleet(admin: &mut Admin, name: &str) -> anyhow::Result<pb::Fleet> {
+    let fleets = admin
+        .call("ListFleets", async |c| {
+            c.list_fleets(pb::ListFleetsRequest {}).await
+        })
+        .await?
+        .fleets;
     fleets
         .into_iter()
         .find(|f| f.name == name)
@@ -756,7 +760,9 @@ pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
         id: a.id.clone(),
         replace: a.replace,
     };
-    let m = client::call(&admin.to, "Drain", admin.client.drain(req)).await?;
+    let m = admin
+        .call("Drain", async |c| c.drain(req.clone()).await)
+        .await?;
     if !a.wait {
         if a.json {
             return print_json(&m);
@@ -767,22 +773,15 @@ pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let client = admin.client.clone();
-    let address = admin.to.address.clone();
     let id = m.id.clone();
     let (m, took) = wait_with_progress(timeout, move || {
-        let to = Controller {
-            address: address.clone(),
-            deadline: deadlines.step(),
-        };
-        let (mut client, id) = (client.clone(), id.clone());
+        let mut admin = admin.clone();
+        admin.to.deadline = deadlines.step();
+        let req = pb::GetMinionRequest { id: id.clone() };
         async move {
-            let m = client::call(
-                &to,
-                "GetMinion",
-                client.get_minion(pb::GetMinionRequest { id }),
-            )
-            .await?;
+            let m = admin
+                .call("GetMinion", async |c| c.get_minion(req.clone()).await)
+                .await?;
             let status = format!(
                 "minion {}: {} (queued {}, in flight {}, connections {})",
                 m.id, m.state, m.queue_depth, m.in_flight, m.open_connections
@@ -810,19 +809,15 @@ pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
 pub async fn pause(a: FleetArg, paused: bool) -> anyhow::Result<()> {
     let mut admin = a.common.connect(a.common.deadline()).await?;
     let fleet = if paused {
-        client::call(
-            &admin.to,
-            "Pause",
-            admin.client.pause(pb::PauseRequest { fleet: a.fleet }),
-        )
-        .await?
+        let req = pb::PauseRequest { fleet: a.fleet };
+        admin
+            .call("Pause", async |c| c.pause(req.clone()).await)
+            .await?
     } else {
-        client::call(
-            &admin.to,
-            "Resume",
-            admin.client.resume(pb::ResumeRequest { fleet: a.fleet }),
-        )
-        .await?
+        let req = pb::ResumeRequest { fleet: a.fleet };
+        admin
+            .call("Resume", async |c| c.resume(req.clone()).await)
+            .await?
     };
     if a.json {
         return print_json(&fleet);
@@ -840,12 +835,10 @@ pub async fn pause(a: FleetArg, paused: bool) -> anyhow::Result<()> {
 
 pub async fn explain(a: FleetArg) -> anyhow::Result<()> {
     let mut admin = a.common.connect(a.common.deadline()).await?;
-    let d = client::call(
-        &admin.to,
-        "Explain",
-        admin.client.explain(pb::ExplainRequest { fleet: a.fleet }),
-    )
-    .await?;
+    let req = pb::ExplainRequest { fleet: a.fleet };
+    let d = admin
+        .call("Explain", async |c| c.explain(req.clone()).await)
+        .await?;
     if a.json {
         return print_json(&d);
     }
@@ -880,14 +873,10 @@ pub struct MinionForgetArgs {
 
 pub async fn minion_forget(a: MinionForgetArgs) -> anyhow::Result<()> {
     let mut admin = a.common.connect(a.common.deadline()).await?;
-    let r = client::call(
-        &admin.to,
-        "ForgetMinion",
-        admin
-            .client
-            .forget_minion(pb::ForgetMinionRequest { id: a.id.clone() }),
-    )
-    .await?;
+    let req = pb::ForgetMinionRequest { id: a.id.clone() };
+    let r = admin
+        .call("ForgetMinion", async |c| c.forget_minion(req.clone()).await)
+        .await?;
     if r.forgotten {
         println!(
             "{}: forgotten; it may join with its identity document once more",
@@ -904,12 +893,9 @@ pub async fn minion_forget(a: MinionForgetArgs) -> anyhow::Result<()> {
 
 pub async fn whoami(a: WhoamiArgs) -> anyhow::Result<()> {
     let mut admin = a.common.connect(a.common.deadline()).await?;
-    let me = client::call(
-        &admin.to,
-        "WhoAmI",
-        admin.client.who_am_i(pb::WhoAmIRequest {}),
-    )
-    .await?;
+    let me = admin
+        .call("WhoAmI", async |c| c.who_am_i(pb::WhoAmIRequest {}).await)
+        .await?;
     if a.json {
         return print_json(&me);
     }
@@ -925,6 +911,230 @@ pub async fn whoami(a: WhoamiArgs) -> anyhow::Result<()> {
         println!("may call: {}", me.allowed.join(", "));
     }
     Ok(())
+}
+
+const STATUS_HELP: &str = "\
+Asks every configured controller (the client config's `controller`, or --controller; a name that \
+resolves to several addresses is asked at each), not only the leader, and prints one row each: \
+leader, standby, or unreachable and why, with the lease as that controller sees it. Exits 0 when \
+exactly one controller says it leads (one controller reached at several addresses counts once), \
+1 when none or several do.";
+
+#[derive(Args)]
+#[command(after_help = STATUS_HELP)]
+pub struct ControllerStatusArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One controller's row in `gru controller status`.
+#[derive(serde::Serialize)]
+struct StatusRow {
+    /// Where it was asked.
+    address: String,
+    /// `leader`, `standby` or `unreachable`.
+    role: &'static str,
+    /// Why it is unreachable; empty otherwise.
+    error: String,
+    /// The rest as the controller answered (zero values when unreachable).
+    controller: String,
+    leading: bool,
+    leader: String,
+    leader_address: String,
+    leader_since_unix_ms: i64,
+    lease_version: u64,
+    lease_duration_ms: i64,
+    store: String,
+}
+
+impl StatusRow {
+    fn answered(address: String, s: pb::ControllerStatusResponse) -> StatusRow {
+        StatusRow {
+            address,
+            role: if s.leading { "leader" } else { "standby" },
+            error: String::new(),
+            controller: s.controller,
+            leading: s.leading,
+            leader: s.leader,
+            leader_address: s.leader_address,
+            leader_since_unix_ms: s.leader_since_unix_ms,
+            lease_version: s.lease_version,
+            lease_duration_ms: s.lease_duration_ms,
+            store: s.store,
+        }
+    }
+
+    fn unreachable(address: String, error: String) -> StatusRow {
+        StatusRow {
+            address,
+            role: "unreachable",
+            error,
+            controller: String::new(),
+            leading: false,
+            leader: String::new(),
+            leader_address: String::new(),
+            leader_since_unix_ms: 0,
+            lease_version: 0,
+            lease_duration_ms: 0,
+            store: String::new(),
+        }
+    }
+}
+
+/// One controller asked for its status, within `deadline`.
+async fn ask_status(reach: &client::Reach, i: usize, deadline: Deadline) -> StatusRow {
+    let address = reach.targets()[i].to_string();
+    let mut c = match reach.dial(i, deadline).await {
+        Ok(c) => c,
+        Err(e) => return StatusRow::unreachable(address, e.to_string()),
+    };
+    let call = c.controller_status(pb::ControllerStatusRequest {});
+    match tokio::time::timeout_at(deadline.at(), call).await {
+        Ok(Ok(r)) => StatusRow::answered(address, r.into_inner()),
+        Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => StatusRow::unreachable(
+            address.clone(),
+            format!(
+                "the controller at {address} does not answer ControllerStatus (a gru older than this CLI?)"
+            ),
+        ),
+        Ok(Err(s)) => {
+            let e = client::explain_status(&address, s).to_string();
+            StatusRow::unreachable(address, e)
+        }
+        Err(_) => StatusRow::unreachable(
+            address.clone(),
+            client::ReachError::NoAnswer {
+                address,
+                within: deadline.budget(),
+                stage: client::Stage::Reply("ControllerStatus"),
+            }
+            .to_string(),
+        ),
+    }
+}
+
+/// A moment in this machine's time zone, with how long ago it was.
+fn local_time_and_age(unix_ms: i64, now_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".to_owned();
+    }
+    let at = jiff::Timestamp::from_millisecond(unix_ms)
+        .map(|t| {
+            t.to_zoned_datetime(jiff::tz::TimeZone::system())
+                .strftime("%Y-%m-%d %H:%M:%S %Z")
+                .to_string()
+        })
+        .unwrap_or_else(|_| unix_ms.to_string());
+    let ago = u64::try_from(now_ms.saturating_sub(unix_ms)).unwrap_or(0);
+    format!("{at} ({} ago)", age(ago))
+}
+
+/// The leaders among `rows`: one controller reached at several addresses
+/// (a name for every address of a host) is counted once, by its name and
+/// store.
+fn leaders(rows: &[StatusRow]) -> Vec<&StatusRow> {
+    let mut seen = std::collections::BTreeSet::new();
+    rows.iter()
+        .filter(|r| r.leading && seen.insert((r.controller.as_str(), r.store.as_str())))
+        .collect()
+}
+
+pub async fn controller_status(a: ControllerStatusArgs) -> anyhow::Result<()> {
+    let deadline = a.common.deadline();
+    let reach =
+        client::Reach::load(a.common.config.as_deref(), &a.common.controller, deadline).await?;
+    let rows: Vec<StatusRow> = futures::future::join_all(
+        (0..reach.targets().len()).map(|i| ask_status(&reach, i, deadline)),
+    )
+    .await;
+    if a.json {
+        print_json(&rows)?;
+    } else {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut t = table(
+            &[
+                "ADDRESS",
+                "CONTROLLER",
+                "ROLE",
+                "LEADER",
+                "LEADER ADDRESS",
+                "LEADING SINCE",
+                "LEASE VERSION",
+                "LEASE",
+                "STORE",
+            ],
+            false,
+        );
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
+        for r in &rows {
+            if r.role == "unreachable" {
+                t.add_row(vec![
+                    r.address.clone(),
+                    "-".to_owned(),
+                    format!("unreachable: {}", r.error),
+                ]);
+                continue;
+            }
+            // A store without a lease (SQLite): the controller leads alone.
+            let leader = match (r.leader.as_str(), r.leading) {
+                ("", true) => "(itself)".to_owned(),
+                ("", false) => "none".to_owned(),
+                (name, _) => name.to_owned(),
+            };
+            let (version, duration) = if r.lease_duration_ms > 0 {
+                (
+                    r.lease_version.to_string(),
+                    humantime::format_duration(Duration::from_millis(r.lease_duration_ms as u64))
+                        .to_string(),
+                )
+            } else {
+                ("-".to_owned(), "none".to_owned())
+            };
+            t.add_row(vec![
+                r.address.clone(),
+                dash(&r.controller),
+                r.role.to_owned(),
+                leader,
+                dash(&r.leader_address),
+                local_time_and_age(r.leader_since_unix_ms, now_ms),
+                version,
+                duration,
+                dash(&r.store),
+            ]);
+        }
+        println!("{t}");
+    }
+    let leading = leaders(&rows);
+    let unreachable = rows.iter().filter(|r| r.role == "unreachable").count();
+    let asked = if unreachable > 0 {
+        format!("{} asked, {unreachable} unreachable", rows.len())
+    } else {
+        format!("{} asked", rows.len())
+    };
+    match leading.as_slice() {
+        [_] => Ok(()),
+        [] => bail!("no controller says it leads ({asked})"),
+        several => bail!(
+            "{} controllers say they lead: {} ({asked})",
+            several.len(),
+            several
+                .iter()
+                .map(|r| format!("{} at {}", r.controller, r.address))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// Prints one event: a JSON object, or a line with the time of day (the
@@ -961,7 +1171,9 @@ async fn open_events(
         follow: a.follow,
         since_unix_ms,
     };
-    let stream = client::call(&admin.to, "WatchEvents", admin.client.watch_events(req)).await?;
+    let stream = admin
+        .call("WatchEvents", async |c| c.watch_events(req.clone()).await)
+        .await?;
     Ok((admin, stream))
 }
 

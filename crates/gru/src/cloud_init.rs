@@ -310,6 +310,15 @@ fn cloudformation_vars(args: &RenderArgs) -> anyhow::Result<BTreeMap<&'static st
         downstream: "${Downstream}",
         max_connection_age: &args.max_connection_age,
     })?;
+    // The stack names one controller or a list of two (its Fn::Sub
+    // variable ControllerUrls, already TOML): the value goes in unquoted.
+    let one =
+        format!("controller = \"https://${{Controller.PrivateIp}}:{DEFAULT_CONTROLLER_PORT}\"");
+    ensure!(
+        toml.contains(&one),
+        "the minion config has no line {one:?} to put the stack's controllers in"
+    );
+    let toml = toml.replacen(&one, "controller = ${ControllerUrls}", 1);
     Ok(BTreeMap::from([
         ("minion_toml", toml),
         (

@@ -47,8 +47,15 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the controller service.
-    Controller(ControllerArgs),
+    /// Run the controller service (`gru controller --config F`), or ask every
+    /// configured controller which one leads (`gru controller status`).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Controller {
+        #[command(flatten)]
+        service: ControllerArgs,
+        #[command(subcommand)]
+        command: Option<ControllerCommand>,
+    },
     /// Run the minion agent (`gru minion --config F`), or list and inspect minions.
     #[command(args_conflicts_with_subcommands = true)]
     Minion {
@@ -105,8 +112,8 @@ enum Command {
 #[derive(Args)]
 struct ControllerArgs {
     /// The controller's TOML config.
-    #[arg(long, short, env = "GRU_CONTROLLER_CONFIG")]
-    config: PathBuf,
+    #[arg(long, short, env = "GRU_CONTROLLER_CONFIG", required = true)]
+    config: Option<PathBuf>,
     /// Check the config, print every problem found, and exit.
     #[arg(long)]
     check_config: bool,
@@ -124,6 +131,12 @@ struct MinionAgentArgs {
     /// Check the config and exit.
     #[arg(long)]
     check_config: bool,
+}
+
+#[derive(Subcommand)]
+enum ControllerCommand {
+    /// Which controller leads: every configured controller is asked, one row each.
+    Status(admin::ControllerStatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -173,10 +186,22 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Controller(args) => {
+        Command::Controller {
+            service,
+            command: None,
+        } => {
+            // clap insists on --config here; this only keeps the type honest.
+            let Some(config) = service.config else {
+                eprintln!("invalid configuration: `gru controller` needs --config FILE");
+                return ExitCode::from(EXIT_CONFIG);
+            };
             init_tracing(cli.log_format);
-            return dev::run_controller(&args.config, args.check_config).await;
+            return dev::run_controller(&config, service.check_config).await;
         }
+        Command::Controller {
+            command: Some(ControllerCommand::Status(a)),
+            ..
+        } => admin::controller_status(a).await,
         Command::Minion {
             agent,
             command: None,
