@@ -70,6 +70,8 @@ struct Cluster {
     url: String,
     /// With [`Setup::ha`]: the second controller's address.
     url_b: Option<String>,
+    /// With [`Setup::ha`]: the two controllers' metrics addresses.
+    metrics: Option<(String, String)>,
     ca: PathBuf,
     /// With [`Setup::identity`]: the stand-in signer's key.
     signer_key: Option<PathBuf>,
@@ -203,6 +205,7 @@ impl Cluster {
         let port_b = testing::free_port();
         // With two controllers: the table in moto (the controllers' default
         // account), a minion CA both issue from, and each its own name.
+        let metrics_ports = (testing::free_port(), testing::free_port());
         let ha_keys = |name: &str, port: u16| -> String {
             if !hooks.ha {
                 return String::new();
@@ -245,6 +248,7 @@ impl Cluster {
                 format!(
                     r#"
 listen = "127.0.0.1:{port}"
+{metrics_line}
 report_interval = "200ms"
 lost_timeout = "5s"
 eval_interval = "200ms"
@@ -268,6 +272,16 @@ max_attempts = 1
 heartbeat_interval = "500ms"
 {hook_keys}{identity}{ha}"#,
                     ha = ha_keys(name, port),
+                    metrics_line = if hooks.ha {
+                        let m = if file == "controller" {
+                            metrics_ports.0
+                        } else {
+                            metrics_ports.1
+                        };
+                        format!("metrics_listen = \"127.0.0.1:{m}\"\n")
+                    } else {
+                        String::new()
+                    },
                     // With identity documents, no join token anywhere.
                     token_line = if hooks.identity {
                         String::new()
@@ -320,6 +334,12 @@ heartbeat_interval = "500ms"
             standby: None,
             url: format!("https://127.0.0.1:{port}"),
             url_b: hooks.ha.then(|| format!("https://127.0.0.1:{port_b}")),
+            metrics: hooks.ha.then(|| {
+                (
+                    format!("127.0.0.1:{}", metrics_ports.0),
+                    format!("127.0.0.1:{}", metrics_ports.1),
+                )
+            }),
             ca: pki.ca_cert.clone(),
             signer_key,
             imds: Default::default(),
@@ -1254,6 +1274,16 @@ fn signal(pid: i32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
+/// `gru_controller_leading` as the controller at metrics address `addr`
+/// serves it.
+fn leading(addr: &str) -> i64 {
+    let body = crate::observe::get_ok(addr, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix("gru_controller_leading "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no gru_controller_leading at {addr}:\n{body}"))
+}
+
 /// The lease item in the HA set-up's table, read as a standby would.
 fn lease_holder(cluster: &Cluster) -> Option<gru_aws::dynamo::LeaseRecord> {
     let client = testing::dynamodb_client(&cluster._moto.url, DEFAULT_ACCOUNT);
@@ -1283,6 +1313,10 @@ fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() 
     let sink = Sink::start();
     let (ids, minions) = cluster.two_in_service(&sink);
     assert_eq!(lease_holder(&cluster).expect("a lease").holder, "ctl-a");
+    // Both answer scrapes: the leader says it leads, the standby that it
+    // does not.
+    let (metrics_a, metrics_b) = cluster.metrics.clone().expect("HA metrics");
+    assert_eq!((leading(&metrics_a), leading(&metrics_b)), (1, 0));
 
     cluster.ok(&["scale", FLEET, "1"]);
     let victim = wait_until("a drain to begin", WAIT, || {
@@ -1308,6 +1342,7 @@ fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() 
         killed.elapsed()
     );
     assert_eq!(lease_holder(&cluster).expect("a lease").holder, "ctl-b");
+    assert_eq!(leading(&metrics_b), 1);
 
     let gone = wait_until("the victim to be gone", Duration::from_secs(120), || {
         cluster

@@ -87,7 +87,7 @@ fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A GET that must answer 200.
-fn get_ok(addr: &str, path: &str) -> String {
+pub(crate) fn get_ok(addr: &str, path: &str) -> String {
     let r = http_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
     assert_eq!(
         r.status, 200,

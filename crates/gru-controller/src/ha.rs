@@ -51,6 +51,27 @@ pub struct LeaseStatus {
     pub store: String,
 }
 
+/// Registers `gru_controller_leading`: 1 on the controller that leads (and
+/// on a controller with a store of its own), 0 on a standby.
+pub fn register_leading(registry: &mut prometheus_client::registry::Registry, leading: bool) {
+    let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    gauge.set(i64::from(leading));
+    registry.register(
+        "gru_controller_leading",
+        "Whether this controller leads (1) or stands by (0)",
+        gauge,
+    );
+}
+
+/// What a standby serves on its metrics address until it leads: that it
+/// is up, which gru it is, and that it does not lead.
+pub fn standby_metrics_site() -> gru_proto::metrics::Site {
+    let mut prom = prometheus_client::registry::Registry::default();
+    gru_proto::metrics::register_build_info(&mut prom, "controller");
+    register_leading(&mut prom, false);
+    gru_proto::metrics::Site::new(prom)
+}
+
 /// A lease a controller leads or waits under.
 pub trait Leadership: Send + Sync + 'static {
     /// What is known now (no I/O).

@@ -451,6 +451,8 @@ impl Controller {
     pub fn metrics_site(self: &Arc<Self>) -> gru_proto::metrics::Site {
         let mut prom = prometheus_client::registry::Registry::default();
         gru_proto::metrics::register_build_info(&mut prom, "controller");
+        // It serves only while it leads: a deposed leader stops.
+        crate::ha::register_leading(&mut prom, true);
         self.metrics.register(&mut prom);
         prom.register_collector(Box::new(FleetCollector {
             fleets: self.fleets.values().cloned().collect(),

@@ -218,6 +218,18 @@ async fn serve_shared(config: ControllerConfig, dynamo: DynamoStoreConfig) -> an
     let socket = listener.into_std()?;
     let standby_socket = TcpListener::from_std(socket.try_clone()?)?;
     let listener = TcpListener::from_std(socket)?;
+    // The metrics address the same way: a standby answers there too (that
+    // it is up and does not lead), so a scrape never finds it silent.
+    let (standby_metrics, metrics) = match metrics {
+        Some(m) => {
+            let socket = m.into_std()?;
+            (
+                Some(TcpListener::from_std(socket.try_clone()?)?),
+                Some(TcpListener::from_std(socket)?),
+            )
+        }
+        None => (None, None),
+    };
 
     let mut interrupt = armed_interrupt(false).await;
     let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -225,6 +237,16 @@ async fn serve_shared(config: ControllerConfig, dynamo: DynamoStoreConfig) -> an
     notifier.ready();
 
     let (stop_standby, standby_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_standby_metrics, standby_metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let standby_metrics = standby_metrics.map(|m| {
+        tokio::spawn(gru_proto::metrics::serve(
+            m,
+            gru_controller::ha::standby_metrics_site(),
+            async {
+                let _ = standby_metrics_stopped.await;
+            },
+        ))
+    });
     let standby = {
         let config = config.clone();
         let leadership = lease.clone();
@@ -271,6 +293,10 @@ async fn serve_shared(config: ControllerConfig, dynamo: DynamoStoreConfig) -> an
         }
     };
     let _ = stop_standby.send(());
+    let _ = stop_standby_metrics.send(());
+    if let Some(task) = standby_metrics {
+        let _ = task.await;
+    }
     match standby.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(anyhow!(gru_controller::reconcile::error_chain(&e))),
