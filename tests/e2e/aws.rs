@@ -392,19 +392,34 @@ heartbeat_interval = "500ms"
     }
 
     /// [`wait_until`], with every process's log in the message on timeout.
-    fn wait<T>(&self, what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(
-                start.elapsed() < deadline,
-                "timed out after {deadline:?} waiting for {what}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn wait<T>(&self, what: &str, deadline: Duration, f: impl FnMut() -> Option<T>) -> T {
+        crate::harness::wait_until_or(what, deadline, f, || self.logs())
+    }
+
+    /// Two controllers on one table, the first leading ([`Setup::ha`]).
+    fn start_ha() -> Cluster {
+        Cluster::start_with(Setup {
+            ha: true,
+            ..Setup::default()
+        })
+    }
+
+    /// Starts the first controller again (after it was killed or stepped
+    /// down) and waits until it stands by.
+    fn restart_first_as_standby(&mut self) {
+        self.controller = spawn_named_controller(self.dir.path(), "controller");
+        self.wait_for_standby("controller");
+    }
+
+    /// Waits until the controller `client` (`client-b.toml`) names answers
+    /// as the leader.
+    fn wait_to_lead(&self, client: &str) {
+        self.wait(&format!("the controller of {client} to lead"), WAIT, || {
+            self.gru_with(client, &["fleet", "ls"])
+                .status
+                .success()
+                .then_some(())
+        });
     }
 
     /// Waits until the controller logging to `NAME.log` stands by: it
@@ -1306,10 +1321,7 @@ fn lease_holder(cluster: &Cluster) -> Option<gru_aws::dynamo::LeaseRecord> {
 /// drain completes, and the group is decremented exactly once.
 #[test]
 fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() {
-    let mut cluster = Cluster::start_with(Setup {
-        ha: true,
-        ..Setup::default()
-    });
+    let mut cluster = Cluster::start_ha();
     let sink = Sink::start();
     let (ids, minions) = cluster.two_in_service(&sink);
     assert_eq!(lease_holder(&cluster).expect("a lease").holder, "ctl-a");
@@ -1330,13 +1342,7 @@ fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() 
     let killed = Instant::now();
     cluster.controller.child.kill().expect("kill the leader");
     let _ = cluster.controller.child.wait();
-    wait_until("the standby to lead", WAIT, || {
-        cluster
-            .gru_with("client-b.toml", &["fleet", "ls"])
-            .status
-            .success()
-            .then_some(())
-    });
+    cluster.wait_to_lead("client-b.toml");
     eprintln!(
         "failover (leader SIGKILLed mid-drain → standby serves): {:?}",
         killed.elapsed()
@@ -1379,8 +1385,7 @@ fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() 
     assert_eq!(cluster.targets(), BTreeSet::from([survivor]));
 
     // The killed controller comes back as a standby.
-    cluster.controller = spawn_named_controller(cluster.dir.path(), "controller");
-    cluster.wait_for_standby("controller");
+    cluster.restart_first_as_standby();
     cluster.stop(minions);
     sink.stop();
 }
@@ -1391,21 +1396,12 @@ fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() 
 /// set, though the old one's memory still holds the old pin.
 #[test]
 fn a_paused_leader_finds_itself_deposed_and_changes_nothing() {
-    let mut cluster = Cluster::start_with(Setup {
-        ha: true,
-        ..Setup::default()
-    });
+    let mut cluster = Cluster::start_ha();
     let sink = Sink::start();
     let (ids, minions) = cluster.two_in_service(&sink);
     let old = cluster.controller.pid();
     signal(old, "STOP");
-    wait_until("the standby to lead", WAIT, || {
-        cluster
-            .gru_with("client-b.toml", &["fleet", "ls"])
-            .status
-            .success()
-            .then_some(())
-    });
+    cluster.wait_to_lead("client-b.toml");
     let b = |args: &[&str]| {
         let out = cluster.gru_with("client-b.toml", args);
         assert!(
@@ -1454,8 +1450,7 @@ fn a_paused_leader_finds_itself_deposed_and_changes_nothing() {
     assert_eq!((lease.holder.as_str(), lease.term), ("ctl-b", term_b.term));
     assert!(ids.is_superset(&survivor));
 
-    cluster.controller = spawn_named_controller(cluster.dir.path(), "controller");
-    cluster.wait_for_standby("controller");
+    cluster.restart_first_as_standby();
     cluster.stop(minions);
     sink.stop();
 }
@@ -1466,10 +1461,7 @@ fn a_paused_leader_finds_itself_deposed_and_changes_nothing() {
 /// maximum; asserts only that every failover happened.
 #[test]
 fn every_one_of_ten_leader_kills_is_taken_over_by_the_standby() {
-    let mut cluster = Cluster::start_with(Setup {
-        ha: true,
-        ..Setup::default()
-    });
+    let mut cluster = Cluster::start_ha();
     let mut times = Vec::new();
     for i in 0..10 {
         // Even rounds kill the first controller, odd ones the second.
@@ -1485,13 +1477,7 @@ fn every_one_of_ten_leader_kills_is_taken_over_by_the_standby() {
         let killed = Instant::now();
         victim.child.kill().expect("kill the leader");
         let _ = victim.child.wait();
-        wait_until(&format!("kill {i}: the standby to lead"), WAIT, || {
-            cluster
-                .gru_with(survivor_client, &["fleet", "ls"])
-                .status
-                .success()
-                .then_some(())
-        });
+        cluster.wait_to_lead(survivor_client);
         times.push(killed.elapsed());
         let restarted = spawn_named_controller(cluster.dir.path(), victim_name);
         if i % 2 == 0 {

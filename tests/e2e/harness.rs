@@ -13,7 +13,17 @@ use serde_json::Value;
 pub const GRU: &str = env!("CARGO_BIN_EXE_gru");
 
 /// Polls `f` until it returns Some, or panics naming `what` at the deadline.
-pub fn wait_until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_until<T>(what: &str, deadline: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_until_or(what, deadline, f, String::new)
+}
+
+/// [`wait_until`], with what `context` says (logs) in the panic message.
+pub fn wait_until_or<T>(
+    what: &str,
+    deadline: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -21,7 +31,8 @@ pub fn wait_until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Opti
         }
         assert!(
             start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
+            "timed out after {deadline:?} waiting for {what}\n{}",
+            context()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -494,18 +494,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let caller = self.caller(&request)?;
-        Ok(Response::new(pb::WhoAmIResponse {
-            identity: caller.identity,
-            role: caller.role.map(|r| r.to_string()).unwrap_or_default(),
-            because: caller.because,
-            allowed: caller
-                .role
-                .into_iter()
-                .flat_map(access::allowed)
-                .map(str::to_owned)
-                .collect(),
-        }))
+        Ok(Response::new(who_am_i(self.caller(&request)?)))
     }
 
     async fn controller_status(
@@ -598,16 +587,7 @@ impl AdminApi {
 
     #[allow(clippy::result_large_err)]
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let der = request
-            .peer_certs()
-            .and_then(|certs| certs.first().cloned())
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "admin calls need a client certificate signed by the controller's CA",
-                )
-            })?;
-        let subject = Subject::from_der(der.as_ref()).map_err(Status::unauthenticated)?;
-        Ok(self.controller.config.access.caller(&subject))
+        caller(request, &self.controller.config.access)
     }
 
     #[allow(clippy::result_large_err)]
@@ -632,5 +612,35 @@ impl AdminApi {
         drop(reg);
         self.controller.wake(name);
         Ok(())
+    }
+}
+
+/// Who made `request`, by its client certificate, under `access`.
+#[allow(clippy::result_large_err)]
+pub(crate) fn caller<T>(request: &Request<T>, access: &access::Access) -> Result<Caller, Status> {
+    let der = request
+        .peer_certs()
+        .and_then(|certs| certs.first().cloned())
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "admin calls need a client certificate signed by the controller's CA",
+            )
+        })?;
+    let subject = Subject::from_der(der.as_ref()).map_err(Status::unauthenticated)?;
+    Ok(access.caller(&subject))
+}
+
+/// The answer to `WhoAmI` for `caller`.
+pub(crate) fn who_am_i(caller: Caller) -> pb::WhoAmIResponse {
+    pb::WhoAmIResponse {
+        identity: caller.identity,
+        role: caller.role.map(|r| r.to_string()).unwrap_or_default(),
+        because: caller.because,
+        allowed: caller
+            .role
+            .into_iter()
+            .flat_map(access::allowed)
+            .map(str::to_owned)
+            .collect(),
     }
 }

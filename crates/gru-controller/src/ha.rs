@@ -23,7 +23,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::{self, Caller, Subject};
+use crate::access::Caller;
 use crate::config::{ControllerConfig, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT};
 use crate::front_door;
 use crate::server::ServeError;
@@ -155,16 +155,7 @@ impl Standby {
 
     #[allow(clippy::result_large_err)]
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let der = request
-            .peer_certs()
-            .and_then(|certs| certs.first().cloned())
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "admin calls need a client certificate signed by the controller's CA",
-                )
-            })?;
-        let subject = Subject::from_der(der.as_ref()).map_err(Status::unauthenticated)?;
-        Ok(self.config.access.caller(&subject))
+        crate::admin_api::caller(request, &self.config.access)
     }
 
     #[allow(clippy::result_large_err)]
@@ -263,18 +254,9 @@ impl AdminService for Standby {
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let caller = self.caller(&request)?;
-        Ok(Response::new(pb::WhoAmIResponse {
-            identity: caller.identity,
-            role: caller.role.map(|r| r.to_string()).unwrap_or_default(),
-            because: caller.because,
-            allowed: caller
-                .role
-                .into_iter()
-                .flat_map(access::allowed)
-                .map(str::to_owned)
-                .collect(),
-        }))
+        Ok(Response::new(crate::admin_api::who_am_i(
+            self.caller(&request)?,
+        )))
     }
 
     async fn controller_status(

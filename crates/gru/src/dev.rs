@@ -163,6 +163,18 @@ pub async fn run_controller(path: &Path, check_only: bool) -> ExitCode {
     }
 }
 
+/// The metrics listener, when metrics are on.
+async fn bind_metrics(at: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match at {
+        Some(at) => {
+            Ok(Some(TcpListener::bind(at).await.with_context(|| {
+                format!("cannot listen for metrics on {at}")
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
 /// `gru controller`'s exit status after it lost the leader lease (EX_TEMPFAIL:
 /// systemd's Restart=on-failure starts it again, as a standby).
 pub const EXIT_DEPOSED: u8 = 75;
@@ -204,14 +216,7 @@ async fn serve_shared(config: ControllerConfig, dynamo: DynamoStoreConfig) -> an
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let metrics = match config.metrics_listen {
-        Some(at) => Some(
-            TcpListener::bind(at)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {at}"))?,
-        ),
-        None => None,
-    };
+    let metrics = bind_metrics(config.metrics_listen).await?;
     // One listening socket, two handles: the standby server serves on one
     // until the lease is taken, then the leader on the other (never bound
     // twice, so no connection is refused in between).
@@ -441,14 +446,7 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let metrics = match config.metrics_listen {
-        Some(at) => Some(
-            TcpListener::bind(at)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {at}"))?,
-        ),
-        None => None,
-    };
+    let metrics = bind_metrics(config.metrics_listen).await?;
     let metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
     let mut built = Vec::new();
     for f in &config.fleets {

@@ -15,13 +15,9 @@ mod minion;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use gru_cloud::{
-    CapacityGroup, CloudError, GroupState, Instance, InstanceId, InstanceLifecycle, Target,
-    TargetGroup, TargetState,
-};
 use gru_controller::ha::{Leadership, LeaseStatus};
 use gru_controller::pki::DevPki;
 use gru_controller::registry::MinionRecord;
@@ -178,7 +174,7 @@ impl Leader {
             .enable_all()
             .build()
             .expect("runtime");
-        let group = Arc::new(FixedGroup::new(instances));
+        let group = gru_cloud::testing::ScriptedGroup::new(instances);
         let fleet = FleetRuntime::new(config.fleets[0].clone(), group.clone(), group);
         let store = SqliteStore::open(&config.state_dir).expect("store");
         let controller = {
@@ -291,59 +287,6 @@ impl FixedLease {
 impl Leadership for FixedLease {
     fn status(&self) -> LeaseStatus {
         self.0.lock().expect("lease").clone()
-    }
-}
-
-/// A group that holds these instances, in service, and does what it is
-/// told without changing them; its target group answers healthy at once.
-struct FixedGroup {
-    state: Mutex<GroupState>,
-}
-
-impl FixedGroup {
-    fn new(instances: &[&str]) -> FixedGroup {
-        FixedGroup {
-            state: Mutex::new(GroupState {
-                desired: u32::try_from(instances.len()).expect("few"),
-                min: 0,
-                max: 3,
-                instances: instances
-                    .iter()
-                    .map(|id| Instance {
-                        id: InstanceId::from(*id),
-                        lifecycle: InstanceLifecycle::InService,
-                        launched_at: SystemTime::now(),
-                    })
-                    .collect(),
-            }),
-        }
-    }
-}
-
-#[async_trait]
-impl CapacityGroup for FixedGroup {
-    async fn describe(&self) -> Result<GroupState, CloudError> {
-        Ok(self.state.lock().expect("group").clone())
-    }
-    async fn set_desired(&self, desired: u32) -> Result<(), CloudError> {
-        self.state.lock().expect("group").desired = desired;
-        Ok(())
-    }
-    async fn terminate(&self, _id: &InstanceId, _decrement: bool) -> Result<(), CloudError> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl TargetGroup for FixedGroup {
-    async fn register(&self, _target: &Target) -> Result<(), CloudError> {
-        Ok(())
-    }
-    async fn deregister(&self, _target: &Target) -> Result<(), CloudError> {
-        Ok(())
-    }
-    async fn target_state(&self, _target: &Target) -> Result<TargetState, CloudError> {
-        Ok(TargetState::Healthy)
     }
 }
 

@@ -18,10 +18,9 @@ use aws_sdk_dynamodb::types::{
 };
 use gru_aws::dynamo::{self, DynamoStore, Fence};
 use gru_aws::testing::random_account;
-use gru_controller::store::{
-    DrainRow, EventRow, FleetRow, LedgerRow, Loaded, MinionRow, Origin, PinRow, SCHEMA_VERSION,
-    Store, StoreError,
-};
+use gru_controller::store::conformance;
+use gru_controller::store::examples::{event, fleet, full_minion, minion};
+use gru_controller::store::{EventRow, LedgerRow, Loaded, SCHEMA_VERSION, Store, StoreError};
 
 use super::{bounded, moto};
 
@@ -121,76 +120,6 @@ fn s(value: &str) -> AttributeValue {
     AttributeValue::S(value.to_owned())
 }
 
-fn minion(id: &str) -> MinionRow {
-    MinionRow {
-        id: id.to_owned(),
-        fleet: "web".to_owned(),
-        instance: format!("i-{id}"),
-        state: "InService".to_owned(),
-        state_since_ms: 1_000,
-        created_ms: 500,
-        engine_address: None,
-        registered: false,
-        drain: None,
-        launch_completed: false,
-        termination_completed: false,
-        hook_heartbeat_ms: None,
-        deregistered_ms: None,
-    }
-}
-
-/// Every optional field set.
-fn full_minion(id: &str) -> MinionRow {
-    MinionRow {
-        engine_address: Some("10.0.1.7:2575".to_owned()),
-        registered: true,
-        drain: Some(DrainRow {
-            decrement: true,
-            reason: "scale in".to_owned(),
-            overdue_reported: true,
-        }),
-        launch_completed: true,
-        termination_completed: true,
-        hook_heartbeat_ms: Some(2_000),
-        deregistered_ms: Some(3_000),
-        state: "Draining:Flushing".to_owned(),
-        ..minion(id)
-    }
-}
-
-fn fleet(name: &str) -> FleetRow {
-    FleetRow {
-        name: name.to_owned(),
-        paused: Some(Origin {
-            by: "admin CN=alice".to_owned(),
-            at_ms: 7,
-        }),
-        pin: Some(PinRow {
-            desired: 3,
-            until_ms: Some(9_000),
-            origin: Origin {
-                by: "gru dev".to_owned(),
-                at_ms: 8,
-            },
-        }),
-        policy_memory: r#"{"last":4}"#.to_owned(),
-    }
-}
-
-fn event(at_ms: i64, fleet: &str, minion: Option<&str>) -> EventRow {
-    EventRow {
-        seq: 0,
-        at_ms,
-        fleet: fleet.to_owned(),
-        minion: minion.map(str::to_owned),
-        kind: "transition".to_owned(),
-        message: format!("at {at_ms}"),
-        from: Some("Joining".to_owned()),
-        to: Some("InService".to_owned()),
-        actor: None,
-    }
-}
-
 fn messages(events: &[EventRow]) -> Vec<String> {
     events.iter().map(|e| e.message.clone()).collect()
 }
@@ -277,31 +206,7 @@ async fn every_row_survives_a_reopen() {
 async fn put_replaces_and_delete_forgets() {
     bounded(async {
         let client = table().await;
-        let store = leader(&client, 1).await;
-        store.put_minion(&full_minion("m-1")).unwrap();
-        store.put_minion(&minion("m-2")).unwrap();
-        let replaced = MinionRow {
-            state: "Gone".to_owned(),
-            ..minion("m-1")
-        };
-        store.put_minion(&replaced).unwrap();
-        assert_eq!(store.load().unwrap().minions, [replaced, minion("m-2")]);
-
-        store
-            .append_events(&[event(1, "web", Some("m-2"))])
-            .unwrap();
-        store.delete_minion("m-2").unwrap();
-        store.delete_minion("never-existed").unwrap();
-        assert_eq!(store.load().unwrap().minions.len(), 1);
-        assert_eq!(store.minion_events("m-2", 10).unwrap().len(), 1);
-
-        let mut web = fleet("web");
-        store.put_fleet(&web).unwrap();
-        web.paused = None;
-        web.pin = None;
-        web.policy_memory = "y".to_owned();
-        store.put_fleet(&web).unwrap();
-        assert_eq!(store.load().unwrap().fleets, [web]);
+        conformance::put_replaces_and_delete_forgets(&leader(&client, 1).await);
     })
     .await;
 }
@@ -310,40 +215,7 @@ async fn put_replaces_and_delete_forgets() {
 async fn a_minion_and_its_events_land_together() {
     bounded(async {
         let client = table().await;
-        let store = leader(&client, 1).await;
-        let m = minion("m-1");
-        store
-            .put_minion_with_events(
-                &m,
-                &[event(1, "web", Some("m-1")), event(2, "web", Some("m-1"))],
-            )
-            .unwrap();
-        assert_eq!(store.load().unwrap().minions, vec![m.clone()]);
-        let history = store.minion_events("m-1", 10).unwrap();
-        assert_eq!(messages(&history), ["at 1", "at 2"]);
-        assert_eq!(seqs(&history), [1, 2]);
-
-        // No events: the row alone.
-        let draining = MinionRow {
-            state: "Draining:Flushing".to_owned(),
-            ..m.clone()
-        };
-        store.put_minion_with_events(&draining, &[]).unwrap();
-        assert_eq!(store.load().unwrap().minions, [draining]);
-        assert_eq!(store.minion_events("m-1", 10).unwrap().len(), 2);
-
-        // More events than one transaction holds: the row lands, and the
-        // events follow with consecutive numbers.
-        let gone = MinionRow {
-            state: "Gone".to_owned(),
-            ..m
-        };
-        let many: Vec<EventRow> = (3..=152).map(|at| event(at, "web", Some("m-1"))).collect();
-        store.put_minion_with_events(&gone, &many).unwrap();
-        assert_eq!(store.load().unwrap().minions, [gone]);
-        let history = store.minion_events("m-1", 1000).unwrap();
-        assert_eq!(seqs(&history), (1..=152).collect::<Vec<u64>>());
-        assert_eq!(history[151].message, "at 152");
+        conformance::a_minion_and_its_events_land_together(&leader(&client, 1).await);
     })
     .await;
 }
@@ -352,37 +224,10 @@ async fn a_minion_and_its_events_land_together() {
 async fn decrement_claims() {
     bounded(async {
         let client = table().await;
-        let store = leader(&client, 1).await;
-        assert!(store.claim_decrement("i-1", "m-1", "web", 1).unwrap());
-        assert!(!store.claim_decrement("i-1", "m-1", "web", 2).unwrap());
-        // The losing claim did not overwrite the standing one.
-        assert_eq!(store.load().unwrap().ledger[0].asked_ms, 1);
-
-        store.release_decrement("i-1").unwrap();
-        assert!(store.load().unwrap().ledger.is_empty());
-        assert!(store.claim_decrement("i-1", "m-1", "web", 3).unwrap());
-
-        store.confirm_decrement("i-1", 4).unwrap();
-        store.confirm_decrement("i-1", 5).unwrap();
-        store.release_decrement("i-1").unwrap();
-        assert!(!store.claim_decrement("i-1", "m-1", "web", 6).unwrap());
-        store.release_decrement("i-never").unwrap();
-
-        let err = store.confirm_decrement("i-2", 7).unwrap_err();
-        assert!(
-            matches!(&err, StoreError::NoClaim { instance, .. } if instance == "i-2"),
-            "{err}"
-        );
-        assert!(err.to_string().contains("i-2"), "{err}");
-        drop(store);
-
-        let store = open(&client, 1).await;
-        assert!(!store.claim_decrement("i-1", "m-1", "web", 8).unwrap());
-        store.release_decrement("i-1").unwrap();
-        assert!(!store.claim_decrement("i-1", "m-1", "web", 9).unwrap());
-        let ledger = store.load().unwrap().ledger;
-        assert_eq!(ledger.len(), 1);
-        assert_eq!((ledger[0].asked_ms, ledger[0].confirmed_ms), (3, Some(4)));
+        let first = leader(&client, 1).await;
+        // Opened now, used once the first is dropped.
+        let second = open(&client, 1).await;
+        conformance::decrement_claims(first, || second);
     })
     .await;
 }
@@ -421,40 +266,7 @@ async fn an_identity_join_is_once_until_forgotten_and_survives_a_reopen() {
 async fn events_since_filters_orders_and_keeps_the_newest() {
     bounded(async {
         let client = table().await;
-        let store = leader(&client, 1).await;
-        let seqs_given = store
-            .append_events(&[
-                event(10, "web", None),
-                event(20, "batch", None),
-                event(20, "web", Some("m-1")),
-                event(30, "web", None),
-                event(40, "batch", None),
-            ])
-            .unwrap();
-        assert_eq!(seqs_given, [1, 2, 3, 4, 5]);
-        assert_eq!(store.append_events(&[]).unwrap(), Vec::<u64>::new());
-
-        let all = store.events_since(20, None, 100).unwrap();
-        assert_eq!(messages(&all), ["at 20", "at 20", "at 30", "at 40"]);
-        assert_eq!(seqs(&all), [2, 3, 4, 5]);
-
-        let web = store.events_since(0, Some("web"), 100).unwrap();
-        assert_eq!(messages(&web), ["at 10", "at 20", "at 30"]);
-        assert!(web.iter().all(|e| e.fleet == "web"));
-
-        let newest = store.events_since(0, Some("web"), 2).unwrap();
-        assert_eq!(messages(&newest), ["at 20", "at 30"]);
-        let newest = store.events_since(0, None, 1).unwrap();
-        assert_eq!(messages(&newest), ["at 40"]);
-        assert!(store.events_since(0, None, 0).unwrap().is_empty());
-        assert!(store.events_since(41, None, 10).unwrap().is_empty());
-        assert!(store.events_since(0, Some("nope"), 10).unwrap().is_empty());
-
-        // The order is the append order, even when the clock stepped back.
-        store.append_events(&[event(15, "web", None)]).unwrap();
-        let web = store.events_since(0, Some("web"), 100).unwrap();
-        assert_eq!(messages(&web), ["at 10", "at 20", "at 30", "at 15"]);
-        assert_eq!(seqs(&web), [1, 3, 4, 6]);
+        conformance::events_since_filters_orders_and_keeps_the_newest(&leader(&client, 1).await);
     })
     .await;
 }
@@ -463,26 +275,7 @@ async fn events_since_filters_orders_and_keeps_the_newest() {
 async fn minion_events_are_that_minions_oldest_first() {
     bounded(async {
         let client = table().await;
-        let store = leader(&client, 1).await;
-        store
-            .append_events(&[
-                event(1, "web", Some("m-1")),
-                event(2, "web", Some("m-2")),
-                event(3, "web", None),
-                event(4, "web", Some("m-1")),
-                event(5, "web", Some("m-1")),
-            ])
-            .unwrap();
-        assert_eq!(
-            messages(&store.minion_events("m-1", 10).unwrap()),
-            ["at 1", "at 4", "at 5"]
-        );
-        assert_eq!(
-            messages(&store.minion_events("m-1", 2).unwrap()),
-            ["at 4", "at 5"]
-        );
-        assert!(store.minion_events("m-1", 0).unwrap().is_empty());
-        assert!(store.minion_events("m-3", 10).unwrap().is_empty());
+        conformance::minion_events_are_that_minions_oldest_first(&leader(&client, 1).await);
     })
     .await;
 }
@@ -491,26 +284,9 @@ async fn minion_events_are_that_minions_oldest_first() {
 async fn prune_deletes_older_and_never_reuses_seqs() {
     bounded(async {
         let client = table().await;
-        let store = leader(&client, 1).await;
-        store
-            .append_events(&[
-                event(1, "web", None),
-                event(2, "web", None),
-                event(3, "web", None),
-            ])
-            .unwrap();
-        assert_eq!(store.prune_events(3).unwrap(), 2);
-        assert_eq!(store.prune_events(3).unwrap(), 0);
-        assert_eq!(
-            messages(&store.events_since(i64::MIN, None, 10).unwrap()),
-            ["at 3"]
-        );
-        assert_eq!(store.prune_events(4).unwrap(), 1);
-        assert!(store.events_since(i64::MIN, None, 10).unwrap().is_empty());
-        drop(store);
-
-        let store = open(&client, 1).await;
-        assert_eq!(store.append_events(&[event(5, "web", None)]).unwrap(), [4]);
+        let first = leader(&client, 1).await;
+        let second = open(&client, 1).await;
+        conformance::prune_deletes_older_and_never_reuses_seqs(first, || second);
     })
     .await;
 }

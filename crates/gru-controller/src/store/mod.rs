@@ -20,6 +20,8 @@
 
 use std::path::PathBuf;
 
+pub mod conformance;
+pub mod examples;
 pub mod sqlite;
 
 pub use sqlite::SqliteStore;

@@ -1050,61 +1050,9 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::conformance;
+    use crate::store::examples::{event, full_minion, minion};
     use std::sync::Arc;
-
-    fn minion(id: &str) -> MinionRow {
-        MinionRow {
-            id: id.to_owned(),
-            fleet: "web".to_owned(),
-            instance: format!("i-{id}"),
-            state: "InService".to_owned(),
-            state_since_ms: 1_000,
-            created_ms: 500,
-            engine_address: None,
-            registered: false,
-            drain: None,
-            launch_completed: false,
-            termination_completed: false,
-            hook_heartbeat_ms: None,
-            deregistered_ms: None,
-        }
-    }
-
-    fn full_minion(id: &str) -> MinionRow {
-        MinionRow {
-            state: "Draining:Flushing".to_owned(),
-            engine_address: Some("10.0.0.7:9000".to_owned()),
-            registered: true,
-            drain: Some(DrainRow {
-                decrement: true,
-                reason: "scale in: idle".to_owned(),
-                overdue_reported: true,
-            }),
-            launch_completed: true,
-            termination_completed: true,
-            hook_heartbeat_ms: Some(-5),
-            deregistered_ms: Some(i64::MAX),
-            ..minion(id)
-        }
-    }
-
-    fn event(at_ms: i64, fleet: &str, minion: Option<&str>) -> EventRow {
-        EventRow {
-            seq: 0,
-            at_ms,
-            fleet: fleet.to_owned(),
-            minion: minion.map(str::to_owned),
-            kind: "step".to_owned(),
-            message: format!("at {at_ms}"),
-            from: None,
-            to: None,
-            actor: None,
-        }
-    }
-
-    fn messages(events: &[EventRow]) -> Vec<&str> {
-        events.iter().map(|e| e.message.as_str()).collect()
-    }
 
     fn db(dir: &tempfile::TempDir) -> PathBuf {
         dir.path().join(DB_FILE)
@@ -1188,14 +1136,7 @@ mod tests {
     #[test]
     fn a_minion_and_its_events_land_together() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let m = minion("m-1");
-        let e = event(5, &m.fleet, Some("m-1"));
-        store.put_minion_with_events(&m, &[e.clone(), e]).unwrap();
-        drop(store);
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(store.load().unwrap().minions, [m]);
-        assert_eq!(store.minion_events("m-1", 10).unwrap().len(), 2);
+        conformance::a_minion_and_its_events_land_together(&SqliteStore::open(dir.path()).unwrap());
     }
 
     #[test]
@@ -1325,38 +1266,7 @@ mod tests {
     #[test]
     fn put_replaces_and_delete_forgets() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        store.put_minion(&full_minion("m-1")).unwrap();
-        store.put_minion(&minion("m-2")).unwrap();
-        let replaced = MinionRow {
-            state: "Gone".to_owned(),
-            ..minion("m-1")
-        };
-        store.put_minion(&replaced).unwrap();
-        assert_eq!(store.load().unwrap().minions, [replaced, minion("m-2")]);
-
-        store
-            .append_events(&[event(1, "web", Some("m-2"))])
-            .unwrap();
-        store.delete_minion("m-2").unwrap();
-        store.delete_minion("never-existed").unwrap();
-        assert_eq!(store.load().unwrap().minions.len(), 1);
-        assert_eq!(store.minion_events("m-2", 10).unwrap().len(), 1);
-
-        let mut fleet = FleetRow {
-            name: "web".to_owned(),
-            paused: Some(Origin {
-                by: "a".to_owned(),
-                at_ms: 1,
-            }),
-            pin: None,
-            policy_memory: "x".to_owned(),
-        };
-        store.put_fleet(&fleet).unwrap();
-        fleet.paused = None;
-        fleet.policy_memory = "y".to_owned();
-        store.put_fleet(&fleet).unwrap();
-        assert_eq!(store.load().unwrap().fleets, [fleet]);
+        conformance::put_replaces_and_delete_forgets(&SqliteStore::open(dir.path()).unwrap());
     }
 
     #[test]
@@ -1385,34 +1295,9 @@ mod tests {
     #[test]
     fn decrement_claims() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert!(store.claim_decrement("i-1", "m-1", "web", 1).unwrap());
-        assert!(!store.claim_decrement("i-1", "m-1", "web", 2).unwrap());
-        // The losing claim did not overwrite the standing one.
-        assert_eq!(store.load().unwrap().ledger[0].asked_ms, 1);
-
-        store.release_decrement("i-1").unwrap();
-        assert!(store.load().unwrap().ledger.is_empty());
-        assert!(store.claim_decrement("i-1", "m-1", "web", 3).unwrap());
-
-        store.confirm_decrement("i-1", 4).unwrap();
-        store.confirm_decrement("i-1", 5).unwrap();
-        store.release_decrement("i-1").unwrap();
-        assert!(!store.claim_decrement("i-1", "m-1", "web", 6).unwrap());
-        store.release_decrement("i-never").unwrap();
-
-        let err = store.confirm_decrement("i-2", 7).unwrap_err();
-        assert!(matches!(&err, StoreError::NoClaim { instance, .. } if instance == "i-2"));
-        assert!(err.to_string().contains("i-2"));
-        drop(store);
-
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert!(!store.claim_decrement("i-1", "m-1", "web", 8).unwrap());
-        store.release_decrement("i-1").unwrap();
-        assert!(!store.claim_decrement("i-1", "m-1", "web", 9).unwrap());
-        let ledger = store.load().unwrap().ledger;
-        assert_eq!(ledger.len(), 1);
-        assert_eq!((ledger[0].asked_ms, ledger[0].confirmed_ms), (3, Some(4)));
+        conformance::decrement_claims(SqliteStore::open(dir.path()).unwrap(), || {
+            SqliteStore::open(dir.path()).unwrap()
+        });
     }
 
     #[test]
@@ -1486,82 +1371,26 @@ mod tests {
     #[test]
     fn events_since_filters_orders_and_keeps_the_newest() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let seqs = store
-            .append_events(&[
-                event(10, "web", None),
-                event(20, "batch", None),
-                event(20, "web", Some("m-1")),
-                event(30, "web", None),
-                event(40, "batch", None),
-            ])
-            .unwrap();
-        assert_eq!(seqs, [1, 2, 3, 4, 5]);
-        assert_eq!(store.append_events(&[]).unwrap(), Vec::<u64>::new());
-
-        let all = store.events_since(20, None, 100).unwrap();
-        assert_eq!(messages(&all), ["at 20", "at 20", "at 30", "at 40"]);
-        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3, 4, 5]);
-
-        let web = store.events_since(0, Some("web"), 100).unwrap();
-        assert_eq!(messages(&web), ["at 10", "at 20", "at 30"]);
-        assert!(web.iter().all(|e| e.fleet == "web"));
-
-        let newest = store.events_since(0, Some("web"), 2).unwrap();
-        assert_eq!(messages(&newest), ["at 20", "at 30"]);
-        let newest = store.events_since(0, None, 1).unwrap();
-        assert_eq!(messages(&newest), ["at 40"]);
-        assert!(store.events_since(0, None, 0).unwrap().is_empty());
-        assert!(store.events_since(41, None, 10).unwrap().is_empty());
-        assert!(store.events_since(0, Some("nope"), 10).unwrap().is_empty());
+        conformance::events_since_filters_orders_and_keeps_the_newest(
+            &SqliteStore::open(dir.path()).unwrap(),
+        );
     }
 
     #[test]
     fn minion_events_are_that_minions_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        store
-            .append_events(&[
-                event(1, "web", Some("m-1")),
-                event(2, "web", Some("m-2")),
-                event(3, "web", None),
-                event(4, "web", Some("m-1")),
-                event(5, "web", Some("m-1")),
-            ])
-            .unwrap();
-        assert_eq!(
-            messages(&store.minion_events("m-1", 10).unwrap()),
-            ["at 1", "at 4", "at 5"]
+        conformance::minion_events_are_that_minions_oldest_first(
+            &SqliteStore::open(dir.path()).unwrap(),
         );
-        assert_eq!(
-            messages(&store.minion_events("m-1", 2).unwrap()),
-            ["at 4", "at 5"]
-        );
-        assert!(store.minion_events("m-3", 10).unwrap().is_empty());
     }
 
     #[test]
     fn prune_deletes_older_and_never_reuses_seqs() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        store
-            .append_events(&[
-                event(1, "web", None),
-                event(2, "web", None),
-                event(3, "web", None),
-            ])
-            .unwrap();
-        assert_eq!(store.prune_events(3).unwrap(), 2);
-        assert_eq!(store.prune_events(3).unwrap(), 0);
-        assert_eq!(
-            messages(&store.events_since(i64::MIN, None, 10).unwrap()),
-            ["at 3"]
+        conformance::prune_deletes_older_and_never_reuses_seqs(
+            SqliteStore::open(dir.path()).unwrap(),
+            || SqliteStore::open(dir.path()).unwrap(),
         );
-        assert_eq!(store.prune_events(4).unwrap(), 1);
-        drop(store);
-
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(store.append_events(&[event(5, "web", None)]).unwrap(), [4]);
     }
 
     #[test]
