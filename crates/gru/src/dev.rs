@@ -154,7 +154,7 @@ pub async fn run_controller(path: &Path, check_only: bool) -> ExitCode {
             }
         };
     }
-    match serve(config, None).await {
+    match serve(config, None, None).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -433,7 +433,12 @@ type OnReady =
 /// Builds the providers and runs the controller until Ctrl-C or SIGTERM
 /// (or, for `gru dev`, SIGHUP).
 /// With `ready`, calls it once everything listens.
-async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Result<()> {
+/// With `listener`, serves on it (already bound to `config.listen`).
+async fn serve(
+    config: ControllerConfig,
+    ready: Option<OnReady>,
+    listener: Option<TcpListener>,
+) -> anyhow::Result<()> {
     let program =
         std::env::current_exe().context("cannot find the gru binary to start minions with")?;
     // The store first: a controller that cannot trust its memory must not
@@ -442,9 +447,12 @@ async fn serve(config: ControllerConfig, ready: Option<OnReady>) -> anyhow::Resu
         SqliteStore::open(&config.state_dir)
             .map_err(|e| anyhow!(gru_controller::reconcile::error_chain(&e)))?,
     );
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?,
+    };
     let addr = listener.local_addr()?;
     let metrics = bind_metrics(config.metrics_listen).await?;
     let metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
@@ -575,12 +583,12 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     };
 
     // The controller listens before the minion config is written, so a port
-    // 0 can be resolved and minions are told the real one.
-    let probe = TcpListener::bind(a.listen)
+    // 0 can be resolved and minions are told the real one; the controller
+    // serves on this very listener (never bound twice).
+    let listener = TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
-    let controller_addr = probe.local_addr()?;
-    drop(probe);
+    let controller_addr = listener.local_addr()?;
     let controller_url = format!("https://{controller_addr}");
 
     write(
@@ -643,7 +651,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         },
     ) as OnReady;
 
-    let result = serve(config, Some(ready)).await;
+    let result = serve(config, Some(ready), Some(listener)).await;
     let _ = std::fs::remove_file(state.join("dev.json"));
     if a.downstream.is_none() {
         eprintln!("built-in sink received {} messages", sink_stats.received());
