@@ -1663,6 +1663,19 @@ async fn an_sqs_backlog_wakes_a_fleet_from_zero_and_in_flight_messages_keep_it()
             "{:?}",
             d.explanation.recommendations
         );
+        // What the controller read is on its metrics, with no read failed.
+        let metrics = sc.controller.metrics_site().encode(false).body;
+        assert!(
+            metrics.contains(&format!(
+                "gru_signal_value{{fleet=\"{}\",signal=\"sqs\"}} 25",
+                scenario::FLEET
+            )),
+            "{metrics}"
+        );
+        assert!(
+            !metrics.contains("gru_signal_read_errors_total{"),
+            "{metrics}"
+        );
     })
     .await;
 }

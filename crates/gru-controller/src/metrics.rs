@@ -38,6 +38,12 @@ struct OperationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignalLabels {
+    fleet: String,
+    signal: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     fleet: String,
     source: String,
@@ -99,6 +105,8 @@ pub struct Metrics {
     pass_duration: Histograms<FleetLabel>,
     last_pass: Family<FleetLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     tls_reloads: Family<ResultLabel, Counter>,
+    signal_value: Family<SignalLabels, Gauge>,
+    signal_errors: Family<SignalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -122,6 +130,8 @@ impl Default for Metrics {
             pass_duration: Family::new_with_constructor(call_histogram),
             last_pass: Family::default(),
             tls_reloads: Family::default(),
+            signal_value: Family::default(),
+            signal_errors: Family::default(),
         }
     }
 }
@@ -163,6 +173,16 @@ impl Metrics {
             "gru_connections_shed",
             "Connections in-service minions were asked to close so their senders reconnect onto minions below their share",
             self.shed.clone(),
+        );
+        prom.register(
+            "gru_signal_value",
+            "The last value read from an external signal the fleet's policy sizes on (an SQS queue's visible plus in-flight messages)",
+            self.signal_value.clone(),
+        );
+        prom.register(
+            "gru_signal_read_errors",
+            "Reads of an external signal that failed or got no answer in time (its rule then recommends nothing that pass)",
+            self.signal_errors.clone(),
         );
         prom.register(
             "gru_scaling_decisions",
@@ -248,6 +268,8 @@ impl Metrics {
             lost: self.lost.get_or_create_owned(&label),
             shed: self.shed.get_or_create_owned(&label),
             decisions: self.decisions.clone(),
+            signal_value: self.signal_value.clone(),
+            signal_errors: self.signal_errors.clone(),
             drain: self.drain.get_or_create_owned(&label),
             deregistration: self.deregistration.get_or_create_owned(&label),
             cloud: CloudMetrics {
@@ -277,6 +299,8 @@ pub struct FleetMetrics {
     /// Connections minions were asked to shed (rebalancing).
     pub shed: Counter,
     decisions: Family<DecisionLabels, Counter>,
+    signal_value: Family<SignalLabels, Gauge>,
+    signal_errors: Family<SignalLabels, Counter>,
     pub drain: Histogram,
     pub deregistration: Histogram,
     pub cloud: CloudMetrics,
@@ -291,6 +315,26 @@ impl FleetMetrics {
     /// (tests, benchmarks).
     pub fn detached(fleet: &str) -> FleetMetrics {
         Metrics::default().fleet(fleet)
+    }
+
+    /// Records a value read from signal `name`.
+    pub fn signal_read(&self, name: &str, value: u64) {
+        self.signal_value
+            .get_or_create(&SignalLabels {
+                fleet: self.fleet.clone(),
+                signal: name.to_owned(),
+            })
+            .set(i64::try_from(value).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a failed read of signal `name`.
+    pub fn signal_failed(&self, name: &str) {
+        self.signal_errors
+            .get_or_create(&SignalLabels {
+                fleet: self.fleet.clone(),
+                signal: name.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a decision that moved the size `direction` ("up" or "down"),

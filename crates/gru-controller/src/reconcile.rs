@@ -670,20 +670,29 @@ impl Controller {
         let mut failures = Vec::new();
         for signal in &f.runtime.signals {
             match tokio::time::timeout(SIGNAL_TIMEOUT, signal.read()).await {
-                Ok(Ok(value)) => values.push(ExternalSignal {
-                    name: signal.name().to_owned(),
-                    value,
-                }),
-                Ok(Err(e)) => failures.push(format!(
-                    "cannot read signal {}: {}",
-                    signal.name(),
-                    error_chain(&e)
-                )),
-                Err(_) => failures.push(format!(
-                    "cannot read signal {}: no answer within {}",
-                    signal.name(),
-                    humantime::format_duration(SIGNAL_TIMEOUT)
-                )),
+                Ok(Ok(value)) => {
+                    f.metrics.signal_read(signal.name(), value);
+                    values.push(ExternalSignal {
+                        name: signal.name().to_owned(),
+                        value,
+                    })
+                }
+                Ok(Err(e)) => {
+                    f.metrics.signal_failed(signal.name());
+                    failures.push(format!(
+                        "cannot read signal {}: {}",
+                        signal.name(),
+                        error_chain(&e)
+                    ))
+                }
+                Err(_) => {
+                    f.metrics.signal_failed(signal.name());
+                    failures.push(format!(
+                        "cannot read signal {}: no answer within {}",
+                        signal.name(),
+                        humantime::format_duration(SIGNAL_TIMEOUT)
+                    ))
+                }
             }
         }
         let failure = (!failures.is_empty()).then(|| failures.join("; "));
