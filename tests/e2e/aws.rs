@@ -1349,6 +1349,17 @@ fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() 
     );
     assert_eq!(lease_holder(&cluster).expect("a lease").holder, "ctl-b");
     assert_eq!(leading(&metrics_b), 1);
+    // `gru controller status` asks both: the killed one is unreachable,
+    // the other leads (exit 0: exactly one does).
+    let rows = cluster.json(&["controller", "status"]);
+    let rows = rows.as_array().expect("one row per controller");
+    let leaders: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["leading"] == true)
+        .filter_map(|r| r["controller"].as_str())
+        .collect();
+    assert_eq!(leaders, ["ctl-b"], "{rows:#?}");
+    assert_eq!(rows.len(), 2, "{rows:#?}");
 
     let gone = wait_until("the victim to be gone", Duration::from_secs(120), || {
         cluster
