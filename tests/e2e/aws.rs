@@ -817,6 +817,20 @@ fn path_of(m: &Value) -> Vec<String> {
 }
 
 /// The minion of instance `id` among `minions`.
+/// Once a drain began on this path, the minion never served again.
+fn never_back_in_service(path: &[String]) {
+    let drain_began = path
+        .iter()
+        .position(|s| s.starts_with("Draining/"))
+        .expect("a drain");
+    assert!(
+        !path[drain_began..]
+            .iter()
+            .any(|s| s == "Ready" || s == "InService"),
+        "never back in service: {path:?}"
+    );
+}
+
 fn by_instance(minions: &[Value], id: &str) -> Value {
     minions
         .iter()
@@ -1243,16 +1257,7 @@ fn a_controller_killed_at_each_step_of_a_scale_in_finishes_it_after_restart() {
         .expect("survivor")
         .clone();
     let path = path_of(&victim);
-    let drain_began = path
-        .iter()
-        .position(|s| s.starts_with("Draining/"))
-        .expect("a drain");
-    assert!(
-        !path[drain_began..]
-            .iter()
-            .any(|s| s == "Ready" || s == "InService"),
-        "never back in service: {path:?}"
-    );
+    never_back_in_service(&path);
     // Terminating is recorded before the terminate call, so wherever the
     // kill landed the history reads Drained → Terminating → Gone: drained
     // before it went, and its termination on record.
@@ -1367,17 +1372,7 @@ fn a_leader_killed_mid_drain_hands_over_and_the_drain_ends_with_one_decrement() 
             .into_iter()
             .find(|m| m["id"] == victim_id.as_str() && m["state"] == "Gone")
     });
-    let path = path_of(&gone);
-    let drain_began = path
-        .iter()
-        .position(|s| s.starts_with("Draining/"))
-        .expect("a drain");
-    assert!(
-        !path[drain_began..]
-            .iter()
-            .any(|s| s == "Ready" || s == "InService"),
-        "never back in service: {path:?}"
-    );
+    never_back_in_service(&path_of(&gone));
     let about = cluster.events_about(&victim_id);
     let decrements = about
         .iter()
