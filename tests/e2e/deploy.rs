@@ -223,8 +223,9 @@ fn assert_schema_valid(what: &str, path: &Path) {
     );
 }
 
-/// What every rendered variant must do, checked on what cloud-init made of it.
-fn check_minion_user_data(name: &str, user_data: &str, ca: bool) {
+/// What any user-data must be (no secret, within EC2's 16 KiB, valid for
+/// cloud-init's schema), and what cloud-init made of it.
+fn inspect_user_data(name: &str, user_data: &str) -> Inspected {
     assert!(
         !user_data.contains("PRIVATE KEY"),
         "{name}: no secret in user-data"
@@ -235,6 +236,12 @@ fn check_minion_user_data(name: &str, user_data: &str, ca: bool) {
     );
     let i = inspect(user_data);
     assert_schema_valid(name, &i.dir.path().join("merged.yaml"));
+    i
+}
+
+/// What every rendered variant must do, checked on what cloud-init made of it.
+fn check_minion_user_data(name: &str, user_data: &str, ca: bool) {
+    let i = inspect_user_data(name, user_data);
 
     let runcmd = i.summary["runcmd"].as_array().expect("runcmd");
     assert_eq!(
@@ -1208,16 +1215,7 @@ fn user_data(stack: &Value, resource: &str) -> Option<String> {
 /// What every controller user-data must do, checked on what cloud-init made
 /// of it: its controller.toml and the script its runcmd runs.
 fn check_controller_user_data(name: &str, user_data: &str) -> (String, String) {
-    assert!(
-        !user_data.contains("PRIVATE KEY"),
-        "{name}: no secret in user-data"
-    );
-    assert!(
-        user_data.len() <= 16 * 1024,
-        "{name}: EC2 takes at most 16 KiB of user-data"
-    );
-    let i = inspect(user_data);
-    assert_schema_valid(name, &i.dir.path().join("merged.yaml"));
+    let i = inspect_user_data(name, user_data);
     assert_eq!(
         i.read("/etc/systemd/system/gru-controller.service")
             .trim_end(),

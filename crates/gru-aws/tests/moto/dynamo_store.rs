@@ -236,28 +236,9 @@ async fn decrement_claims() {
 async fn an_identity_join_is_once_until_forgotten_and_survives_a_reopen() {
     bounded(async {
         let client = table().await;
-        let store = leader(&client, 1).await;
-        assert_eq!(store.claim_identity_join("i-1", "web", 10).unwrap(), None);
-        assert_eq!(
-            store.claim_identity_join("i-1", "web", 20).unwrap(),
-            Some(10)
-        );
-        drop(store);
-        let store = open(&client, 1).await;
-        assert_eq!(
-            store.claim_identity_join("i-1", "web", 30).unwrap(),
-            Some(10)
-        );
-        assert_eq!(
-            store.forget_identity_join("i-1").unwrap().as_deref(),
-            Some("web")
-        );
-        assert_eq!(store.forget_identity_join("i-1").unwrap(), None);
-        assert_eq!(store.claim_identity_join("i-1", "batch", 40).unwrap(), None);
-        assert_eq!(
-            store.forget_identity_join("i-1").unwrap().as_deref(),
-            Some("batch")
-        );
+        let first = leader(&client, 1).await;
+        let second = open(&client, 1).await;
+        conformance::an_identity_join_is_once_until_forgotten(first, || second);
     })
     .await;
 }

@@ -119,6 +119,34 @@ pub fn decrement_claims<S: Store>(store: S, reopen: impl FnOnce() -> S) {
     assert_eq!((ledger[0].asked_ms, ledger[0].confirmed_ms), (3, Some(4)));
 }
 
+/// An instance joins with its identity document once: a second claim
+/// gives the first one's time, also after a reopen, until it is forgotten
+/// (which names the fleet it had joined).
+pub fn an_identity_join_is_once_until_forgotten<S: Store>(store: S, reopen: impl FnOnce() -> S) {
+    assert_eq!(store.claim_identity_join("i-1", "web", 10).unwrap(), None);
+    assert_eq!(
+        store.claim_identity_join("i-1", "web", 20).unwrap(),
+        Some(10)
+    );
+    drop(store);
+
+    let store = reopen();
+    assert_eq!(
+        store.claim_identity_join("i-1", "web", 30).unwrap(),
+        Some(10)
+    );
+    assert_eq!(
+        store.forget_identity_join("i-1").unwrap().as_deref(),
+        Some("web")
+    );
+    assert_eq!(store.forget_identity_join("i-1").unwrap(), None);
+    assert_eq!(store.claim_identity_join("i-1", "batch", 40).unwrap(), None);
+    assert_eq!(
+        store.forget_identity_join("i-1").unwrap().as_deref(),
+        Some("batch")
+    );
+}
+
 /// Events since a time, of all fleets or one, oldest first by append
 /// order (even when the clock stepped back), the newest `limit` of them.
 pub fn events_since_filters_orders_and_keeps_the_newest(store: &dyn Store) {

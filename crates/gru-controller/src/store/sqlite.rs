@@ -1303,24 +1303,10 @@ mod tests {
     #[test]
     fn an_identity_join_is_once_until_forgotten_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(store.claim_identity_join("i-1", "web", 10).unwrap(), None);
-        assert_eq!(
-            store.claim_identity_join("i-1", "web", 20).unwrap(),
-            Some(10)
+        conformance::an_identity_join_is_once_until_forgotten(
+            SqliteStore::open(dir.path()).unwrap(),
+            || SqliteStore::open(dir.path()).unwrap(),
         );
-        drop(store);
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.claim_identity_join("i-1", "web", 30).unwrap(),
-            Some(10)
-        );
-        assert_eq!(
-            store.forget_identity_join("i-1").unwrap().as_deref(),
-            Some("web")
-        );
-        assert_eq!(store.forget_identity_join("i-1").unwrap(), None);
-        assert_eq!(store.claim_identity_join("i-1", "web", 40).unwrap(), None);
     }
 
     #[test]
