@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use gru_cloud::aws::SqsSignalConfig;
 use gru_core::Bounds;
-use gru_core::policy::{Behaviour, Policy, PolicyError, Rule};
+use gru_core::policy::{Behaviour, ForecastMode, Policy, PolicyError, Rule};
 use gru_core::rebalance::{DEFAULT_REBALANCE, RebalanceLimits};
 use gru_core::schedule::{Schedule, ScheduleSpec, WindowSpec};
 use serde::Deserialize;
@@ -380,6 +380,13 @@ struct RawFleet {
     tolerance: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     clear_backlog_within: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    boot_time: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    drain_time: Option<Duration>,
+    service_rate: Option<f64>,
+    break_even_hold: Option<bool>,
+    forecast: Option<RawForecast>,
     #[serde(default)]
     schedule: Vec<RawSchedule>,
     local: Option<RawLocal>,
@@ -387,6 +394,14 @@ struct RawFleet {
     rebalance: Option<RawRebalance>,
     sqs: Option<RawSqs>,
     identity: Option<RawIdentity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForecast {
+    mode: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    min_history: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -762,6 +777,25 @@ impl ControllerConfig {
                     clear_backlog_within: f
                         .clear_backlog_within
                         .unwrap_or(defaults.clear_backlog_within),
+                    boot_time: f.boot_time.unwrap_or(defaults.boot_time),
+                    drain_time: f.drain_time.unwrap_or(defaults.drain_time),
+                    eval_interval: eval_interval.unwrap_or(DEFAULT_EVAL_INTERVAL),
+                    service_rate: f.service_rate,
+                    break_even_hold: f.break_even_hold.unwrap_or(defaults.break_even_hold),
+                    forecast: match f.forecast.as_ref().and_then(|r| r.mode.as_deref()) {
+                        None => defaults.forecast,
+                        Some(m) => ForecastMode::parse(m).ok_or_else(|| {
+                            v.invalid(
+                                &key("forecast.mode"),
+                                format!("\"off\", \"forecast_only\" or \"on\", got {m:?}"),
+                            )
+                        })?,
+                    },
+                    forecast_min_history: f
+                        .forecast
+                        .as_ref()
+                        .and_then(|r| r.min_history)
+                        .unwrap_or(defaults.forecast_min_history),
                 };
                 let mut schedules = Vec::new();
                 for (j, raw) in f.schedule.iter().enumerate() {
@@ -1696,6 +1730,19 @@ mod tests {
         assert!(
             e.starts_with("/etc/gru/controller.toml: fleet[0].tolerance: "),
             "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "target_latency = \"20s\"",
+            "service_rate = -3.0\n[fleet.forecast]\nmode = \"always\"",
+        ));
+        assert_eq!(
+            e,
+            "/etc/gru/controller.toml: fleet[0].forecast.mode: \"off\", \"forecast_only\" or \"on\", got \"always\""
+        );
+        let e = err(&GOOD.replace("target_latency = \"20s\"", "service_rate = 0.0"));
+        assert_eq!(
+            e,
+            "/etc/gru/controller.toml: fleet[0].service_rate: service rate 0 is not a number of messages per second above 0"
         );
         let e = err(&GOOD.replace("days = \"mon-fri\"", "start = \"0 19 * * 1-5\""));
         assert!(

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gru_cloud::{GroupState, InstanceId, InstanceLifecycle, Target};
+use gru_core::forecast::HistoryMemory;
 use gru_core::lifecycle::InvalidTransition;
 use gru_core::plan::{
     Change, CloudView, DrainIntent, GroupSize, HookView, Limits, Listed, MinionSnapshot,
@@ -1679,6 +1680,14 @@ fn encode_policy_memory(m: &PolicyMemory) -> String {
         "recent": m.recent.iter().map(|(t, v)| (t.as_millisecond(), v)).collect::<Vec<_>>(),
         "last_scale_out": ms(m.last_scale_out),
         "last_scale_in": ms(m.last_scale_in),
+        // The forecast's history: one mean rate per bucket, to 0.01 msg/s.
+        "history": {
+            "first": ms(m.history.first),
+            "means": m.history.means.iter()
+                .map(|v| v.map(|v| (v * 100.0).round() / 100.0))
+                .collect::<Vec<_>>(),
+        },
+        "needs": m.needs.iter().map(|(t, v)| (t.as_millisecond(), v)).collect::<Vec<_>>(),
     })
     .to_string()
 }
@@ -1695,20 +1704,39 @@ fn decode_policy_memory(s: &str) -> Option<PolicyMemory> {
         v.as_i64()
             .and_then(|ms| Timestamp::from_millisecond(ms).ok())
     };
-    let recent = v
-        .get("recent")?
-        .as_array()?
-        .iter()
-        .filter_map(|pair| {
-            let at = ts(pair.get(0)?)?;
-            let n = u32::try_from(pair.get(1)?.as_u64()?).ok()?;
-            Some((at, n))
+    let pairs = |key: &str| -> Vec<(Timestamp, u32)> {
+        v.get(key)
+            .and_then(|p| p.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|pair| {
+                        let at = ts(pair.get(0)?)?;
+                        let n = u32::try_from(pair.get(1)?.as_u64()?).ok()?;
+                        Some((at, n))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // A memory written before the forecast existed has no history: it
+    // starts empty.
+    let history = v
+        .get("history")
+        .map(|h| HistoryMemory {
+            first: h.get("first").and_then(ts),
+            means: h
+                .get("means")
+                .and_then(|m| m.as_array())
+                .map(|a| a.iter().map(|x| x.as_f64()).collect())
+                .unwrap_or_default(),
         })
-        .collect();
+        .unwrap_or_default();
     Some(PolicyMemory {
-        recent,
+        recent: pairs("recent"),
         last_scale_out: v.get("last_scale_out").and_then(ts),
         last_scale_in: v.get("last_scale_in").and_then(ts),
+        history,
+        needs: pairs("needs"),
     })
 }
 
@@ -1875,6 +1903,32 @@ mod tests {
             },
             now,
         );
+    }
+
+    #[test]
+    fn policy_memory_with_its_history_round_trips_through_the_store_text() {
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let memory = PolicyMemory {
+            recent: vec![(t("2026-11-25T10:00:00Z"), 5)],
+            last_scale_out: Some(t("2026-11-25T09:59:00Z")),
+            last_scale_in: None,
+            history: HistoryMemory {
+                first: Some(t("2026-11-24T10:00:00Z")),
+                means: vec![Some(120.25), None, Some(0.0)],
+            },
+            needs: vec![
+                (t("2026-11-25T09:58:00Z"), 3),
+                (t("2026-11-25T09:59:00Z"), 6),
+            ],
+        };
+        let text = encode_policy_memory(&memory);
+        assert_eq!(decode_policy_memory(&text), Some(memory));
+        // What a gru without the forecast wrote still reads, with no history.
+        let old = r#"{"recent":[[1764064800000,5]],"last_scale_out":null,"last_scale_in":null}"#;
+        let back = decode_policy_memory(old).expect("reads");
+        assert_eq!(back.recent.len(), 1);
+        assert_eq!(back.history, HistoryMemory::default());
+        assert!(back.needs.is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! days-and-hours, DST rules), [`cron`] the 5-field expressions they use.
 //! [`scaling`] holds the bounds and the choice of victims both share, and
 //! [`sim`] replays a traffic trace against a policy on a virtual clock.
+//! [`forecast`] keeps a fleet's demand history and forecasts from it.
 //! [`rebalance`] spreads long-lived connections onto new minions.
 //!
 //! Invariants: no I/O, no async, no clock. Time comes in as an argument
@@ -15,6 +16,7 @@
 
 pub mod cron;
 pub mod error;
+pub mod forecast;
 pub mod lifecycle;
 pub mod plan;
 pub mod policy;

@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use crate::forecast::{DemandHistory, HistoryMemory};
 use crate::scaling::Bounds;
 use crate::schedule::{ActiveWindow, Schedule, active_window};
 
@@ -61,6 +62,51 @@ pub const DEFAULT_MAX_STEP_IN: u32 = 2;
 pub const DEFAULT_TOLERANCE: f64 = 0.1;
 /// A scale-out sized on rates clears the backlog within this.
 pub const DEFAULT_CLEAR_BACKLOG_WITHIN: Duration = Duration::from_secs(60);
+/// Launch to serving, as a minion on EC2 usually takes.
+pub const DEFAULT_BOOT_TIME: Duration = Duration::from_secs(2 * 60);
+/// Chosen for removal to terminated.
+pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(30);
+/// What the controller evaluates at by default.
+pub const DEFAULT_EVAL_INTERVAL: Duration = Duration::from_secs(1);
+/// A day of history before the forecast acts, as AWS predictive scaling
+/// asks.
+pub const DEFAULT_FORECAST_MIN_HISTORY: Duration = Duration::from_secs(24 * 3600);
+/// How far back the break-even hold looks for a level being needed again.
+pub const HOLD_LOOKBACK: Duration = Duration::from_secs(3600);
+/// Idle minutes a level must have over the lookback before the hold judges
+/// it.
+pub const HOLD_MIN_IDLE_MINUTES: usize = 10;
+
+/// What the predictive part does with its forecast.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ForecastMode {
+    /// No forecast.
+    Off,
+    /// Forecast and explain what it would do, act on nothing.
+    #[default]
+    Only,
+    /// Launch ahead for the forecast (never scale in on it alone).
+    On,
+}
+
+impl ForecastMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForecastMode::Off => "off",
+            ForecastMode::Only => "forecast_only",
+            ForecastMode::On => "on",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "off" => Some(ForecastMode::Off),
+            "forecast_only" => Some(ForecastMode::Only),
+            "on" => Some(ForecastMode::On),
+            _ => None,
+        }
+    }
+}
 
 /// A signal that recommends a fleet size. Add a variant for a new signal and
 /// its arm in [`Rule::recommend`].
@@ -108,6 +154,24 @@ pub struct Behaviour {
     /// within this, at the rate busy minions process (see
     /// [`ClipKind::ArrivalRate`]).
     pub clear_backlog_within: Duration,
+    /// Launch to serving: the forecast looks this far (plus one
+    /// `eval_interval`) ahead, and with `drain_time` it is what taking a
+    /// minion away and launching it again costs (the break-even hold).
+    pub boot_time: Duration,
+    /// Chosen for removal to terminated.
+    pub drain_time: Duration,
+    /// How often the policy is evaluated.
+    pub eval_interval: Duration,
+    /// What one minion serves per second at full load, until busy minions
+    /// show it (a prior; learned values replace it).
+    pub service_rate: Option<f64>,
+    /// Keep idle minions while the fleet's recent past says they are
+    /// likely needed again within `boot_time + drain_time` (see
+    /// [`ClipKind::BreakEvenHold`]).
+    pub break_even_hold: bool,
+    pub forecast: ForecastMode,
+    /// The history the forecast needs before it says anything.
+    pub forecast_min_history: Duration,
 }
 
 impl Default for Behaviour {
@@ -120,6 +184,13 @@ impl Default for Behaviour {
             scale_in_stabilization: DEFAULT_SCALE_IN_STABILIZATION,
             tolerance: DEFAULT_TOLERANCE,
             clear_backlog_within: DEFAULT_CLEAR_BACKLOG_WITHIN,
+            boot_time: DEFAULT_BOOT_TIME,
+            drain_time: DEFAULT_DRAIN_TIME,
+            eval_interval: DEFAULT_EVAL_INTERVAL,
+            service_rate: None,
+            break_even_hold: true,
+            forecast: ForecastMode::default(),
+            forecast_min_history: DEFAULT_FORECAST_MIN_HISTORY,
         }
     }
 }
@@ -149,6 +220,8 @@ pub enum PolicyError {
     BadTolerance { value: f64 },
     #[error("must be more than zero")]
     ZeroClearTime,
+    #[error("service rate {value} is not a number of messages per second above 0")]
+    BadServiceRate { value: f64 },
     #[error("schedule name `{name}` is used twice")]
     DuplicateSchedule { schedule: usize, name: String },
     #[error("{value} is above the fleet's max {fleet_max}")]
@@ -170,6 +243,7 @@ impl PolicyError {
             PolicyError::ZeroStep { field } => format!("behaviour.{field}"),
             PolicyError::BadTolerance { .. } => "behaviour.tolerance".to_owned(),
             PolicyError::ZeroClearTime => "behaviour.clear_backlog_within".to_owned(),
+            PolicyError::BadServiceRate { .. } => "behaviour.service_rate".to_owned(),
             PolicyError::DuplicateSchedule { schedule, .. } => {
                 format!("schedules[{schedule}].name")
             }
@@ -222,6 +296,11 @@ impl Policy {
         }
         if behaviour.clear_backlog_within.is_zero() {
             return Err(PolicyError::ZeroClearTime);
+        }
+        if let Some(value) = behaviour.service_rate
+            && !(value.is_finite() && value > 0.0)
+        {
+            return Err(PolicyError::BadServiceRate { value });
         }
         for (i, s) in schedules.iter().enumerate() {
             if schedules[..i].iter().any(|o| o.name() == s.name()) {
@@ -328,16 +407,27 @@ pub struct PolicyState {
     /// the rates busy minions report (see [`PolicyState::learn_service_rate`]).
     /// Not kept across a restart.
     service_rate: Option<f64>,
+    /// Arrival rates, for the forecast.
+    history: DemandHistory,
+    /// The highest target the rules set in each minute (unix minute,
+    /// target) over the last [`HOLD_LOOKBACK`] and a hold horizon, oldest
+    /// first, for the break-even hold.
+    needs: VecDeque<(i64, u32)>,
 }
 
 /// What [`PolicyState`] remembers, as plain values a controller can keep
 /// in its store and hand back after a restart.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicyMemory {
     /// Recommendations over the stabilization window, oldest first.
     pub recent: Vec<(Timestamp, u32)>,
     pub last_scale_out: Option<Timestamp>,
     pub last_scale_in: Option<Timestamp>,
+    /// The arrival-rate history the forecast reads.
+    pub history: HistoryMemory,
+    /// The highest target per minute (the minute's start) for the
+    /// break-even hold, oldest first.
+    pub needs: Vec<(Timestamp, u32)>,
 }
 
 impl PolicyState {
@@ -351,6 +441,12 @@ impl PolicyState {
             recent: self.recent.iter().copied().collect(),
             last_scale_out: self.last_scale_out,
             last_scale_in: self.last_scale_in,
+            history: self.history.memory(),
+            needs: self
+                .needs
+                .iter()
+                .filter_map(|&(m, v)| Some((Timestamp::from_second(m * 60).ok()?, v)))
+                .collect(),
         }
     }
 
@@ -364,7 +460,14 @@ impl PolicyState {
             last_scale_in: memory.last_scale_in,
             last_work: None,
             service_rate: None,
+            history: DemandHistory::from_memory(&memory.history),
+            needs: VecDeque::new(),
         };
+        let mut needs = memory.needs;
+        needs.sort_by_key(|(at, _)| *at);
+        for (at, v) in needs {
+            state.record_need(at, v);
+        }
         let mut recent = memory.recent;
         recent.sort_by_key(|(at, _)| *at);
         for (at, v) in recent {
@@ -411,6 +514,72 @@ impl PolicyState {
     /// stabilization window instead of scaling in at its first decision.
     pub fn record_recommendation(&mut self, now: Timestamp, capacity: u32) {
         self.record(now, capacity, Duration::MAX);
+    }
+
+    /// The demand history the forecast reads.
+    pub fn history(&self) -> &DemandHistory {
+        &self.history
+    }
+
+    /// Counts `target` as needed in `now`'s minute.
+    fn record_need(&mut self, now: Timestamp, target: u32) {
+        let minute = now.as_second().div_euclid(60);
+        match self.needs.back_mut() {
+            Some((m, v)) if *m >= minute => *v = (*v).max(target),
+            _ => self.needs.push_back((minute, target)),
+        }
+        let keep = (HOLD_LOOKBACK.as_secs() / 60) as i64 + 60;
+        while self.needs.front().is_some_and(|&(m, _)| m < minute - keep) {
+            self.needs.pop_front();
+        }
+    }
+
+    /// The highest level in `(floor, current]` the fleet's recent past says
+    /// to keep: over the last [`HOLD_LOOKBACK`], of the minutes in which
+    /// fewer than that many minions were needed, at least half were
+    /// followed by a need for that many within `horizon`. Returns the
+    /// level, those minutes, and how many of them were followed so.
+    fn hold_level(
+        &self,
+        now: Timestamp,
+        floor: u32,
+        current: u32,
+        horizon: Duration,
+    ) -> Option<(u32, usize, usize)> {
+        let minute = now.as_second().div_euclid(60);
+        let ahead = horizon.as_secs().div_ceil(60).max(1) as i64;
+        let since = minute - (HOLD_LOOKBACK.as_secs() / 60) as i64;
+        // Minute → need over the window, 0 where nothing was recorded
+        // (only minutes with a record are judged).
+        let needs: Vec<(i64, u32)> = self
+            .needs
+            .iter()
+            .copied()
+            .filter(|&(m, _)| m >= since && m < minute)
+            .collect();
+        let need_at = |m: i64| {
+            needs
+                .binary_search_by_key(&m, |&(k, _)| k)
+                .ok()
+                .map(|i| needs[i].1)
+        };
+        for level in (floor + 1..=current).rev() {
+            let (mut idle, mut again) = (0, 0);
+            for &(m, v) in &needs {
+                // Only minutes whose whole horizon has been seen.
+                if v >= level || m + ahead >= minute {
+                    continue;
+                }
+                idle += 1;
+                if (m + 1..=m + ahead).any(|k| need_at(k).is_some_and(|n| n >= level)) {
+                    again += 1;
+                }
+            }
+            if idle >= HOLD_MIN_IDLE_MINUTES && again * 2 >= idle {
+                return Some((level, idle, again));
+            }
+        }
+        None
     }
 
     /// Records `recommended` at `now` and returns the peak over `window`
@@ -631,6 +800,7 @@ pub enum PinStatus {
 pub enum ClipKind {
     Tolerance,
     Stabilization,
+    BreakEvenHold,
     ScaleOutCooldown,
     ScaleInCooldown,
     ArrivalRate,
@@ -648,6 +818,7 @@ impl ClipKind {
         match self {
             ClipKind::Tolerance => "tolerance",
             ClipKind::Stabilization => "stabilization",
+            ClipKind::BreakEvenHold => "break-even hold",
             ClipKind::ScaleOutCooldown => "scale-out cooldown",
             ClipKind::ScaleInCooldown => "scale-in cooldown",
             ClipKind::ArrivalRate => "arrival rate",
@@ -803,12 +974,36 @@ pub fn evaluate(
     let behaviour = &policy.behaviour;
     let arrivals = arrivals_per_s(state.last_work, &load, now);
     state.last_work = Some((now, load.work()));
+    if state.service_rate.is_none() {
+        state.service_rate = behaviour.service_rate;
+    }
     let service_rate = state.learn_service_rate(&load);
-    let recommendations: Vec<Recommendation> = policy
+    if let Some(a) = arrivals {
+        state.history.record(now, a);
+    }
+    let mut recommendations: Vec<Recommendation> = policy
         .rules
         .iter()
         .map(|r| r.recommend(&load, &obs.external))
         .collect();
+    let any_rule = recommendations.iter().any(|r| r.desired.is_some());
+    let forecast = forecast_recommendation(behaviour, state, service_rate, now);
+    if let Some((n, _)) = &forecast {
+        let mut r = n.clone();
+        // Never scale in on a forecast alone: with no rule to go on it only
+        // ever raises the size.
+        if !any_rule && r.desired.is_some_and(|d| d <= current) {
+            r.desired = None;
+            r.detail = format!(
+                "{}; no rule recommends, so it does not lower the size",
+                r.detail
+            );
+        }
+        if behaviour.forecast == ForecastMode::Only {
+            r.desired = None;
+        }
+        recommendations.push(r);
+    }
     let winner = recommendations
         .iter()
         .enumerate()
@@ -817,8 +1012,24 @@ pub fn evaluate(
         .rev()
         .max_by_key(|&(_, d)| d);
     let rules_target = winner.map_or(current, |(_, d)| d);
+    if let (Some((_, Some(would))), Some(r)) = (&forecast, recommendations.last_mut())
+        && behaviour.forecast == ForecastMode::Only
+    {
+        r.detail = if *would > rules_target {
+            format!(
+                "forecast only, not acted on: would raise the target from {rules_target} to {would}; {}",
+                r.detail
+            )
+        } else {
+            format!(
+                "forecast only, not acted on: would recommend {would}, not above the rules' {rules_target}; {}",
+                r.detail
+            )
+        };
+    }
     // Always record, so stabilization after a pin or a pause sees the load.
     let peak = state.record(now, rules_target, behaviour.scale_in_stabilization);
+    state.record_need(now, rules_target);
 
     let window = active_window(&policy.schedules, now);
     let pin = match overrides.pin {
@@ -872,7 +1083,7 @@ pub fn evaluate(
     // Rules that size on the fleet's own backlog, which the arrival rate
     // bounds both ways.
     let backlog_rule = matches!(
-        winner.map(|(i, _)| &policy.rules[i]),
+        winner.and_then(|(i, _)| policy.rules.get(i)),
         Some(Rule::QueueDepth { .. } | Rule::Latency { .. })
     ) && matches!(source, Source::Rule(_));
     if matches!(source, Source::Rule(_) | Source::NoRecommendation) {
@@ -922,6 +1133,27 @@ pub fn evaluate(
                     format!(
                         "highest recommendation over the last {} was {peak_value} at {peak_at}",
                         DurationText(behaviour.scale_in_stabilization)
+                    ),
+                );
+            }
+        }
+        // Taking a minion away and launching it again costs its drain and
+        // its boot, and the work that waits for the boot: keep the minions
+        // the recent past says are likely needed again within that.
+        if desired < current && behaviour.break_even_hold {
+            let horizon = behaviour.boot_time + behaviour.drain_time;
+            let lowest = desired.max(current.saturating_sub(behaviour.max_step_in));
+            if let Some((level, idle, again)) = state.hold_level(now, lowest, current, horizon) {
+                desired = clip(
+                    ClipKind::BreakEvenHold,
+                    desired,
+                    level,
+                    format!(
+                        "{level} minions were needed again within {} (boot {} + drain {}) after {again} of the {idle} minutes fewer sufficed over the last {}",
+                        DurationText(horizon),
+                        DurationText(behaviour.boot_time),
+                        DurationText(behaviour.drain_time),
+                        DurationText(HOLD_LOOKBACK)
                     ),
                 );
             }
@@ -1061,8 +1293,69 @@ pub fn evaluate(
     }
 }
 
+/// The forecast's recommendation (before the mode and the no-rule guard
+/// are applied) and the minions it asks for, or `None` when the forecast is
+/// off.
+fn forecast_recommendation(
+    behaviour: &Behaviour,
+    state: &PolicyState,
+    service_rate: Option<f64>,
+    now: Timestamp,
+) -> Option<(Recommendation, Option<u32>)> {
+    if behaviour.forecast == ForecastMode::Off {
+        return None;
+    }
+    let rule = if behaviour.forecast == ForecastMode::Only {
+        "forecast (only)"
+    } else {
+        "forecast"
+    }
+    .to_owned();
+    let from = now.checked_add(behaviour.boot_time).unwrap_or(now);
+    let to = from.checked_add(behaviour.eval_interval).unwrap_or(from);
+    let forecast = state
+        .history
+        .forecast(now, from, to, behaviour.forecast_min_history);
+    let (desired, detail) = match (forecast, service_rate) {
+        (Err(why), _) => (None, why.to_string()),
+        (Ok(_), None) => (
+            None,
+            "no service rate yet: set service_rate, or wait for busy minions to show it".to_owned(),
+        ),
+        (Ok(f), Some(per_minion)) => {
+            let n = minions_for(f.rate * (1.0 + behaviour.tolerance), per_minion);
+            let season =
+                |v: Option<f64>| v.map_or_else(|| "none".to_owned(), |v| format!("{v:.0}"));
+            (
+                Some(n),
+                format!(
+                    "{:.0} msg/s expected from {from} (one boot ahead; a day before {}, a week before {}, level x{:.2}) at {per_minion:.1} msg/s per minion (+{:.0}%)",
+                    f.rate,
+                    season(f.seasons.day),
+                    season(f.seasons.week),
+                    f.level,
+                    behaviour.tolerance * 100.0
+                ),
+            )
+        }
+    };
+    Some((
+        Recommendation {
+            rule,
+            desired,
+            detail,
+        },
+        desired,
+    ))
+}
+
 /// A duration as people write it: `5m`, `90s`, `1h30m`.
 struct DurationText(Duration);
+
+/// A duration as people write it (see [`DurationText`]).
+pub(crate) fn duration_text(d: Duration) -> String {
+    DurationText(d).to_string()
+}
 
 impl fmt::Display for DurationText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1263,6 +1556,9 @@ mod tests {
             scale_in_stabilization: Duration::ZERO,
             tolerance: 0.0,
             clear_backlog_within: DEFAULT_CLEAR_BACKLOG_WITHIN,
+            break_even_hold: false,
+            forecast: ForecastMode::Off,
+            ..Behaviour::default()
         }
     }
 
@@ -1899,6 +2195,7 @@ rules:
   queue depth: 5 (queued+in-flight 46 / 10 per minion)
   latency: 1 (queued+in-flight 46 at 2.0 msg/s per minion within 30s)
 * external sqs: 12 (sqs 120 / 10 per minion)
+  forecast (only): no recommendation (history covers 0s of the 24h needed)
 target 12 from external sqs
 clips:
   max step out: 12 → 7 (at most +4 per decision)
@@ -2002,6 +2299,7 @@ desired: 6";
                 scale_in_stabilization: secs(stab),
                 tolerance: f64::from(tol) / 10.0,
                 clear_backlog_within: DEFAULT_CLEAR_BACKLOG_WITHIN,
+                ..Behaviour::default()
             },
         )
     }
@@ -2100,5 +2398,222 @@ desired: 6";
                 capacity = d.desired;
             }
         }
+    }
+
+    /// `rate` msg/s arriving at a fleet that keeps up: as many minions as
+    /// serve it at 100 msg/s, each reporting its share, nothing queued.
+    fn serving(rate: f64) -> Observation {
+        let n = (rate / 100.0).ceil().max(1.0) as u32;
+        Observation {
+            capacity: n,
+            minions: vec![
+                MinionLoad {
+                    queued: 0,
+                    in_flight: 0,
+                    rate_per_s: Some(rate / f64::from(n)),
+                };
+                n as usize
+            ],
+            external: Vec::new(),
+        }
+    }
+
+    /// 100 msg/s at night, 1,000 from 08:00 to 18:00 UTC.
+    fn office_hours(at: Timestamp) -> f64 {
+        let hour = at.as_second().rem_euclid(86_400) / 3600;
+        if (8..18).contains(&hour) {
+            1000.0
+        } else {
+            100.0
+        }
+    }
+
+    /// A policy with the forecast in `mode`, and a state that saw one day
+    /// of office hours, evaluated every minute from 2026-11-02T00:00Z.
+    fn a_day_of_office_hours(mode: ForecastMode) -> (Policy, PolicyState) {
+        let b = Behaviour {
+            forecast: mode,
+            service_rate: Some(100.0),
+            ..free()
+        };
+        let p = policy(1, 50, vec![queue(10)], b, vec![]);
+        let mut st = PolicyState::new();
+        let start = t("2026-11-02T00:00:00Z");
+        for minute in 0..24 * 60 {
+            let now = start.checked_add(Duration::from_secs(minute * 60)).unwrap();
+            evaluate(
+                &p,
+                &mut st,
+                &serving(office_hours(now)),
+                &Overrides::default(),
+                now,
+            );
+        }
+        (p, st)
+    }
+
+    #[test]
+    fn the_forecast_launches_one_boot_ahead_of_a_rise_it_saw_yesterday() {
+        let (p, mut st) = a_day_of_office_hours(ForecastMode::On);
+        // 07:50, night: the forecast asks for the night's 100 msg/s: 1 minion.
+        let d = run(&p, &mut st, &serving(100.0), "2026-11-03T07:50:00Z");
+        assert_eq!(d.desired, 1, "{}", d.explanation);
+        // 07:58:30: one boot ahead is 08:00:30, when yesterday ran 1,000
+        // msg/s: the fleet launches for it before the first message.
+        let d = run(&p, &mut st, &serving(100.0), "2026-11-03T07:58:30Z");
+        assert_eq!(d.desired, 10, "{}", d.explanation);
+        assert_eq!(d.explanation.source_name(), "forecast");
+        let text = d.explanation.to_string();
+        assert!(
+            text.contains("* forecast: 10 (1000 msg/s expected from 2026-11-03T08:00:30Z (one boot ahead; a day before 1000, a week before none, level x1.00)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn forecast_only_explains_and_changes_nothing() {
+        let (p, mut st) = a_day_of_office_hours(ForecastMode::Only);
+        let d = run(&p, &mut st, &serving(100.0), "2026-11-03T07:58:30Z");
+        assert_eq!(d.desired, 1, "{}", d.explanation);
+        assert_eq!(d.explanation.source_name(), "queue depth");
+        let f = d.explanation.recommendations.last().unwrap();
+        assert_eq!((f.rule.as_str(), f.desired), ("forecast (only)", None));
+        assert!(
+            f.detail.starts_with("forecast only, not acted on: would raise the target from 0 to 10; 1000 msg/s expected"),
+            "{}",
+            f.detail
+        );
+    }
+
+    #[test]
+    fn never_scales_in_on_a_forecast_alone() {
+        let (p, mut st) = a_day_of_office_hours(ForecastMode::On);
+        // 17:59: the evening is forecast, but the fleet's only rule reads
+        // an SQS queue that did not answer, so no rule says anything: the
+        // fleet keeps its 10.
+        let sqs = Rule::External {
+            signal: "sqs".to_owned(),
+            target_per_minion: 10,
+            activation: 0,
+        };
+        let p = policy(1, 50, vec![sqs], p.behaviour().clone(), vec![]);
+        let d = run(&p, &mut st, &serving(1000.0), "2026-11-03T17:59:00Z");
+        assert_eq!(d.desired, 10, "{}", d.explanation);
+        assert_eq!(d.explanation.source, Source::NoRecommendation);
+        let f = d.explanation.recommendations.last().unwrap();
+        assert!(
+            f.detail
+                .ends_with("no rule recommends, so it does not lower the size"),
+            "{}",
+            f.detail
+        );
+    }
+
+    #[test]
+    fn the_forecast_waits_for_its_minimum_history() {
+        let b = Behaviour {
+            forecast: ForecastMode::On,
+            service_rate: Some(100.0),
+            forecast_min_history: Duration::from_secs(48 * 3600),
+            ..free()
+        };
+        let (_, mut st) = a_day_of_office_hours(ForecastMode::On);
+        let p = policy(1, 50, vec![queue(10)], b, vec![]);
+        let d = run(&p, &mut st, &serving(100.0), "2026-11-03T07:58:30Z");
+        assert_eq!(d.desired, 1, "{}", d.explanation);
+        let f = d.explanation.recommendations.last().unwrap();
+        assert_eq!(f.detail, "history covers 31h58m30s of the 48h needed");
+    }
+
+    /// Evaluates every 10 s for `minutes`, the queue (target 1 per minion)
+    /// asking for `need(minute)` minions; the fleet follows every decision.
+    fn drive(
+        p: &Policy,
+        st: &mut PolicyState,
+        from: Timestamp,
+        minutes: u64,
+        need: impl Fn(u64) -> u64,
+    ) -> (u32, Vec<Decision>) {
+        let mut capacity = 1;
+        let mut decisions = Vec::new();
+        for step in 0..minutes * 6 {
+            let now = from.checked_add(Duration::from_secs(step * 10)).unwrap();
+            let d = evaluate(
+                p,
+                st,
+                &obs(capacity, need(step / 6), 0),
+                &Overrides::default(),
+                now,
+            );
+            capacity = d.desired;
+            decisions.push(d);
+        }
+        (capacity, decisions)
+    }
+
+    #[test]
+    fn the_break_even_hold_keeps_minions_a_recurring_need_will_want_again() {
+        let b = Behaviour {
+            break_even_hold: true,
+            ..free()
+        };
+        let p = policy(1, 50, vec![queue(1)], b, vec![]);
+        let start = t("2026-11-02T00:00:00Z");
+        // 6 minions needed one minute in three: each gap (2 minutes) is
+        // within boot + drain (2m30s), so after the first half hour the
+        // fleet keeps its 6 through the gaps.
+        let mut st = PolicyState::new();
+        let (_, ds) = drive(&p, &mut st, start, 60, |m| if m % 3 == 0 { 6 } else { 1 });
+        let late = &ds[40 * 6..];
+        assert!(
+            late.iter().all(|d| d.desired == 6),
+            "{:?}",
+            late.iter().map(|d| d.desired).collect::<Vec<_>>()
+        );
+        let held = late
+            .iter()
+            .find(|d| kinds(d).contains(&ClipKind::BreakEvenHold))
+            .expect("held");
+        let clip = held
+            .explanation
+            .clips
+            .iter()
+            .find(|c| c.kind == ClipKind::BreakEvenHold)
+            .unwrap();
+        assert!(
+            clip.detail.starts_with(
+                "6 minions were needed again within 2m30s (boot 2m + drain 30s) after"
+            ),
+            "{}",
+            clip.detail
+        );
+        // Early on it has too little past to go on: the first gaps scale in.
+        assert!(ds[..10 * 6].iter().any(|d| d.desired == 1));
+
+        // The same need one minute in twenty: idle minions are not kept.
+        let mut st = PolicyState::new();
+        let (_, ds) = drive(&p, &mut st, start, 60, |m| if m % 20 == 0 { 6 } else { 1 });
+        assert!(
+            ds.iter()
+                .all(|d| !kinds(d).contains(&ClipKind::BreakEvenHold))
+        );
+        assert_eq!(ds.last().unwrap().desired, 1);
+    }
+
+    #[test]
+    fn the_hold_survives_a_restart() {
+        let b = Behaviour {
+            break_even_hold: true,
+            ..free()
+        };
+        let p = policy(1, 50, vec![queue(1)], b, vec![]);
+        let start = t("2026-11-02T00:00:00Z");
+        let mut st = PolicyState::new();
+        drive(&p, &mut st, start, 60, |m| if m % 3 == 0 { 6 } else { 1 });
+        let mut back = PolicyState::from_memory(st.memory());
+        // The first gap minute after the restart: still held.
+        let d = run(&p, &mut back, &obs(6, 1, 0), "2026-11-02T01:00:10Z");
+        assert_eq!(d.desired, 6, "{}", d.explanation);
+        assert!(kinds(&d).contains(&ClipKind::BreakEvenHold));
     }
 }
