@@ -367,6 +367,7 @@ struct RawFleet {
     min: Option<u32>,
     max: Option<u32>,
     target_queue_per_minion: Option<u32>,
+    target_utilization: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     target_latency: Option<Duration>,
     max_step_out: Option<u32>,
@@ -748,11 +749,20 @@ impl ControllerConfig {
                     .ok_or_else(|| v.invalid(&key("max"), "the fleet's maximum size"))?;
                 let bounds =
                     Bounds::new(min, max).map_err(|e| v.invalid(&key("max"), e.to_string()))?;
-                let mut rules = vec![Rule::QueueDepth {
-                    target_per_minion: f
-                        .target_queue_per_minion
-                        .unwrap_or(DEFAULT_TARGET_QUEUE_PER_MINION),
-                }];
+                // Sized on rates when a utilization is given (the queue
+                // depth rule then only if asked for as well), else on the
+                // queue.
+                let mut rules = Vec::new();
+                if let Some(utilization) = f.target_utilization {
+                    rules.push(Rule::Arrivals { utilization });
+                }
+                if f.target_utilization.is_none() || f.target_queue_per_minion.is_some() {
+                    rules.push(Rule::QueueDepth {
+                        target_per_minion: f
+                            .target_queue_per_minion
+                            .unwrap_or(DEFAULT_TARGET_QUEUE_PER_MINION),
+                    });
+                }
                 if let Some(target) = f.target_latency {
                     rules.push(Rule::Latency { target });
                 }
@@ -832,8 +842,8 @@ impl ControllerConfig {
                         .map_err(|e| v.invalid(&skey(e.field()), gru_core::error_chain(&e)))?;
                     schedules.push(schedule);
                 }
-                let policy = Policy::new(bounds, rules, behaviour, schedules)
-                    .map_err(|e| v.invalid(&key(&policy_key(&e)), e.to_string()))?;
+                let policy = Policy::new(bounds, rules.clone(), behaviour, schedules)
+                    .map_err(|e| v.invalid(&key(&policy_key(&e, &rules)), e.to_string()))?;
                 let other_table = match f.provider.as_deref() {
                     Some("local") => f.aws.is_some().then_some("aws"),
                     Some("aws") => f.local.is_some().then_some("local"),
@@ -1040,7 +1050,7 @@ fn aws_provider(
 }
 
 /// The config key of a policy error: `rules[1].target` → `target_latency`.
-fn policy_key(e: &PolicyError) -> String {
+fn policy_key(e: &PolicyError, rules: &[Rule]) -> String {
     let path = e.path();
     if let Some(rest) = path.strip_prefix("behaviour.") {
         return rest.to_owned();
@@ -1048,10 +1058,12 @@ fn policy_key(e: &PolicyError) -> String {
     if let Some(rest) = path.strip_prefix("schedules") {
         return format!("schedule{rest}");
     }
-    match path.as_str() {
-        p if p.starts_with("rules[0]") => "target_queue_per_minion".to_owned(),
-        p if p.starts_with("rules[1]") => "target_latency".to_owned(),
-        _ => path,
+    match e.rule().and_then(|i| rules.get(i)) {
+        Some(Rule::QueueDepth { .. }) => "target_queue_per_minion".to_owned(),
+        Some(Rule::Latency { .. }) => "target_latency".to_owned(),
+        Some(Rule::Arrivals { .. }) => "target_utilization".to_owned(),
+        Some(Rule::External { .. }) => "sqs.target_per_minion".to_owned(),
+        None => path,
     }
 }
 
@@ -1738,6 +1750,11 @@ mod tests {
         assert_eq!(
             e,
             "/etc/gru/controller.toml: fleet[0].forecast.mode: \"off\", \"forecast_only\" or \"on\", got \"always\""
+        );
+        let e = err(&GOOD.replace("target_latency = \"20s\"", "target_utilization = 1.5"));
+        assert_eq!(
+            e,
+            "/etc/gru/controller.toml: fleet[0].target_utilization: utilization 1.5 is not in (0, 1]"
         );
         let e = err(&GOOD.replace("target_latency = \"20s\"", "service_rate = 0.0"));
         assert_eq!(

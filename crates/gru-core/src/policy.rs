@@ -130,6 +130,15 @@ pub enum Rule {
         target_per_minion: u32,
         activation: u64,
     },
+    /// Sized on rates: enough minions to serve the arrival rate at
+    /// `utilization` of the rate one minion serves at full load, plus
+    /// enough to clear, within `clear_backlog_within`, the work that will
+    /// still be waiting when a minion launched now is ready (one
+    /// `boot_time` from now, the capacity already there, booting included,
+    /// serving until then). A burst the fleet clears before a launch could
+    /// help launches nothing. Needs the arrival rate (two evaluations with
+    /// reported rates) and a service rate (learned, or the prior).
+    Arrivals { utilization: f64 },
 }
 
 /// How fast the size may move.
@@ -220,6 +229,8 @@ pub enum PolicyError {
     BadTolerance { value: f64 },
     #[error("must be more than zero")]
     ZeroClearTime,
+    #[error("utilization {value} is not in (0, 1]")]
+    BadUtilization { rule: usize, value: f64 },
     #[error("service rate {value} is not a number of messages per second above 0")]
     BadServiceRate { value: f64 },
     #[error("schedule name `{name}` is used twice")]
@@ -234,6 +245,17 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
+    /// The rule at fault, by index, when a rule is.
+    pub fn rule(&self) -> Option<usize> {
+        match self {
+            PolicyError::ZeroTarget { rule }
+            | PolicyError::ZeroLatency { rule }
+            | PolicyError::EmptySignal { rule }
+            | PolicyError::BadUtilization { rule, .. } => Some(*rule),
+            _ => None,
+        }
+    }
+
     /// Where in the fleet's configuration the error is.
     pub fn path(&self) -> String {
         match self {
@@ -243,6 +265,7 @@ impl PolicyError {
             PolicyError::ZeroStep { field } => format!("behaviour.{field}"),
             PolicyError::BadTolerance { .. } => "behaviour.tolerance".to_owned(),
             PolicyError::ZeroClearTime => "behaviour.clear_backlog_within".to_owned(),
+            PolicyError::BadUtilization { rule, .. } => format!("rules[{rule}].utilization"),
             PolicyError::BadServiceRate { .. } => "behaviour.service_rate".to_owned(),
             PolicyError::DuplicateSchedule { schedule, .. } => {
                 format!("schedules[{schedule}].name")
@@ -272,6 +295,12 @@ impl Policy {
                 } => return Err(PolicyError::ZeroTarget { rule }),
                 Rule::Latency { target } if target.is_zero() => {
                     return Err(PolicyError::ZeroLatency { rule });
+                }
+                Rule::Arrivals { utilization } if !(*utilization > 0.0 && *utilization <= 1.0) => {
+                    return Err(PolicyError::BadUtilization {
+                        rule,
+                        value: *utilization,
+                    });
                 }
                 Rule::External { signal, .. } if signal.trim().is_empty() => {
                     return Err(PolicyError::EmptySignal { rule });
@@ -678,6 +707,23 @@ impl LoadSummary {
     }
 }
 
+/// What the rules read.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    pub load: &'a LoadSummary,
+    pub external: &'a [ExternalSignal],
+    /// Messages per second arriving, once known.
+    pub arrivals: Option<f64>,
+    /// What one minion serves per second at full load, once known.
+    pub service_rate: Option<f64>,
+    /// Minions counted as capacity, booting ones included.
+    pub capacity: u32,
+    pub behaviour: &'a Behaviour,
+}
+
+const NO_SERVICE_RATE: &str =
+    "no service rate yet: set service_rate, or wait for busy minions to show it";
+
 /// One rule's view of the fleet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recommendation {
@@ -700,10 +746,13 @@ impl Rule {
             Rule::QueueDepth { .. } => "queue depth".to_owned(),
             Rule::Latency { .. } => "latency".to_owned(),
             Rule::External { signal, .. } => format!("external {signal}"),
+            Rule::Arrivals { .. } => "arrival rate".to_owned(),
         }
     }
 
-    pub fn recommend(&self, load: &LoadSummary, external: &[ExternalSignal]) -> Recommendation {
+    pub fn recommend(&self, inputs: &Inputs) -> Recommendation {
+        let load = inputs.load;
+        let external = inputs.external;
         let (desired, detail) = match self {
             Rule::QueueDepth { target_per_minion } => (
                 Some(ceil_div(load.work(), *target_per_minion)),
@@ -753,6 +802,33 @@ impl Rule {
                     format!("{signal} {} / {target_per_minion} per minion", e.value),
                 ),
                 None => (None, format!("no value reported for {signal}")),
+            },
+            Rule::Arrivals { utilization } => match (inputs.arrivals, inputs.service_rate) {
+                (None, _) => (
+                    None,
+                    "no arrival rate yet: needs two reports from minions with a rate".to_owned(),
+                ),
+                (_, None) => (None, NO_SERVICE_RATE.to_owned()),
+                (Some(arrivals), Some(per_minion)) => {
+                    let b = inputs.behaviour;
+                    let serve = arrivals / (per_minion * utilization);
+                    let boot = b.boot_time.as_secs_f64();
+                    let waiting = (load.work() as f64
+                        + (arrivals - f64::from(inputs.capacity) * per_minion) * boot)
+                        .max(0.0);
+                    let clear = waiting / (per_minion * b.clear_backlog_within.as_secs_f64());
+                    (
+                        Some(minions_for(serve + clear, 1.0)),
+                        format!(
+                            "{arrivals:.0} msg/s arriving at {per_minion:.1} msg/s per minion and {:.0}% utilization: {serve:.1}; {waiting:.0} of the {} queued+in-flight still waiting one boot ({}) from now, on {} minions, cleared within {}: +{clear:.1}",
+                            utilization * 100.0,
+                            load.work(),
+                            DurationText(b.boot_time),
+                            inputs.capacity,
+                            DurationText(b.clear_backlog_within)
+                        ),
+                    )
+                }
             },
         };
         Recommendation {
@@ -984,7 +1060,16 @@ pub fn evaluate(
     let mut recommendations: Vec<Recommendation> = policy
         .rules
         .iter()
-        .map(|r| r.recommend(&load, &obs.external))
+        .map(|r| {
+            r.recommend(&Inputs {
+                load: &load,
+                external: &obs.external,
+                arrivals,
+                service_rate,
+                capacity: current,
+                behaviour,
+            })
+        })
         .collect();
     let any_rule = recommendations.iter().any(|r| r.desired.is_some());
     let forecast = forecast_recommendation(behaviour, state, service_rate, now);
@@ -1318,10 +1403,7 @@ fn forecast_recommendation(
         .forecast(now, from, to, behaviour.forecast_min_history);
     let (desired, detail) = match (forecast, service_rate) {
         (Err(why), _) => (None, why.to_string()),
-        (Ok(_), None) => (
-            None,
-            "no service rate yet: set service_rate, or wait for busy minions to show it".to_owned(),
-        ),
+        (Ok(_), None) => (None, NO_SERVICE_RATE.to_owned()),
         (Ok(f), Some(per_minion)) => {
             let n = minions_for(f.rate * (1.0 + behaviour.tolerance), per_minion);
             let season =
@@ -2615,5 +2697,61 @@ desired: 6";
         let d = run(&p, &mut back, &obs(6, 1, 0), "2026-11-02T01:00:10Z");
         assert_eq!(d.desired, 6, "{}", d.explanation);
         assert!(kinds(&d).contains(&ClipKind::BreakEvenHold));
+    }
+
+    #[test]
+    fn the_rate_rule_launches_only_for_work_still_waiting_when_a_launch_is_ready() {
+        let rule = Rule::Arrivals { utilization: 0.9 };
+        let b = Behaviour::default();
+        let load = LoadSummary {
+            minions: 4,
+            queued: 5000,
+            in_flight: 0,
+            rate_per_s: 400.0,
+            rate_reporters: 4,
+        };
+        let inputs = |capacity| Inputs {
+            load: &load,
+            external: &[],
+            arrivals: Some(300.0),
+            service_rate: Some(100.0),
+            capacity,
+            behaviour: &b,
+        };
+        // Four minions clear 5,000 queued at 100 msg/s to spare long
+        // before a boot (2m): no launch, only the arrivals at 90 %.
+        let r = rule.recommend(&inputs(4));
+        assert_eq!(r.desired, Some(4), "{}", r.detail);
+        assert_eq!(
+            r.detail,
+            "300 msg/s arriving at 100.0 msg/s per minion and 90% utilization: 3.3; 0 of the 5000 queued+in-flight still waiting one boot (2m) from now, on 4 minions, cleared within 1m: +0.0"
+        );
+        // Two fall behind by 100 msg/s: 17,000 will wait, 2.8 minions'
+        // worth within a minute.
+        let r = rule.recommend(&inputs(2));
+        assert_eq!(r.desired, Some(7), "{}", r.detail);
+        // Nothing to go on yet.
+        let none = Inputs {
+            arrivals: None,
+            ..inputs(2)
+        };
+        assert_eq!(rule.recommend(&none).desired, None);
+        let none = Inputs {
+            service_rate: None,
+            ..inputs(2)
+        };
+        assert_eq!(rule.recommend(&none).detail, NO_SERVICE_RATE);
+        // A utilization outside (0, 1] is refused with its rule.
+        let e = Policy::new(
+            Bounds::new(0, 5).unwrap(),
+            vec![queue(1), Rule::Arrivals { utilization: 1.5 }],
+            Behaviour::default(),
+            vec![],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.path(), e.rule()),
+            ("rules[1].utilization".to_owned(), Some(1))
+        );
     }
 }

@@ -1224,6 +1224,42 @@ mod tests {
                 "{late} actions in the last two hours at {rate:.0} msg/s, target {target}"
             );
         }
+
+        /// The same for the rule sized on rates, for any utilization, and
+        /// it settles at the minions the rate needs at that utilization.
+        #[test]
+        fn a_constant_load_settles_for_any_utilization(
+            percent in 50u32..=100,
+            rate in 50.0f64..1500.0,
+        ) {
+            use crate::policy::{Behaviour, Rule};
+            let utilization = f64::from(percent) / 100.0;
+            let policy = Policy::new(
+                Bounds { min: 1, max: 40 },
+                vec![Rule::Arrivals { utilization }],
+                Behaviour::default(),
+                Vec::new(),
+            )
+            .expect("policy");
+            let trace = flat(rate, 180);
+            let model = Model::default();
+            let r = run(&trace, &model, &mut GruPolicy::new(policy), 1);
+            let settled = trace.start() + SignedDuration::from_hours(1);
+            let late = r.actions_at.iter().filter(|&&t| t >= settled).count();
+            proptest::prop_assert!(
+                late <= 10,
+                "{late} actions in the last two hours at {rate:.0} msg/s, utilization {utilization}"
+            );
+            // Within the tolerance band (10 %) and one minion of what the
+            // rate needs at that utilization.
+            let need = (rate / (model.service_rate * utilization)).ceil() as u32;
+            let last = r.timeline.last().expect("timeline").desired;
+            let band = (f64::from(need) * Behaviour::default().tolerance).ceil() as u32 + 1;
+            proptest::prop_assert!(
+                last.abs_diff(need.max(1)) <= band,
+                "settled at {last}, the rate needs {need} at {rate:.0} msg/s and {utilization}"
+            );
+        }
     }
 
     #[test]
