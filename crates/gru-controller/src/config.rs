@@ -384,7 +384,7 @@ struct RawFleet {
     #[serde(default, with = "humantime_serde")]
     boot_time: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
-    drain_time: Option<Duration>,
+    hold_within: Option<Duration>,
     service_rate: Option<f64>,
     break_even_hold: Option<bool>,
     forecast: Option<RawForecast>,
@@ -788,7 +788,7 @@ impl ControllerConfig {
                         .clear_backlog_within
                         .unwrap_or(defaults.clear_backlog_within),
                     boot_time: f.boot_time.unwrap_or(defaults.boot_time),
-                    drain_time: f.drain_time.unwrap_or(defaults.drain_time),
+                    hold_within: f.hold_within.unwrap_or(defaults.hold_within),
                     eval_interval: eval_interval.unwrap_or(DEFAULT_EVAL_INTERVAL),
                     service_rate: f.service_rate,
                     break_even_hold: f.break_even_hold.unwrap_or(defaults.break_even_hold),

@@ -1,21 +1,29 @@
 //! A fleet's demand history and the seasonal forecast made from it.
 //!
 //! [`DemandHistory`] keeps the arrival rate the policy estimated at each
-//! evaluation, averaged into [`BUCKET`]-long buckets, for [`KEEP`] (a week
+//! evaluation, averaged per minute, and of each [`BUCKET`] the busiest
+//! minute (a climb within a bucket is remembered at its top, not its
+//! middle: capacity launched for it must serve the top), for [`KEEP`] (a week
 //! and a day, so "the same time last week" is there for the whole of the
 //! next day). [`DemandHistory::forecast`] predicts the rate over a span of
-//! time ahead from two seasons, blended with the recent level:
+//! time ahead from two seasons, each scaled by its recent level:
 //!
-//! - **seasonal**: the bucket one day earlier and the bucket one week
-//!   earlier, averaged when both are known, else whichever is;
-//! - **level**: how the rate arriving lately compares with what the same
-//!   seasons said for it, as a ratio of exponentially weighted sums (time
-//!   constant [`LEVEL_TIME`]), clamped to [[`MIN_LEVEL`], [`MAX_LEVEL`]]: a
-//!   day running 20 % above yesterday is forecast 20 % above yesterday for
-//!   the rest of it, and a step change is followed within minutes.
+//! - **seasons**: the bucket one day earlier and the bucket one week
+//!   earlier;
+//! - **level**, per season: how the rate arriving lately compares with what
+//!   that season said for it, as a ratio of exponentially weighted sums
+//!   (time constant [`LEVEL_TIME`]), clamped to [[`MIN_LEVEL`],
+//!   [`MAX_LEVEL`]]: a day running 20 % above yesterday is forecast 20 %
+//!   above yesterday for the rest of it, and a step change is followed
+//!   within minutes.
 //!
-//! The forecast for a span is the highest bucket's (a launch made for it
-//! must serve the whole span). Nothing here reads a clock.
+//! The forecast is the higher of the two scaled seasons (a Monday morning
+//! is forecast from last Monday's, which matched the night, not from
+//! Sunday's; a Saturday's from last Saturday's once Friday's level has
+//! fallen: a forecast only ever launches, so erring high costs idle minutes
+//! and erring low costs waiting work), at the highest bucket of the span
+//! (a launch made for it must serve the whole span). Nothing here reads a
+//! clock.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -28,7 +36,7 @@ pub const BUCKET: Duration = Duration::from_secs(5 * 60);
 pub const KEEP: Duration = Duration::from_secs(8 * 24 * 3600);
 /// How fast the level follows the rate arriving now.
 pub const LEVEL_TIME: Duration = Duration::from_secs(60);
-pub const MIN_LEVEL: f64 = 0.25;
+pub const MIN_LEVEL: f64 = 0.05;
 pub const MAX_LEVEL: f64 = 4.0;
 
 const DAY_S: i64 = 24 * 3600;
@@ -61,9 +69,13 @@ struct Level {
 pub struct DemandHistory {
     /// Index of `buckets[0]`.
     first: i64,
-    /// (sum of the rates recorded, how many) per bucket, oldest first.
-    buckets: VecDeque<(f64, u32)>,
-    level: Option<Level>,
+    /// The busiest minute's mean rate per bucket, oldest first; `None`
+    /// where nothing was recorded.
+    buckets: VecDeque<Option<f64>>,
+    /// The minute being recorded: (unix minute, sum of rates, how many).
+    minute: Option<(i64, f64, u32)>,
+    /// Per season: one day back, one week back.
+    levels: [Option<Level>; 2],
 }
 
 /// The seasons one bucket was forecast from.
@@ -78,12 +90,8 @@ pub struct Seasons {
 }
 
 impl Seasons {
-    /// Both seasons averaged, or the one known.
-    pub fn blended(&self) -> Option<f64> {
-        match (self.day, self.week) {
-            (Some(d), Some(w)) => Some((d + w) / 2.0),
-            (d, w) => d.or(w),
-        }
+    fn get(&self, season: usize) -> Option<f64> {
+        [self.day, self.week][season]
     }
 }
 
@@ -94,8 +102,9 @@ pub struct Forecast {
     pub rate: f64,
     /// That bucket's seasons.
     pub seasons: Seasons,
-    /// The recent level applied to them (1.0: as the seasons said).
-    pub level: f64,
+    /// The recent level of each season (1.0: as it said), one day back
+    /// and one week back.
+    pub levels: [f64; 2],
 }
 
 /// Why there is no forecast.
@@ -124,7 +133,8 @@ impl std::fmt::Display for NoForecast {
 }
 
 /// [`DemandHistory`] as plain values, for a store: closed buckets as their
-/// mean (`None` where nothing was recorded); the open bucket is not kept.
+/// busiest minute's mean (`None` where nothing was recorded); the open
+/// bucket is not kept.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HistoryMemory {
     /// The first bucket's start.
@@ -143,8 +153,7 @@ impl DemandHistory {
 
     fn mean(&self, idx: i64) -> Option<f64> {
         let i = usize::try_from(idx - self.first).ok()?;
-        let &(sum, n) = self.buckets.get(i)?;
-        (n > 0).then(|| sum / f64::from(n))
+        *self.buckets.get(i)?
     }
 
     /// What the seasons say for the bucket holding `t`.
@@ -167,33 +176,42 @@ impl DemandHistory {
     }
 
     /// Records `rate` (messages per second arriving) at `now`. A time
-    /// before the newest bucket (the clock stepped back) counts into the
-    /// newest; a gap longer than the history keeps starts it afresh.
+    /// before the minute being recorded (the clock stepped back) counts
+    /// into that minute; a gap longer than the history keeps starts it
+    /// afresh.
     pub fn record(&mut self, now: Timestamp, rate: f64) {
         if !rate.is_finite() || rate < 0.0 {
             return;
         }
         self.follow_level(now, rate);
-        let idx = index(now);
-        match self.last() {
-            None => {
-                self.first = idx;
-                self.buckets.push_back((0.0, 0));
+        let minute = now.as_second().div_euclid(60);
+        self.minute = Some(match self.minute {
+            Some((m, sum, n)) if minute <= m => (m, sum + rate, n + 1),
+            Some((m, sum, n)) => {
+                self.fold(m, sum / f64::from(n));
+                (minute, rate, 1)
             }
+            None => (minute, rate, 1),
+        });
+    }
+
+    /// Counts a finished minute's mean into its bucket.
+    fn fold(&mut self, minute: i64, mean: f64) {
+        let idx = (minute * 60).div_euclid(bucket_s());
+        match self.last() {
+            None => self.first = idx,
             Some(last) if idx - last > keep_buckets() as i64 => {
                 self.buckets.clear();
                 self.first = idx;
-                self.buckets.push_back((0.0, 0));
             }
-            Some(last) => {
-                for _ in last..idx {
-                    self.buckets.push_back((0.0, 0));
-                }
-            }
+            Some(last) if idx < last => return,
+            Some(_) => {}
+        }
+        while self.last().is_none_or(|last| last < idx) {
+            self.buckets.push_back(None);
         }
         if let Some(b) = self.buckets.back_mut() {
-            b.0 += rate;
-            b.1 += 1;
+            *b = Some(b.map_or(mean, |v| v.max(mean)));
         }
         while self.buckets.len() > keep_buckets() {
             self.buckets.pop_front();
@@ -202,37 +220,38 @@ impl DemandHistory {
     }
 
     fn follow_level(&mut self, now: Timestamp, rate: f64) {
-        let Some(seasonal) = self.seasons(now).blended() else {
-            return;
-        };
-        let decay = |at: Timestamp| {
-            let dt = (now.as_millisecond() - at.as_millisecond()).max(0) as f64 / 1000.0;
-            (-dt / LEVEL_TIME.as_secs_f64()).exp()
-        };
-        self.level = Some(match self.level {
-            Some(l) => {
-                let d = decay(l.at);
-                Level {
-                    at: now,
-                    actual: l.actual * d + rate,
-                    seasonal: l.seasonal * d + seasonal,
+        let seasons = self.seasons(now);
+        for (season, level) in self.levels.iter_mut().enumerate() {
+            let Some(seasonal) = seasons.get(season) else {
+                continue;
+            };
+            *level = Some(match *level {
+                Some(l) => {
+                    let dt = (now.as_millisecond() - l.at.as_millisecond()).max(0) as f64 / 1000.0;
+                    let d = (-dt / LEVEL_TIME.as_secs_f64()).exp();
+                    Level {
+                        at: now,
+                        actual: l.actual * d + rate,
+                        seasonal: l.seasonal * d + seasonal,
+                    }
                 }
-            }
-            None => Level {
-                at: now,
-                actual: rate,
-                seasonal,
-            },
-        });
+                None => Level {
+                    at: now,
+                    actual: rate,
+                    seasonal,
+                },
+            });
+        }
     }
 
-    /// The recent level: the rate seen lately over what the seasons said.
-    pub fn level(&self) -> f64 {
-        match self.level {
+    /// Each season's recent level: the rate seen lately over what it said
+    /// (one day back, one week back; 1.0 while unknown).
+    pub fn levels(&self) -> [f64; 2] {
+        self.levels.map(|l| match l {
             Some(l) if l.seasonal > 1e-9 => (l.actual / l.seasonal).clamp(MIN_LEVEL, MAX_LEVEL),
             Some(l) if l.actual > 1e-9 => MAX_LEVEL,
             _ => 1.0,
-        }
+        })
     }
 
     /// The rate expected over `from..=to`, once the history reaches back
@@ -251,22 +270,24 @@ impl DemandHistory {
                 need: min_history,
             });
         }
-        let level = self.level();
+        let levels = self.levels();
         let mut best: Option<(f64, Seasons)> = None;
         for idx in index(from)..=index(to).max(index(from)) {
             let at = Timestamp::from_second(idx * bucket_s()).unwrap_or(from);
             let s = self.seasons(at);
-            if let Some(v) = s.blended()
-                && best.is_none_or(|(b, _)| v > b)
-            {
-                best = Some((v, s));
+            for (season, level) in levels.iter().enumerate() {
+                if let Some(v) = s.get(season).map(|v| v * level)
+                    && best.is_none_or(|(b, _)| v > b)
+                {
+                    best = Some((v, s));
+                }
             }
         }
-        let (seasonal, seasons) = best.ok_or(NoForecast::NoSeason)?;
+        let (rate, seasons) = best.ok_or(NoForecast::NoSeason)?;
         Ok(Forecast {
-            rate: seasonal * level,
+            rate,
             seasons,
-            level,
+            levels,
         })
     }
 
@@ -277,12 +298,7 @@ impl DemandHistory {
             first: (closed > 0)
                 .then(|| Timestamp::from_second(self.first * bucket_s()).ok())
                 .flatten(),
-            means: self
-                .buckets
-                .iter()
-                .take(closed)
-                .map(|&(sum, n)| (n > 0).then(|| sum / f64::from(n)))
-                .collect(),
+            means: self.buckets.iter().take(closed).copied().collect(),
         }
     }
 
@@ -297,12 +313,10 @@ impl DemandHistory {
             buckets: memory
                 .means
                 .iter()
-                .map(|m| match m {
-                    Some(v) if v.is_finite() && *v >= 0.0 => (*v, 1),
-                    _ => (0.0, 0),
-                })
+                .map(|m| m.filter(|v| v.is_finite() && *v >= 0.0))
                 .collect(),
-            level: None,
+            minute: None,
+            levels: [None; 2],
         };
         while h.buckets.len() > keep_buckets() {
             h.buckets.pop_front();
@@ -409,20 +423,20 @@ mod tests {
         let before = h
             .forecast(at(step), at(step), at(step + horizon), Duration::ZERO)
             .unwrap();
-        assert!(before.level < 1.05, "{before:?}");
+        assert!(before.levels[0] < 1.05, "{before:?}");
         // One horizon after it, at least 1.8 times; three, within 5 % of 2.
         fill(&mut h, step, step + horizon, 10, double);
         let now = step + horizon;
         let one = h
             .forecast(at(now), at(now), at(now + horizon), Duration::ZERO)
             .unwrap();
-        assert!(one.level > 1.8, "{one:?}");
+        assert!(one.levels[0] > 1.8, "{one:?}");
         fill(&mut h, now, step + 3 * horizon, 10, double);
         let now = step + 3 * horizon;
         let three = h
             .forecast(at(now), at(now), at(now + horizon), Duration::ZERO)
             .unwrap();
-        assert!((three.level - 2.0).abs() < 0.1, "{three:?}");
+        assert!((three.levels[0] - 2.0).abs() < 0.1, "{three:?}");
         let truth = double(now + horizon);
         assert!(
             (three.rate - truth).abs() / truth < 0.05,
@@ -430,22 +444,54 @@ mod tests {
         );
     }
 
+    /// 1,000 msg/s on weekdays 07:00–17:00, 100 otherwise.
+    fn office(secs: i64) -> f64 {
+        let day = secs.div_euclid(DAY_S) % 7;
+        let hour = secs.rem_euclid(DAY_S) / 3600;
+        if day < 5 && (7..17).contains(&hour) {
+            1000.0
+        } else {
+            100.0
+        }
+    }
+
     #[test]
-    fn week_and_day_blend_and_a_missing_season_is_said() {
+    fn the_higher_scaled_season_counts_and_a_missing_season_is_said() {
         let mut h = DemandHistory::new();
-        // A week of 100, then a day of 300: a week later the bucket is
-        // forecast from 300 yesterday and 100 last week.
-        fill(&mut h, 0, WEEK_S, 60, |_| 100.0);
-        fill(&mut h, WEEK_S, WEEK_S + DAY_S, 60, |_| 300.0);
-        let s = h.seasons(at(WEEK_S + DAY_S + 600));
-        assert_eq!((s.day, s.week), (Some(300.0), Some(100.0)));
-        assert_eq!(s.blended(), Some(200.0));
+        fill(&mut h, 0, WEEK_S + 6 * 3600 + 58 * 60, 60, office);
+        // Monday of the second week, 06:58: yesterday (a Sunday) says 100
+        // for 07:00, last Monday 1,000; both matched the night.
+        let now = at(WEEK_S + 6 * 3600 + 58 * 60);
+        let seven = at(WEEK_S + 7 * 3600);
+        let f = h.forecast(now, seven, seven, Duration::ZERO).unwrap();
+        assert_eq!((f.seasons.day, f.seasons.week), (Some(100.0), Some(1000.0)));
+        assert!((f.rate - 1000.0).abs() < 1.0, "{f:?}");
         // Far in the future nothing is known.
         let far = at(30 * DAY_S);
         assert_eq!(
-            h.forecast(at(WEEK_S + DAY_S), far, far, Duration::ZERO),
+            h.forecast(now, far, far, Duration::ZERO),
             Err(NoForecast::NoSeason)
         );
+    }
+
+    #[test]
+    fn a_climb_within_a_bucket_is_remembered_at_its_top() {
+        let mut h = DemandHistory::new();
+        fill(&mut h, 0, DAY_S, 10, |_| 50.0);
+        // 07:00: three minutes at 50 then 1,000 (a shift starts); the next
+        // morning the 07:00 bucket is forecast at 1,000, not its mean 430.
+        let seven = 7 * 3600;
+        fill(&mut h, DAY_S + seven - 600, DAY_S + seven + 1800, 10, |s| {
+            if s < DAY_S + seven + 180 {
+                50.0
+            } else {
+                1000.0
+            }
+        });
+        let next = at(2 * DAY_S + seven);
+        assert_eq!(h.seasons(next).day, Some(1000.0));
+        // The minutes before it stayed at the floor.
+        assert_eq!(h.seasons(at(2 * DAY_S + seven - 300)).day, Some(50.0));
     }
 
     #[test]
@@ -462,6 +508,7 @@ mod tests {
         // A gap longer than the history starts afresh.
         let mut g = back.clone();
         g.record(at(40 * DAY_S), 5.0);
+        g.record(at(40 * DAY_S + 60), 5.0);
         assert_eq!(g.buckets.len(), 1);
         assert_eq!(DemandHistory::new().memory(), HistoryMemory::default());
     }
@@ -479,7 +526,7 @@ mod tests {
                 prop_assert!(h.buckets.len() <= keep_buckets());
                 if let Ok(f) = h.forecast(at(s), at(s), at(s + 130), Duration::ZERO) {
                     prop_assert!(f.rate.is_finite() && f.rate >= 0.0);
-                    prop_assert!((MIN_LEVEL..=MAX_LEVEL).contains(&f.level));
+                    prop_assert!(f.levels.iter().all(|l| (MIN_LEVEL..=MAX_LEVEL).contains(l)));
                 }
             }
         }

@@ -64,8 +64,8 @@ pub const DEFAULT_TOLERANCE: f64 = 0.1;
 pub const DEFAULT_CLEAR_BACKLOG_WITHIN: Duration = Duration::from_secs(60);
 /// Launch to serving, as a minion on EC2 usually takes.
 pub const DEFAULT_BOOT_TIME: Duration = Duration::from_secs(2 * 60);
-/// Chosen for removal to terminated.
-pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(30);
+/// How far ahead the break-even hold looks (see [`Behaviour::hold_within`]).
+pub const DEFAULT_HOLD_WITHIN: Duration = Duration::from_secs(10 * 60);
 /// What the controller evaluates at by default.
 pub const DEFAULT_EVAL_INTERVAL: Duration = Duration::from_secs(1);
 /// A day of history before the forecast acts, as AWS predictive scaling
@@ -164,18 +164,22 @@ pub struct Behaviour {
     /// [`ClipKind::ArrivalRate`]).
     pub clear_backlog_within: Duration,
     /// Launch to serving: the forecast looks this far (plus one
-    /// `eval_interval`) ahead, and with `drain_time` it is what taking a
-    /// minion away and launching it again costs (the break-even hold).
+    /// `eval_interval`) ahead, and the rule sized on rates counts what the
+    /// fleet clears until a launch is ready.
     pub boot_time: Duration,
-    /// Chosen for removal to terminated.
-    pub drain_time: Duration,
+    /// The break-even hold keeps idle minions likely needed again within
+    /// this. Taking one away and launching it again bills its drain and its
+    /// boot, and the work that needs it waits that boot: the billed
+    /// break-even alone (boot + drain, 2m30s) left a launch-and-drain cycle
+    /// per dump on the batch trace, hence the default of 10 minutes.
+    pub hold_within: Duration,
     /// How often the policy is evaluated.
     pub eval_interval: Duration,
     /// What one minion serves per second at full load, until busy minions
     /// show it (a prior; learned values replace it).
     pub service_rate: Option<f64>,
     /// Keep idle minions while the fleet's recent past says they are
-    /// likely needed again within `boot_time + drain_time` (see
+    /// likely needed again within `hold_within` (see
     /// [`ClipKind::BreakEvenHold`]).
     pub break_even_hold: bool,
     pub forecast: ForecastMode,
@@ -194,7 +198,7 @@ impl Default for Behaviour {
             tolerance: DEFAULT_TOLERANCE,
             clear_backlog_within: DEFAULT_CLEAR_BACKLOG_WITHIN,
             boot_time: DEFAULT_BOOT_TIME,
-            drain_time: DEFAULT_DRAIN_TIME,
+            hold_within: DEFAULT_HOLD_WITHIN,
             eval_interval: DEFAULT_EVAL_INTERVAL,
             service_rate: None,
             break_even_hold: true,
@@ -1224,9 +1228,9 @@ pub fn evaluate(
         }
         // Taking a minion away and launching it again costs its drain and
         // its boot, and the work that waits for the boot: keep the minions
-        // the recent past says are likely needed again within that.
+        // the recent past says are likely needed again soon.
         if desired < current && behaviour.break_even_hold {
-            let horizon = behaviour.boot_time + behaviour.drain_time;
+            let horizon = behaviour.hold_within;
             let lowest = desired.max(current.saturating_sub(behaviour.max_step_in));
             if let Some((level, idle, again)) = state.hold_level(now, lowest, current, horizon) {
                 desired = clip(
@@ -1234,10 +1238,8 @@ pub fn evaluate(
                     desired,
                     level,
                     format!(
-                        "{level} minions were needed again within {} (boot {} + drain {}) after {again} of the {idle} minutes fewer sufficed over the last {}",
+                        "{level} minions were needed again within {} (hold_within) after {again} of the {idle} minutes fewer sufficed over the last {}",
                         DurationText(horizon),
-                        DurationText(behaviour.boot_time),
-                        DurationText(behaviour.drain_time),
                         DurationText(HOLD_LOOKBACK)
                     ),
                 );
@@ -1406,16 +1408,19 @@ fn forecast_recommendation(
         (Ok(_), None) => (None, NO_SERVICE_RATE.to_owned()),
         (Ok(f), Some(per_minion)) => {
             let n = minions_for(f.rate * (1.0 + behaviour.tolerance), per_minion);
-            let season =
-                |v: Option<f64>| v.map_or_else(|| "none".to_owned(), |v| format!("{v:.0}"));
+            let season = |v: Option<f64>, level: f64| {
+                v.map_or_else(
+                    || "none".to_owned(),
+                    |v| format!("{v:.0} x{level:.2} lately"),
+                )
+            };
             (
                 Some(n),
                 format!(
-                    "{:.0} msg/s expected from {from} (one boot ahead; a day before {}, a week before {}, level x{:.2}) at {per_minion:.1} msg/s per minion (+{:.0}%)",
+                    "{:.0} msg/s expected from {from} (one boot ahead; a day before {}, a week before {}) at {per_minion:.1} msg/s per minion (+{:.0}%)",
                     f.rate,
-                    season(f.seasons.day),
-                    season(f.seasons.week),
-                    f.level,
+                    season(f.seasons.day, f.levels[0]),
+                    season(f.seasons.week, f.levels[1]),
                     behaviour.tolerance * 100.0
                 ),
             )
@@ -2547,7 +2552,7 @@ desired: 6";
         assert_eq!(d.explanation.source_name(), "forecast");
         let text = d.explanation.to_string();
         assert!(
-            text.contains("* forecast: 10 (1000 msg/s expected from 2026-11-03T08:00:30Z (one boot ahead; a day before 1000, a week before none, level x1.00)"),
+            text.contains("* forecast: 10 (1000 msg/s expected from 2026-11-03T08:00:30Z (one boot ahead; a day before 1000 x1.00 lately, a week before none)"),
             "{text}"
         );
     }
@@ -2637,13 +2642,14 @@ desired: 6";
     fn the_break_even_hold_keeps_minions_a_recurring_need_will_want_again() {
         let b = Behaviour {
             break_even_hold: true,
+            hold_within: Duration::from_secs(150),
             ..free()
         };
         let p = policy(1, 50, vec![queue(1)], b, vec![]);
         let start = t("2026-11-02T00:00:00Z");
         // 6 minions needed one minute in three: each gap (2 minutes) is
-        // within boot + drain (2m30s), so after the first half hour the
-        // fleet keeps its 6 through the gaps.
+        // within hold_within (2m30s here), so after the first half hour
+        // the fleet keeps its 6 through the gaps.
         let mut st = PolicyState::new();
         let (_, ds) = drive(&p, &mut st, start, 60, |m| if m % 3 == 0 { 6 } else { 1 });
         let late = &ds[40 * 6..];
@@ -2663,9 +2669,8 @@ desired: 6";
             .find(|c| c.kind == ClipKind::BreakEvenHold)
             .unwrap();
         assert!(
-            clip.detail.starts_with(
-                "6 minions were needed again within 2m30s (boot 2m + drain 30s) after"
-            ),
+            clip.detail
+                .starts_with("6 minions were needed again within 2m30s (hold_within) after"),
             "{}",
             clip.detail
         );
@@ -2686,6 +2691,7 @@ desired: 6";
     fn the_hold_survives_a_restart() {
         let b = Behaviour {
             break_even_hold: true,
+            hold_within: Duration::from_secs(150),
             ..free()
         };
         let p = policy(1, 50, vec![queue(1)], b, vec![]);

@@ -860,6 +860,18 @@ pub enum TraceKind {
     /// each dump as demand launches for every one of them, and the minions
     /// arrive after the dump is gone.
     Batch,
+    /// Two weeks from Monday 00:00 UTC, one row a minute, of a fleet fed
+    /// by people's working hours (clinics, order entry, a plant's shifts):
+    /// a night floor at a twentieth of `peak`; on weekdays the day starts
+    /// at 07:00 with a climb to `peak` within three minutes (faster than a
+    /// boot), dips to 60 % over lunch (12:00–13:00), and ends at 17:00
+    /// with a fall to a fifth within ten minutes, back at the floor from
+    /// 19:00; Saturday mornings (08:00–12:00) run at 40 %; Sundays stay at
+    /// the floor; the second Thursday is a public holiday (the floor all
+    /// day); ±5 % noise. The rises are the same every day: a policy that
+    /// only reacts meets each with a queue, one that remembers can launch
+    /// ahead of it.
+    Shifts,
 }
 
 /// Generates a trace. `peak` is the weekday midday rate in messages/s.
@@ -869,6 +881,7 @@ pub fn generate(kind: TraceKind, seed: u64, peak: f64, start: Timestamp) -> Trac
         TraceKind::Week => 7 * 24 * 60,
         TraceKind::Spike => 6 * 60,
         TraceKind::Batch => 12 * 60,
+        TraceKind::Shifts => 14 * 24 * 60,
     };
     // Burst starts (minute of the week) and lengths, chosen by the seed.
     let bursts: Vec<(u32, u32)> = (0..4)
@@ -923,6 +936,29 @@ pub fn generate(kind: TraceKind, seed: u64, peak: f64, start: Timestamp) -> Trac
                 } else {
                     steady
                 }
+            }
+            TraceKind::Shifts => {
+                let day = m / (24 * 60);
+                let minute = f64::from(m % (24 * 60));
+                let floor = 0.05;
+                // Linear from `a` at minute `from` to `b` over `len` minutes.
+                let ramp = |from: f64, len: f64, a: f64, b: f64| {
+                    a + (b - a) * ((minute - from) / len).clamp(0.0, 1.0)
+                };
+                let level = match day % 7 {
+                    _ if day == 10 => floor,
+                    0..=4 => match minute as u32 {
+                        0..420 => floor,
+                        420..720 => ramp(420.0, 3.0, floor, 1.0),
+                        720..780 => 0.6,
+                        780..1020 => 1.0,
+                        1020..1140 => ramp(1020.0, 10.0, 1.0, 0.2),
+                        _ => floor,
+                    },
+                    5 if (480..720).contains(&(minute as u32)) => ramp(480.0, 3.0, floor, 0.4),
+                    _ => floor,
+                };
+                peak * level
             }
             TraceKind::Batch => {
                 if (outage_start..outage_end).contains(&m) {
@@ -1329,5 +1365,20 @@ mod tests {
         assert!(at(1) < 120.0, "a trickle between dumps");
         assert_eq!(at(370), 0.0, "the outage");
         assert!(at(391) > 500.0, "the flush after it");
+        let shifts = generate(TraceKind::Shifts, 7, 1000.0, start);
+        assert_eq!(shifts.points().len(), 14 * 24 * 60 + 1);
+        let at = |day: i64, minute: i64| {
+            shifts.rate_at(start + SignedDuration::from_mins(day * 24 * 60 + minute))
+        };
+        // Monday: the floor at 06:59, the peak by 07:03, the lunch dip, a
+        // fifth after 17:10, the floor after 19:00.
+        assert!(at(0, 419) < 60.0 && at(0, 423) > 900.0);
+        assert!((550.0..650.0).contains(&at(0, 750)));
+        assert!((180.0..220.0).contains(&at(0, 1035)) && at(0, 1150) < 60.0);
+        // Saturday morning at 40 %, Sunday and the second Thursday at the
+        // floor all day.
+        assert!((380.0..420.0).contains(&at(5, 600)));
+        assert!(at(6, 600) < 60.0 && at(10, 600) < 60.0);
+        assert!(at(9, 600) > 900.0, "the second Wednesday is a working day");
     }
 }

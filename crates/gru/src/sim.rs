@@ -87,6 +87,10 @@ enum Kind {
     /// Twelve hours of a trickle with a batch dumped every 4–12 minutes,
     /// and a half-hour upstream outage flushed afterwards.
     Batch,
+    /// Two weeks of working hours: a climb to the peak within three minutes
+    /// at 07:00 every weekday, lunch dip, 17:00 fall, Saturday mornings, a
+    /// holiday on the second Thursday.
+    Shifts,
 }
 
 #[derive(Args)]
@@ -118,6 +122,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         Kind::Week => TraceKind::Week,
         Kind::Spike => TraceKind::Spike,
         Kind::Batch => TraceKind::Batch,
+        Kind::Shifts => TraceKind::Shifts,
     };
     let trace = sim::generate(kind, a.seed, a.peak, a.start);
     let mut csv = String::from("timestamp,arrivals_per_s\n");
