@@ -1779,6 +1779,21 @@ mod tests {
     }
 
     fn registry(min: u32, max: u32) -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::SqliteStore::open(dir.path()).expect("store");
+        // The store's directory lives as long as the test process.
+        std::mem::forget(dir);
+        Registry::open(
+            &[fleet_config(min, max)],
+            broadcast::channel(64).0,
+            Arc::new(store),
+            Loaded::default(),
+            Instant::now(),
+        )
+        .expect("registry")
+    }
+
+    fn fleet_config(min: u32, max: u32) -> FleetConfig {
         let behaviour = Behaviour {
             scale_in_stabilization: Duration::from_secs(30),
             scale_in_cooldown: Duration::ZERO,
@@ -1795,7 +1810,7 @@ mod tests {
             Vec::new(),
         )
         .expect("policy");
-        let fleet = FleetConfig {
+        FleetConfig {
             name: "f".to_owned(),
             policy,
             provider: ProviderConfig::Local(LocalProviderConfig {
@@ -1807,19 +1822,7 @@ mod tests {
             rebalance: Some(gru_core::rebalance::DEFAULT_REBALANCE),
             sqs: None,
             identity: None,
-        };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = crate::store::SqliteStore::open(dir.path()).expect("store");
-        // The store's directory lives as long as the test process.
-        std::mem::forget(dir);
-        Registry::open(
-            &[fleet],
-            broadcast::channel(64).0,
-            Arc::new(store),
-            Loaded::default(),
-            Instant::now(),
-        )
-        .expect("registry")
+        }
     }
 
     fn group(ids: &[&str], desired: u32) -> GroupState {
@@ -1929,6 +1932,55 @@ mod tests {
         assert_eq!(back.recent.len(), 1);
         assert_eq!(back.history, HistoryMemory::default());
         assert!(back.needs.is_empty());
+    }
+
+    #[test]
+    fn the_forecast_history_and_hold_memory_survive_a_restart() {
+        let mut reg = registry(0, 5);
+        let config = fleet_config(0, 5);
+        let start: Timestamp = "2026-11-25T10:00:00Z".parse().unwrap();
+        // Twenty minutes of decisions on a fleet serving 150 msg/s.
+        let f = reg.fleets.get_mut("f").expect("fleet");
+        for step in 0..120u64 {
+            let now = start
+                .checked_add(Duration::from_secs(step * 10))
+                .expect("time");
+            let obs = Observation {
+                capacity: 2,
+                minions: vec![
+                    MinionLoad {
+                        queued: 1,
+                        in_flight: 2,
+                        rate_per_s: Some(75.0),
+                    };
+                    2
+                ],
+                external: Vec::new(),
+            };
+            policy::evaluate(
+                &config.policy,
+                &mut f.policy_state,
+                &obs,
+                &Overrides::default(),
+                now,
+            );
+        }
+        let before = reg.fleets["f"].policy_state.memory();
+        // 10:00–10:19, the minute being recorded (10:19) not yet counted.
+        assert_eq!(before.history.means.len(), 4, "{:?}", before.history);
+        assert!(before.history.means.iter().all(|m| *m == Some(150.0)));
+        assert_eq!(before.needs.len(), 20);
+        reg.persist_fleet("f");
+        let loaded = reg.store.load().expect("load");
+        let back = Registry::open(
+            &[config],
+            broadcast::channel(64).0,
+            reg.store.clone(),
+            loaded,
+            Instant::now(),
+        )
+        .expect("registry");
+        assert_eq!(back.fleets["f"].policy_state.memory(), before);
     }
 
     #[test]

@@ -132,9 +132,10 @@ impl std::fmt::Display for NoForecast {
     }
 }
 
-/// [`DemandHistory`] as plain values, for a store: closed buckets as their
-/// busiest minute's mean (`None` where nothing was recorded); the open
-/// bucket is not kept.
+/// [`DemandHistory`] as plain values, for a store: each bucket's busiest
+/// finished minute's mean (`None` where nothing was recorded). The minute
+/// being recorded is not kept; the newest bucket keeps taking minutes
+/// after a restore.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HistoryMemory {
     /// The first bucket's start.
@@ -291,14 +292,13 @@ impl DemandHistory {
         })
     }
 
-    /// The history as plain values (the open bucket is left out).
+    /// The history as plain values.
     pub fn memory(&self) -> HistoryMemory {
-        let closed = self.buckets.len().saturating_sub(1);
         HistoryMemory {
-            first: (closed > 0)
+            first: (!self.buckets.is_empty())
                 .then(|| Timestamp::from_second(self.first * bucket_s()).ok())
                 .flatten(),
-            means: self.buckets.iter().take(closed).copied().collect(),
+            means: self.buckets.iter().copied().collect(),
         }
     }
 
@@ -323,11 +323,6 @@ impl DemandHistory {
             h.first += 1;
         }
         h
-    }
-
-    /// Closed buckets held: grows by one every [`BUCKET`].
-    pub fn closed(&self) -> usize {
-        self.buckets.len().saturating_sub(1)
     }
 }
 
@@ -501,8 +496,11 @@ mod tests {
         assert_eq!(h.buckets.len(), keep_buckets());
         assert_eq!(h.span(at(10 * DAY_S)), KEEP);
         let m = h.memory();
-        assert_eq!(m.means.len(), keep_buckets() - 1);
+        assert_eq!(m.means.len(), keep_buckets());
         let back = DemandHistory::from_memory(&m);
+        // A round trip keeps everything, however often it is made.
+        assert_eq!(back.memory(), m);
+        assert_eq!(DemandHistory::from_memory(&back.memory()).memory(), m);
         let probe = at(10 * DAY_S + 300);
         assert_eq!(back.seasons(probe), h.seasons(probe));
         // A gap longer than the history starts afresh.
