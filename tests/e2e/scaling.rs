@@ -369,6 +369,20 @@ fn the_controller_follows_a_schedule_window_in_a_time_zone() {
         d["text"].as_str().unwrap_or_default().contains("busy-now"),
         "{d}"
     );
+    // The forecast is on in forecast_only mode by default: it says it has
+    // no day of history yet, and recommends nothing.
+    let forecast = d["recommendations"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["rule"] == "forecast (only)"))
+        .unwrap_or_else(|| panic!("no forecast line in {d}"));
+    assert!(forecast["desired"].is_null(), "{forecast}");
+    assert!(
+        forecast["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("of the 24h needed"),
+        "{forecast}"
+    );
     assert!(
         dev.fleet()["reason"]
             .as_str()
