@@ -329,6 +329,19 @@ fn check_endpoints(controller: &str) {
                 .then_some(())
         },
     );
+    // The policy's estimate of what arrives follows the load.
+    wait_until(
+        "the controller to export the fleet's arrival rate",
+        Duration::from_secs(30),
+        || {
+            get_ok(controller, "/metrics")
+                .lines()
+                .filter(|l| l.starts_with("gru_fleet_arrival_rate{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .any(|v| v > 0.0)
+                .then_some(())
+        },
+    );
     let body = get_ok(controller, "/metrics");
     assert!(body.contains("gru_fleet_desired{"), "{body}");
     check_metrics("the controller's /metrics", &body);

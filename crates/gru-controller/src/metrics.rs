@@ -538,6 +538,12 @@ pub struct FleetPicture {
     pub in_flight: u64,
     pub sessions: u64,
     pub drains_overdue: u64,
+    /// Messages per second arriving, as the last decision estimated it.
+    pub arrivals_per_s: Option<f64>,
+    /// What one minion serves per second at full load, as learned.
+    pub service_rate: Option<f64>,
+    /// What the forecast asked for at the last decision.
+    pub forecast: Option<u32>,
 }
 
 impl FleetPicture {
@@ -625,6 +631,21 @@ const FLEET_GAUGES: &Gauges = &[
         "gru_fleet_drains_overdue",
         "Draining minions past their drain deadline",
         |p| Some(p.drains_overdue as f64),
+    ),
+    (
+        "gru_fleet_arrival_rate",
+        "Messages per second arriving, as the last decision estimated it",
+        |p| p.arrivals_per_s,
+    ),
+    (
+        "gru_fleet_service_rate",
+        "Messages per second one minion serves at full load, as learned",
+        |p| p.service_rate,
+    ),
+    (
+        "gru_fleet_forecast_minions",
+        "The minions the forecast asked for at the last decision, acted on or not",
+        |p| p.forecast.map(f64::from),
     ),
 ];
 

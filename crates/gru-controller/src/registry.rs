@@ -1308,6 +1308,11 @@ impl Registry {
         p.active_min = bounds.min;
         p.active_max = bounds.max;
         p.desired = f.last_decision.as_ref().map(|d| d.desired);
+        if let Some(d) = &f.last_decision {
+            p.arrivals_per_s = d.explanation.arrivals_per_s;
+            p.service_rate = d.explanation.service_rate;
+            p.forecast = d.explanation.forecast;
+        }
         p.group_desired = f.group.as_ref().map(|g| g.desired);
         p.paused = f.paused.is_some();
         p.pinned = f.pin.is_some();

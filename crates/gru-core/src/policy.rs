@@ -930,6 +930,14 @@ pub struct Explanation {
     pub capacity: u32,
     pub load: LoadSummary,
     pub external: Vec<ExternalSignal>,
+    /// Messages per second arriving, once two evaluations showed it.
+    pub arrivals_per_s: Option<f64>,
+    /// What one minion serves per second at full load, as learned (or the
+    /// configured prior).
+    pub service_rate: Option<f64>,
+    /// What the forecast asks for, acted on (`on`) or not
+    /// (`forecast_only`); `None` while it has nothing to say.
+    pub forecast: Option<u32>,
     pub window: Option<ActiveWindow>,
     pub paused: bool,
     pub pin: PinStatus,
@@ -1367,6 +1375,9 @@ pub fn evaluate(
             capacity: current,
             load,
             external: obs.external.clone(),
+            arrivals_per_s: arrivals,
+            service_rate,
+            forecast: forecast.and_then(|(_, n)| n),
             window,
             paused: overrides.paused,
             pin,
@@ -1495,6 +1506,15 @@ impl fmt::Display for Explanation {
             )?,
             None => writeln!(f, ", no processing rate reported")?,
         }
+        let rate = |r: Option<f64>| {
+            r.map_or_else(|| "not known yet".to_owned(), |r| format!("{r:.1} msg/s"))
+        };
+        writeln!(
+            f,
+            "  rates: {} arriving, {} per minion at full load",
+            rate(self.arrivals_per_s),
+            rate(self.service_rate)
+        )?;
         if !self.external.is_empty() {
             let signals: Vec<String> = self
                 .external
@@ -2275,6 +2295,7 @@ mod tests {
 desired 6 (from 3), applied
 inputs at 2026-01-07T01:30:00Z:
   load: 3 minions, 40 queued, 6 in flight, 4.0 msg/s from 2 reporting
+  rates: not known yet arriving, 2.0 msg/s per minion at full load
   external: sqs=120
   window: night (priority 10, opened 2026-01-06 19:00 America/Detroit = 2026-01-07T00:00:00Z): min 1, max 6
   overrides: pin at 9 expired at 2026-01-06T00:00:00Z, ignored
