@@ -158,3 +158,86 @@ fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
         "{err}"
     );
 }
+
+/// Runs `gru sim run --json` on `trace` with `config` and returns gru's row.
+fn gru_row(
+    trace: &std::path::Path,
+    config: &std::path::Path,
+    out: &std::path::Path,
+) -> serde_json::Value {
+    let run = Command::new(GRU)
+        .args(["sim", "run", "--json", "--trace"])
+        .arg(trace)
+        .arg("--config")
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("run");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("JSON");
+    v["results"][0].clone()
+}
+
+#[test]
+fn the_forecast_meets_a_daily_climb_that_reacting_does_not() {
+    // Two weeks of working hours: every weekday the rate climbs to its peak
+    // within three minutes at 07:00, faster than the 2-minute boot.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = dir.path().join("shifts.csv");
+    let out = Command::new(GRU)
+        .args([
+            "sim", "generate", "--kind", "shifts", "--seed", "5", "--peak", "800", "-o",
+        ])
+        .arg(&trace)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first four days (Monday to Thursday) are enough: the forecast
+    // needs one day of history, and a shorter trace keeps the test quick.
+    let rows: Vec<String> = std::fs::read_to_string(&trace)
+        .expect("trace")
+        .lines()
+        .take(1 + 4 * 24 * 60)
+        .map(str::to_owned)
+        .collect();
+    std::fs::write(&trace, rows.join("\n") + "\n").expect("write");
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/sim-fleet.toml");
+    let text = std::fs::read_to_string(&shipped).expect("config");
+    assert!(
+        text.contains("mode = \"on\""),
+        "the shipped fleet forecasts"
+    );
+    let only = dir.path().join("forecast-only.toml");
+    std::fs::write(
+        &only,
+        text.replace("mode = \"on\"", "mode = \"forecast_only\""),
+    )
+    .expect("write");
+
+    let on = gru_row(&trace, &shipped, &dir.path().join("on"));
+    let off = gru_row(&trace, &only, &dir.path().join("only"));
+    let breach = |r: &serde_json::Value| r["slo_breach_minutes"].as_f64().expect("minutes");
+    assert!(
+        breach(&on) * 2.0 < breach(&off),
+        "the forecast launches ahead of the climbs: {on} vs {off}"
+    );
+    let notes = |r: &serde_json::Value| r["notes"].to_string();
+    assert!(
+        notes(&on).contains("forecast (on) launched ahead at"),
+        "{on}"
+    );
+    assert!(
+        notes(&off).contains("forecast (forecast_only) launched ahead at 0 of"),
+        "{off}"
+    );
+}

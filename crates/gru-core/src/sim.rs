@@ -196,6 +196,10 @@ pub trait Scaler {
     fn rebalance(&self) -> Option<RebalanceLimits> {
         None
     }
+    /// What it wants said about its run, one line each.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One sample of the timeline, every [`TIMELINE_STEP`].
@@ -233,6 +237,8 @@ pub struct SimResult {
     /// With [`Model::bounds`]: when the scaler wanted more than the max.
     pub above_max: Option<AboveMax>,
     pub timeline: Vec<TimelineRow>,
+    /// What the scaler said about its run ([`Scaler::notes`]).
+    pub notes: Vec<String>,
 }
 
 /// A scaler held at the fleet's max.
@@ -589,6 +595,7 @@ pub fn run(trace: &Trace, model: &Model, scaler: &mut dyn Scaler, initial: u32) 
         t = after(t, STEP);
     }
     SimResult {
+        notes: scaler.notes(),
         scaler: scaler.name(),
         instance_hours: instance_seconds / 3600.0,
         slo_breach_minutes: breach_seconds / 60.0,
@@ -613,6 +620,11 @@ pub struct GruPolicy {
     policy: Policy,
     state: PolicyState,
     rebalance: Option<RebalanceLimits>,
+    /// Decisions made, the forecast's wins that raised the size, and the
+    /// break-even hold's clips.
+    decisions: u64,
+    forecast_raised: u64,
+    held: u64,
 }
 
 impl GruPolicy {
@@ -622,6 +634,9 @@ impl GruPolicy {
             policy,
             state: PolicyState::new(),
             rebalance: None,
+            decisions: 0,
+            forecast_raised: 0,
+            held: 0,
         }
     }
 
@@ -654,18 +669,44 @@ impl Scaler for GruPolicy {
             minions,
             external: Vec::new(),
         };
-        evaluate(
+        let d = evaluate(
             &self.policy,
             &mut self.state,
             &obs,
             &Overrides::default(),
             view.now,
-        )
-        .desired
+        );
+        self.decisions += 1;
+        if d.desired > view.capacity && d.explanation.source_name() == "forecast" {
+            self.forecast_raised += 1;
+        }
+        if d.explanation
+            .clips
+            .iter()
+            .any(|c| c.kind == crate::policy::ClipKind::BreakEvenHold)
+        {
+            self.held += 1;
+        }
+        d.desired
     }
 
     fn rebalance(&self) -> Option<RebalanceLimits> {
         self.rebalance
+    }
+
+    fn notes(&self) -> Vec<String> {
+        vec![
+            format!(
+                "forecast ({}) launched ahead at {} of {} decisions",
+                self.policy.behaviour().forecast.as_str(),
+                self.forecast_raised,
+                self.decisions
+            ),
+            format!(
+                "break-even hold kept idle minions at {} decisions",
+                self.held
+            ),
+        ]
     }
 }
 

@@ -228,6 +228,9 @@ struct Row {
     /// Held at the fleet's max: the most it asked for, and how often.
     wanted_above_max: Option<u32>,
     evaluations_above_max: u32,
+    /// What the scaler said about its run (gru: how often the forecast and
+    /// the break-even hold acted).
+    notes: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -307,6 +310,7 @@ fn replay(a: RunArgs) -> anyhow::Result<()> {
                 never_shared: r.never_shared,
                 wanted_above_max: r.above_max.map(|m| m.most_wanted),
                 evaluations_above_max: r.above_max.map_or(0, |m| m.evaluations),
+                notes: r.notes.clone(),
             })
             .collect(),
         gru_over_oracle_instance_hours: gru.instance_hours / oracle.instance_hours,
@@ -343,6 +347,11 @@ fn replay(a: RunArgs) -> anyhow::Result<()> {
                 }
             ),
             (Some(_), None) => println!("{r}  time to share: none measured"),
+        }
+    }
+    for r in &results {
+        for note in &r.notes {
+            println!("{}: {note}", r.scaler);
         }
     }
     let bounds = fleet.policy.bounds();
