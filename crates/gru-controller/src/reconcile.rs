@@ -346,10 +346,14 @@ impl Controller {
             let (ledger, rest): (Vec<_>, Vec<_>) =
                 loaded.ledger.into_iter().partition(|l| l.fleet == name);
             loaded.ledger = rest;
+            let (histories, rest): (Vec<_>, Vec<_>) =
+                loaded.histories.into_iter().partition(|h| h.name == name);
+            loaded.histories = rest;
             let part = Loaded {
                 minions: mine,
                 fleets: fleet_rows,
                 ledger,
+                histories,
             };
             let mut registry = Registry::open(
                 std::slice::from_ref(&runtime.config),

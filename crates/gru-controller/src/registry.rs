@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::config::FleetConfig;
 use crate::metrics::{FleetMetrics, FleetPicture};
 use crate::store::{
-    DrainRow, EventRow, FleetRow, Loaded, MinionRow, Origin, PinRow, Store, StoreError,
+    DrainRow, EventRow, FleetRow, HistoryRow, Loaded, MinionRow, Origin, PinRow, Store, StoreError,
 };
 
 /// How long after a restart or a takeover the silence of a resumed minion
@@ -46,6 +46,9 @@ pub const MINION_HISTORY: usize = 200;
 /// The policy's memory changes with every decision; it is written at most
 /// this often (and whenever a scale-out or scale-in is recorded).
 pub const POLICY_SAVE_EVERY: Duration = Duration::from_secs(15);
+/// How often a fleet's demand history (up to 8 days in 5-minute buckets,
+/// tens of KB) is written when it changed: once per bucket.
+pub const HISTORY_SAVE_EVERY: Duration = gru_core::forecast::BUCKET;
 /// Gone minions are listed for this long, then forgotten.
 pub const GONE_RETENTION: Duration = Duration::from_secs(3600);
 /// On AWS, a minion that reported queued or in-flight work within this is
@@ -267,8 +270,11 @@ pub struct FleetState {
     pub paused: Option<Origin>,
     pub pin: Option<PinOverride>,
     pub policy_state: PolicyState,
-    /// The policy memory last written to the store, and when.
+    /// The policy memory last written to the store, and when (its history
+    /// apart, in `history_saved`).
     pub policy_saved: Option<(Instant, PolicyMemory)>,
+    /// The demand history last written to the store, and when.
+    pub history_saved: Option<(Instant, HistoryMemory)>,
     pub last_decision: Option<Decision>,
     pub group: Option<GroupState>,
     /// What only an AWS group shows: instances held by lifecycle hooks, in
@@ -367,6 +373,7 @@ impl Registry {
                     pin: None,
                     policy_state: PolicyState::new(),
                     policy_saved: None,
+                    history_saved: None,
                     last_decision: None,
                     group: None,
                     aws: None,
@@ -492,6 +499,11 @@ impl Registry {
         }
         let wall_now = jiff::Timestamp::from_millisecond(self.wall_ms(now)).unwrap_or_default();
         let mut expired = Vec::new();
+        let mut histories: HashMap<String, HistoryMemory> = loaded
+            .histories
+            .into_iter()
+            .filter_map(|h| Some((h.name, decode_history(&h.history)?)))
+            .collect();
         for row in loaded.fleets {
             let Some(f) = self.fleets.get_mut(&row.name) else {
                 continue;
@@ -512,8 +524,13 @@ impl Registry {
                 expired.push((row.name.clone(), p.pin));
                 f.pin = None;
             }
-            if let Some(memory) = decode_policy_memory(&row.policy_memory) {
+            let history = histories.remove(&row.name);
+            let memory = decode_policy_memory(&row.policy_memory);
+            if memory.is_some() || history.is_some() {
+                let mut memory = memory.unwrap_or_default();
+                memory.history = history.clone().unwrap_or_default();
                 f.policy_state = PolicyState::from_memory(memory);
+                f.history_saved = history.map(|h| (now, h));
             }
         }
         let resumed = self.minions.len();
@@ -592,13 +609,46 @@ impl Registry {
         }
     }
 
+    /// Writes fleet `name`'s demand history.
+    pub fn persist_history(&mut self, name: &str, now: Instant) {
+        let Some(f) = self.fleets.get_mut(name) else {
+            return;
+        };
+        let history = f.policy_state.history().memory();
+        let row = HistoryRow {
+            name: name.to_owned(),
+            history: encode_history(&history),
+        };
+        match self.store.put_fleet_history(&row) {
+            Ok(()) => f.history_saved = Some((now, history)),
+            Err(e) => {
+                tracing::error!(fleet = %name, error = %error_chain(&e), "failed to write the fleet's demand history to the store");
+            }
+        }
+    }
+
     /// Writes the policy's memory when it changed, at most every
-    /// [`POLICY_SAVE_EVERY`] (it changes with every decision).
+    /// [`POLICY_SAVE_EVERY`] (it changes with every decision), and its
+    /// demand history at most every [`HISTORY_SAVE_EVERY`] (it is large
+    /// and a lost bucket or two only blurs a forecast).
     fn maybe_persist_policy(&mut self, name: &str, now: Instant) {
         let Some(f) = self.fleets.get_mut(name) else {
             return;
         };
-        let memory = f.policy_state.memory();
+        let mut memory = f.policy_state.memory();
+        let history = std::mem::take(&mut memory.history);
+        let history_due = match &f.history_saved {
+            None => !history.means.is_empty(),
+            Some((at, saved)) => {
+                *saved != history && now.saturating_duration_since(*at) >= HISTORY_SAVE_EVERY
+            }
+        };
+        if history_due {
+            self.persist_history(name, now);
+        }
+        let Some(f) = self.fleets.get_mut(name) else {
+            return;
+        };
         let due = match &f.policy_saved {
             None => true,
             Some((at, saved)) => {
@@ -1678,23 +1728,22 @@ pub(crate) fn event_from_row(row: EventRow) -> Event {
 }
 
 /// The policy memory as the store keeps it: one line of JSON with
-/// timestamps in unix milliseconds.
+/// timestamps in unix milliseconds. The demand history is not in it: it is
+/// written apart ([`encode_history`]).
 fn encode_policy_memory(m: &PolicyMemory) -> String {
     let ms = |t: Option<Timestamp>| t.map(|t| t.as_millisecond());
     serde_json::json!({
         "recent": m.recent.iter().map(|(t, v)| (t.as_millisecond(), v)).collect::<Vec<_>>(),
         "last_scale_out": ms(m.last_scale_out),
         "last_scale_in": ms(m.last_scale_in),
-        // The forecast's history: one mean rate per bucket, to 0.01 msg/s.
-        "history": {
-            "first": ms(m.history.first),
-            "means": m.history.means.iter()
-                .map(|v| v.map(|v| (v * 100.0).round() / 100.0))
-                .collect::<Vec<_>>(),
-        },
         "needs": m.needs.iter().map(|(t, v)| (t.as_millisecond(), v)).collect::<Vec<_>>(),
     })
     .to_string()
+}
+
+fn millis(v: &serde_json::Value) -> Option<Timestamp> {
+    v.as_i64()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
 }
 
 /// The inverse of [`encode_policy_memory`]; `None` for an empty or
@@ -1705,17 +1754,13 @@ fn decode_policy_memory(s: &str) -> Option<PolicyMemory> {
         return None;
     }
     let v: serde_json::Value = serde_json::from_str(s).ok()?;
-    let ts = |v: &serde_json::Value| {
-        v.as_i64()
-            .and_then(|ms| Timestamp::from_millisecond(ms).ok())
-    };
     let pairs = |key: &str| -> Vec<(Timestamp, u32)> {
         v.get(key)
             .and_then(|p| p.as_array())
             .map(|a| {
                 a.iter()
                     .filter_map(|pair| {
-                        let at = ts(pair.get(0)?)?;
+                        let at = millis(pair.get(0)?)?;
                         let n = u32::try_from(pair.get(1)?.as_u64()?).ok()?;
                         Some((at, n))
                     })
@@ -1723,25 +1768,40 @@ fn decode_policy_memory(s: &str) -> Option<PolicyMemory> {
             })
             .unwrap_or_default()
     };
-    // A memory written before the forecast existed has no history: it
-    // starts empty.
-    let history = v
-        .get("history")
-        .map(|h| HistoryMemory {
-            first: h.get("first").and_then(ts),
-            means: h
-                .get("means")
-                .and_then(|m| m.as_array())
-                .map(|a| a.iter().map(|x| x.as_f64()).collect())
-                .unwrap_or_default(),
-        })
-        .unwrap_or_default();
     Some(PolicyMemory {
         recent: pairs("recent"),
-        last_scale_out: v.get("last_scale_out").and_then(ts),
-        last_scale_in: v.get("last_scale_in").and_then(ts),
-        history,
+        last_scale_out: v.get("last_scale_out").and_then(millis),
+        last_scale_in: v.get("last_scale_in").and_then(millis),
+        history: HistoryMemory::default(),
         needs: pairs("needs"),
+    })
+}
+
+/// A fleet's demand history as the store keeps it: the first bucket's start
+/// in unix milliseconds and one rate per bucket, to 0.01 msg/s (`null`
+/// where nothing was recorded).
+fn encode_history(h: &HistoryMemory) -> String {
+    serde_json::json!({
+        "first": h.first.map(|t| t.as_millisecond()),
+        "means": h.means.iter()
+            .map(|v| v.map(|v| (v * 100.0).round() / 100.0))
+            .collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+/// The inverse of [`encode_history`]; `None` for an unreadable one (the
+/// forecast then waits for its history again, which is safe).
+fn decode_history(s: &str) -> Option<HistoryMemory> {
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    Some(HistoryMemory {
+        first: v.get("first").and_then(millis),
+        means: v
+            .get("means")?
+            .as_array()?
+            .iter()
+            .map(|x| x.as_f64())
+            .collect(),
     })
 }
 
@@ -1914,16 +1974,13 @@ mod tests {
     }
 
     #[test]
-    fn policy_memory_with_its_history_round_trips_through_the_store_text() {
+    fn policy_memory_and_history_round_trip_through_the_store_text() {
         let t = |s: &str| s.parse::<Timestamp>().unwrap();
         let memory = PolicyMemory {
             recent: vec![(t("2026-11-25T10:00:00Z"), 5)],
             last_scale_out: Some(t("2026-11-25T09:59:00Z")),
             last_scale_in: None,
-            history: HistoryMemory {
-                first: Some(t("2026-11-24T10:00:00Z")),
-                means: vec![Some(120.25), None, Some(0.0)],
-            },
+            history: HistoryMemory::default(),
             needs: vec![
                 (t("2026-11-25T09:58:00Z"), 3),
                 (t("2026-11-25T09:59:00Z"), 6),
@@ -1931,6 +1988,12 @@ mod tests {
         };
         let text = encode_policy_memory(&memory);
         assert_eq!(decode_policy_memory(&text), Some(memory));
+        let history = HistoryMemory {
+            first: Some(t("2026-11-24T10:00:00Z")),
+            means: vec![Some(120.25), None, Some(0.0)],
+        };
+        assert_eq!(decode_history(&encode_history(&history)), Some(history));
+        assert_eq!(decode_history("not json"), None);
         // What a gru without the forecast wrote still reads, with no history.
         let old = r#"{"recent":[[1764064800000,5]],"last_scale_out":null,"last_scale_in":null}"#;
         let back = decode_policy_memory(old).expect("reads");
@@ -1976,7 +2039,11 @@ mod tests {
         assert!(before.history.means.iter().all(|m| *m == Some(150.0)));
         assert_eq!(before.needs.len(), 20);
         reg.persist_fleet("f");
+        reg.persist_history("f", Instant::now());
         let loaded = reg.store.load().expect("load");
+        // The history is its own row; the fleet's row does not carry it.
+        assert_eq!(loaded.histories.len(), 1);
+        assert!(!loaded.fleets[0].policy_memory.contains("means"));
         let back = Registry::open(
             &[config],
             broadcast::channel(64).0,
@@ -1986,6 +2053,54 @@ mod tests {
         )
         .expect("registry");
         assert_eq!(back.fleets["f"].policy_state.memory(), before);
+    }
+
+    #[test]
+    fn the_history_is_written_once_per_bucket_at_most() {
+        let mut reg = registry(0, 5);
+        let config = fleet_config(0, 5);
+        let start: Timestamp = "2026-11-25T10:00:00Z".parse().unwrap();
+        let t0 = Instant::now();
+        let histories = |reg: &Registry| reg.store.load().expect("load").histories;
+        let decide = |reg: &mut Registry, minute: u64| {
+            let f = reg.fleets.get_mut("f").expect("fleet");
+            for s in 0..6 {
+                let now = start
+                    .checked_add(Duration::from_secs(minute * 60 + s * 10))
+                    .expect("time");
+                let obs = Observation {
+                    capacity: 1,
+                    minions: vec![MinionLoad {
+                        queued: 0,
+                        in_flight: 1,
+                        rate_per_s: Some(10.0 + minute as f64),
+                    }],
+                    external: Vec::new(),
+                };
+                policy::evaluate(
+                    &config.policy,
+                    &mut f.policy_state,
+                    &obs,
+                    &Overrides::default(),
+                    now,
+                );
+            }
+            reg.maybe_persist_policy("f", t0 + Duration::from_secs(minute * 60));
+        };
+        // Nothing recorded yet in the first minute: nothing written.
+        decide(&mut reg, 0);
+        assert!(histories(&reg).is_empty());
+        // The first finished minute is written at once, the next ones (each
+        // a busier minute) only a bucket later.
+        decide(&mut reg, 1);
+        let first = histories(&reg);
+        assert_eq!(first.len(), 1);
+        for minute in 2..6 {
+            decide(&mut reg, minute);
+            assert_eq!(histories(&reg), first, "minute {minute}");
+        }
+        decide(&mut reg, 6);
+        assert_ne!(histories(&reg), first);
     }
 
     #[test]

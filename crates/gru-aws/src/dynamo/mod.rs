@@ -15,6 +15,7 @@
 //! | `meta`     | `schema`, `event-seq`   | schema version, next event seq    |
 //! | `minion`   | minion id               | one minion row                    |
 //! | `fleet`    | fleet name              | one fleet row                     |
+//! | `history`  | fleet name              | one fleet's demand history        |
 //! | `ledger`   | instance id             | one decrement claim               |
 //! | `identity` | instance id             | one identity-document join        |
 //! | `event`    | seq, 20 digits          | one event                         |

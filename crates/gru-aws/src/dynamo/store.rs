@@ -46,7 +46,7 @@ use aws_sdk_dynamodb::types::{
     ScalarAttributeType, TableDescription, TransactWriteItem,
 };
 use gru_controller::store::{
-    EventRow, FleetRow, LedgerRow, Loaded, MinionRow, SCHEMA_VERSION, Store, StoreError,
+    EventRow, FleetRow, HistoryRow, LedgerRow, Loaded, MinionRow, SCHEMA_VERSION, Store, StoreError,
 };
 use tokio::runtime::{Handle, Runtime};
 
@@ -70,6 +70,7 @@ const CREATE_HINT: &str = "create it with the CloudFormation stack's StateTable"
 // Partition keys (the kinds of item) and the fixed sort keys.
 const MINION: &str = "minion";
 const FLEET: &str = "fleet";
+const HISTORY: &str = "history";
 const LEDGER: &str = "ledger";
 const IDENTITY: &str = "identity";
 const EVENT: &str = "event";
@@ -321,6 +322,18 @@ impl Store for DynamoStore {
             item.insert(ROW.to_owned(), AttributeValue::S(encode!(&f)));
             s.write(&op, vec![put(s.put(item))]).await
         })
+    }
+
+    fn put_fleet_history(&self, h: &HistoryRow) -> Result<(), StoreError> {
+        let h = h.clone();
+        self.block(
+            format!("put the history of fleet {}", h.name),
+            |s, op| async move {
+                let mut item = key(HISTORY, &h.name);
+                item.insert(ROW.to_owned(), AttributeValue::S(encode!(&h)));
+                s.write(&op, vec![put(s.put(item))]).await
+            },
+        )
     }
 
     fn claim_decrement(
@@ -831,10 +844,18 @@ impl Inner {
             Ok(true)
         })
         .await?;
+        self.query("load fleet histories", HISTORY, None, false, |item| {
+            let row: HistoryRow = self.decode(&item, HISTORY, |r| serde_json::from_str(r))?;
+            self.same_key(&item, HISTORY, &row.name)?;
+            loaded.histories.push(row);
+            Ok(true)
+        })
+        .await?;
         // The sort key already orders them so; sorting again states it.
         loaded.minions.sort_by(|a, b| a.id.cmp(&b.id));
         loaded.fleets.sort_by(|a, b| a.name.cmp(&b.name));
         loaded.ledger.sort_by(|a, b| a.instance.cmp(&b.instance));
+        loaded.histories.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(loaded)
     }
 

@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::types::{
 use gru_aws::dynamo::{self, DynamoStore, Fence};
 use gru_aws::testing::random_account;
 use gru_controller::store::conformance;
-use gru_controller::store::examples::{event, fleet, full_minion, minion};
+use gru_controller::store::examples::{event, fleet, full_minion, history, minion};
 use gru_controller::store::{EventRow, LedgerRow, Loaded, SCHEMA_VERSION, Store, StoreError};
 
 use super::{bounded, moto};
@@ -150,6 +150,7 @@ async fn every_row_survives_a_reopen() {
         store.put_minion(&minion("m-0")).unwrap();
         store.put_fleet(&fleet("web")).unwrap();
         store.put_fleet(&fleet("batch")).unwrap();
+        store.put_fleet_history(&history("web")).unwrap();
         assert!(store.claim_decrement("i-2", "m-2", "web", 3).unwrap());
         assert!(store.claim_decrement("i-1", "m-1", "web", 4).unwrap());
         store.confirm_decrement("i-1", 5).unwrap();
@@ -177,6 +178,7 @@ async fn every_row_survives_a_reopen() {
                     confirmed_ms: None,
                 },
             ],
+            histories: vec![history("web")],
         };
         // A standby reads what the leader wrote.
         let standby = open(&client, 0).await;

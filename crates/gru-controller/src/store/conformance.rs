@@ -8,7 +8,7 @@
 //! dropped.
 
 use super::examples::{event, fleet, full_minion, minion};
-use super::{EventRow, MinionRow, Store, StoreError};
+use super::{EventRow, HistoryRow, MinionRow, Store, StoreError};
 
 fn messages(events: &[EventRow]) -> Vec<&str> {
     events.iter().map(|e| e.message.as_str()).collect()
@@ -44,7 +44,19 @@ pub fn put_replaces_and_delete_forgets(store: &dyn Store) {
     web.pin = None;
     web.policy_memory = "y".to_owned();
     store.put_fleet(&web).unwrap();
-    assert_eq!(store.load().unwrap().fleets, [web]);
+    assert_eq!(store.load().unwrap().fleets, [web.clone()]);
+
+    // A fleet's history is its own row, replaced by the next.
+    let history = |text: &str| HistoryRow {
+        name: "web".to_owned(),
+        history: text.to_owned(),
+    };
+    store.put_fleet_history(&history("old")).unwrap();
+    let big = "x".repeat(64 * 1024);
+    store.put_fleet_history(&history(&big)).unwrap();
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded.histories, [history(&big)]);
+    assert_eq!(loaded.fleets, [web]);
 }
 
 /// A minion's row and its events land together, numbered in order; with

@@ -2,7 +2,7 @@
 //! SQLite store's unit tests, the DynamoDB store's tests on moto), so every
 //! backend is checked with the same values, edge values included.
 
-use super::{DrainRow, EventRow, FleetRow, MinionRow, Origin, PinRow};
+use super::{DrainRow, EventRow, FleetRow, HistoryRow, MinionRow, Origin, PinRow};
 
 /// A minion in service, every optional field empty.
 pub fn minion(id: &str) -> MinionRow {
@@ -44,6 +44,14 @@ pub fn full_minion(id: &str) -> MinionRow {
 }
 
 /// A fleet paused and pinned, with policy memory.
+/// A fleet's demand history as the controller writes it.
+pub fn history(name: &str) -> HistoryRow {
+    HistoryRow {
+        name: name.to_owned(),
+        history: r#"{"first":1764064800000,"means":[120.25,null,0.0]}"#.to_owned(),
+    }
+}
+
 pub fn fleet(name: &str) -> FleetRow {
     FleetRow {
         name: name.to_owned(),

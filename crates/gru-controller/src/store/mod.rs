@@ -28,7 +28,7 @@ pub use sqlite::SqliteStore;
 
 /// The schema this build writes and the newest it can read. Bumped by every
 /// migration added in [`sqlite`].
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The controller's durable memory. Every method is one atomic write or one
 /// consistent read: after it returns `Ok`, what it wrote survives a crash.
@@ -52,6 +52,11 @@ pub trait Store: Send + Sync + 'static {
     fn delete_minion(&self, id: &str) -> Result<(), StoreError>;
     /// Inserts or replaces one fleet row (by name).
     fn put_fleet(&self, f: &FleetRow) -> Result<(), StoreError>;
+
+    /// Replaces fleet `h.name`'s demand history (the forecast's). Kept
+    /// apart from the fleet's row: it is large (tens of KB for 8 days) and
+    /// changes slowly, so it is written on its own, less often.
+    fn put_fleet_history(&self, h: &HistoryRow) -> Result<(), StoreError>;
     /// Records that a decrementing terminate may go out for `instance`.
     /// Returns true if this call claimed it (no earlier claim that is still
     /// standing), false if an earlier claim exists (the caller must then
@@ -167,6 +172,13 @@ pub struct FleetRow {
     pub policy_memory: String,
 }
 
+/// One fleet's demand history, serialized by the caller.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryRow {
+    pub name: String,
+    pub history: String,
+}
+
 /// Who set an override and when ("admin CN=alice", "gru dev", "unknown").
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
@@ -220,6 +232,7 @@ pub struct Loaded {
     pub minions: Vec<MinionRow>,
     pub fleets: Vec<FleetRow>,
     pub ledger: Vec<LedgerRow>,
+    pub histories: Vec<HistoryRow>,
 }
 
 /// Every error names the database file (or its directory) involved.

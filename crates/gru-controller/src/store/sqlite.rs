@@ -15,8 +15,8 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, Row, TransactionBehavior};
 
 use super::{
-    DrainRow, EventRow, FleetRow, LedgerRow, Loaded, MinionRow, Origin, PinRow, SCHEMA_VERSION,
-    Store, StoreError,
+    DrainRow, EventRow, FleetRow, HistoryRow, LedgerRow, Loaded, MinionRow, Origin, PinRow,
+    SCHEMA_VERSION, Store, StoreError,
 };
 
 /// The database's file name inside the store directory.
@@ -41,7 +41,16 @@ const QUICK_CHECK_LINES: usize = 5;
 /// crash leaves the file at one version or the next. Adding version 2 is
 /// adding one entry here, bumping [`SCHEMA_VERSION`] and updating
 /// [`EXPECTED_SCHEMA`].
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
+
+/// Version 3: each fleet's demand history, apart from its row (it is
+/// large and written less often).
+const V3: &str = "
+CREATE TABLE fleet_history (
+    name TEXT NOT NULL PRIMARY KEY,
+    history TEXT NOT NULL
+) STRICT;
+";
 
 /// Version 2: instances that joined with their identity document, each
 /// once (a document replayed later is refused).
@@ -168,6 +177,7 @@ const EXPECTED_SCHEMA: &[(&str, &[&str])] = &[
         &["instance", "minion", "fleet", "asked_ms", "confirmed_ms"],
     ),
     ("identity_joins", &["instance", "fleet", "joined_ms"]),
+    ("fleet_history", &["name", "history"]),
     (
         "events",
         &[
@@ -499,6 +509,19 @@ impl Store for SqliteStore {
                 loaded.ledger.push(self.ledger_from(row)?);
             }
         }
+        {
+            let op = "load fleet histories";
+            let mut stmt = tx
+                .prepare("SELECT name, history FROM fleet_history ORDER BY name")
+                .map_err(self.sql_err(op))?;
+            let mut rows = stmt.query([]).map_err(self.sql_err(op))?;
+            while let Some(row) = rows.next().map_err(self.sql_err(op))? {
+                loaded.histories.push(HistoryRow {
+                    name: row.get(0).map_err(self.sql_err(op))?,
+                    history: row.get(1).map_err(self.sql_err(op))?,
+                });
+            }
+        }
         tx.commit().map_err(self.sql_err("end load"))?;
         Ok(loaded)
     }
@@ -546,6 +569,14 @@ impl Store for SqliteStore {
             ])
         })
         .map_err(self.sql_err(format!("put fleet {}", f.name)))?;
+        Ok(())
+    }
+
+    fn put_fleet_history(&self, h: &HistoryRow) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached("INSERT OR REPLACE INTO fleet_history (name, history) VALUES (?1, ?2)")
+            .and_then(|mut stmt| stmt.execute(rusqlite::params![h.name, h.history]))
+            .map_err(self.sql_err(format!("put the history of fleet {}", h.name)))?;
         Ok(())
     }
 
@@ -1123,7 +1154,14 @@ mod tests {
         assert_eq!(mode, "wal");
         assert_eq!(
             tables(&raw).unwrap(),
-            ["events", "fleets", "identity_joins", "ledger", "minions"]
+            [
+                "events",
+                "fleet_history",
+                "fleets",
+                "identity_joins",
+                "ledger",
+                "minions"
+            ]
         );
         #[cfg(unix)]
         {
@@ -1316,10 +1354,13 @@ mod tests {
         assert!(store.claim_decrement("i-1", "m-1", "web", 5).unwrap());
         let path = store.location();
         drop(store);
-        // Back to what a version-1 build wrote: no identity_joins table.
+        // Back to what a version-1 build wrote: no identity_joins table
+        // (nor the fleet_history of version 3).
         let raw = Connection::open(&path).unwrap();
-        raw.execute_batch("DROP TABLE identity_joins; PRAGMA user_version = 1;")
-            .unwrap();
+        raw.execute_batch(
+            "DROP TABLE identity_joins; DROP TABLE fleet_history; PRAGMA user_version = 1;",
+        )
+        .unwrap();
         drop(raw);
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(store.load().unwrap().ledger.len(), 1);
