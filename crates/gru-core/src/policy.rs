@@ -2781,4 +2781,64 @@ desired: 6";
             ("rules[1].utilization".to_owned(), Some(1))
         );
     }
+
+    #[test]
+    fn the_service_rate_starts_at_its_prior_and_learns_only_from_busy_minions() {
+        let b = Behaviour {
+            service_rate: Some(50.0),
+            ..free()
+        };
+        let p = policy(0, 50, vec![queue(10)], b, vec![]);
+        let mut st = PolicyState::new();
+        let at = |s: u64| {
+            t("2026-11-25T10:00:00Z")
+                .checked_add(Duration::from_secs(s))
+                .unwrap()
+        };
+        let load = |queued: u64, rate: f64| Observation {
+            capacity: 2,
+            minions: vec![
+                MinionLoad {
+                    queued,
+                    in_flight: 1,
+                    rate_per_s: Some(rate),
+                };
+                2
+            ],
+            external: Vec::new(),
+        };
+        // Idle minions processing 20 msg/s say nothing about what they
+        // could do: the prior stands.
+        let d = evaluate(&p, &mut st, &load(0, 20.0), &Overrides::default(), at(0));
+        assert_eq!(d.explanation.service_rate, Some(50.0));
+        // Busy ones at 100 pull it a fifth of the way each evaluation...
+        let d = evaluate(&p, &mut st, &load(30, 100.0), &Overrides::default(), at(10));
+        assert_eq!(d.explanation.service_rate, Some(60.0));
+        for s in 2..40 {
+            evaluate(
+                &p,
+                &mut st,
+                &load(30, 100.0),
+                &Overrides::default(),
+                at(s * 10),
+            );
+        }
+        let learned = st.service_rate().unwrap();
+        assert!((learned - 100.0).abs() < 0.1, "{learned}");
+        // ...and idle ones below it never lower it; above it, they raise it.
+        evaluate(&p, &mut st, &load(0, 30.0), &Overrides::default(), at(400));
+        assert!((st.service_rate().unwrap() - learned).abs() < 1e-9);
+        evaluate(&p, &mut st, &load(0, 130.0), &Overrides::default(), at(410));
+        assert_eq!(st.service_rate(), Some(130.0));
+        // The arrivals: processed plus the growth of the work since the
+        // last evaluation (30 queued + 1 in flight each, 10 s before: 0 + 1).
+        let d = evaluate(
+            &p,
+            &mut st,
+            &load(30, 100.0),
+            &Overrides::default(),
+            at(420),
+        );
+        assert_eq!(d.explanation.arrivals_per_s, Some(200.0 + 60.0 / 10.0));
+    }
 }
