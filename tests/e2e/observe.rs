@@ -317,31 +317,27 @@ fn check_endpoints(controller: &str) {
         .as_str()
         .unwrap_or_else(|| panic!("/sd/minions: no target address in {}", targets[0]))
         .to_owned();
-    wait_until(
-        "the fleet to count received messages",
-        Duration::from_secs(30),
-        || {
-            get_ok(controller, "/metrics")
-                .lines()
-                .filter(|l| l.starts_with("gru_fleet_received_messages_total{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .any(|v| v > 0.0)
-                .then_some(())
-        },
-    );
-    // The policy's estimate of what arrives follows the load.
-    wait_until(
-        "the controller to export the fleet's arrival rate",
-        Duration::from_secs(30),
-        || {
-            get_ok(controller, "/metrics")
-                .lines()
-                .filter(|l| l.starts_with("gru_fleet_arrival_rate{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .any(|v| v > 0.0)
-                .then_some(())
-        },
-    );
+    // The fleet counts what arrives, and the policy estimates its rate.
+    for (metric, what) in [
+        (
+            "gru_fleet_received_messages_total",
+            "count received messages",
+        ),
+        ("gru_fleet_arrival_rate", "estimate the arrival rate"),
+    ] {
+        wait_until(
+            &format!("the fleet to {what}"),
+            Duration::from_secs(30),
+            || {
+                get_ok(controller, "/metrics")
+                    .lines()
+                    .filter(|l| l.starts_with(&format!("{metric}{{")))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .any(|v| v > 0.0)
+                    .then_some(())
+            },
+        );
+    }
     let body = get_ok(controller, "/metrics");
     assert!(body.contains("gru_fleet_desired{"), "{body}");
     check_metrics("the controller's /metrics", &body);

@@ -4,13 +4,17 @@ use std::process::Command;
 
 use crate::harness::GRU;
 
-#[test]
-fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let trace = dir.path().join("spike.csv");
+/// The fleet bench/sim.sh replays.
+fn shipped_config() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/sim-fleet.toml")
+}
+
+/// `gru sim generate --kind KIND --seed SEED --peak PEAK -o <dir>/KIND.csv`.
+fn generate(dir: &std::path::Path, kind: &str, seed: &str, peak: &str) -> std::path::PathBuf {
+    let trace = dir.join(format!("{kind}.csv"));
     let out = Command::new(GRU)
         .args([
-            "sim", "generate", "--kind", "spike", "--seed", "3", "--peak", "900", "-o",
+            "sim", "generate", "--kind", kind, "--seed", seed, "--peak", peak, "-o",
         ])
         .arg(&trace)
         .output()
@@ -20,24 +24,38 @@ fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let config =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/sim-fleet.toml");
-    let out_dir = dir.path().join("out");
-    let out = Command::new(GRU)
+    trace
+}
+
+/// `gru sim run --json` on `trace` with `config`: the summary.
+fn sim_run(
+    trace: &std::path::Path,
+    config: &std::path::Path,
+    out: &std::path::Path,
+) -> serde_json::Value {
+    let run = Command::new(GRU)
         .args(["sim", "run", "--json", "--trace"])
-        .arg(&trace)
+        .arg(trace)
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .arg("--out")
-        .arg(&out_dir)
+        .arg(out)
         .output()
         .expect("run");
     assert!(
-        out.status.success(),
+        run.status.success(),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&run.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    serde_json::from_slice(&run.stdout).expect("JSON")
+}
+
+#[test]
+fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = generate(dir.path(), "spike", "3", "900");
+    let out_dir = dir.path().join("out");
+    let v = sim_run(&trace, &shipped_config(), &out_dir);
     let names: Vec<&str> = v["results"]
         .as_array()
         .expect("results")
@@ -82,7 +100,7 @@ fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
         .args(["sim", "run", "--trace"])
         .arg(&bad)
         .arg("--config")
-        .arg(&config)
+        .arg(shipped_config())
         .output()
         .expect("run");
     assert!(!out.status.success());
@@ -100,26 +118,18 @@ fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
         "[[fleet]]\nname = \"small\"\nmin = 1\nmax = 4\ntarget_queue_per_minion = 3\n",
     )
     .expect("write");
-    let run = |config: &std::path::Path, json: bool| {
-        let mut c = Command::new(GRU);
-        c.args(["sim", "run", "--trace"])
+    let run = |config: &std::path::Path| {
+        Command::new(GRU)
+            .args(["sim", "run", "--trace"])
             .arg(&trace)
             .arg("--config")
             .arg(config)
             .arg("--out")
-            .arg(dir.path().join("out-small"));
-        if json {
-            c.arg("--json");
-        }
-        c.output().expect("run")
+            .arg(dir.path().join("out-small"))
+            .output()
+            .expect("run")
     };
-    let out = run(&small, true);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let v = sim_run(&trace, &small, &dir.path().join("out-small"));
     let results = v["results"].as_array().expect("results");
     let peak = results
         .iter()
@@ -138,7 +148,7 @@ fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
         serde_json::Value::Null,
         "gru keeps its own bounds"
     );
-    let text = String::from_utf8_lossy(&run(&small, false).stdout).into_owned();
+    let text = String::from_utf8_lossy(&run(&small).stdout).into_owned();
     assert!(
         text.contains("above the fleet's max of 4") && text.contains("held at 4"),
         "{text}"
@@ -149,7 +159,7 @@ fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
         "[[fleet]]\nname = \"small\"\nmin = 5\nmax = 4\ntarget_queue_per_minion = 3\n",
     )
     .expect("write");
-    let out = run(&small, false);
+    let out = run(&small);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -159,48 +169,12 @@ fn sim_replays_a_spike_against_the_policy_and_the_baselines() {
     );
 }
 
-/// Runs `gru sim run --json` on `trace` with `config` and returns gru's row.
-fn gru_row(
-    trace: &std::path::Path,
-    config: &std::path::Path,
-    out: &std::path::Path,
-) -> serde_json::Value {
-    let run = Command::new(GRU)
-        .args(["sim", "run", "--json", "--trace"])
-        .arg(trace)
-        .arg("--config")
-        .arg(config)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .expect("run");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("JSON");
-    v["results"][0].clone()
-}
-
 #[test]
 fn the_forecast_meets_a_daily_climb_that_reacting_does_not() {
     // Two weeks of working hours: every weekday the rate climbs to its peak
     // within three minutes at 07:00, faster than the 2-minute boot.
     let dir = tempfile::tempdir().expect("tempdir");
-    let trace = dir.path().join("shifts.csv");
-    let out = Command::new(GRU)
-        .args([
-            "sim", "generate", "--kind", "shifts", "--seed", "5", "--peak", "800", "-o",
-        ])
-        .arg(&trace)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let trace = generate(dir.path(), "shifts", "5", "800");
     // The first four days (Monday to Thursday) are enough: the forecast
     // needs one day of history, and a shorter trace keeps the test quick.
     let rows: Vec<String> = std::fs::read_to_string(&trace)
@@ -210,8 +184,7 @@ fn the_forecast_meets_a_daily_climb_that_reacting_does_not() {
         .map(str::to_owned)
         .collect();
     std::fs::write(&trace, rows.join("\n") + "\n").expect("write");
-    let shipped =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/sim-fleet.toml");
+    let shipped = shipped_config();
     let text = std::fs::read_to_string(&shipped).expect("config");
     assert!(
         text.contains("mode = \"on\""),
@@ -224,8 +197,8 @@ fn the_forecast_meets_a_daily_climb_that_reacting_does_not() {
     )
     .expect("write");
 
-    let on = gru_row(&trace, &shipped, &dir.path().join("on"));
-    let off = gru_row(&trace, &only, &dir.path().join("only"));
+    let on = sim_run(&trace, &shipped, &dir.path().join("on"))["results"][0].clone();
+    let off = sim_run(&trace, &only, &dir.path().join("only"))["results"][0].clone();
     let breach = |r: &serde_json::Value| r["slo_breach_minutes"].as_f64().expect("minutes");
     assert!(
         breach(&on) * 2.0 < breach(&off),

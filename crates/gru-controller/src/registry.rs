@@ -2002,36 +2002,49 @@ mod tests {
         assert!(back.needs.is_empty());
     }
 
+    /// One policy decision for fleet f at `now`: `n` minions each with
+    /// `queued` queued, 2 in flight and `rate` msg/s processed.
+    fn decide_on(
+        reg: &mut Registry,
+        config: &FleetConfig,
+        now: Timestamp,
+        n: usize,
+        queued: u64,
+        rate: f64,
+    ) {
+        let f = reg.fleets.get_mut("f").expect("fleet");
+        let obs = Observation {
+            capacity: n as u32,
+            minions: vec![
+                MinionLoad {
+                    queued,
+                    in_flight: 2,
+                    rate_per_s: Some(rate),
+                };
+                n
+            ],
+            external: Vec::new(),
+        };
+        policy::evaluate(
+            &config.policy,
+            &mut f.policy_state,
+            &obs,
+            &Overrides::default(),
+            now,
+        );
+    }
+
     #[test]
     fn the_forecast_history_and_hold_memory_survive_a_restart() {
         let mut reg = registry(0, 5);
         let config = fleet_config(0, 5);
         let start: Timestamp = "2026-11-25T10:00:00Z".parse().unwrap();
         // Twenty minutes of decisions on a fleet serving 150 msg/s.
-        let f = reg.fleets.get_mut("f").expect("fleet");
         for step in 0..120u64 {
             let now = start
                 .checked_add(Duration::from_secs(step * 10))
                 .expect("time");
-            let obs = Observation {
-                capacity: 2,
-                minions: vec![
-                    MinionLoad {
-                        queued: 1,
-                        in_flight: 2,
-                        rate_per_s: Some(75.0),
-                    };
-                    2
-                ],
-                external: Vec::new(),
-            };
-            policy::evaluate(
-                &config.policy,
-                &mut f.policy_state,
-                &obs,
-                &Overrides::default(),
-                now,
-            );
+            decide_on(&mut reg, &config, now, 2, 1, 75.0);
         }
         let before = reg.fleets["f"].policy_state.memory();
         // 10:00–10:19, the minute being recorded (10:19) not yet counted.
@@ -2063,27 +2076,11 @@ mod tests {
         let t0 = Instant::now();
         let histories = |reg: &Registry| reg.store.load().expect("load").histories;
         let decide = |reg: &mut Registry, minute: u64| {
-            let f = reg.fleets.get_mut("f").expect("fleet");
             for s in 0..6 {
                 let now = start
                     .checked_add(Duration::from_secs(minute * 60 + s * 10))
                     .expect("time");
-                let obs = Observation {
-                    capacity: 1,
-                    minions: vec![MinionLoad {
-                        queued: 0,
-                        in_flight: 1,
-                        rate_per_s: Some(10.0 + minute as f64),
-                    }],
-                    external: Vec::new(),
-                };
-                policy::evaluate(
-                    &config.policy,
-                    &mut f.policy_state,
-                    &obs,
-                    &Overrides::default(),
-                    now,
-                );
+                decide_on(reg, &config, now, 1, 0, 10.0 + minute as f64);
             }
             reg.maybe_persist_policy("f", t0 + Duration::from_secs(minute * 60));
         };

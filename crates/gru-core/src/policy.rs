@@ -2659,14 +2659,19 @@ desired: 6";
         (capacity, decisions)
     }
 
-    #[test]
-    fn the_break_even_hold_keeps_minions_a_recurring_need_will_want_again() {
+    /// A queue rule of 1 per minion with the hold looking 2m30s ahead.
+    fn holding() -> Policy {
         let b = Behaviour {
             break_even_hold: true,
             hold_within: Duration::from_secs(150),
             ..free()
         };
-        let p = policy(1, 50, vec![queue(1)], b, vec![]);
+        policy(1, 50, vec![queue(1)], b, vec![])
+    }
+
+    #[test]
+    fn the_break_even_hold_keeps_minions_a_recurring_need_will_want_again() {
+        let p = holding();
         let start = t("2026-11-02T00:00:00Z");
         // 6 minions needed one minute in three: each gap (2 minutes) is
         // within hold_within (2m30s here), so after the first half hour
@@ -2710,12 +2715,7 @@ desired: 6";
 
     #[test]
     fn the_hold_survives_a_restart() {
-        let b = Behaviour {
-            break_even_hold: true,
-            hold_within: Duration::from_secs(150),
-            ..free()
-        };
-        let p = policy(1, 50, vec![queue(1)], b, vec![]);
+        let p = holding();
         let start = t("2026-11-02T00:00:00Z");
         let mut st = PolicyState::new();
         drive(&p, &mut st, start, 60, |m| if m % 3 == 0 { 6 } else { 1 });
