@@ -110,13 +110,11 @@ impl Trace {
 
     /// The highest rate in force anywhere in `[from, to]`.
     pub fn max_rate_between(&self, from: Timestamp, to: Timestamp) -> f64 {
-        let mut best = self.rate_at(from);
-        for p in &self.points {
-            if p.at > from && p.at <= to && p.at < self.end() {
-                best = best.max(p.arrivals_per_s);
-            }
-        }
-        best
+        let first = self.points.partition_point(|p| p.at <= from);
+        self.points[first..]
+            .iter()
+            .take_while(|p| p.at <= to && p.at < self.end())
+            .fold(self.rate_at(from), |best, p| best.max(p.arrivals_per_s))
     }
 }
 

@@ -949,7 +949,13 @@ async fn run_target(
         let joins_per_sec = f64::from(n - have) / ramp.elapsed().as_secs_f64();
         have = n;
         if kind == TargetKind::Controller {
-            in_service(server.metrics, n).await?;
+            in_service(server.metrics, n).await.with_context(|| {
+                format!(
+                    "while ramping to {n}, the controller ended {} Sessions (the simulated minions do not open them again) and {} joins were retried",
+                    driver.ended.load(Ordering::Relaxed) - ended0,
+                    driver.retries.load(Ordering::Relaxed) - retries0
+                )
+            })?;
         }
         // Every minion has begun its report loop.
         tokio::time::sleep(a.report_interval + Duration::from_millis(500)).await;
