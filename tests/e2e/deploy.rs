@@ -1341,6 +1341,15 @@ fn actions(statement: &Value) -> Vec<String> {
 /// The one statement that grants DynamoDB actions, checked to grant
 /// exactly [`STATE_TABLE_ACTIONS`] on `table_arn` and nothing wider;
 /// `None` when no statement grants any.
+/// The SSM parameters the controller's role may read.
+fn secret_resources(statements: &[Value]) -> Value {
+    statements
+        .iter()
+        .find(|s| s["Sid"] == "ReadSecrets")
+        .expect("a ReadSecrets statement")["Resource"]
+        .clone()
+}
+
 fn state_table_statement(what: &str, statements: &[Value], table_arn: &str) -> Option<Value> {
     for s in statements {
         for a in actions(s) {
@@ -1410,12 +1419,8 @@ fn cloudformation_one_controller_keeps_its_state_in_sqlite() {
         None,
         "one controller: no DynamoDB permission"
     );
-    let secrets = statements
-        .iter()
-        .find(|s| s["Sid"] == "ReadSecrets")
-        .expect("ReadSecrets");
     assert_eq!(
-        secrets["Resource"],
+        secret_resources(&statements),
         serde_json::json!(["arn:aws:ssm:eu-west-1:123456789012:parameter/gru/controller-tls-key"])
     );
     let outputs: BTreeSet<&str> = stack["outputs"]
@@ -1574,12 +1579,8 @@ fn cloudformation_two_controllers_share_a_fenced_state_table() {
         &format!("arn:aws:dynamodb:eu-west-1:123456789012:table/{STATE_TABLE}"),
     )
     .expect("a statement on the state table");
-    let secrets = statements
-        .iter()
-        .find(|s| s["Sid"] == "ReadSecrets")
-        .expect("ReadSecrets");
     assert_eq!(
-        secrets["Resource"],
+        secret_resources(&statements),
         serde_json::json!([
             "arn:aws:ssm:eu-west-1:123456789012:parameter/gru/controller-tls-key",
             "arn:aws:ssm:eu-west-1:123456789012:parameter/gru/minion-ca-key"

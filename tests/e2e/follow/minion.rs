@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use gru_minion::Agent;
+use gru_minion::engine::FixedEngine;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::{Leader, Logs, Site, Standby, StubEngine, dead_address, wait_until};
+use super::{Leader, Logs, QUEUE, Site, Standby, dead_address, wait_until};
 
 /// The real agent for `instance`, running until dropped.
 struct Minion {
@@ -18,7 +19,12 @@ struct Minion {
 
 impl Minion {
     fn start(config: gru_minion::MinionConfig, instance: &str) -> Minion {
-        let agent = Agent::new(config, instance.to_owned(), Arc::new(StubEngine)).expect("agent");
+        let agent = Agent::new(
+            config,
+            instance.to_owned(),
+            Arc::new(FixedEngine::new(QUEUE)),
+        )
+        .expect("agent");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             agent

@@ -12,18 +12,15 @@
 mod cli;
 mod minion;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use gru_controller::ha::{Leadership, LeaseStatus};
 use gru_controller::pki::DevPki;
 use gru_controller::registry::MinionRecord;
 use gru_controller::store::SqliteStore;
 use gru_controller::{Controller, ControllerConfig, FleetRuntime};
-use gru_minion::engine::{Engine, EngineStatus, Health};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -288,31 +285,6 @@ impl Leadership for FixedLease {
     fn status(&self) -> LeaseStatus {
         self.0.lock().expect("lease").clone()
     }
-}
-
-/// An engine that is healthy with [`QUEUE`] messages queued.
-pub struct StubEngine;
-
-#[async_trait]
-impl Engine for StubEngine {
-    fn address(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 9))
-    }
-    fn status(&self) -> EngineStatus {
-        EngineStatus {
-            queue_depth: QUEUE,
-            in_flight: 0,
-            processed_total: 0,
-            failed_total: 0,
-            open_connections: 0,
-            health: Health::Healthy,
-            draining: false,
-            drained: false,
-        }
-    }
-    fn drain(&self) {}
-    fn resume(&self) {}
-    async fn shutdown(&self, _grace: Duration) {}
 }
 
 /// What this thread logged, for a test to read (installed for the test's

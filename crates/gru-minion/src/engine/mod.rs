@@ -1,7 +1,8 @@
 //! The boundary between the agent and the engine it manages. The agent only
 //! needs these few things from an engine, so other engines can be adapted:
 //! [`ReferenceEngine`] runs gru's own engine in this process; [`HttpEngine`]
-//! and [`ExecEngine`] watch and drive an engine that runs on its own.
+//! and [`ExecEngine`] watch and drive an engine that runs on its own;
+//! [`FixedEngine`] only reports a queue it is told (benchmarks, tests).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,10 +11,12 @@ use async_trait::async_trait;
 
 mod adapter;
 pub mod exec;
+mod fixed;
 pub mod http;
 mod reference;
 
 pub use exec::ExecEngine;
+pub use fixed::FixedEngine;
 pub use http::HttpEngine;
 pub use reference::ReferenceEngine;
 

@@ -10,8 +10,6 @@
 //! recorded call is the figure. Report and evaluation intervals are the
 //! controller's defaults (1 s each) unless given.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,7 +24,6 @@ use gru_controller::pki::DevPki;
 use gru_controller::store::SqliteStore;
 use gru_controller::{Controller, ControllerConfig, FleetRuntime};
 use gru_core::MinionState;
-use gru_minion::engine::{Engine, EngineStatus, Health};
 use rand::Rng;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -102,33 +99,6 @@ impl TargetGroup for Recorder {
     }
 }
 
-/// An engine whose queue the benchmark sets.
-struct StubEngine {
-    queue: AtomicU64,
-}
-
-#[async_trait]
-impl Engine for StubEngine {
-    fn address(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 9))
-    }
-    fn status(&self) -> EngineStatus {
-        EngineStatus {
-            queue_depth: self.queue.load(Ordering::SeqCst),
-            in_flight: 0,
-            processed_total: 0,
-            failed_total: 0,
-            open_connections: 0,
-            health: Health::Healthy,
-            draining: false,
-            drained: false,
-        }
-    }
-    fn drain(&self) {}
-    fn resume(&self) {}
-    async fn shutdown(&self, _grace: Duration) {}
-}
-
 /// One breach on a fresh controller and agent: the time from the queue
 /// crossing the target to the set-desired call.
 async fn one(a: &BreachArgs, dir: &std::path::Path) -> anyhow::Result<Duration> {
@@ -183,9 +153,7 @@ async fn one(a: &BreachArgs, dir: &std::path::Path) -> anyhow::Result<Duration> 
         ),
     )
     .map_err(|e| anyhow!("{e}"))?;
-    let engine = Arc::new(StubEngine {
-        queue: AtomicU64::new(0),
-    });
+    let engine = Arc::new(gru_minion::engine::FixedEngine::new(0));
     let agent = gru_minion::Agent::new(minion, "i-bench".to_owned(), engine.clone())
         .map_err(|e| anyhow!("{e}"))?;
     let (stop_agent, agent_stopped) = oneshot::channel::<()>();
@@ -224,7 +192,7 @@ async fn one(a: &BreachArgs, dir: &std::path::Path) -> anyhow::Result<Duration> 
     while called.try_recv().is_ok() {}
 
     let breach = Instant::now();
-    engine.queue.store(TARGET * 25, Ordering::SeqCst);
+    engine.set_queue(TARGET * 25);
     let latency = loop {
         let (at, desired) = tokio::time::timeout(ACT_WITHIN, called.recv())
             .await
