@@ -23,7 +23,7 @@ pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Ten missed reports at the default interval.
 pub const DEFAULT_LOST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_EVAL_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_EVAL_INTERVAL: Duration = gru_core::policy::DEFAULT_EVAL_INTERVAL;
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 /// Where the controller keeps its store: the systemd unit's
 /// `StateDirectory=gru`.

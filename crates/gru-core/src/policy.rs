@@ -443,8 +443,8 @@ pub struct PolicyState {
     /// Arrival rates, for the forecast.
     history: DemandHistory,
     /// The highest target the rules set in each minute (unix minute,
-    /// target) over the last [`HOLD_LOOKBACK`] and a hold horizon, oldest
-    /// first, for the break-even hold.
+    /// target) over the last [`HOLD_LOOKBACK`], oldest first, for the
+    /// break-even hold.
     needs: VecDeque<(i64, u32)>,
 }
 
@@ -561,7 +561,7 @@ impl PolicyState {
             Some((m, v)) if *m >= minute => *v = (*v).max(target),
             _ => self.needs.push_back((minute, target)),
         }
-        let keep = (HOLD_LOOKBACK.as_secs() / 60) as i64 + 60;
+        let keep = (HOLD_LOOKBACK.as_secs() / 60) as i64;
         while self.needs.front().is_some_and(|&(m, _)| m < minute - keep) {
             self.needs.pop_front();
         }
